@@ -1,0 +1,463 @@
+#include "executor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+
+#include "../ops/threadpool.h"
+
+namespace pyrt {
+
+int64_t LinearLayer::bops_per_row() const {
+  const int64_t wb = w.bits, ab = w.bits == 32 ? 32 : a_bits;
+  return int64_t(w.K) * int64_t(w.N) * wb * ab;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+void expect_size(const std::vector<float>& v, size_t n, const std::string& name) {
+  if (v.size() != n)
+    fail(name + " has " + std::to_string(v.size()) + " values, expected " + std::to_string(n));
+}
+
+void expect_norm(const LayerNormParams& p, size_t D, const std::string& name) {
+  expect_size(p.weight, D, name + ".weight");
+  expect_size(p.bias, D, name + ".bias");
+}
+
+void expect_linear(const LinearLayer& l, size_t N, size_t K) {
+  if (l.w.bits != 4 && l.w.bits != 8 && l.w.bits != 32) fail(l.name + ": weights missing");
+  if (l.w.N != N || l.w.K != K)
+    fail(l.name + " is [" + std::to_string(l.w.N) + " x " + std::to_string(l.w.K) + "], expected [" +
+         std::to_string(N) + " x " + std::to_string(K) + "]");
+  if (!l.bias.empty()) expect_size(l.bias, N, l.name + ".bias");
+  if (l.w.bits != 32 && (l.a_bits < 4 || l.a_bits > 8)) fail(l.name + ": activation bits must be 4..8");
+  if (l.w.bits != 32 && l.scale == ScaleSource::kStatic && !(l.static_scale > 0 && std::isfinite(l.static_scale)))
+    fail(l.name + ": static activation scale must be positive");
+  if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && l.coeffs.empty())
+    fail(l.name + ": predicted scale without polynomial coefficients");
+}
+
+// Rows [0, rows) in chunks over the pool.
+template <typename F>
+void parallel_rows(const RunContext& ctx, size_t rows, F&& f) {
+  if (rows == 0) return;
+  const size_t threads = size_t(std::max(ctx.threads, 1));
+  const size_t chunk = std::max<size_t>(1, (rows + 4 * threads - 1) / (4 * threads));
+  ThreadPool::global().run((rows + chunk - 1) / chunk, ctx.threads, [&](size_t t) {
+    const size_t r0 = t * chunk;
+    f(r0, std::min(rows, r0 + chunk));
+  });
+}
+
+void layernorm_rows(const RunContext& ctx, const LayerNormParams& p, float eps, const float* x,
+                    size_t rows, size_t D, float* y) {
+  parallel_rows(ctx, rows, [&](size_t r0, size_t r1) {
+    ctx.kt->layernorm(r1 - r0, D, x + r0 * D, D, p.weight.data(), p.bias.data(), eps, y + r0 * D, D);
+  });
+}
+
+// x += gamma * h (gamma empty: x += h).
+void residual(const RunContext& ctx, const std::vector<float>& gamma, const float* h, size_t rows,
+              size_t D, float* x) {
+  parallel_rows(ctx, rows, [&](size_t r0, size_t r1) {
+    if (gamma.empty()) {
+      ctx.kt->add((r1 - r0) * D, x + r0 * D, h + r0 * D, x + r0 * D);
+      return;
+    }
+    for (size_t r = r0; r < r1; ++r)
+      for (size_t d = 0; d < D; ++d) x[r * D + d] += gamma[d] * h[r * D + d];
+  });
+}
+
+float eval_poly(const std::vector<float>& c, float r) {
+  double s = 0.0;
+  for (size_t k = c.size(); k-- > 0;) s = s * r + c[k];
+  return static_cast<float>(std::max(s, 1e-12));
+}
+
+// Softmax probabilities of one row of logits, in double for a stable decision.
+void probabilities(const float* logits, size_t n, std::vector<double>& p) {
+  p.resize(n);
+  const double mx = *std::max_element(logits, logits + n);
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += (p[i] = std::exp(double(logits[i]) - mx));
+  for (double& v : p) v /= sum;
+}
+
+bool exits_here(const ExitHead& e, const float* logits, size_t n, std::vector<double>& p) {
+  probabilities(logits, n, p);
+  double top1 = 0.0, top2 = 0.0;
+  for (double v : p) {
+    if (v > top1) {
+      top2 = top1;
+      top1 = v;
+    } else if (v > top2) {
+      top2 = v;
+    }
+  }
+  const double score = e.rule == ExitRule::kConfidence ? top1 : top1 - top2;
+  return score >= double(e.threshold);
+}
+
+}  // namespace
+
+struct Executor::Workspace {
+  AlignedBuffer<float> patches, x, h, qkv, attn, mlp, pooled, pooled2, logits, logits2;
+  AlignedBuffer<float> kv_pack;
+  QuantizedActs qa;
+  std::vector<float> row_scale;
+};
+
+Executor::Executor(ModelSpec spec) : spec_(std::move(spec)) { validate(); }
+
+void Executor::validate() const {
+  const Arch& a = spec_.arch;
+  if (!a.img_h || !a.img_w || !a.patch_h || !a.patch_w || !a.in_chans || !a.embed_dim || !a.depth ||
+      !a.num_heads || !a.mlp_hidden || !a.num_classes)
+    fail("architecture has a zero dimension");
+  if (a.img_h % a.patch_h || a.img_w % a.patch_w) fail("image size is not a multiple of the patch size");
+  if (a.embed_dim % a.num_heads) fail("embed_dim is not a multiple of num_heads");
+  if (!a.avg_pool && !a.cls_token) fail("token pooling needs a class token");
+  if (a.avg_pool && a.num_patches() == 0) fail("average pooling needs patches");
+  const size_t D = a.embed_dim;
+  expect_linear(spec_.patch_embed, D, a.patch_dim());
+  expect_size(spec_.cls_token, a.cls_token ? D : 0, "cls_token");
+  expect_size(spec_.dist_token, a.dist_token ? D : 0, "dist_token");
+  expect_size(spec_.reg_token, a.reg_tokens * D, "reg_token");
+  expect_size(spec_.pos_embed, (a.no_embed_class ? a.num_patches() : a.tokens()) * D, "pos_embed");
+  if (a.norm_pre) expect_norm(spec_.norm_pre, D, "norm_pre");
+  if (a.final_norm) expect_norm(spec_.norm, D, "norm");
+  if (a.fc_norm) expect_norm(spec_.fc_norm, D, "fc_norm");
+  if (spec_.blocks.size() != a.depth) fail("graph has a different number of blocks than depth");
+  for (size_t i = 0; i < a.depth; ++i) {
+    const Block& b = spec_.blocks[i];
+    const std::string n = "blocks." + std::to_string(i);
+    expect_norm(b.norm1, D, n + ".norm1");
+    expect_norm(b.norm2, D, n + ".norm2");
+    expect_linear(b.qkv, 3 * D, D);
+    expect_linear(b.proj, D, D);
+    expect_linear(b.fc1, a.mlp_hidden, D);
+    expect_linear(b.fc2, D, a.mlp_hidden);
+    if (!b.ls1.empty()) expect_size(b.ls1, D, n + ".ls1.gamma");
+    if (!b.ls2.empty()) expect_size(b.ls2, D, n + ".ls2.gamma");
+  }
+  int prev = -1;
+  for (const ExitHead& e : spec_.exits) {
+    if (e.block <= prev || e.block >= int(a.depth)) fail("exit blocks must be increasing and < depth");
+    prev = e.block;
+    expect_norm(e.norm, D, "exits." + std::to_string(e.block) + ".norm");
+    expect_linear(e.fc, a.num_classes, D);
+    if (!(e.threshold >= 0.0f && e.threshold <= 1.0f)) fail("exit thresholds must lie in [0, 1]");
+  }
+  expect_linear(spec_.head, a.num_classes, D);
+  if (a.dist_token) expect_linear(spec_.head_dist, a.num_classes, D);
+  const Predictor& p = spec_.predictor;
+  if (p.block >= int(a.depth) || (p.block >= 0 && p.chunk == 0)) fail("bad scale predictor");
+  auto check_predicted = [&](const LinearLayer& l, int block) {
+    if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && (p.block < 0 || block <= p.block))
+      fail(l.name + ": a predicted scale needs a predictor at an earlier block");
+  };
+  check_predicted(spec_.patch_embed, -1);
+  for (size_t i = 0; i < a.depth; ++i)
+    for (const LinearLayer* l : {&spec_.blocks[i].qkv, &spec_.blocks[i].proj, &spec_.blocks[i].fc1, &spec_.blocks[i].fc2})
+      check_predicted(*l, int(i));
+  for (const ExitHead& e : spec_.exits) check_predicted(e.fc, e.block);
+  check_predicted(spec_.head, int(a.depth));
+  if (a.dist_token) check_predicted(spec_.head_dist, int(a.depth));
+}
+
+void Executor::set_profiling(bool on) {
+  std::lock_guard<std::mutex> lk(mu_);
+  profiling_ = on;
+}
+
+std::map<std::string, double> Executor::profile() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return profile_;
+}
+
+void Executor::reset_profile() {
+  std::lock_guard<std::mutex> lk(mu_);
+  profile_.clear();
+}
+
+namespace {
+
+// Everything one run needs to know about where its rows belong.
+struct Batch {
+  std::vector<size_t> active;  // original image index of each image still running
+  std::vector<float> stat;     // predictor statistic per original image
+  RunResult* res;
+};
+
+class Runner {
+ public:
+  Runner(const ModelSpec& s, const RunContext& ctx, bool profiling, std::map<std::string, double>& prof)
+      : s_(s), a_(s.arch), ctx_(ctx), profiling_(profiling), prof_(prof) {}
+
+  template <typename F>
+  void timed(const std::string& name, F&& f) {
+    if (!profiling_) {
+      f();
+      return;
+    }
+    const auto t0 = Clock::now();
+    f();
+    prof_[name] += std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+
+  // y = x . W^T + b for `rows` rows, `rows_per_image` of them per active image; scales and
+  // BOPs are per image, so an image gets the same numbers alone or in any batch.
+  void linear_rows(const LinearLayer& l, const float* x, size_t rows, size_t rows_per_image,
+                   float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale) {
+    const size_t images = rows / rows_per_image, K = l.K();
+    for (size_t i = 0; i < images; ++i) b.res->bops[b.active[i]] += int64_t(rows_per_image) * l.bops_per_row();
+    if (l.w.bits == 32) {
+      gemm_f32(ctx_, rows, l.N(), K, x, K, l.w.f32.data(), l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
+      return;
+    }
+    const float qmax = float((1 << (l.a_bits - 1)) - 1);
+    row_scale.resize(rows);
+    for (size_t i = 0; i < images; ++i) {
+      float s = 0.0f;
+      if (l.scale == ScaleSource::kStatic) {
+        s = l.static_scale;
+      } else if (l.scale == ScaleSource::kPredicted) {
+        s = eval_poly(l.coeffs, b.stat[b.active[i]]);
+      } else {
+        float amax = 0.0f;
+        for (size_t r = 0; r < rows_per_image; ++r)
+          amax = std::max(amax, ctx_.kt->absmax(K, x + (i * rows_per_image + r) * K));
+        s = amax / qmax;
+      }
+      std::fill(row_scale.begin() + i * rows_per_image, row_scale.begin() + (i + 1) * rows_per_image, s);
+    }
+    quantize_acts(ctx_, x, rows, K, K, l.w.Kp, l.a_bits, ScaleMode::kGiven, row_scale.data(), qa);
+    gemm_q(ctx_, qa, l.w, l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
+  }
+
+  // Multi-head self-attention of `images` images: qkv [images*T x 3D] -> out [images*T x D].
+  // Images are processed in waves so the packed K/V buffers stay small for big batches.
+  void attention(const float* qkv, size_t images, float* out, AlignedBuffer<float>& kv_pack) {
+    const size_t T = a_.tokens(), D = a_.embed_dim, H = a_.num_heads, dh = D / H;
+    const size_t kp = num_panels(T) * kNR * dh, vp = num_panels(dh) * kNR * T;
+    const size_t threads = size_t(std::max(ctx_.threads, 1));
+    const size_t wave = std::max<size_t>(1, std::min(images, (4 * threads + H - 1) / H));
+    kv_pack.reserve_scratch(wave * H * (kp + vp));
+    const float scale = 1.0f / std::sqrt(float(dh));
+    for (size_t i0 = 0; i0 < images; i0 += wave) {
+      const size_t n = std::min(wave, images - i0);
+      ThreadPool::global().run(n * H, ctx_.threads, [&](size_t t) {
+        const size_t img = i0 + t / H, h = t % H;
+        const float* base = qkv + img * T * 3 * D;
+        float* pk = kv_pack.data() + t * (kp + vp);
+        pack_f32_b(base + D + h * dh, dh, T, 3 * D, /*b_is_nk=*/true, pk);
+        pack_f32_b(base + 2 * D + h * dh, T, dh, 3 * D, /*b_is_nk=*/false, pk + kp);
+      });
+      // Split query rows too, so batch 1 still has a few tasks per thread.
+      const size_t splits = std::max<size_t>(1, std::min(T, (4 * threads + n * H - 1) / (n * H)));
+      const size_t rows = (T + splits - 1) / splits;
+      ThreadPool::global().run(n * H * splits, ctx_.threads, [&](size_t t) {
+        const size_t part = t % splits, ih = t / splits, img = i0 + ih / H, h = ih % H;
+        const size_t r0 = part * rows, r1 = std::min(T, r0 + rows);
+        if (r0 >= r1) return;
+        thread_local std::vector<float> scores;
+        scores.resize((r1 - r0) * T);
+        const float* q = qkv + (img * T + r0) * 3 * D + h * dh;
+        const float* pk = kv_pack.data() + ih * (kp + vp);
+        ctx_.kt->f32_gemm(r1 - r0, T, dh, q, 3 * D, pk, nullptr, scores.data(), T);
+        ctx_.kt->softmax(r1 - r0, T, scale, scores.data(), T);
+        ctx_.kt->f32_gemm(r1 - r0, dh, T, scores.data(), T, pk + kp, nullptr, out + (img * T + r0) * D + h * dh, D);
+      });
+    }
+  }
+
+  // The pooled token of each image (class token, or mean of the patch tokens).
+  void pool(const float* x, size_t images, float* pooled) {
+    const size_t T = a_.tokens(), D = a_.embed_dim, P0 = a_.num_prefix();
+    for (size_t i = 0; i < images; ++i) {
+      const float* xi = x + i * T * D;
+      float* pi = pooled + i * D;
+      if (!a_.avg_pool) {
+        std::memcpy(pi, xi, D * sizeof(float));
+        continue;
+      }
+      std::vector<double> acc(D, 0.0);
+      for (size_t t = P0; t < T; ++t)
+        for (size_t d = 0; d < D; ++d) acc[d] += xi[t * D + d];
+      for (size_t d = 0; d < D; ++d) pi[d] = float(acc[d] / double(T - P0));
+    }
+  }
+
+ private:
+  const ModelSpec& s_;
+  const Arch& a_;
+  const RunContext& ctx_;
+  bool profiling_;
+  std::map<std::string, double>& prof_;
+};
+
+// ScalePredictor's robust range statistic: the mean over chunks of `chunk` consecutive values
+// of each chunk's max |x|.
+float range_statistic(const KernelTable& kt, const float* x, size_t n, size_t chunk) {
+  double sum = 0.0;
+  size_t count = 0;
+  for (size_t i = 0; i < n; i += chunk, ++count) sum += kt.absmax(std::min(chunk, n - i), x + i);
+  return count ? float(sum / double(count)) : 0.0f;
+}
+
+}  // namespace
+
+RunResult Executor::run(const float* input, size_t B, const RunContext& ctx) {
+  std::lock_guard<std::mutex> lk(mu_);
+  const Arch& a = spec_.arch;
+  const size_t T = a.tokens(), D = a.embed_dim, P = a.num_patches(), PD = a.patch_dim();
+  const size_t F = a.mlp_hidden, NC = a.num_classes, P0 = a.num_prefix();
+  RunResult res;
+  res.logits.assign(B * NC, 0.0f);
+  res.exit_block.assign(B, int32_t(a.depth) - 1);
+  res.bops.assign(B, 0);
+  res.stat.assign(B, std::numeric_limits<float>::quiet_NaN());
+  if (B == 0) return res;
+
+  Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), &res};
+  std::iota(batch.active.begin(), batch.active.end(), size_t{0});
+  Workspace ws;
+  Runner run(spec_, ctx, profiling_, profile_);
+
+  // Patch embedding as a GEMM over unfolded patches, (c, i, j) order like the conv weight.
+  ws.patches.reserve_scratch(B * P * PD);
+  run.timed("patch_embed.unfold", [&] {
+    const size_t gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
+    parallel_rows(ctx, B * P, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; ++r) {
+        const size_t img = r / P, p = r % P, gy = p / gw, gx = p % gw;
+        float* dst = ws.patches.data() + r * PD;
+        for (size_t c = 0; c < a.in_chans; ++c)
+          for (size_t i = 0; i < ph; ++i)
+            std::memcpy(dst + (c * ph + i) * pw, input + ((img * a.in_chans + c) * H + gy * ph + i) * W + gx * pw,
+                        pw * sizeof(float));
+      }
+    });
+  });
+  ws.h.reserve_scratch(B * T * std::max(D, PD));
+  run.timed("patch_embed", [&] {
+    run.linear_rows(spec_.patch_embed, ws.patches.data(), B * P, P, ws.h.data(), batch, ws.qa, ws.row_scale);
+  });
+
+  // Tokens: [cls, dist, reg..., patches] plus position embeddings.
+  ws.x.reserve_scratch(B * T * D);
+  run.timed("embed", [&] {
+    for (size_t img = 0; img < B; ++img) {
+      float* xi = ws.x.data() + img * T * D;
+      size_t t = 0;
+      if (a.cls_token) std::memcpy(xi + (t++) * D, spec_.cls_token.data(), D * sizeof(float));
+      if (a.dist_token) std::memcpy(xi + (t++) * D, spec_.dist_token.data(), D * sizeof(float));
+      for (size_t r = 0; r < a.reg_tokens; ++r) std::memcpy(xi + (t++) * D, spec_.reg_token.data() + r * D, D * sizeof(float));
+      std::memcpy(xi + P0 * D, ws.h.data() + img * P * D, P * D * sizeof(float));
+      const size_t first = a.no_embed_class ? P0 : 0;
+      for (size_t i = 0; i < (T - first) * D; ++i) xi[first * D + i] += spec_.pos_embed[i];
+    }
+    if (a.norm_pre) layernorm_rows(ctx, spec_.norm_pre, a.eps, ws.x.data(), B * T, D, ws.x.data());
+  });
+
+  ws.qkv.reserve_scratch(B * T * 3 * D);
+  ws.attn.reserve_scratch(B * T * D);
+  ws.mlp.reserve_scratch(B * T * F);
+  ws.pooled.reserve_scratch(B * D);
+  ws.pooled2.reserve_scratch(B * D);
+  ws.logits.reserve_scratch(B * NC);
+  ws.logits2.reserve_scratch(B * NC);
+  const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * 32 * 32;
+  size_t next_exit = 0;
+  std::vector<double> probs;
+
+  for (size_t l = 0; l < a.depth && !batch.active.empty(); ++l) {
+    const Block& blk = spec_.blocks[l];
+    const std::string bn = "blocks." + std::to_string(l);
+    const size_t imgs = batch.active.size(), rows = imgs * T;
+    float* x = ws.x.data();
+    run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, x, rows, D, ws.h.data()); });
+    run.timed(bn + ".attn.qkv", [&] { run.linear_rows(blk.qkv, ws.h.data(), rows, T, ws.qkv.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), imgs, ws.attn.data(), ws.kv_pack); });
+    for (size_t i = 0; i < imgs; ++i) res.bops[batch.active[i]] += attn_bops;
+    run.timed(bn + ".attn.proj", [&] { run.linear_rows(blk.proj, ws.attn.data(), rows, T, ws.h.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), rows, D, x); });
+    run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, x, rows, D, ws.h.data()); });
+    run.timed(bn + ".mlp.fc1", [&] { run.linear_rows(blk.fc1, ws.h.data(), rows, T, ws.mlp.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".mlp.gelu", [&] {
+      parallel_rows(ctx, rows, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
+    });
+    run.timed(bn + ".mlp.fc2", [&] { run.linear_rows(blk.fc2, ws.mlp.data(), rows, T, ws.h.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), rows, D, x); });
+
+    if (spec_.predictor.block == int(l)) {
+      for (size_t i = 0; i < imgs; ++i) {
+        const float r = range_statistic(*ctx.kt, x + i * T * D, T * D, spec_.predictor.chunk);
+        batch.stat[batch.active[i]] = r;
+        res.stat[batch.active[i]] = r;
+      }
+    }
+
+    if (next_exit < spec_.exits.size() && spec_.exits[next_exit].block == int(l)) {
+      const ExitHead& e = spec_.exits[next_exit++];
+      run.timed("exits." + std::to_string(l), [&] {
+        run.pool(x, imgs, ws.pooled.data());
+        ctx.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), a.eps, ws.pooled2.data(), D);
+        run.linear_rows(e.fc, ws.pooled2.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
+        // Compaction: images that exit leave; the rest move up so later blocks run on fewer rows.
+        size_t kept = 0;
+        for (size_t i = 0; i < imgs; ++i) {
+          const float* li = ws.logits.data() + i * NC;
+          const size_t orig = batch.active[i];
+          if (exits_here(e, li, NC, probs)) {
+            std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
+            res.exit_block[orig] = int32_t(l);
+            continue;
+          }
+          if (kept != i) std::memmove(x + kept * T * D, x + i * T * D, T * D * sizeof(float));
+          batch.active[kept++] = orig;
+        }
+        batch.active.resize(kept);
+      });
+    }
+  }
+
+  const size_t imgs = batch.active.size();
+  if (imgs == 0) return res;
+  run.timed("head", [&] {
+    float* x = ws.x.data();
+    // Only the rows that pooling reads need the final norm.
+    if (a.final_norm) {
+      if (a.avg_pool) {
+        layernorm_rows(ctx, spec_.norm, a.eps, x, imgs * T, D, x);
+      } else {
+        for (size_t i = 0; i < imgs; ++i)
+          ctx.kt->layernorm(a.dist_token ? 2 : 1, D, x + i * T * D, D, spec_.norm.weight.data(), spec_.norm.bias.data(), a.eps, x + i * T * D, D);
+      }
+    }
+    run.pool(x, imgs, ws.pooled.data());
+    if (a.fc_norm)
+      ctx.kt->layernorm(imgs, D, ws.pooled.data(), D, spec_.fc_norm.weight.data(), spec_.fc_norm.bias.data(), a.eps, ws.pooled.data(), D);
+    run.linear_rows(spec_.head, ws.pooled.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
+    if (a.dist_token) {
+      for (size_t i = 0; i < imgs; ++i) std::memcpy(ws.pooled2.data() + i * D, x + (i * T + 1) * D, D * sizeof(float));
+      run.linear_rows(spec_.head_dist, ws.pooled2.data(), imgs, 1, ws.logits2.data(), batch, ws.qa, ws.row_scale);
+      for (size_t i = 0; i < imgs * NC; ++i) ws.logits[i] = (ws.logits[i] + ws.logits2[i]) * 0.5f;
+    }
+    for (size_t i = 0; i < imgs; ++i)
+      std::memcpy(res.logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
+  });
+  return res;
+}
+
+}  // namespace pyrt

@@ -1,0 +1,121 @@
+// The ViT executor: the whole forward pass of a batch in one call, with per-layer precision,
+// per-image activation scales, exit heads and compaction of the images that have left.
+//
+// Semantics are those of docs/model_format.md; pyruntime/_numpy_ref.py is the same forward
+// pass written in numpy and the tests hold the two together.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../ops/ops.h"
+
+namespace pyrt {
+
+enum class ScaleSource { kDynamic, kStatic, kPredicted };
+enum class ExitRule { kConfidence, kMargin };
+
+struct LinearLayer {
+  std::string name;
+  QuantizedWeights w;
+  std::vector<float> bias;  // empty: no bias
+  int a_bits = 8;           // ignored for fp32 weights
+  ScaleSource scale = ScaleSource::kDynamic;
+  float static_scale = 0.0f;
+  std::vector<float> coeffs;  // predicted: scale = sum_k coeffs[k] r^k
+
+  size_t N() const { return w.N; }
+  size_t K() const { return w.K; }
+  // BOPs of one row: K * N MACs at w_bits x a_bits (fp32: 32 x 32).
+  int64_t bops_per_row() const;
+};
+
+struct LayerNormParams {
+  std::vector<float> weight, bias;
+};
+
+struct Block {
+  LayerNormParams norm1, norm2;
+  LinearLayer qkv, proj, fc1, fc2;
+  std::vector<float> ls1, ls2;  // empty: no layer scale
+};
+
+struct ExitHead {
+  int block = 0;
+  LayerNormParams norm;
+  LinearLayer fc;
+  ExitRule rule = ExitRule::kConfidence;
+  float threshold = 1.0f;
+};
+
+struct Arch {
+  size_t img_h = 0, img_w = 0, patch_h = 0, patch_w = 0, in_chans = 0;
+  size_t embed_dim = 0, depth = 0, num_heads = 0, mlp_hidden = 0, num_classes = 0;
+  bool cls_token = true, dist_token = false;
+  size_t reg_tokens = 0;
+  bool no_embed_class = false;
+  bool avg_pool = false;
+  bool fc_norm = false, final_norm = true, norm_pre = false;
+  float eps = 1e-6f;
+
+  size_t grid_h() const { return img_h / patch_h; }
+  size_t grid_w() const { return img_w / patch_w; }
+  size_t num_patches() const { return grid_h() * grid_w(); }
+  size_t num_prefix() const { return (cls_token ? 1 : 0) + (dist_token ? 1 : 0) + reg_tokens; }
+  size_t tokens() const { return num_patches() + num_prefix(); }
+  size_t patch_dim() const { return in_chans * patch_h * patch_w; }
+};
+
+struct Predictor {
+  int block = -1;  // -1: none
+  size_t chunk = 0;
+};
+
+struct ModelSpec {
+  Arch arch;
+  LinearLayer patch_embed;
+  std::vector<float> cls_token, dist_token, reg_token, pos_embed;
+  LayerNormParams norm_pre, norm, fc_norm;
+  std::vector<Block> blocks;
+  std::vector<ExitHead> exits;  // sorted by block
+  LinearLayer head, head_dist;  // head_dist used when arch.dist_token
+  Predictor predictor;
+};
+
+struct RunResult {
+  std::vector<float> logits;       // [B x num_classes]
+  std::vector<int32_t> exit_block; // [B]
+  std::vector<int64_t> bops;       // [B]
+  std::vector<float> stat;         // [B] the predictor's statistic (NaN when none)
+};
+
+class Executor {
+ public:
+  // Validates the spec (shapes, tokens, exits) and throws std::invalid_argument naming the
+  // first problem.
+  explicit Executor(ModelSpec spec);
+
+  // x: [B x C x H x W] normalised float32. Thread-safe (one run at a time per executor).
+  RunResult run(const float* x, size_t B, const RunContext& ctx);
+
+  // Accumulated seconds per op name since the last reset; filled only while profiling.
+  void set_profiling(bool on);
+  std::map<std::string, double> profile() const;
+  void reset_profile();
+
+  const ModelSpec& spec() const { return spec_; }
+
+ private:
+  struct Workspace;
+  void validate() const;
+
+  ModelSpec spec_;
+  mutable std::mutex mu_;
+  bool profiling_ = false;
+  std::map<std::string, double> profile_;
+};
+
+}  // namespace pyrt

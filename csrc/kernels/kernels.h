@@ -1,0 +1,110 @@
+// Kernel table: one set of function pointers per ISA, filled once at start-up.
+//
+// Every ISA shares one packed weight layout (below) so that a model packed once can run on
+// whichever kernel table dispatch picks, and so tests can run every ISA on the same buffers.
+// The layouts suit both x86 (AVX2: a ymm holds 8 channels x 4 k) and ARM (a q-register holds
+// 4 channels x 4 k, the shape `sdot`'s lane form wants).
+//
+// Exactness contract. For the integer GEMMs, the int32 accumulators are exact and the float
+// epilogue is performed in a fixed order with no fused multiply-add (the whole library is built
+// with -ffp-contract=off), so every ISA returns bit-identical floats:
+//   qc8w: y = float(acc) * (a_scale[m] * w_scale[n]) + bias[n]
+//   qb4w: s = 0; for each block b in order: s = s + float(acc_b) * w_scale[b][n];
+//         y = s * a_scale[m] + bias[n]
+// Activations must lie in [-127, 127] (the quantiser never writes -128); weights may use the
+// full int8 range. That is what lets AVX2's vpmaddubsw run without saturating: it multiplies
+// |w| (unsigned, <= 128) by sign(a, w) (|.| <= 127), so a pair sums to at most 32512.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pyrt {
+
+// Output channels per weight panel.
+constexpr size_t kNR = 16;
+// K values per packed group (one 32-bit lane).
+constexpr size_t kKGroup = 4;
+// Quantised activation rows are padded with zeros to a multiple of this many K values, and
+// activation block sums are kept at this granularity.
+constexpr size_t kKAlign = 32;
+
+inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+inline size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
+
+// Packed qc8w weights (N x K int8, a float scale per output channel):
+//   data[p][g][c][j] = w[16p + c][4g + j], p < panels, g < Kp/4, c < 16, j < 4
+//   i.e. panel stride Kp*16 bytes, 64 bytes per k-group. Padding channels and k are zero.
+//   scales: panels*16 floats, padding 0.
+//
+// Packed qb4w weights (N x K in [-8, 7], a float scale per block of `block` K values):
+//   stored as q + 8 in [0, 15], two per byte. For panel p, block b, group pair gp:
+//   byte[p][b][gp][c*4 + j]: low nibble  = w[16p + c][b*block + 8gp + j]     + 8,
+//                            high nibble = w[16p + c][b*block + 8gp + 4 + j] + 8.
+//   64 bytes per group pair, panel stride Kp*8 bytes. Padding weights are stored as 8 (zero).
+//   scales: [p][b][c] floats, panel stride (Kp/block)*16.
+//
+// Packed f32 B operand (K x N):
+//   data[p][k][c] = B[k][16p + c], panel stride K*16 floats, padding 0.
+
+// y[M x N] = dequant(a) . dequant(w)^T + bias. `w`, `w_scale` point at a panel boundary;
+// N <= panels*16 columns are written. bias may be null. a_stride, y_stride in elements.
+using QC8WGemmFn = void (*)(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                            const float* a_scale, const int8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride);
+
+// Same for int4 block weights. a_bsum holds, per row, the sums of each 32-wide k chunk of a
+// (row stride bsum_stride), used to undo the +8 offset of the stored nibbles.
+using QB4WGemmFn = void (*)(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride);
+
+// y[M x N] = a[M x K] . B + bias with B packed as above (starting at a panel boundary).
+using F32GemmFn = void (*)(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                           const float* b_packed, const float* bias, float* y, size_t y_stride);
+
+// q[r][k] = clamp(nearbyint(x[r][k] * inv_scale[r]), -qmax, qmax) for k < K, 0 for K <= k < Kp;
+// bsum[r][c] = sum of q[r][32c .. 32c+31]. Rounding is to nearest, ties to even, on every ISA.
+using QuantizeRowsFn = void (*)(size_t rows, size_t K, size_t Kp, const float* x,
+                                size_t x_stride, const float* inv_scale, int qmax, int8_t* q,
+                                size_t q_stride, int32_t* bsum, size_t bsum_stride);
+
+// max |x[i]| over n values (NaN never reaches it: inputs are validated upstream).
+using AbsMaxFn = float (*)(size_t n, const float* x);
+
+// Row-wise LayerNorm with affine; y may alias x.
+using LayerNormFn = void (*)(size_t rows, size_t D, const float* x, size_t x_stride,
+                             const float* gamma, const float* beta, float eps, float* y,
+                             size_t y_stride);
+
+// In-place row-wise softmax of `rows` rows of n values after multiplying by `scale`.
+using SoftmaxFn = void (*)(size_t rows, size_t n, float scale, float* x, size_t x_stride);
+
+// In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)).
+using GeluFn = void (*)(size_t n, float* x);
+
+// y[i] = a[i] + b[i]; y may alias a or b.
+using AddFn = void (*)(size_t n, const float* a, const float* b, float* y);
+
+struct KernelTable {
+  const char* name = nullptr;
+  QuantizeRowsFn quantize_rows = nullptr;
+  AbsMaxFn absmax = nullptr;
+  QC8WGemmFn qd8_f32_qc8w_gemm = nullptr;
+  QB4WGemmFn qd8_f32_qb4w_gemm = nullptr;
+  F32GemmFn f32_gemm = nullptr;
+  LayerNormFn layernorm = nullptr;
+  SoftmaxFn softmax = nullptr;
+  GeluFn gelu = nullptr;
+  AddFn add = nullptr;
+};
+
+// Tables per ISA. Each returns nullptr when the ISA was not compiled into this build.
+// Whether the running CPU supports it is cpu/'s business, not these functions'.
+const KernelTable* ref_kernels();
+const KernelTable* avx2_kernels();
+const KernelTable* neon_kernels();
+const KernelTable* neondot_kernels();
+
+}  // namespace pyrt

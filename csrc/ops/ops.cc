@@ -1,0 +1,274 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "threadpool.h"
+
+namespace pyrt {
+namespace {
+
+size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// Splits an M x panels output into tiles and runs f(m0, m1, p0, p1) over them on the pool.
+// Rows are blocked so one tile's activations stay in L2 while its weight panels stream by;
+// panels are split so that there are a few tasks per thread for balance.
+template <typename F>
+void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, F&& f) {
+  const size_t m_tiles = ceil_div(M, 64);
+  const size_t mb = std::min(M, round_up(ceil_div(M, m_tiles), 4));
+  const size_t m_count = ceil_div(M, mb);
+  const size_t threads = static_cast<size_t>(std::max(ctx.threads, 1));
+  const size_t want = threads == 1 ? 1 : 4 * threads;
+  const size_t n_chunks = std::max<size_t>(1, std::min(panels, ceil_div(want, m_count)));
+  const size_t pc = ceil_div(panels, n_chunks);
+  const size_t p_count = ceil_div(panels, pc);
+  ThreadPool::global().run(m_count * p_count, ctx.threads, [&](size_t t) {
+    const size_t mi = t % m_count, pi = t / m_count;
+    const size_t m0 = mi * mb, m1 = std::min(M, m0 + mb);
+    const size_t p0 = pi * pc, p1 = std::min(panels, p0 + pc);
+    f(m0, m1, p0, p1);
+  });
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+}  // namespace
+
+size_t QuantizedWeights::bytes() const {
+  return q8.size() + q4.size() + f32.size() * sizeof(float) + scales.size() * sizeof(float);
+}
+
+void quantize_weights_canonical(const float* w, size_t N, size_t K, int bits, size_t block,
+                                int8_t* q, float* scales) {
+  if (bits == 8) {
+    for (size_t n = 0; n < N; ++n) {
+      const float* wr = w + n * K;
+      float amax = 0.0f;
+      for (size_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(wr[k]));
+      const float s = amax / 127.0f;
+      scales[n] = s;
+      for (size_t k = 0; k < K; ++k) {
+        const float v = s > 0.0f ? std::nearbyint(wr[k] / s) : 0.0f;
+        q[n * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+      }
+    }
+    return;
+  }
+  check(bits == 4, "weight bits must be 4 or 8, got " + std::to_string(bits));
+  check(block > 0 && block % kKAlign == 0, "int4 block size must be a positive multiple of 32");
+  const size_t nb = ceil_div(K, block);
+  for (size_t n = 0; n < N; ++n) {
+    for (size_t b = 0; b < nb; ++b) {
+      const size_t k0 = b * block, k1 = std::min(K, k0 + block);
+      float mx = 0.0f;  // the signed value of largest magnitude
+      for (size_t k = k0; k < k1; ++k)
+        if (std::fabs(w[n * K + k]) > std::fabs(mx)) mx = w[n * K + k];
+      const float d = mx / -8.0f;
+      scales[n * nb + b] = d;
+      for (size_t k = k0; k < k1; ++k) {
+        const float v = d != 0.0f ? std::nearbyint(w[n * K + k] / d) : 0.0f;
+        q[n * K + k] = static_cast<int8_t>(std::min(7.0f, std::max(-8.0f, v)));
+      }
+    }
+  }
+}
+
+QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_t K) {
+  QuantizedWeights w;
+  w.bits = 8;
+  w.N = N;
+  w.K = K;
+  w.Kp = round_up(std::max<size_t>(K, 1), kKAlign);
+  const size_t panels = num_panels(N);
+  w.q8.resize(panels * w.Kp * kNR);
+  w.scales.resize(panels * kNR);
+  for (size_t n = 0; n < N; ++n) {
+    const size_t p = n / kNR, c = n % kNR;
+    w.scales[n] = scales[n];
+    for (size_t k = 0; k < K; ++k)
+      w.q8[p * w.Kp * kNR + (k / kKGroup) * kNR * kKGroup + c * kKGroup + k % kKGroup] =
+          q[n * K + k];
+  }
+  return w;
+}
+
+QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_t K,
+                           size_t block) {
+  check(block > 0 && block % kKAlign == 0, "int4 block size must be a positive multiple of 32");
+  QuantizedWeights w;
+  w.bits = 4;
+  w.N = N;
+  w.K = K;
+  w.block = block;
+  w.Kp = round_up(std::max<size_t>(K, 1), block);
+  const size_t panels = num_panels(N), nb = w.Kp / block, nb_src = ceil_div(K, block);
+  w.q4.resize(panels * w.Kp * kNR / 2);
+  std::fill(w.q4.data(), w.q4.data() + w.q4.size(), uint8_t{0x88});  // padding encodes zero
+  w.scales.resize(panels * nb * kNR);
+  for (size_t n = 0; n < N; ++n) {
+    const size_t p = n / kNR, c = n % kNR;
+    for (size_t b = 0; b < nb_src; ++b) w.scales[p * nb * kNR + b * kNR + c] = scales[n * nb_src + b];
+    for (size_t k = 0; k < K; ++k) {
+      const int v = q[n * K + k];
+      if (v < -8 || v > 7) throw std::invalid_argument("int4 weight out of range [-8, 7]");
+      const size_t b = k / block, kb = k % block, gp = kb / 8, hi = (kb % 8) / 4, j = kb % 4;
+      uint8_t& byte = w.q4[p * w.Kp * 8 + b * block * 8 + gp * 64 + c * 4 + j];
+      const uint8_t nib = static_cast<uint8_t>(v + 8);
+      byte = hi ? uint8_t((byte & 0x0F) | (nib << 4)) : uint8_t((byte & 0xF0) | nib);
+    }
+  }
+  return w;
+}
+
+QuantizedWeights pack_f32(const float* wt, size_t N, size_t K) {
+  QuantizedWeights w;
+  w.bits = 32;
+  w.N = N;
+  w.K = K;
+  w.Kp = K;
+  w.f32.resize(num_panels(N) * kNR * K);
+  pack_f32_b(wt, K, N, K, /*b_is_nk=*/true, w.f32.data());
+  return w;
+}
+
+void unpack_weights(const QuantizedWeights& w, int8_t* q, float* scales) {
+  const size_t N = w.N, K = w.K;
+  if (w.bits == 8) {
+    for (size_t n = 0; n < N; ++n) {
+      const size_t p = n / kNR, c = n % kNR;
+      scales[n] = w.scales[n];
+      for (size_t k = 0; k < K; ++k)
+        q[n * K + k] = w.q8[p * w.Kp * kNR + (k / kKGroup) * kNR * kKGroup + c * kKGroup + k % kKGroup];
+    }
+  } else if (w.bits == 4) {
+    const size_t nb = w.Kp / w.block, nb_src = ceil_div(K, w.block);
+    for (size_t n = 0; n < N; ++n) {
+      const size_t p = n / kNR, c = n % kNR;
+      for (size_t b = 0; b < nb_src; ++b) scales[n * nb_src + b] = w.scales[p * nb * kNR + b * kNR + c];
+      for (size_t k = 0; k < K; ++k) {
+        const size_t b = k / w.block, kb = k % w.block, gp = kb / 8, hi = (kb % 8) / 4, j = kb % 4;
+        const uint8_t byte = w.q4[p * w.Kp * 8 + b * w.block * 8 + gp * 64 + c * 4 + j];
+        q[n * K + k] = static_cast<int8_t>((hi ? byte >> 4 : byte & 0x0F) - 8);
+      }
+    }
+  } else {
+    throw std::invalid_argument("unpack_weights: fp32 weights have no integer form");
+  }
+}
+
+void dequantize_weights(const QuantizedWeights& w, float* out) {
+  const size_t N = w.N, K = w.K;
+  if (w.bits == 32) {
+    for (size_t n = 0; n < N; ++n)
+      for (size_t k = 0; k < K; ++k) out[n * K + k] = w.f32[(n / kNR) * K * kNR + k * kNR + n % kNR];
+    return;
+  }
+  std::vector<int8_t> q(N * K);
+  const size_t ns = w.bits == 8 ? N : N * ceil_div(K, w.block);
+  std::vector<float> s(ns);
+  unpack_weights(w, q.data(), s.data());
+  for (size_t n = 0; n < N; ++n)
+    for (size_t k = 0; k < K; ++k) {
+      const float sc = w.bits == 8 ? s[n] : s[n * ceil_div(K, w.block) + k / w.block];
+      out[n * K + k] = float(q[n * K + k]) * sc;
+    }
+}
+
+void QuantizedActs::reshape(size_t m, size_t k, size_t kp) {
+  M = m;
+  K = k;
+  Kp = kp;
+  q.reserve_scratch(m * kp);
+  scale.reserve_scratch(m);
+  inv_scale.reserve_scratch(m);
+  bsum.reserve_scratch(m * (kp / kKAlign));
+}
+
+void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, size_t x_stride,
+                   size_t Kp, int bits, ScaleMode mode, const float* scales, QuantizedActs& out) {
+  check(bits >= 2 && bits <= 8, "activation bits must be in 2..8, got " + std::to_string(bits));
+  check(Kp % kKAlign == 0 && Kp >= K, "quantize_acts: bad padded width");
+  out.reshape(M, K, Kp);
+  const int qmax = (1 << (bits - 1)) - 1;
+  if (mode == ScaleMode::kDynamicTensor) {
+    float amax = 0.0f;
+    for (size_t r = 0; r < M; ++r) amax = std::max(amax, ctx.kt->absmax(K, x + r * x_stride));
+    for (size_t r = 0; r < M; ++r) out.scale[r] = amax / float(qmax);
+  } else if (mode == ScaleMode::kDynamicRow) {
+    for (size_t r = 0; r < M; ++r) out.scale[r] = ctx.kt->absmax(K, x + r * x_stride) / float(qmax);
+  } else {
+    for (size_t r = 0; r < M; ++r) out.scale[r] = scales[r];
+  }
+  for (size_t r = 0; r < M; ++r) {
+    const float s = out.scale[r];
+    const bool ok = s > 0.0f && std::isfinite(s);
+    out.scale[r] = ok ? s : 0.0f;
+    out.inv_scale[r] = ok ? 1.0f / s : 0.0f;
+  }
+  const size_t rows_per_task = std::max<size_t>(1, ceil_div(M, 4 * size_t(std::max(ctx.threads, 1))));
+  ThreadPool::global().run(ceil_div(M, rows_per_task), ctx.threads, [&](size_t t) {
+    const size_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+    ctx.kt->quantize_rows(r1 - r0, K, Kp, x + r0 * x_stride, x_stride, out.inv_scale.data() + r0,
+                          qmax, out.q.data() + r0 * Kp, Kp, out.bsum.data() + r0 * (Kp / kKAlign),
+                          Kp / kKAlign);
+  });
+}
+
+void gemm_q(const RunContext& ctx, const QuantizedActs& a, const QuantizedWeights& w,
+            const float* bias, float* y, size_t y_stride) {
+  check(a.Kp == w.Kp, "gemm_q: activation and weight padding differ");
+  const size_t bs = a.Kp / kKAlign;
+  parallel_tiles(ctx, a.M, num_panels(w.N), [&](size_t m0, size_t m1, size_t p0, size_t p1) {
+    const size_t n0 = p0 * kNR, n = std::min(w.N, p1 * kNR) - n0;
+    const float* b = bias ? bias + n0 : nullptr;
+    float* yt = y + m0 * y_stride + n0;
+    if (w.bits == 8) {
+      ctx.kt->qd8_f32_qc8w_gemm(m1 - m0, n, w.Kp, a.q.data() + m0 * a.Kp, a.Kp,
+                                a.scale.data() + m0, w.q8.data() + p0 * w.Kp * kNR,
+                                w.scales.data() + n0, b, yt, y_stride);
+    } else {
+      ctx.kt->qd8_f32_qb4w_gemm(m1 - m0, n, w.Kp, w.block, a.q.data() + m0 * a.Kp, a.Kp,
+                                a.scale.data() + m0, a.bsum.data() + m0 * bs, bs,
+                                w.q4.data() + p0 * w.Kp * 8,
+                                w.scales.data() + p0 * (w.Kp / w.block) * kNR, b, yt, y_stride);
+    }
+  });
+}
+
+void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* a,
+              size_t a_stride, const float* b_packed, const float* bias, float* y,
+              size_t y_stride) {
+  parallel_tiles(ctx, M, num_panels(N), [&](size_t m0, size_t m1, size_t p0, size_t p1) {
+    const size_t n0 = p0 * kNR, n = std::min(N, p1 * kNR) - n0;
+    ctx.kt->f32_gemm(m1 - m0, n, K, a + m0 * a_stride, a_stride, b_packed + p0 * K * kNR,
+                     bias ? bias + n0 : nullptr, y + m0 * y_stride + n0, y_stride);
+  });
+}
+
+void pack_f32_b(const float* b, size_t K, size_t N, size_t ld, bool b_is_nk, float* out) {
+  const size_t panels = num_panels(N);
+  for (size_t p = 0; p < panels; ++p)
+    for (size_t k = 0; k < K; ++k)
+      for (size_t c = 0; c < kNR; ++c) {
+        const size_t n = p * kNR + c;
+        out[p * K * kNR + k * kNR + c] = n < N ? (b_is_nk ? b[n * ld + k] : b[k * ld + n]) : 0.0f;
+      }
+}
+
+void linear(const RunContext& ctx, const float* x, size_t M, size_t x_stride,
+            const QuantizedWeights& w, const float* bias, int act_bits, ScaleMode mode,
+            const float* act_scales, QuantizedActs& scratch, float* y, size_t y_stride) {
+  if (w.bits == 32) {
+    gemm_f32(ctx, M, w.N, w.K, x, x_stride, w.f32.data(), bias, y, y_stride);
+    return;
+  }
+  quantize_acts(ctx, x, M, w.K, x_stride, w.Kp, act_bits, mode, act_scales, scratch);
+  gemm_q(ctx, scratch, w, bias, y, y_stride);
+}
+
+}  // namespace pyrt

@@ -1,0 +1,86 @@
+// Whole-tensor operations built on a kernel table: weight quantisation and packing,
+// activation quantisation, and the threaded GEMMs. The executor and the Python bindings both
+// call these; nothing here depends on Python.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../kernels/kernels.h"
+#include "aligned.h"
+
+namespace pyrt {
+
+// Weights of one linear layer, N outputs x K inputs, in canonical and packed form.
+// bits: 8 (a scale per output channel), 4 (a scale per `block` K values), 32 (fp32).
+struct QuantizedWeights {
+  int bits = 0;
+  size_t N = 0, K = 0, Kp = 0, block = 0;
+  AlignedBuffer<int8_t> q8;    // bits 8: packed qc8w data
+  AlignedBuffer<uint8_t> q4;   // bits 4: packed qb4w data
+  AlignedBuffer<float> f32;    // bits 32: packed f32 B operand (W^T)
+  AlignedBuffer<float> scales; // packed scales (bits 8 and 4)
+  size_t bytes() const;
+};
+
+// Quantise fp32 weights [N x K] to canonical integers and scales.
+//   bits 8: scale[n] = max|w[n]| / 127, q in [-127, 127].
+//   bits 4: per block of `block` K values, the value of largest magnitude maps to -8
+//           (llama.cpp's q4_0 rule), q in [-8, 7]; scale[n][b].
+// Returns canonical q [N x K] (int8) and scales ([N] or [N x ceil(K/block)]).
+void quantize_weights_canonical(const float* w, size_t N, size_t K, int bits, size_t block,
+                                int8_t* q, float* scales);
+
+// Pack canonical weights (as produced above, or read from a model file).
+QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_t K);
+QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_t K,
+                           size_t block);
+QuantizedWeights pack_f32(const float* w, size_t N, size_t K);
+
+// Canonical values back from packed weights (for dequantize() and the file writer).
+void unpack_weights(const QuantizedWeights& w, int8_t* q, float* scales);
+void dequantize_weights(const QuantizedWeights& w, float* out);
+
+// Quantised activations of M rows of K values, rows padded to Kp.
+struct QuantizedActs {
+  size_t M = 0, K = 0, Kp = 0;
+  AlignedBuffer<int8_t> q;
+  AlignedBuffer<float> scale, inv_scale;
+  AlignedBuffer<int32_t> bsum;
+  void reshape(size_t m, size_t k, size_t kp);
+};
+
+enum class ScaleMode { kDynamicTensor, kDynamicRow, kGiven };
+
+struct RunContext {
+  const KernelTable* kt;
+  int threads;
+};
+
+// Quantise x [M x K] to `bits` (4..8) in int8 storage. kDynamicTensor: one scale max|x|/qmax;
+// kDynamicRow: one per row; kGiven: `scales` holds one per row. A zero scale quantises to 0.
+// Kp: the padded width, round_up(K, kKAlign) or round_up(K, block) for int4 weights.
+void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, size_t x_stride,
+                   size_t Kp, int bits, ScaleMode mode, const float* scales, QuantizedActs& out);
+
+// y [M x N] = x . W^T + bias for any weight precision; quantises x with `bits`/`mode` first
+// when W is integer. `scratch` holds the quantised activations between calls.
+void linear(const RunContext& ctx, const float* x, size_t M, size_t x_stride,
+            const QuantizedWeights& w, const float* bias, int act_bits, ScaleMode mode,
+            const float* act_scales, QuantizedActs& scratch, float* y, size_t y_stride);
+
+// Integer GEMM on already-quantised activations (Kp must match the weights').
+void gemm_q(const RunContext& ctx, const QuantizedActs& a, const QuantizedWeights& w,
+            const float* bias, float* y, size_t y_stride);
+
+// y [M x N] = a [M x K] . B [K x N] + bias, B given packed (pack_f32_b).
+void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* a,
+              size_t a_stride, const float* b_packed, const float* bias, float* y,
+              size_t y_stride);
+
+// Pack B for gemm_f32. b_is_nk: source holds B^T as [N x K] rows (stride ld), else B as
+// [K x N] rows (stride ld). out must hold num_panels(N)*16*K floats.
+void pack_f32_b(const float* b, size_t K, size_t N, size_t ld, bool b_is_nk, float* out);
+
+}  // namespace pyrt

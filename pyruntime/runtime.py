@@ -1,0 +1,138 @@
+"""Loading a model file and running images through the compiled executor.
+
+``pyruntime.load(path).run(images)``: numpy in, numpy out, no torch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import numpy as np
+
+from . import _core
+from .errors import FormatError
+from .modelfile import read_model
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class RunResult:
+    """What one :meth:`Model.run` returns, one entry per image.
+
+    ``logits`` float32 [B, classes] from the head that answered; ``exit_block`` int32 [B]: the
+    block after which that head sits (``depth - 1`` for the final head); ``bops`` int64 [B]:
+    bit operations actually executed for the image; ``stat`` float32 [B]: the scale
+    predictor's statistic (NaN without a predictor); ``isa``: the kernel table that ran.
+    """
+
+    logits: np.ndarray
+    exit_block: np.ndarray
+    bops: np.ndarray
+    stat: np.ndarray
+    isa: str
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+
+@dataclass
+class Model:
+    """A loaded model. Create with :func:`load`."""
+
+    path: Path
+    graph: dict
+    policy_json: str
+    provenance: dict
+    num_threads: Optional[int]
+    isa: Optional[str]
+    load_seconds: float
+    _executor: "_core.Executor" = field(repr=False)
+
+    @property
+    def arch(self) -> dict:
+        return self.graph["arch"]
+
+    @property
+    def depth(self) -> int:
+        return int(self.arch["depth"])
+
+    @property
+    def input_shape(self) -> tuple:
+        """(C, H, W) of the float input :meth:`run` takes."""
+        a = self.arch
+        return (int(a["in_chans"]), int(a["img_size"][0]), int(a["img_size"][1]))
+
+    @property
+    def weight_bytes(self) -> int:
+        return int(self._executor.weight_bytes)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images [B, H, W, C] (or [B, H, W] for one channel) to the normalised float32
+        [B, C, H, W] the network takes, with the file's mean and std."""
+        C, H, W = self.input_shape
+        if images.ndim == 3 and C == 1:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[1:] != (H, W, C):
+            raise ValueError(f"uint8 images must have shape [B, {H}, {W}, {C}], got {list(images.shape)}")
+        pre = self.graph.get("preprocess", {})
+        mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
+        std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
+        x = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+    def _check_input(self, x) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"images must be a numpy.ndarray, got {type(x).__name__}")
+        if x.dtype == np.uint8:
+            return self.preprocess(x)
+        if x.dtype != np.float32:
+            raise TypeError(f"images must be float32 [B, C, H, W] (normalised) or uint8 [B, H, W, C]; got {x.dtype}")
+        C, H, W = self.input_shape
+        if x.ndim != 4 or x.shape[1:] != (C, H, W):
+            raise ValueError(f"float32 images must have shape [B, {C}, {H}, {W}], got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise ValueError("images contain NaN or Inf")
+        return np.ascontiguousarray(x)
+
+    def run(self, x: np.ndarray, *, num_threads: Optional[int] = None, isa: Optional[str] = None) -> RunResult:
+        """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C]."""
+        x = self._check_input(x)
+        threads = num_threads if num_threads is not None else self.num_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+            raise ValueError(f"num_threads must be a positive int, got {threads!r}")
+        out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa)
+        return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"])
+
+    def profile(self, on: bool = True) -> None:
+        """Start (or stop) accumulating per-op time; read it with :meth:`layer_times`."""
+        self._executor.reset_profile()
+        self._executor.set_profiling(on)
+
+    def layer_times(self) -> Dict[str, float]:
+        """Seconds per op since :meth:`profile` was turned on."""
+        return dict(self._executor.profile())
+
+
+def load(path: PathLike, num_threads: Optional[int] = None, isa: Optional[str] = None) -> Model:
+    """Load a model file (memory-mapped, validated) and pack its weights for this CPU.
+
+    Raises :class:`pyruntime.FormatError` naming the problem for a file that is not a valid
+    pyruntime model (truncated, corrupt, newer format version, inconsistent graph).
+    """
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    if isa is not None and isa not in _core.available_isas():
+        raise ValueError(f"ISA '{isa}' is not available here (available: {', '.join(_core.available_isas())})")
+    path = Path(path)
+    t0 = time.perf_counter()
+    graph, tensors, policy_json, provenance = read_model(path)
+    try:
+        executor = _core.Executor(graph, tensors)
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from None
+    return Model(path, graph, policy_json, provenance, num_threads, isa, time.perf_counter() - t0, executor)

@@ -1,0 +1,293 @@
+// Every kernel table this CPU supports, against the scalar reference.
+//
+// Integer GEMMs and the activation quantiser must be bit-identical to ref (the exactness
+// contract in kernels.h); float kernels must agree within a tolerance that grows with the
+// reduction length. Buffers are allocated at their exact logical size so that an overrun
+// trips AddressSanitizer in the sanitizer build.
+//
+// Environment:
+//   PYRUNTIME_EXPECT_ISAS  comma-separated list the CPU must report exactly (emulated CPUs
+//                          check dispatch this way: cortex-a57 has no dotprod).
+//   PYRUNTIME_TEST_QUICK=1 skip the two largest ViT shapes (for slow emulation).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu.h"
+#include "kernels/kernels.h"
+#include "ops/ops.h"
+
+using namespace pyrt;
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void report(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+std::string shape(const char* isa, const char* op, size_t M, size_t N, size_t K, const char* extra = "") {
+  std::ostringstream s;
+  s << isa << " " << op << " M=" << M << " N=" << N << " K=" << K << extra;
+  return s.str();
+}
+
+struct Rng {
+  std::mt19937 gen;
+  explicit Rng(unsigned seed) : gen(seed) {}
+  int i(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(gen); }
+  float f(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(gen); }
+};
+
+enum class Fill { kRandom, kMax, kMin, kAlternate };
+
+// int8 activations in [-127, 127] (never -128: the quantiser's contract) padded to Kp.
+std::vector<int8_t> make_acts(Rng& r, size_t M, size_t K, size_t Kp, Fill fill) {
+  std::vector<int8_t> a(M * Kp, 0);
+  for (size_t m = 0; m < M; ++m)
+    for (size_t k = 0; k < K; ++k) {
+      int v = r.i(-127, 127);
+      if (fill == Fill::kMax) v = 127;
+      if (fill == Fill::kMin) v = -127;
+      if (fill == Fill::kAlternate) v = ((m + k) % 2) ? 127 : -127;
+      a[m * Kp + k] = int8_t(v);
+    }
+  return a;
+}
+
+std::vector<int32_t> block_sums(const std::vector<int8_t>& a, size_t M, size_t Kp) {
+  std::vector<int32_t> s(M * (Kp / kKAlign), 0);
+  for (size_t m = 0; m < M; ++m)
+    for (size_t k = 0; k < Kp; ++k) s[m * (Kp / kKAlign) + k / kKAlign] += a[m * Kp + k];
+  return s;
+}
+
+bool same_bits(const std::vector<float>& x, const std::vector<float>& y) {
+  return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+}
+
+bool close(const std::vector<float>& got, const std::vector<float>& want, double rtol, double atol) {
+  if (got.size() != want.size()) return false;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double d = std::fabs(double(got[i]) - want[i]);
+    if (!(d <= atol + rtol * std::fabs(double(want[i])))) return false;
+  }
+  return true;
+}
+
+std::vector<float> scales_for(Rng& r, size_t n, bool with_zeros) {
+  std::vector<float> s(n);
+  for (size_t i = 0; i < n; ++i) s[i] = (with_zeros && i % 5 == 3) ? 0.0f : r.f(1e-4f, 0.05f);
+  return s;
+}
+
+void test_qc8w(const KernelTable& kt, size_t M, size_t N, size_t K, Fill fill, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  std::vector<int8_t> wq(N * K);
+  for (size_t i = 0; i < wq.size(); ++i) {
+    int v = r.i(-128, 127);
+    if (fill != Fill::kRandom) v = (i % 3 == 0) ? 127 : -128;
+    wq[i] = int8_t(v);
+  }
+  std::vector<float> ws = scales_for(r, N, true);
+  QuantizedWeights w = pack_qc8w(wq.data(), ws.data(), N, K);
+  auto a = make_acts(r, M, K, w.Kp, fill);
+  std::vector<float> as = scales_for(r, M, true), bias(N);
+  for (auto& b : bias) b = r.f(-1, 1);
+  for (int with_bias = 0; with_bias < 2; ++with_bias) {
+    std::vector<float> y(M * N), y_ref(M * N);
+    const float* b = with_bias ? bias.data() : nullptr;
+    kt.qd8_f32_qc8w_gemm(M, N, w.Kp, a.data(), w.Kp, as.data(), w.q8.data(), w.scales.data(), b, y.data(), N);
+    ref.qd8_f32_qc8w_gemm(M, N, w.Kp, a.data(), w.Kp, as.data(), w.q8.data(), w.scales.data(), b, y_ref.data(), N);
+    report(same_bits(y, y_ref), shape(kt.name, "qc8w", M, N, K, with_bias ? " bias" : ""));
+  }
+}
+
+void test_qb4w(const KernelTable& kt, size_t M, size_t N, size_t K, size_t block, Fill fill, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  std::vector<int8_t> wq(N * K);
+  for (size_t i = 0; i < wq.size(); ++i) wq[i] = int8_t(fill == Fill::kRandom ? r.i(-8, 7) : (i % 2 ? 7 : -8));
+  const size_t nb = (K + block - 1) / block;
+  std::vector<float> ws = scales_for(r, N * nb, true);
+  QuantizedWeights w = pack_qb4w(wq.data(), ws.data(), N, K, block);
+  auto a = make_acts(r, M, K, w.Kp, fill);
+  auto bs = block_sums(a, M, w.Kp);
+  std::vector<float> as = scales_for(r, M, true), bias(N);
+  for (auto& b : bias) b = r.f(-1, 1);
+  std::vector<float> y(M * N), y_ref(M * N);
+  const size_t bstride = w.Kp / kKAlign;
+  kt.qd8_f32_qb4w_gemm(M, N, w.Kp, block, a.data(), w.Kp, as.data(), bs.data(), bstride, w.q4.data(),
+                       w.scales.data(), bias.data(), y.data(), N);
+  ref.qd8_f32_qb4w_gemm(M, N, w.Kp, block, a.data(), w.Kp, as.data(), bs.data(), bstride, w.q4.data(),
+                        w.scales.data(), bias.data(), y_ref.data(), N);
+  report(same_bits(y, y_ref), shape(kt.name, "qb4w", M, N, K, block == 32 ? "" : " block=64"));
+}
+
+void test_f32_gemm(const KernelTable& kt, size_t M, size_t N, size_t K, unsigned seed) {
+  Rng r(seed);
+  std::vector<float> a(M * K), b(K * N), bias(N);
+  for (auto& v : a) v = r.f(-1, 1);
+  for (auto& v : b) v = r.f(-1, 1);
+  for (auto& v : bias) v = r.f(-1, 1);
+  std::vector<float> bp(num_panels(N) * kNR * K);
+  pack_f32_b(b.data(), K, N, N, false, bp.data());
+  std::vector<float> y(M * N), y_ref(M * N);
+  kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y.data(), N);
+  ref_kernels()->f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y_ref.data(), N);
+  // |sum| can cancel to ~0 while terms are O(1): bound by K * eps * magnitude of the terms.
+  const double atol = 4.0 * std::sqrt(double(K) + 1) * 1.2e-7 * 4;
+  report(close(y, y_ref, 1e-5, atol), shape(kt.name, "f32_gemm", M, N, K));
+}
+
+void test_quantize_rows(const KernelTable& kt, size_t M, size_t K, int bits, unsigned seed) {
+  Rng r(seed);
+  const size_t Kp = round_up(K, kKAlign);
+  std::vector<float> x(M * K), inv(M);
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = r.f(-3, 3);
+    if (i % 7 == 0) x[i] = float(int(x[i] * 4)) / 4 + 0.5f;  // exact ties: round half to even
+    if (i % 11 == 0) x[i] = (i % 2 ? 1e30f : -1e30f);        // clamps
+  }
+  for (auto& s : inv) s = r.f(1, 60);
+  if (M > 2) inv[1] = 0.0f;  // a zero scale
+  const int qmax = (1 << (bits - 1)) - 1;
+  std::vector<int8_t> q(M * Kp, 1), q_ref(M * Kp, 2);
+  std::vector<int32_t> bs(M * (Kp / kKAlign), 3), bs_ref(M * (Kp / kKAlign), 4);
+  kt.quantize_rows(M, K, Kp, x.data(), K, inv.data(), qmax, q.data(), Kp, bs.data(), Kp / kKAlign);
+  ref_kernels()->quantize_rows(M, K, Kp, x.data(), K, inv.data(), qmax, q_ref.data(), Kp, bs_ref.data(), Kp / kKAlign);
+  report(q == q_ref && bs == bs_ref, shape(kt.name, "quantize_rows", M, 0, K, (" bits=" + std::to_string(bits)).c_str()));
+  float am = kt.absmax(x.size(), x.data()), am_ref = ref_kernels()->absmax(x.size(), x.data());
+  report(am == am_ref, shape(kt.name, "absmax", M, 0, K));
+}
+
+void test_elementwise(const KernelTable& kt, size_t rows, size_t n, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  std::vector<float> x(rows * n), g(n), b(n);
+  for (auto& v : x) v = r.f(-6, 6);
+  for (auto& v : g) v = r.f(0.5f, 1.5f);
+  for (auto& v : b) v = r.f(-0.5f, 0.5f);
+  std::vector<float> y(x.size()), y_ref(x.size());
+  kt.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
+  ref.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y_ref.data(), n);
+  report(close(y, y_ref, 1e-5, 1e-5), shape(kt.name, "layernorm", rows, n, 0));
+  y = x;
+  y_ref = x;
+  kt.softmax(rows, n, 0.125f, y.data(), n);
+  ref.softmax(rows, n, 0.125f, y_ref.data(), n);
+  report(close(y, y_ref, 1e-5, 1e-7), shape(kt.name, "softmax", rows, n, 0));
+  y = x;
+  y_ref = x;
+  kt.gelu(y.size(), y.data());
+  ref.gelu(y_ref.size(), y_ref.data());
+  report(close(y, y_ref, 1e-5, 1e-6), shape(kt.name, "gelu", rows, n, 0));
+  kt.add(x.size(), x.data(), y_ref.data(), y.data());
+  ref.add(x.size(), x.data(), y_ref.data(), y_ref.data());
+  report(same_bits(y, y_ref), shape(kt.name, "add", rows, n, 0));
+}
+
+// Threaded ops give the same bits as one thread, whatever the split.
+void test_threads(const KernelTable& kt) {
+  Rng r(7);
+  const size_t M = 197, N = 200, K = 129;
+  std::vector<float> x(M * K), w(N * K), bias(N);
+  for (auto& v : x) v = r.f(-2, 2);
+  for (auto& v : w) v = r.f(-1, 1);
+  for (int bits : {8, 4, 32}) {
+    std::vector<int8_t> q(N * K);
+    std::vector<float> s(N * ((K + 31) / 32));
+    QuantizedWeights qw;
+    if (bits == 32) {
+      qw = pack_f32(w.data(), N, K);
+    } else {
+      quantize_weights_canonical(w.data(), N, K, bits, 32, q.data(), s.data());
+      qw = bits == 8 ? pack_qc8w(q.data(), s.data(), N, K) : pack_qb4w(q.data(), s.data(), N, K, 32);
+    }
+    std::vector<float> y1(M * N), yt(M * N);
+    QuantizedActs scratch;
+    linear(RunContext{&kt, 1}, x.data(), M, K, qw, bias.data(), 8, ScaleMode::kDynamicTensor, nullptr, scratch, y1.data(), N);
+    for (int t : {2, 3, 5}) {
+      linear(RunContext{&kt, t}, x.data(), M, K, qw, bias.data(), 8, ScaleMode::kDynamicTensor, nullptr, scratch, yt.data(), N);
+      report(same_bits(y1, yt), std::string(kt.name) + " linear threads=" + std::to_string(t) + " bits=" + std::to_string(bits));
+    }
+  }
+}
+
+void test_dispatch() {
+  const char* expect = std::getenv("PYRUNTIME_EXPECT_ISAS");
+  std::string have;
+  for (const auto& n : available_isas()) have += (have.empty() ? "" : ",") + n;
+  std::printf("available ISAs: %s (default %s, %d physical cores)\n", have.c_str(), default_kernels()->name,
+              physical_cores());
+  if (expect) report(have == expect, std::string("dispatch: expected ISAs ") + expect + ", got " + have);
+  bool threw = false;
+  try {
+    kernels_for("avx512");
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  report(threw, "dispatch: unknown ISA is rejected");
+}
+
+}  // namespace
+
+int main() {
+  test_dispatch();
+  const bool quick = std::getenv("PYRUNTIME_TEST_QUICK") != nullptr;
+  unsigned seed = 1;
+  for (const auto& name : available_isas()) {
+    const KernelTable& kt = *kernels_for(name);
+    for (size_t M = 1; M <= 17; ++M)
+      for (size_t N = 1; N <= 17; ++N)
+        for (size_t K = 1; K <= 17; ++K) {
+          test_qc8w(kt, M, N, K, Fill::kRandom, seed++);
+          if ((M + N + K) % 3 == 0) test_qb4w(kt, M, N, K, 32, Fill::kRandom, seed++);
+          if ((M * N + K) % 4 == 0) test_f32_gemm(kt, M, N, K, seed++);
+        }
+    const size_t ms[] = {1, 4, 5, 31, 33, 65}, ns[] = {15, 16, 17, 31, 32, 33, 63, 64, 65};
+    const size_t ks[] = {31, 32, 33, 63, 64, 65, 127, 128, 129};
+    for (size_t M : ms)
+      for (size_t N : ns)
+        for (size_t K : ks) {
+          test_qc8w(kt, M, N, K, Fill::kRandom, seed++);
+          test_qb4w(kt, M, N, K, 32, Fill::kRandom, seed++);
+          test_f32_gemm(kt, M, N, K, seed++);
+        }
+    for (Fill f : {Fill::kMax, Fill::kMin, Fill::kAlternate}) {
+      test_qc8w(kt, 7, 33, 1031, f, seed++);
+      test_qb4w(kt, 7, 33, 1031, 32, f, seed++);
+    }
+    test_qb4w(kt, 9, 40, 200, 64, Fill::kRandom, seed++);
+    struct Vit { size_t M, K, N; };
+    std::vector<Vit> vit = {{197, 192, 576}};
+    if (!quick) {
+      vit.push_back({197, 384, 1536});
+      vit.push_back({197, 768, 3072});
+    }
+    for (const Vit& v : vit) {
+      test_qc8w(kt, v.M, v.N, v.K, Fill::kRandom, seed++);
+      test_qb4w(kt, v.M, v.N, v.K, 32, Fill::kRandom, seed++);
+      test_f32_gemm(kt, v.M, v.N, v.K, seed++);
+      test_qb4w(kt, 3, v.N, v.K + 17, 32, Fill::kRandom, seed++);  // K not a multiple of 32
+    }
+    for (size_t K : {1, 5, 31, 32, 33, 100, 768})
+      for (int bits = 4; bits <= 8; ++bits) test_quantize_rows(kt, 5, K, bits, seed++);
+    for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_elementwise(kt, 3, n, seed++);
+    test_threads(kt);
+  }
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed ? 1 : 0;
+}
