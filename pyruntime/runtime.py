@@ -26,7 +26,9 @@ class RunResult:
     ``logits`` float32 [B, classes] from the head that answered; ``exit_block`` int32 [B]: the
     block after which that head sits (``depth - 1`` for the final head); ``bops`` int64 [B]:
     bit operations actually executed for the image; ``stat`` float32 [B]: the scale
-    predictor's statistic (NaN without a predictor); ``isa``: the kernel table that ran.
+    predictor's statistic (NaN without a predictor); ``isa``: the kernel table that ran;
+    ``exit_logits`` float32 [exits, B, classes]: every exit head's logits, only from
+    ``run(..., collect_exits=True)``, where no image leaves early.
     """
 
     logits: np.ndarray
@@ -34,6 +36,7 @@ class RunResult:
     bops: np.ndarray
     stat: np.ndarray
     isa: str
+    exit_logits: Optional[np.ndarray] = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -99,14 +102,19 @@ class Model:
             raise ValueError("images contain NaN or Inf")
         return np.ascontiguousarray(x)
 
-    def run(self, x: np.ndarray, *, num_threads: Optional[int] = None, isa: Optional[str] = None) -> RunResult:
-        """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C]."""
+    def run(self, x: np.ndarray, *, num_threads: Optional[int] = None, isa: Optional[str] = None,
+            collect_exits: bool = False) -> RunResult:
+        """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C].
+
+        ``collect_exits=True`` evaluates every exit head without letting any image leave and
+        returns their logits in ``exit_logits`` (for calibrating thresholds).
+        """
         x = self._check_input(x)
         threads = num_threads if num_threads is not None else self.num_threads
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {threads!r}")
-        out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa)
-        return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"])
+        out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa, bool(collect_exits))
+        return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"], out.get("exit_logits"))
 
     def profile(self, on: bool = True) -> None:
         """Start (or stop) accumulating per-op time; read it with :meth:`layer_times`."""

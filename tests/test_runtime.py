@@ -117,6 +117,11 @@ def test_images_exit_exactly_where_the_rule_says(rule, tmp_path):
     assert 0 < first.sum() < len(x) and second.sum() > 0
     ref_logits, ref_exit, _ = _numpy_ref.forward(graph, tensors, x)
     assert np.array_equal(ref_exit, expect)
+    # Collecting: nobody leaves, and each head's logits are those the leavers answered with.
+    rc = model.run(x, collect_exits=True)
+    assert (rc.exit_block == 3).all() and rc.exit_logits.shape == (2, len(x), 3)
+    assert np.array_equal(rc.exit_logits[0][first], r.logits[first])
+    assert np.array_equal(rc.exit_logits[1][second], r.logits[second])
     assert np.allclose(r.logits, ref_logits, rtol=1e-5, atol=1e-5)
 
 

@@ -201,7 +201,7 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
 }
 
 py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::optional<int> threads,
-             std::optional<std::string> isa) {
+             std::optional<std::string> isa, bool collect_exits) {
   const Arch& a = ex.spec().arch;
   if (x.ndim() != 4 || size_t(x.shape(1)) != a.in_chans || size_t(x.shape(2)) != a.img_h ||
       size_t(x.shape(3)) != a.img_w)
@@ -213,7 +213,7 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   RunResult r;
   {
     py::gil_scoped_release nogil;
-    r = ex.run(x.data(), B, ctx);
+    r = ex.run(x.data(), B, ctx, collect_exits);
   }
   py::dict out;
   py::array_t<float> logits({B, a.num_classes});
@@ -223,6 +223,11 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   out["bops"] = py::array_t<int64_t>(B, r.bops.data());
   out["stat"] = py::array_t<float>(B, r.stat.data());
   out["isa"] = std::string(ctx.kt->name);
+  if (collect_exits) {
+    py::array_t<float> el({ex.spec().exits.size(), B, a.num_classes});
+    std::copy(r.exit_logits.begin(), r.exit_logits.end(), el.mutable_data());
+    out["exit_logits"] = el;
+  }
   return out;
 }
 
@@ -234,7 +239,8 @@ void register_executor(py::module_& m) {
              return new Executor(build_spec(graph, tensors));
            }),
            py::arg("graph"), py::arg("tensors"))
-      .def("run", &run, py::arg("x"), py::arg("num_threads") = py::none(), py::arg("isa") = py::none())
+      .def("run", &run, py::arg("x"), py::arg("num_threads") = py::none(), py::arg("isa") = py::none(),
+           py::arg("collect_exits") = false)
       .def("set_profiling", &Executor::set_profiling)
       .def("profile", &Executor::profile)
       .def("reset_profile", &Executor::reset_profile)

@@ -317,7 +317,7 @@ float range_statistic(const KernelTable& kt, const float* x, size_t n, size_t ch
 
 }  // namespace
 
-RunResult Executor::run(const float* input, size_t B, const RunContext& ctx) {
+RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, bool collect_exits) {
   std::lock_guard<std::mutex> lk(mu_);
   const Arch& a = spec_.arch;
   const size_t T = a.tokens(), D = a.embed_dim, P = a.num_patches(), PD = a.patch_dim();
@@ -327,6 +327,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx) {
   res.exit_block.assign(B, int32_t(a.depth) - 1);
   res.bops.assign(B, 0);
   res.stat.assign(B, std::numeric_limits<float>::quiet_NaN());
+  if (collect_exits) res.exit_logits.assign(spec_.exits.size() * B * NC, 0.0f);
   if (B == 0) return res;
 
   Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), &res};
@@ -409,11 +410,17 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx) {
     }
 
     if (next_exit < spec_.exits.size() && spec_.exits[next_exit].block == int(l)) {
-      const ExitHead& e = spec_.exits[next_exit++];
+      const size_t exit_index = next_exit++;
+      const ExitHead& e = spec_.exits[exit_index];
       run.timed("exits." + std::to_string(l), [&] {
         run.pool(x, imgs, ws.pooled.data());
         ctx.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), a.eps, ws.pooled2.data(), D);
         run.linear_rows(e.fc, ws.pooled2.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
+        if (collect_exits) {
+          for (size_t i = 0; i < imgs; ++i)
+            std::memcpy(res.exit_logits.data() + (exit_index * B + batch.active[i]) * NC, ws.logits.data() + i * NC, NC * sizeof(float));
+          return;
+        }
         // Compaction: images that exit leave; the rest move up so later blocks run on fewer rows.
         size_t kept = 0;
         for (size_t i = 0; i < imgs; ++i) {

@@ -90,6 +90,7 @@ struct RunResult {
   std::vector<int32_t> exit_block; // [B]
   std::vector<int64_t> bops;       // [B]
   std::vector<float> stat;         // [B] the predictor's statistic (NaN when none)
+  std::vector<float> exit_logits;  // [exits x B x num_classes], only when collecting
 };
 
 class Executor {
@@ -99,7 +100,9 @@ class Executor {
   explicit Executor(ModelSpec spec);
 
   // x: [B x C x H x W] normalised float32. Thread-safe (one run at a time per executor).
-  RunResult run(const float* x, size_t B, const RunContext& ctx);
+  // collect_exits: evaluate every exit head but let no image leave, and return each head's
+  // logits (what calibration needs to choose thresholds).
+  RunResult run(const float* x, size_t B, const RunContext& ctx, bool collect_exits = false);
 
   // Accumulated seconds per op name since the last reset; filled only while profiling.
   void set_profiling(bool on);
