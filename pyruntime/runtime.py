@@ -27,6 +27,8 @@ class RunResult:
     block after which that head sits (``depth - 1`` for the final head); ``bops`` int64 [B]:
     bit operations actually executed for the image; ``stat`` float32 [B]: the scale
     predictor's statistic (NaN without a predictor); ``isa``: the kernel table that ran;
+    ``block_path`` uint8 [B, depth]: per block, 0 not run, 1 run at the policy's (full)
+    precision, 2 run at the reduced precision a QuEE gate switched the image to;
     ``exit_logits`` float32 [exits, B, classes]: every exit head's logits, only from
     ``run(..., collect_exits=True)``, where no image leaves early.
     """
@@ -36,6 +38,7 @@ class RunResult:
     bops: np.ndarray
     stat: np.ndarray
     isa: str
+    block_path: Optional[np.ndarray] = None
     exit_logits: Optional[np.ndarray] = None
 
     @property
@@ -114,7 +117,8 @@ class Model:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {threads!r}")
         out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa, bool(collect_exits))
-        return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"], out.get("exit_logits"))
+        return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"],
+                         out["block_path"], out.get("exit_logits"))
 
     def profile(self, on: bool = True) -> None:
         """Start (or stop) accumulating per-op time; read it with :meth:`layer_times`."""

@@ -64,31 +64,49 @@ T get(const py::dict& d, const char* key, const std::string& where) {
   }
 }
 
+// One linear layer: `p` its policy entry, weights under `prefix` (the layer's name, or
+// "<name>:lo" for a QuEE reduced-precision variant), bias under "<name>.bias".
+LinearLayer linear_from(const py::dict& graph, const py::dict& p, const py::dict& t, const std::string& name,
+                        const std::string& prefix, size_t N, size_t K);
+
 LinearLayer linear(const py::dict& graph, const py::dict& t, const std::string& name, size_t N, size_t K) {
   const py::dict layers = get<py::dict>(graph, "layers", "graph");
   if (!layers.contains(name)) bad("graph.layers has no entry for '" + name + "'");
-  const py::dict p = layers[py::str(name)].cast<py::dict>();
+  return linear_from(graph, layers[py::str(name)].cast<py::dict>(), t, name, name, N, K);
+}
+
+// The reduced-precision variant of a block linear, if the graph's gates name one.
+LinearLayer linear_lo(const py::dict& graph, const py::dict& t, const std::string& name, size_t N, size_t K) {
+  if (!graph.contains("gates") || graph["gates"].is_none()) return {};
+  const py::dict gates = graph["gates"].cast<py::dict>();
+  const py::dict reduced = get<py::dict>(gates, "reduced", "gates");
+  if (!reduced.contains(name)) return {};
+  return linear_from(graph, reduced[py::str(name)].cast<py::dict>(), t, name + ":lo", name + ":lo", N, K);
+}
+
+LinearLayer linear_from(const py::dict& graph, const py::dict& p, const py::dict& t, const std::string& name,
+                        const std::string& prefix, size_t N, size_t K) {
   LinearLayer l;
   l.name = name;
   const int bits = get<int>(p, "w_bits", name);
   if (bits == 32) {
-    auto w = typed<float>(t, name + ".weight", {ssize_t(N), ssize_t(K)});
+    auto w = typed<float>(t, prefix + ".weight", {ssize_t(N), ssize_t(K)});
     for (ssize_t i = 0; i < w.size(); ++i)
-      if (!std::isfinite(w.data()[i])) bad("tensor '" + name + ".weight' contains NaN or Inf");
+      if (!std::isfinite(w.data()[i])) bad("tensor '" + prefix + ".weight' contains NaN or Inf");
     l.w = pack_f32(w.data(), N, K);
   } else if (bits == 8) {
-    auto q = typed<int8_t>(t, name + ".weight.q8", {ssize_t(N), ssize_t(K)});
-    std::vector<float> s = floats(t, name + ".weight.scale");
-    if (s.size() != N) bad("tensor '" + name + ".weight.scale' must have N values");
+    auto q = typed<int8_t>(t, prefix + ".weight.q8", {ssize_t(N), ssize_t(K)});
+    std::vector<float> s = floats(t, prefix + ".weight.scale");
+    if (s.size() != N) bad("tensor '" + prefix + ".weight.scale' must have N values");
     for (ssize_t i = 0; i < q.size(); ++i)
-      if (q.data()[i] == -128) bad("tensor '" + name + ".weight.q8' holds -128 (outside [-127, 127])");
+      if (q.data()[i] == -128) bad("tensor '" + prefix + ".weight.q8' holds -128 (outside [-127, 127])");
     l.w = pack_qc8w(q.data(), s.data(), N, K);
   } else if (bits == 4) {
     const size_t block = p.contains("block_size") ? p["block_size"].cast<size_t>() : 32;
     if (block == 0 || block % kKAlign) bad(name + ": block_size must be a positive multiple of 32");
-    auto q4 = typed<uint8_t>(t, name + ".weight.q4", {ssize_t(N), ssize_t((K + 1) / 2)});
-    std::vector<float> s = floats(t, name + ".weight.scale");
-    if (s.size() != N * ((K + block - 1) / block)) bad("tensor '" + name + ".weight.scale' has the wrong size");
+    auto q4 = typed<uint8_t>(t, prefix + ".weight.q4", {ssize_t(N), ssize_t((K + 1) / 2)});
+    std::vector<float> s = floats(t, prefix + ".weight.scale");
+    if (s.size() != N * ((K + block - 1) / block)) bad("tensor '" + prefix + ".weight.scale' has the wrong size");
     std::vector<int8_t> q(N * K);
     for (size_t n = 0; n < N; ++n)
       for (size_t k = 0; k < K; ++k) {
@@ -99,7 +117,8 @@ LinearLayer linear(const py::dict& graph, const py::dict& t, const std::string& 
   } else {
     bad(name + ": w_bits must be 4, 8 or 32, got " + std::to_string(bits));
   }
-  l.bias = floats_if(t, name + ".bias");
+  const std::string base = prefix.substr(0, prefix.find(':'));
+  l.bias = floats_if(t, base + ".bias");
   if (bits != 32) {
     l.a_bits = get<int>(p, "a_bits", name);
     const std::string scale = p.contains("scale") ? p["scale"].cast<std::string>() : "dynamic";
@@ -113,13 +132,33 @@ LinearLayer linear(const py::dict& graph, const py::dict& t, const std::string& 
       if (graph.contains("predictor") && !graph["predictor"].is_none()) {
         const py::dict pred = graph["predictor"].cast<py::dict>();
         const py::dict coeffs = get<py::dict>(pred, "coeffs", "predictor");
-        if (coeffs.contains(name)) l.coeffs = coeffs[py::str(name)].cast<std::vector<float>>();
+        if (coeffs.contains(prefix)) l.coeffs = coeffs[py::str(prefix)].cast<std::vector<float>>();
       }
     } else {
       bad(name + ": unknown scale mode '" + scale + "'");
     }
   }
   return l;
+}
+
+Gate gate(const py::dict& graph, const py::dict& t, int block) {
+  const std::string n = "gates." + std::to_string(block);
+  if (!graph.contains("gates") || graph["gates"].is_none()) bad("exit at block " + std::to_string(block) + " is a gate but the graph has no gates");
+  const py::dict gd = graph["gates"].cast<py::dict>();
+  Gate g;
+  g.topk = get<size_t>(gd, "topk", "gates");
+  g.hidden = get<size_t>(gd, "hidden", "gates");
+  const py::dict costs = get<py::dict>(gd, "cost", "gates");
+  const std::string key = std::to_string(block);
+  if (!costs.contains(key)) bad("gates.cost has no entry for block " + key);
+  const auto c = costs[py::str(key)].cast<std::vector<float>>();
+  if (c.size() != 3) bad("gates.cost[" + key + "] must hold 3 values (exit, full, reduced)");
+  std::copy(c.begin(), c.end(), g.cost);
+  g.w1 = floats(t, n + ".fc1.weight");
+  g.b1 = floats(t, n + ".fc1.bias");
+  g.w2 = floats(t, n + ".fc2.weight");
+  g.b2 = floats(t, n + ".fc2.bias");
+  return g;
 }
 
 ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
@@ -171,6 +210,10 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
     blk.proj = linear(graph, t, b + ".attn.proj", D, D);
     blk.fc1 = linear(graph, t, b + ".mlp.fc1", a.mlp_hidden, D);
     blk.fc2 = linear(graph, t, b + ".mlp.fc2", D, a.mlp_hidden);
+    blk.qkv_lo = linear_lo(graph, t, b + ".attn.qkv", 3 * D, D);
+    blk.proj_lo = linear_lo(graph, t, b + ".attn.proj", D, D);
+    blk.fc1_lo = linear_lo(graph, t, b + ".mlp.fc1", a.mlp_hidden, D);
+    blk.fc2_lo = linear_lo(graph, t, b + ".mlp.fc2", D, a.mlp_hidden);
     blk.ls1 = floats_if(t, b + ".ls1.gamma");
     blk.ls2 = floats_if(t, b + ".ls2.gamma");
     s.blocks.push_back(std::move(blk));
@@ -184,14 +227,17 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
       x.norm = norm(t, n + ".norm");
       x.fc = linear(graph, t, n + ".fc", a.num_classes, D);
       const std::string rule = get<std::string>(e, "rule", n);
-      if (rule != "confidence" && rule != "margin") bad(n + ": unknown exit rule '" + rule + "'");
-      x.rule = rule == "confidence" ? ExitRule::kConfidence : ExitRule::kMargin;
+      if (rule != "confidence" && rule != "margin" && rule != "gate") bad(n + ": unknown exit rule '" + rule + "'");
+      x.rule = rule == "confidence" ? ExitRule::kConfidence : rule == "margin" ? ExitRule::kMargin : ExitRule::kGate;
       x.threshold = get<float>(e, "threshold", n);
+      if (x.rule == ExitRule::kGate) x.gate = gate(graph, t, x.block);
       s.exits.push_back(std::move(x));
     }
   }
   s.head = linear(graph, t, "head", a.num_classes, D);
   if (a.dist_token) s.head_dist = linear(graph, t, "head_dist", a.num_classes, D);
+  if (graph.contains("gates") && !graph["gates"].is_none())
+    s.gate_lambda = get<float>(graph["gates"].cast<py::dict>(), "lambda", "gates");
   if (graph.contains("predictor") && !graph["predictor"].is_none()) {
     const py::dict p = graph["predictor"].cast<py::dict>();
     s.predictor.block = get<int>(p, "block", "predictor");
@@ -222,6 +268,9 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   out["exit_block"] = py::array_t<int32_t>(B, r.exit_block.data());
   out["bops"] = py::array_t<int64_t>(B, r.bops.data());
   out["stat"] = py::array_t<float>(B, r.stat.data());
+  py::array_t<uint8_t> path({B, a.depth});
+  std::copy(r.block_path.begin(), r.block_path.end(), path.mutable_data());
+  out["block_path"] = path;
   out["isa"] = std::string(ctx.kt->name);
   if (collect_exits) {
     py::array_t<float> el({ex.spec().exits.size(), B, a.num_classes});

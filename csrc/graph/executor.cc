@@ -108,6 +108,35 @@ bool exits_here(const ExitHead& e, const float* logits, size_t n, std::vector<do
   return score >= double(e.threshold);
 }
 
+// The path a gate sends an image down, from its exit head's logits.
+Path gate_decision(const Gate& g, float lambda, const float* logits, size_t n, std::vector<double>& p) {
+  probabilities(logits, n, p);
+  std::vector<double> f(p);
+  std::partial_sort(f.begin(), f.begin() + g.topk, f.end(), std::greater<double>());
+  double entropy = 0.0;
+  for (double v : p) entropy -= v > 0.0 ? v * std::log(v) : 0.0;
+  f.resize(g.topk);
+  f.push_back(entropy);
+  std::vector<double> h(g.hidden);
+  for (size_t j = 0; j < g.hidden; ++j) {
+    double s = g.b1[j];
+    for (size_t i = 0; i <= g.topk; ++i) s += double(g.w1[j * (g.topk + 1) + i]) * f[i];
+    h[j] = std::max(s, 0.0);
+  }
+  Path best = kPathExit;
+  double best_score = 0.0;
+  for (int path = 0; path < 3; ++path) {
+    double s = g.b2[path];
+    for (size_t j = 0; j < g.hidden; ++j) s += double(g.w2[path * g.hidden + j]) * h[j];
+    const double score = 1.0 / (1.0 + std::exp(-s)) + double(lambda) * g.cost[path];
+    if (path == 0 || score < best_score) {
+      best = Path(path);
+      best_score = score;
+    }
+  }
+  return best;
+}
+
 }  // namespace
 
 struct Executor::Workspace {
@@ -117,7 +146,9 @@ struct Executor::Workspace {
   std::vector<float> row_scale;
 };
 
-Executor::Executor(ModelSpec spec) : spec_(std::move(spec)) { validate(); }
+void Executor::WorkspaceDeleter::operator()(Workspace* w) const { delete w; }
+
+Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new Workspace) { validate(); }
 
 void Executor::validate() const {
   const Arch& a = spec_.arch;
@@ -147,6 +178,13 @@ void Executor::validate() const {
     expect_linear(b.proj, D, D);
     expect_linear(b.fc1, a.mlp_hidden, D);
     expect_linear(b.fc2, D, a.mlp_hidden);
+    auto expect_lo = [&](const LinearLayer& lo, size_t N, size_t K) {
+      if (lo.w.bits != 0) expect_linear(lo, N, K);
+    };
+    expect_lo(b.qkv_lo, 3 * D, D);
+    expect_lo(b.proj_lo, D, D);
+    expect_lo(b.fc1_lo, a.mlp_hidden, D);
+    expect_lo(b.fc2_lo, D, a.mlp_hidden);
     if (!b.ls1.empty()) expect_size(b.ls1, D, n + ".ls1.gamma");
     if (!b.ls2.empty()) expect_size(b.ls2, D, n + ".ls2.gamma");
   }
@@ -157,7 +195,19 @@ void Executor::validate() const {
     expect_norm(e.norm, D, "exits." + std::to_string(e.block) + ".norm");
     expect_linear(e.fc, a.num_classes, D);
     if (!(e.threshold >= 0.0f && e.threshold <= 1.0f)) fail("exit thresholds must lie in [0, 1]");
+    if (e.rule == ExitRule::kGate) {
+      const Gate& g = e.gate;
+      const std::string n = "gates." + std::to_string(e.block);
+      if (g.topk < 1 || g.topk > a.num_classes || g.hidden < 1) fail(n + ": bad gate sizes");
+      expect_size(g.w1, g.hidden * (g.topk + 1), n + ".fc1.weight");
+      expect_size(g.b1, g.hidden, n + ".fc1.bias");
+      expect_size(g.w2, 3 * g.hidden, n + ".fc2.weight");
+      expect_size(g.b2, 3, n + ".fc2.bias");
+      for (float c : g.cost)
+        if (!(c >= 0.0f) || !std::isfinite(c)) fail(n + ": path costs must be finite and >= 0");
+    }
   }
+  if (!(spec_.gate_lambda >= 0.0f) || !std::isfinite(spec_.gate_lambda)) fail("gate lambda must be finite and >= 0");
   expect_linear(spec_.head, a.num_classes, D);
   if (a.dist_token) expect_linear(spec_.head_dist, a.num_classes, D);
   const Predictor& p = spec_.predictor;
@@ -196,6 +246,7 @@ namespace {
 struct Batch {
   std::vector<size_t> active;  // original image index of each image still running
   std::vector<float> stat;     // predictor statistic per original image
+  size_t n_full = 0;           // active[0, n_full) run full precision, the rest reduced
   RunResult* res;
 };
 
@@ -218,9 +269,11 @@ class Runner {
   // y = x . W^T + b for `rows` rows, `rows_per_image` of them per active image; scales and
   // BOPs are per image, so an image gets the same numbers alone or in any batch.
   void linear_rows(const LinearLayer& l, const float* x, size_t rows, size_t rows_per_image,
-                   float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale) {
+                   float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale,
+                   size_t first_image = 0) {
     const size_t images = rows / rows_per_image, K = l.K();
-    for (size_t i = 0; i < images; ++i) b.res->bops[b.active[i]] += int64_t(rows_per_image) * l.bops_per_row();
+    const size_t* active = b.active.data() + first_image;
+    for (size_t i = 0; i < images; ++i) b.res->bops[active[i]] += int64_t(rows_per_image) * l.bops_per_row();
     if (l.w.bits == 32) {
       gemm_f32(ctx_, rows, l.N(), K, x, K, l.w.f32.data(), l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
       return;
@@ -232,7 +285,7 @@ class Runner {
       if (l.scale == ScaleSource::kStatic) {
         s = l.static_scale;
       } else if (l.scale == ScaleSource::kPredicted) {
-        s = eval_poly(l.coeffs, b.stat[b.active[i]]);
+        s = eval_poly(l.coeffs, b.stat[active[i]]);
       } else {
         float amax = 0.0f;
         for (size_t r = 0; r < rows_per_image; ++r)
@@ -243,6 +296,16 @@ class Runner {
     }
     quantize_acts(ctx_, x, rows, K, K, l.w.Kp, l.a_bits, ScaleMode::kGiven, row_scale.data(), qa);
     gemm_q(ctx_, qa, l.w, l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
+  }
+
+  // A block linear over all active images: full-precision images (first) with the primary
+  // weights, reduced-precision ones with the variant when the layer has one.
+  void block_linear(const LinearLayer& full, const LinearLayer& reduced, const float* x, size_t T,
+                    float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale) {
+    const size_t imgs = b.active.size(), nf = reduced.w.bits == 0 ? imgs : b.n_full;
+    if (nf > 0) linear_rows(full, x, nf * T, T, y, b, qa, row_scale, 0);
+    if (nf < imgs)
+      linear_rows(reduced, x + nf * T * full.K(), (imgs - nf) * T, T, y + nf * T * full.N(), b, qa, row_scale, nf);
   }
 
   // Multi-head self-attention of `images` images: qkv [images*T x 3D] -> out [images*T x D].
@@ -328,11 +391,12 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   res.bops.assign(B, 0);
   res.stat.assign(B, std::numeric_limits<float>::quiet_NaN());
   if (collect_exits) res.exit_logits.assign(spec_.exits.size() * B * NC, 0.0f);
+  res.block_path.assign(B * a.depth, 0);
   if (B == 0) return res;
 
-  Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), &res};
+  Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), B, &res};
   std::iota(batch.active.begin(), batch.active.end(), size_t{0});
-  Workspace ws;
+  Workspace& ws = *ws_;
   Runner run(spec_, ctx, profiling_, profile_);
 
   // Patch embedding as a GEMM over unfolded patches, (c, i, j) order like the conv weight.
@@ -388,17 +452,20 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
     const size_t imgs = batch.active.size(), rows = imgs * T;
     float* x = ws.x.data();
     run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, x, rows, D, ws.h.data()); });
-    run.timed(bn + ".attn.qkv", [&] { run.linear_rows(blk.qkv, ws.h.data(), rows, T, ws.qkv.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale); });
     run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), imgs, ws.attn.data(), ws.kv_pack); });
-    for (size_t i = 0; i < imgs; ++i) res.bops[batch.active[i]] += attn_bops;
-    run.timed(bn + ".attn.proj", [&] { run.linear_rows(blk.proj, ws.attn.data(), rows, T, ws.h.data(), batch, ws.qa, ws.row_scale); });
+    for (size_t i = 0; i < imgs; ++i) {
+      res.bops[batch.active[i]] += attn_bops;
+      res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full ? kPathFull : kPathReduced;
+    }
+    run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale); });
     run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), rows, D, x); });
     run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, x, rows, D, ws.h.data()); });
-    run.timed(bn + ".mlp.fc1", [&] { run.linear_rows(blk.fc1, ws.h.data(), rows, T, ws.mlp.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".mlp.fc1", [&] { run.block_linear(blk.fc1, blk.fc1_lo, ws.h.data(), T, ws.mlp.data(), batch, ws.qa, ws.row_scale); });
     run.timed(bn + ".mlp.gelu", [&] {
       parallel_rows(ctx, rows, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
     });
-    run.timed(bn + ".mlp.fc2", [&] { run.linear_rows(blk.fc2, ws.mlp.data(), rows, T, ws.h.data(), batch, ws.qa, ws.row_scale); });
+    run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale); });
     run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), rows, D, x); });
 
     if (spec_.predictor.block == int(l)) {
@@ -421,20 +488,42 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
             std::memcpy(res.exit_logits.data() + (exit_index * B + batch.active[i]) * NC, ws.logits.data() + i * NC, NC * sizeof(float));
           return;
         }
-        // Compaction: images that exit leave; the rest move up so later blocks run on fewer rows.
-        size_t kept = 0;
+        // Compaction: images that exit leave; the rest move up so later blocks run on fewer
+        // rows, full-precision images first (a gate may switch an image either way).
+        std::vector<Path> path(imgs);
         for (size_t i = 0; i < imgs; ++i) {
           const float* li = ws.logits.data() + i * NC;
-          const size_t orig = batch.active[i];
-          if (exits_here(e, li, NC, probs)) {
+          if (e.rule == ExitRule::kGate) {
+            path[i] = gate_decision(e.gate, spec_.gate_lambda, li, NC, probs);
+          } else {
+            path[i] = exits_here(e, li, NC, probs) ? kPathExit : (i < batch.n_full ? kPathFull : kPathReduced);
+          }
+          if (path[i] == kPathExit) {
+            const size_t orig = batch.active[i];
             std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
             res.exit_block[orig] = int32_t(l);
-            continue;
           }
-          if (kept != i) std::memmove(x + kept * T * D, x + i * T * D, T * D * sizeof(float));
-          batch.active[kept++] = orig;
         }
-        batch.active.resize(kept);
+        std::vector<size_t> order;
+        for (Path want : {kPathFull, kPathReduced})
+          for (size_t i = 0; i < imgs; ++i)
+            if (path[i] == want) order.push_back(i);
+        size_t n_full = 0;
+        for (size_t i : order) n_full += path[i] == kPathFull;
+        bool in_place = true;  // nobody moves backwards: compact with memmove
+        for (size_t k = 0; k < order.size(); ++k) in_place = in_place && (k == 0 || order[k] > order[k - 1]);
+        std::vector<size_t> active(order.size());
+        if (in_place) {
+          for (size_t k = 0; k < order.size(); ++k)
+            if (order[k] != k) std::memmove(x + k * T * D, x + order[k] * T * D, T * D * sizeof(float));
+        } else {
+          for (size_t k = 0; k < order.size(); ++k)
+            std::memcpy(ws.attn.data() + k * T * D, x + order[k] * T * D, T * D * sizeof(float));
+          std::memcpy(x, ws.attn.data(), order.size() * T * D * sizeof(float));
+        }
+        for (size_t k = 0; k < order.size(); ++k) active[k] = batch.active[order[k]];
+        batch.active = std::move(active);
+        batch.n_full = n_full;
       });
     }
   }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -16,7 +17,7 @@
 namespace pyrt {
 
 enum class ScaleSource { kDynamic, kStatic, kPredicted };
-enum class ExitRule { kConfidence, kMargin };
+enum class ExitRule { kConfidence, kMargin, kGate };
 
 struct LinearLayer {
   std::string name;
@@ -40,8 +41,22 @@ struct LayerNormParams {
 struct Block {
   LayerNormParams norm1, norm2;
   LinearLayer qkv, proj, fc1, fc2;
+  // QuEE's reduced-precision variants; a layer without one (w.bits == 0) runs its primary
+  // weights for every image.
+  LinearLayer qkv_lo, proj_lo, fc1_lo, fc2_lo;
   std::vector<float> ls1, ls2;  // empty: no layer scale
 };
+
+// A QuEE gate on an exit head: features of the head's softmax (top-k probabilities, entropy)
+// go through a two-layer MLP predicting the error probability of each path -- exit here,
+// continue at full precision, continue at reduced precision -- and the image takes
+// argmin(error + lambda * cost).
+struct Gate {
+  size_t topk = 3, hidden = 0;
+  std::vector<float> w1, b1, w2, b2;  // [hidden x (topk+1)], [hidden], [3 x hidden], [3]
+  float cost[3] = {0, 0, 0};
+};
+enum Path : uint8_t { kPathExit = 0, kPathFull = 1, kPathReduced = 2 };
 
 struct ExitHead {
   int block = 0;
@@ -49,6 +64,7 @@ struct ExitHead {
   LinearLayer fc;
   ExitRule rule = ExitRule::kConfidence;
   float threshold = 1.0f;
+  Gate gate;  // rule == kGate
 };
 
 struct Arch {
@@ -83,6 +99,7 @@ struct ModelSpec {
   std::vector<ExitHead> exits;  // sorted by block
   LinearLayer head, head_dist;  // head_dist used when arch.dist_token
   Predictor predictor;
+  float gate_lambda = 0.0f;
 };
 
 struct RunResult {
@@ -91,6 +108,7 @@ struct RunResult {
   std::vector<int64_t> bops;       // [B]
   std::vector<float> stat;         // [B] the predictor's statistic (NaN when none)
   std::vector<float> exit_logits;  // [exits x B x num_classes], only when collecting
+  std::vector<uint8_t> block_path; // [B x depth]: 0 not run, 1 full, 2 reduced precision
 };
 
 class Executor {
@@ -113,9 +131,14 @@ class Executor {
 
  private:
   struct Workspace;
+  struct WorkspaceDeleter {
+    void operator()(Workspace* w) const;
+  };
   void validate() const;
 
   ModelSpec spec_;
+  // Scratch kept between runs (guarded by mu_) so small models do not pay for allocation.
+  std::unique_ptr<Workspace, WorkspaceDeleter> ws_;
   mutable std::mutex mu_;
   bool profiling_ = false;
   std::map<std::string, double> profile_;

@@ -1,0 +1,537 @@
+// AArch64 Advanced SIMD kernels for the baseline ARMv8-A ISA (no dotprod): Cortex-A53/A57/A72
+// class cores such as the Raspberry Pi 3 and 4. Built without extra -march flags.
+//
+// Integer GEMMs. The shared qc8w layout puts 4 channels x 4 k in a q-register
+// ([c0k0 c0k1 c0k2 c0k3 c1k0 ... c3k3]); broadcasting 4 activation bytes to every 32-bit lane
+// lines them up with it. SMULL/SMULL2 multiply 8 byte pairs into int16 (exact: |a*w| <= 128*128
+// = 16384 < 32768) and SADALP adds adjacent pairs into int32 lanes, so each channel owns two
+// int32 lanes (k%4 in {0,1} and {2,3}) until the epilogue folds them with ADDP. Integer adds are
+// exact, so the accumulators equal ref's bit for bit whatever the order.
+//
+// Tiles: qc8w 2 rows x 16 channels (16 int32x4 accumulators); qb4w 2 rows x 8 channels;
+// f32 4 rows x 16 channels. Panels are the outer loop so a weight panel stays in L1 while the
+// rows of the caller's tile stream past it.
+#if !defined(__aarch64__)
+#error "neon.cc is AArch64-only; the build compiles it only for aarch64 targets"
+#endif
+
+#include <arm_neon.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+#include "neon_common.h"
+
+// GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
+// multiplies of a register-blocked tile far ahead of their accumulations and runs out of the
+// 32 vector registers: at -O3 the 2x16 qc8w tile spilled 41 q-registers per 16 k with it, none
+// without. The tiles are written in dependency order; the cores reorder in hardware.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-schedule-insns")
+#endif
+
+namespace pyrt {
+namespace {
+
+// ---------------------------------------------------------------- quantize_rows, absmax
+
+// 16 floats -> 16 int8, exactly as ref: multiply, clamp to [lo, hi], round to nearest even
+// (FCVTNS), then narrow (values already fit int8, so narrowing is exact).
+inline int8x16_t quantize16(const float* x, float32x4_t inv, float32x4_t lo, float32x4_t hi) {
+  int32x4_t q[4];
+  unroll<4>([&](auto i) {
+    const float32x4_t v = vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + 4 * i), inv), lo), hi);
+    q[i] = vcvtnq_s32_f32(v);
+  });
+  const int16x8_t h0 = vmovn_high_s32(vmovn_s32(q[0]), q[1]);
+  const int16x8_t h1 = vmovn_high_s32(vmovn_s32(q[2]), q[3]);
+  return vmovn_high_s16(vmovn_s16(h0), h1);
+}
+
+PYRT_NEON_FLATTEN
+void quantize_rows_neon(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                        int32_t* bsum, size_t bsum_stride) {
+  const float32x4_t lo = vdupq_n_f32(-static_cast<float>(qmax));
+  const float32x4_t hi = vdupq_n_f32(static_cast<float>(qmax));
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    int8_t* qr = q + r * q_stride;
+    const float32x4_t inv = vdupq_n_f32(inv_scale[r]);
+    size_t k = 0;
+    for (; k + 16 <= K; k += 16) vst1q_s8(qr + k, quantize16(xr + k, inv, lo, hi));
+    if (k < K) {  // the tail goes through the same vector code via a zero-padded copy
+      float tmp[16] = {};
+      int8_t out[16];
+      std::memcpy(tmp, xr + k, (K - k) * sizeof(float));
+      vst1q_s8(out, quantize16(tmp, inv, lo, hi));
+      std::memcpy(qr + k, out, K - k);
+    }
+    if (Kp > K) std::memset(qr + K, 0, Kp - K);
+    int32_t* br = bsum + r * bsum_stride;
+    for (size_t c = 0; c < Kp / kKAlign; ++c) {
+      const int16x8_t s = vpadalq_s8(vpaddlq_s8(vld1q_s8(qr + c * kKAlign)),
+                                     vld1q_s8(qr + c * kKAlign + 16));
+      br[c] = vaddlvq_s16(s);
+    }
+  }
+}
+
+PYRT_NEON_FLATTEN
+float absmax_neon(size_t n, const float* x) {
+  float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0, m2 = m0, m3 = m0;
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
+    m1 = vmaxq_f32(m1, vabsq_f32(vld1q_f32(x + i + 4)));
+    m2 = vmaxq_f32(m2, vabsq_f32(vld1q_f32(x + i + 8)));
+    m3 = vmaxq_f32(m3, vabsq_f32(vld1q_f32(x + i + 12)));
+  }
+  for (; i + 4 <= n; i += 4) m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
+  float m = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m0, m1), vmaxq_f32(m2, m3)));
+  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
+  return m;
+}
+
+// ---------------------------------------------------------------- qd8_f32_qc8w_gemm
+
+// One k-group (4 k values, 64 bytes of the panel) for MR rows: ab[r] holds row r's 4
+// activations in every 32-bit lane.
+template <int MR>
+inline __attribute__((always_inline)) void qc8w_group(const int8_t* wg, const int8x16_t* ab,
+                                                      int32x4_t (*acc)[8]) {
+  int8x16_t w[4];
+  unroll<4>([&](auto c) { w[c] = vld1q_s8(wg + 16 * c); });
+  unroll<MR>([&](auto r) {
+    unroll<4>([&](auto c) {
+      acc[r][2 * c] = vpadalq_s16(acc[r][2 * c], vmull_s8(vget_low_s8(w[c]), vget_low_s8(ab[r])));
+      acc[r][2 * c + 1] = vpadalq_s16(acc[r][2 * c + 1], vmull_high_s8(w[c], ab[r]));
+    });
+  });
+}
+
+template <int MR>
+void qc8w_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_scale,
+               const int8_t* w, const float* w_scale, const float* bias, size_t nc, float* y,
+               size_t y_stride) {
+  int32x4_t acc[MR][8];
+  unroll<MR>([&](auto r) { unroll<8>([&](auto i) { acc[r][i] = vdupq_n_s32(0); }); });
+  size_t k = 0;
+  for (; k + 16 <= Kp; k += 16) {
+    int8x16_t av[MR];
+    unroll<MR>([&](auto r) { av[r] = vld1q_s8(a + r * a_stride + k); });
+    unroll<4>([&](auto g) {
+      int8x16_t ab[MR];
+      unroll<MR>([&](auto r) {
+        const int32x4_t a32 = vreinterpretq_s32_s8(av[r]);
+        ab[r] = vreinterpretq_s8_s32(vdupq_laneq_s32(a32, decltype(g)::value));
+      });
+      qc8w_group<MR>(w + (k + 4 * g) * kNR, ab, acc);
+    });
+  }
+  for (; k < Kp; k += kKGroup) {  // Kp % 16 != 0 (not produced by ops.cc, handled anyway)
+    int8x16_t ab[MR];
+    unroll<MR>([&](auto r) { ab[r] = load_dup4(a + r * a_stride + k); });
+    qc8w_group<MR>(w + k * kNR, ab, acc);
+  }
+  float32x4_t ws[4], bs[4];
+  unroll<4>([&](auto c) { ws[c] = vld1q_f32(w_scale + 4 * c); });  // panel-padded
+  load_cols<4>(bias, nc, bs);
+  unroll<MR>([&](auto r) {
+    float32x4_t v[4];
+    unroll<4>([&](auto c) {
+      v[c] = qc8w_epilogue(vpaddq_s32(acc[r][2 * c], acc[r][2 * c + 1]), a_scale[r], ws[c]);
+      if (bias) v[c] = vaddq_f32(v[c], bs[c]);
+    });
+    store_cols<4>(y + r * y_stride, nc, v);
+  });
+}
+
+PYRT_NEON_FLATTEN
+void qd8_f32_qc8w_gemm_neon(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                            const float* a_scale, const int8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride) {
+  for (size_t n0 = 0; n0 < N; n0 += kNR) {
+    const size_t nc = std::min(kNR, N - n0);
+    const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
+    const float* bp = bias ? bias + n0 : nullptr;
+    for_row_tiles<2>(M, [&](auto mr, size_t m) {
+      qc8w_tile<decltype(mr)::value>(Kp, a + m * a_stride, a_stride, a_scale + m, wp,
+                                     w_scale + n0, bp, nc, y + m * y_stride + n0, y_stride);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- qd8_f32_qb4w_gemm
+//
+// The stored nibbles u = q + 8 are in [0, 15]; AND / USHR split a q-register into the low
+// nibbles (k = 8gp + 0..3) and the high ones (k = 8gp + 4..7), each again 4 channels x 4 k.
+// |u * a| <= 15 * 128 = 1920, so int16 lanes can take 16 such products (30720 < 32767)
+// before they must be widened: products of up to 8 group pairs (64 k) are accumulated with
+// SMLAL in int16, then widened into int32 once. Each block's int32 accumulator starts at
+// -8 * (activation sum of the block), which undoes the +8 offset exactly as ref does.
+// Tile: 2 rows x 8 channels (two quads), so nothing spills.
+
+template <int MR>
+inline __attribute__((always_inline)) void qb4w_half_tile(
+    size_t Kp, size_t block, const int8_t* a, size_t a_stride, const int32_t* a_bsum,
+    size_t bsum_stride, const uint8_t* w, const float* w_scale, float32x4_t (*s)[2]) {
+  const size_t nblocks = Kp / block, chunks = block / kKAlign;
+  const uint8x16_t mask = vdupq_n_u8(0x0F);
+  unroll<MR>([&](auto r) { unroll<2>([&](auto c) { s[r][c] = vdupq_n_f32(0.0f); }); });
+  for (size_t b = 0; b < nblocks; ++b) {
+    int32x4_t bacc[MR][2];
+    unroll<MR>([&](auto r) {
+      int32_t asum = 0;
+      for (size_t c = 0; c < chunks; ++c) asum += a_bsum[r * bsum_stride + b * chunks + c];
+      bacc[r][0] = bacc[r][1] = vdupq_n_s32(-8 * asum);
+    });
+    const uint8_t* wb = w + b * block * 8;
+    for (size_t kb = 0; kb < block;) {
+      const size_t len = std::min<size_t>(64, block - kb);  // a multiple of 32
+      int16x8_t p[MR][4];
+      unroll<MR>([&](auto r) { unroll<4>([&](auto i) { p[r][i] = vdupq_n_s16(0); }); });
+      for (size_t gp = kb / 8; gp < (kb + len) / 8; ++gp) {
+        int8x16_t alo[MR], ahi[MR];
+        unroll<MR>([&](auto r) {
+          const int32x2_t a8 = vreinterpret_s32_s8(vld1_s8(a + r * a_stride + b * block + 8 * gp));
+          alo[r] = vreinterpretq_s8_s32(vdupq_lane_s32(a8, 0));
+          ahi[r] = vreinterpretq_s8_s32(vdupq_lane_s32(a8, 1));
+        });
+        unroll<2>([&](auto c) {
+          const uint8x16_t wv = vld1q_u8(wb + gp * 64 + 16 * c);
+          const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, mask));
+          const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
+          unroll<MR>([&](auto r) {
+            int16x8_t& p0 = p[r][2 * c];
+            int16x8_t& p1 = p[r][2 * c + 1];
+            p0 = vmlal_s8(p0, vget_low_s8(lo), vget_low_s8(alo[r]));
+            p0 = vmlal_s8(p0, vget_low_s8(hi), vget_low_s8(ahi[r]));
+            p1 = vmlal_high_s8(p1, lo, alo[r]);
+            p1 = vmlal_high_s8(p1, hi, ahi[r]);
+          });
+        });
+      }
+      // p[r][2c] lanes: channel 4c (k%4 = 0..3), channel 4c+1 (0..3); p[r][2c+1]: 4c+2, 4c+3.
+      unroll<MR>([&](auto r) {
+        unroll<2>([&](auto c) {
+          bacc[r][c] = vaddq_s32(
+              bacc[r][c], vpaddq_s32(vpaddlq_s16(p[r][2 * c]), vpaddlq_s16(p[r][2 * c + 1])));
+        });
+      });
+      kb += len;
+    }
+    // s = s + float(acc_b) * w_scale[b]   (mul, then add: the contract's order)
+    unroll<2>([&](auto c) {
+      const float32x4_t ws = vld1q_f32(w_scale + b * kNR + 4 * c);
+      unroll<MR>([&](auto r) {
+        s[r][c] = vaddq_f32(s[r][c], vmulq_f32(vcvtq_f32_s32(bacc[r][c]), ws));
+      });
+    });
+  }
+}
+
+template <int MR>
+void qb4w_tile(size_t Kp, size_t block, const int8_t* a, size_t a_stride, const float* a_scale,
+               const int32_t* a_bsum, size_t bsum_stride, const uint8_t* w,
+               const float* w_scale, const float* bias, size_t nc, float* y, size_t y_stride) {
+  float32x4_t s[MR][4];
+  {
+    float32x4_t h[MR][2];
+    qb4w_half_tile<MR>(Kp, block, a, a_stride, a_bsum, bsum_stride, w, w_scale, h);
+    unroll<MR>([&](auto r) { s[r][0] = h[r][0]; s[r][1] = h[r][1]; });
+    if (nc > 8) {
+      qb4w_half_tile<MR>(Kp, block, a, a_stride, a_bsum, bsum_stride, w + 32, w_scale + 8, h);
+      unroll<MR>([&](auto r) { s[r][2] = h[r][0]; s[r][3] = h[r][1]; });
+    } else {
+      unroll<MR>([&](auto r) { s[r][2] = s[r][3] = vdupq_n_f32(0.0f); });
+    }
+  }
+  float32x4_t bs[4];
+  load_cols<4>(bias, nc, bs);
+  unroll<MR>([&](auto r) {
+    const float32x4_t as = vdupq_n_f32(a_scale[r]);
+    float32x4_t v[4];
+    unroll<4>([&](auto c) {
+      v[c] = vmulq_f32(s[r][c], as);  // y = s * a_scale + bias
+      if (bias) v[c] = vaddq_f32(v[c], bs[c]);
+    });
+    store_cols<4>(y + r * y_stride, nc, v);
+  });
+}
+
+PYRT_NEON_FLATTEN
+void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride) {
+  const size_t nblocks = Kp / block;
+  for (size_t n0 = 0; n0 < N; n0 += kNR) {
+    const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
+    const uint8_t* wp = w + p * Kp * (kNR / 2);
+    const float* wsp = w_scale + p * nblocks * kNR;
+    const float* bp = bias ? bias + n0 : nullptr;
+    for_row_tiles<2>(M, [&](auto mr, size_t m) {
+      qb4w_tile<decltype(mr)::value>(Kp, block, a + m * a_stride, a_stride, a_scale + m,
+                                     a_bsum + m * bsum_stride, bsum_stride, wp, wsp, bp, nc,
+                                     y + m * y_stride + n0, y_stride);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- f32_gemm
+// 4 rows x 16 columns, FMLA by lane (float GEMM is not bit-exact across ISAs; tests compare it
+// against ref's double accumulation with a tolerance).
+
+template <int MR>
+void f32_tile(size_t K, const float* a, size_t a_stride, const float* b, const float* bias,
+              size_t nc, float* y, size_t y_stride) {
+  float32x4_t acc[MR][4];
+  unroll<MR>([&](auto r) { unroll<4>([&](auto c) { acc[r][c] = vdupq_n_f32(0.0f); }); });
+  size_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    float32x4_t av[MR];
+    unroll<MR>([&](auto r) { av[r] = vld1q_f32(a + r * a_stride + k); });
+    unroll<4>([&](auto l) {
+      float32x4_t bv[4];
+      unroll<4>([&](auto c) { bv[c] = vld1q_f32(b + (k + l) * kNR + 4 * c); });
+      unroll<MR>([&](auto r) {
+        unroll<4>([&](auto c) {
+          acc[r][c] = vfmaq_laneq_f32(acc[r][c], bv[c], av[r], decltype(l)::value);
+        });
+      });
+    });
+  }
+  for (; k < K; ++k) {
+    float32x4_t bv[4];
+    unroll<4>([&](auto c) { bv[c] = vld1q_f32(b + k * kNR + 4 * c); });
+    unroll<MR>([&](auto r) {
+      const float av = a[r * a_stride + k];
+      unroll<4>([&](auto c) { acc[r][c] = vfmaq_n_f32(acc[r][c], bv[c], av); });
+    });
+  }
+  float32x4_t bs[4];
+  load_cols<4>(bias, nc, bs);
+  unroll<MR>([&](auto r) {
+    if (bias) unroll<4>([&](auto c) { acc[r][c] = vaddq_f32(acc[r][c], bs[c]); });
+    store_cols<4>(y + r * y_stride, nc, acc[r]);
+  });
+}
+
+PYRT_NEON_FLATTEN
+void f32_gemm_neon(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
+  for (size_t n0 = 0; n0 < N; n0 += kNR) {
+    const size_t nc = std::min(kNR, N - n0);
+    const float* bp = b_packed + (n0 / kNR) * K * kNR;
+    const float* bb = bias ? bias + n0 : nullptr;
+    for_row_tiles<4>(M, [&](auto mr, size_t m) {
+      f32_tile<decltype(mr)::value>(K, a + m * a_stride, a_stride, bp, bb, nc,
+                                    y + m * y_stride + n0, y_stride);
+    });
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
+
+// n < 4 floats into a vector, the other lanes `fill`; and back.
+inline float32x4_t load_partial(const float* p, size_t n, float fill) {
+  float tmp[4] = {fill, fill, fill, fill};
+  std::memcpy(tmp, p, n * sizeof(float));
+  return vld1q_f32(tmp);
+}
+inline void store_partial(float* p, size_t n, float32x4_t v) {
+  float tmp[4];
+  vst1q_f32(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+
+// e^x for x <= 88 (callers never pass more); x below -87.3 gives 2^-126 * e^r ~ 1e-38, not 0,
+// which no caller can tell from 0. Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5
+// polynomial, 2^n built in the exponent field. About 1-2 ulp.
+inline float32x4_t exp_f32(float32x4_t x) {
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33654f)), vdupq_n_f32(88.0f));
+  const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+  r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+  p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+// GELU(x) = x * Phi(x), Phi(x) = 1/2 erfc(-x/sqrt2). With h = 1/2 erfc(|x|/sqrt2):
+// Phi = h for x < 0 and 1 - h for x >= 0, so the left tail keeps its *relative* accuracy
+// (1 + erf(x) would cancel). erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2): the Chebyshev
+// fit of Numerical Recipes (erfcc), fractional error < 1.2e-7 for all z >= 0.
+inline float32x4_t gelu_f32(float32x4_t x) {
+  const float32x4_t z = vmulq_f32(vabsq_f32(x), vdupq_n_f32(0.70710678118654752f));
+  const float32x4_t t =
+      vdivq_f32(vdupq_n_f32(1.0f), vfmaq_f32(vdupq_n_f32(1.0f), z, vdupq_n_f32(0.5f)));
+  float32x4_t p = vdupq_n_f32(0.17087277f);
+  p = vfmaq_f32(vdupq_n_f32(-0.82215223f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(1.48851587f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(-1.13520398f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(0.27886807f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(-0.18628806f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(0.09678418f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(0.37409196f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(1.00002368f), p, t);
+  p = vfmaq_f32(vdupq_n_f32(-1.26551223f), p, t);
+  // -z^2 + P = P - (x/2) x: x/2 is exact and FMLA rounds once, so the argument carries no
+  // error from rounding z (which would cost ~1e-5 relative in the far left tail).
+  const float32x4_t e = exp_f32(vfmaq_f32(p, vmulq_f32(x, vdupq_n_f32(-0.5f)), x));
+  const float32x4_t h = vmulq_f32(vmulq_f32(t, e), vdupq_n_f32(0.5f));
+  const float32x4_t phi = vbslq_f32(vcltzq_f32(x), h, vsubq_f32(vdupq_n_f32(1.0f), h));
+  return vmulq_f32(x, phi);
+}
+
+PYRT_NEON_FLATTEN
+void gelu_neon(size_t n, float* x) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
+    vst1q_f32(x + i + 4, gelu_f32(vld1q_f32(x + i + 4)));
+  }
+  for (; i + 4 <= n; i += 4) vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
+  if (i < n) store_partial(x + i, n - i, gelu_f32(load_partial(x + i, n - i, 0.0f)));
+}
+
+PYRT_NEON_FLATTEN
+void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+  if (n == 0) return;
+  const float32x4_t sc = vdupq_n_f32(scale);
+  for (size_t r = 0; r < rows; ++r) {
+    float* xr = x + r * x_stride;
+    // max of x * scale (as ref: the product, not x, so a negative scale works too)
+    float32x4_t m0 = vdupq_n_f32(-INFINITY), m1 = m0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      m0 = vmaxq_f32(m0, vmulq_f32(vld1q_f32(xr + i), sc));
+      m1 = vmaxq_f32(m1, vmulq_f32(vld1q_f32(xr + i + 4), sc));
+    }
+    for (; i + 4 <= n; i += 4) m0 = vmaxq_f32(m0, vmulq_f32(vld1q_f32(xr + i), sc));
+    float mx = vmaxvq_f32(vmaxq_f32(m0, m1));
+    for (; i < n; ++i) mx = std::max(mx, xr[i] * scale);
+    const float32x4_t vmx = vdupq_n_f32(mx);
+    // e = exp(x * scale - max), stored in place, summed
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const float32x4_t e0 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx));
+      const float32x4_t e1 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i + 4), sc), vmx));
+      vst1q_f32(xr + i, e0);
+      vst1q_f32(xr + i + 4, e1);
+      s0 = vaddq_f32(s0, e0);
+      s1 = vaddq_f32(s1, e1);
+    }
+    for (; i + 4 <= n; i += 4) {
+      const float32x4_t e = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx));
+      vst1q_f32(xr + i, e);
+      s0 = vaddq_f32(s0, e);
+    }
+    float tail = 0.0f;
+    if (i < n) {  // the padding lanes' values are computed and dropped
+      float tmp[4];
+      vst1q_f32(tmp, exp_f32(vsubq_f32(vmulq_f32(load_partial(xr + i, n - i, 0.0f), sc), vmx)));
+      for (size_t j = 0; j < n - i; ++j) tail += tmp[j];
+      std::memcpy(xr + i, tmp, (n - i) * sizeof(float));
+    }
+    const float inv = 1.0f / (vaddvq_f32(vaddq_f32(s0, s1)) + tail);
+    const float32x4_t vinv = vdupq_n_f32(inv);
+    i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(xr + i, vmulq_f32(vld1q_f32(xr + i), vinv));
+    for (; i < n; ++i) xr[i] *= inv;
+  }
+}
+
+PYRT_NEON_FLATTEN
+void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                    const float* beta, float eps, float* y, size_t y_stride) {
+  if (D == 0) return;
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    // Mean and variance are accumulated in double (float64x2), two-pass, like ref: the rows
+    // of a ViT's residual stream can have a mean far from 0 and D up to 1024+.
+    float64x2_t s0 = vdupq_n_f64(0.0), s1 = s0;
+    size_t i = 0;
+    for (; i + 4 <= D; i += 4) {
+      const float32x4_t v = vld1q_f32(xr + i);
+      s0 = vaddq_f64(s0, vcvt_f64_f32(vget_low_f32(v)));
+      s1 = vaddq_f64(s1, vcvt_high_f64_f32(v));
+    }
+    double sum = vaddvq_f64(vaddq_f64(s0, s1));
+    for (; i < D; ++i) sum += xr[i];
+    const double mean = sum / double(D);
+    const float64x2_t vm = vdupq_n_f64(mean);
+    float64x2_t q0 = vdupq_n_f64(0.0), q1 = q0;
+    i = 0;
+    for (; i + 4 <= D; i += 4) {
+      const float32x4_t v = vld1q_f32(xr + i);
+      const float64x2_t d0 = vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), vm);
+      const float64x2_t d1 = vsubq_f64(vcvt_high_f64_f32(v), vm);
+      q0 = vfmaq_f64(q0, d0, d0);
+      q1 = vfmaq_f64(q1, d1, d1);
+    }
+    double var = vaddvq_f64(vaddq_f64(q0, q1));
+    for (; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    var /= double(D);
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    // y = (x - mean) * rstd * gamma + beta, in float. x - mean is taken as (x - mean_hi) -
+    // mean_lo with mean = mean_hi + mean_lo: the first difference is exact when x is near the
+    // mean (Sterbenz), so a row whose mean is thousands of standard deviations away from 0
+    // still normalises to ~1 ulp. y may alias x: each element is read before it is written.
+    const float mean_hi = static_cast<float>(mean);
+    const float mean_lo = static_cast<float>(mean - double(mean_hi));
+    const float32x4_t vmh = vdupq_n_f32(mean_hi), vml = vdupq_n_f32(mean_lo);
+    const float32x4_t vr = vdupq_n_f32(rstd);
+    float* yr = y + r * y_stride;
+    i = 0;
+    for (; i + 4 <= D; i += 4) {
+      const float32x4_t d = vsubq_f32(vsubq_f32(vld1q_f32(xr + i), vmh), vml);
+      vst1q_f32(yr + i, vfmaq_f32(vld1q_f32(beta + i), vmulq_f32(d, vr), vld1q_f32(gamma + i)));
+    }
+    for (; i < D; ++i) yr[i] = std::fma((xr[i] - mean_hi - mean_lo) * rstd, gamma[i], beta[i]);
+  }
+}
+
+PYRT_NEON_FLATTEN
+void add_neon(size_t n, const float* a, const float* b, float* y) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    unroll<4>([&](auto j) {
+      vst1q_f32(y + i + 4 * j, vaddq_f32(vld1q_f32(a + i + 4 * j), vld1q_f32(b + i + 4 * j)));
+    });
+  }
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
+  for (; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+}  // namespace
+
+const KernelTable* neon_kernels() {
+  static const KernelTable t = [] {
+    KernelTable k;
+    k.name = "neon";
+    k.quantize_rows = quantize_rows_neon;
+    k.absmax = absmax_neon;
+    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_neon;
+    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_neon;
+    k.f32_gemm = f32_gemm_neon;
+    k.layernorm = layernorm_neon;
+    k.softmax = softmax_neon;
+    k.gelu = gelu_neon;
+    k.add = add_neon;
+    return k;
+  }();
+  return &t;
+}
+
+}  // namespace pyrt
