@@ -190,7 +190,8 @@ void Executor::validate() const {
   }
   int prev = -1;
   for (const ExitHead& e : spec_.exits) {
-    if (e.block <= prev || e.block >= int(a.depth)) fail("exit blocks must be increasing and < depth");
+    if (e.block <= prev || e.block >= int(a.depth) - 1)
+      fail("exit blocks must be increasing and < depth - 1 (the final head answers after the last block)");
     prev = e.block;
     expect_norm(e.norm, D, "exits." + std::to_string(e.block) + ".norm");
     expect_linear(e.fc, a.num_classes, D);

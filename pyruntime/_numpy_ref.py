@@ -1,0 +1,286 @@
+"""The executor's forward pass written plainly in numpy: the oracle the tests hold the C++
+executor and the converter to (docs/model_format.md is the contract all three follow).
+
+One image at a time, activations stored in float32 between ops like the executor, each op
+computed in float64 and rounded to float32 at its output like the scalar reference kernels.
+Quantised layers emulate the runtime exactly: a per-image activation scale (dynamic, static
+or predicted), ``q = clip(rint(x * float32(1/scale)), -qmax, qmax)``, exact integer
+products, and the kernels' float32 epilogues. Not fast, not for production; no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+import numpy as np
+
+from .bops import FP32_BITS
+from .modelfile import (check_graph, check_tensors, graph_layer_shapes, num_patches, num_prefix_tokens,
+                        unpack_int4)
+
+__all__ = ["forward"]
+
+_F32 = np.float32
+
+try:  # scipy is optional; math.erf vectorised is the same function, only slower
+    from scipy.special import erf as _erf
+except ImportError:  # pragma: no cover
+    _erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+@dataclass
+class _Linear:
+    """One linear layer as the runtime holds it."""
+
+    name: str
+    bits: int
+    a_bits: int
+    scale_mode: str
+    static_scale: Optional[float]
+    block_size: int
+    weight: np.ndarray            # fp32 [N, K]: the stored or the dequantised weights
+    q: Optional[np.ndarray]       # int64 [N, K] canonical integers (None for fp32)
+    w_scale: Optional[np.ndarray] # f32 [N] or [N, nblocks]
+    bias: Optional[np.ndarray]
+    coeffs: Optional[np.ndarray]  # predicted scale polynomial, float32 like the executor
+
+    @property
+    def bops_per_row(self) -> int:
+        N, K = self.weight.shape
+        return N * K * (FP32_BITS if self.bits == 32 else self.bits * self.a_bits)
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    if scale.ndim == 1:
+        return (q * scale[:, None].astype(np.float64)).astype(_F32)
+    per_k = np.repeat(scale.astype(np.float64), block, axis=1)[:, : q.shape[1]]
+    return (q * per_k).astype(_F32)
+
+
+def _load_linear(graph: Mapping, tensors: Mapping[str, np.ndarray], name: str) -> _Linear:
+    lp = graph["layers"][name]
+    pred = graph["predictor"]
+    coeffs = None
+    if lp["scale"] == "predicted" and pred is not None:
+        coeffs = np.asarray(pred["coeffs"][name], dtype=_F32)
+    q = w_scale = None
+    if lp["w_bits"] == 32:
+        weight = tensors[f"{name}.weight"]
+    else:
+        w_scale = tensors[f"{name}.weight.scale"]
+        if lp["w_bits"] == 8:
+            q = tensors[f"{name}.weight.q8"].astype(np.int64)
+        else:
+            q = unpack_int4(tensors[f"{name}.weight.q4"], graph_layer_shapes(graph)[name][1]).astype(np.int64)
+        weight = _dequantize(q, w_scale, lp["block_size"])
+    return _Linear(name, lp["w_bits"], lp["a_bits"], lp["scale"], lp["static_scale"], lp["block_size"],
+                   weight, q, w_scale, tensors.get(f"{name}.bias"), coeffs)
+
+
+# --- the float ops, each float64 inside and float32 out -----------------------------------
+
+def _layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    var = ((x64 - mean) ** 2).mean(axis=-1, keepdims=True)
+    return ((x64 - mean) / np.sqrt(var + eps) * w + b).astype(_F32)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (0.5 * x64 * (1.0 + _erf(x64 * 0.70710678118654752440))).astype(_F32)
+
+
+def _softmax(x: np.ndarray, scale: np.float32) -> np.ndarray:
+    z = x.astype(np.float64) * float(scale)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(_F32)
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a.astype(np.float64) @ b.astype(np.float64)).astype(_F32)
+
+
+# --- quantised linear ---------------------------------------------------------------------
+
+def _predicted_scale(coeffs: np.ndarray, r: float) -> np.float32:
+    """sum_k a_k r^k by Horner in double (coefficients float32), clamped to >= 1e-12."""
+    s = 0.0
+    for c in coeffs[::-1]:
+        s = s * float(r) + float(c)
+    return _F32(max(s, 1e-12))
+
+
+def _act_scale(lin: _Linear, x: np.ndarray, stat: Optional[np.float32]) -> np.float32:
+    """The activation scale of one image's input rows ``x`` to ``lin``."""
+    qmax = _F32((1 << (lin.a_bits - 1)) - 1)
+    if lin.scale_mode == "static":
+        return _F32(lin.static_scale)
+    if lin.scale_mode == "predicted":
+        if stat is None:
+            raise ValueError(f"{lin.name}: predicted scale before the predictor ran")
+        return _predicted_scale(lin.coeffs, stat)
+    return _F32(np.abs(x).max()) / qmax
+
+
+def _quantize_acts(x: np.ndarray, s: np.float32, a_bits: int) -> Tuple[np.ndarray, np.float32]:
+    """(q int64, the scale actually used): a zero or non-finite scale quantises to 0."""
+    qmax = (1 << (a_bits - 1)) - 1
+    if not (s > 0 and np.isfinite(s)):
+        return np.zeros(x.shape, dtype=np.int64), _F32(0)
+    inv = _F32(1) / _F32(s)
+    q = np.clip(np.rint(x.astype(_F32) * inv), -qmax, qmax).astype(np.int64)
+    return q, _F32(s)
+
+
+def _linear_q(lin: _Linear, q: np.ndarray, s: np.float32) -> np.ndarray:
+    """Integer GEMM + the kernels' float32 epilogue (per-channel int8 or per-block int4)."""
+    if lin.bits == 8:
+        acc = (q @ lin.q.T).astype(_F32)
+        y = acc * (s * lin.w_scale.astype(_F32))
+    else:
+        bs = lin.block_size
+        y = np.zeros((q.shape[0], lin.q.shape[0]), dtype=_F32)
+        for b in range(lin.w_scale.shape[1]):
+            acc = (q[:, b * bs:(b + 1) * bs] @ lin.q[:, b * bs:(b + 1) * bs].T).astype(_F32)
+            y = y + acc * lin.w_scale[:, b].astype(_F32)
+        y = y * s
+    return y if lin.bias is None else y + lin.bias
+
+
+def _linear(lin: _Linear, x: np.ndarray, quantized: bool, stat: Optional[np.float32]) -> np.ndarray:
+    """y = x W^T + b for one image's rows ``x`` [rows, K]."""
+    if lin.bits == 32 or not quantized:
+        y = x.astype(np.float64) @ lin.weight.astype(np.float64).T
+        if lin.bias is not None:
+            y = y + lin.bias
+        return y.astype(_F32)
+    q, s = _quantize_acts(x, _act_scale(lin, x, stat), lin.a_bits)
+    return _linear_q(lin, q, s)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+class _Model:
+    """Graph + tensors arranged for the forward pass."""
+
+    def __init__(self, graph: Mapping, tensors: Mapping[str, np.ndarray]):
+        check_graph(graph)
+        check_tensors(graph, tensors)
+        self.g, self.t, self.a = graph, tensors, graph["arch"]
+        self.eps = float(_F32(self.a["eps"]))
+        self.lin = {name: _load_linear(graph, tensors, name) for name in graph["layers"]}
+        self.exits = {e["block"]: e for e in graph["exits"]}
+        pred = graph["predictor"]
+        self.pred_block = pred["block"] if pred is not None else -1
+        self.pred_chunk = pred["chunk"] if pred is not None else 0
+
+    def norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
+        return _layernorm(x, self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"], self.eps)
+
+    def patches(self, img: np.ndarray) -> np.ndarray:
+        """[P, C*ph*pw] in (c, i, j) order, patches row-major over the grid."""
+        C, (ph, pw) = self.a["in_chans"], self.a["patch_size"]
+        gh, gw = self.a["img_size"][0] // ph, self.a["img_size"][1] // pw
+        p = img.reshape(C, gh, ph, gw, pw).transpose(1, 3, 0, 2, 4)
+        return np.ascontiguousarray(p.reshape(gh * gw, C * ph * pw))
+
+    def embed(self, h: np.ndarray) -> np.ndarray:
+        """Prefix tokens [cls, dist, reg...] + patch tokens, plus position embeddings."""
+        a, t = self.a, self.t
+        prefix = [t[k].reshape(-1, a["embed_dim"]) for k, on in
+                  (("cls_token", a["cls_token"]), ("dist_token", a["dist_token"]), ("reg_token", a["reg_tokens"]))
+                  if on]
+        pos = t["pos_embed"][0]
+        if a["no_embed_class"]:
+            return np.concatenate(prefix + [h + pos], axis=0)
+        return np.concatenate(prefix + [h], axis=0) + pos
+
+    def attention(self, qkv: np.ndarray) -> np.ndarray:
+        """Multi-head self-attention, qkv split as timm does ([T, 3, heads, dh])."""
+        T, H, D = qkv.shape[0], self.a["num_heads"], self.a["embed_dim"]
+        dh = D // H
+        q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
+        scale = _F32(1) / np.sqrt(_F32(dh))
+        attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
+        return _matmul(attn, v).transpose(1, 0, 2).reshape(T, D)
+
+    def pool(self, x: np.ndarray) -> np.ndarray:
+        if self.a["global_pool"] == "token":
+            return x[0]
+        return x[num_prefix_tokens(self.a):].astype(np.float64).mean(axis=0).astype(_F32)
+
+    def range_statistic(self, x: np.ndarray) -> np.float32:
+        """Mean over chunks of ``chunk`` consecutive values (last one partial) of max |x|."""
+        flat, c = np.abs(x.reshape(-1)), self.pred_chunk
+        maxima = [float(flat[i:i + c].max()) for i in range(0, flat.size, c)]
+        return _F32(np.mean(maxima)) if maxima else _F32(0)
+
+
+def _exit_taken(rule: str, threshold: float, logits: np.ndarray) -> bool:
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    top = np.sort(p)[::-1]
+    score = top[0] if rule == "confidence" else top[0] - (top[1] if top.size > 1 else 0.0)
+    return bool(score >= float(_F32(threshold)))
+
+
+def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int]:
+    a = m.a
+    T, D, depth = num_patches(a) + num_prefix_tokens(a), a["embed_dim"], a["depth"]
+    bops, stat = 0, None
+
+    def lin(name: str, x: np.ndarray) -> np.ndarray:
+        nonlocal bops
+        bops += x.shape[0] * m.lin[name].bops_per_row
+        return _linear(m.lin[name], x, quantized, stat)
+
+    x = m.embed(lin("patch_embed", m.patches(img)))
+    if a["norm_pre"]:
+        x = m.norm(x, "norm_pre")
+    for i in range(depth):
+        p = f"blocks.{i}"
+        h = lin(f"{p}.attn.proj", m.attention(lin(f"{p}.attn.qkv", m.norm(x, f"{p}.norm1"))))
+        bops += 2 * T * T * D * FP32_BITS
+        x = x + (m.t[f"{p}.ls1.gamma"] * h if a["layer_scale"] else h)
+        h = lin(f"{p}.mlp.fc2", _gelu(lin(f"{p}.mlp.fc1", m.norm(x, f"{p}.norm2"))))
+        x = x + (m.t[f"{p}.ls2.gamma"] * h if a["layer_scale"] else h)
+        if i == m.pred_block:
+            stat = m.range_statistic(x)
+        if i in m.exits:
+            e = m.exits[i]
+            logits = lin(f"exits.{i}.fc", m.norm(m.pool(x), f"exits.{i}.norm")[None])[0]
+            if _exit_taken(e["rule"], e["threshold"], logits):
+                return logits, i, bops
+    if a["final_norm"]:
+        x = m.norm(x, "norm")
+    pooled = m.pool(x)
+    if a["fc_norm"]:
+        pooled = m.norm(pooled, "fc_norm")
+    logits = lin("head", pooled[None])[0]
+    if a["dist_token"]:
+        logits = (logits + lin("head_dist", x[1][None])[0]) * _F32(0.5)
+    return logits, depth - 1, bops
+
+
+def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
+            quantized: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits f32 [B, n], exit_block int32 [B], bops int64 [B])`` for images ``x``
+    [B, C, H, W] (already normalised). ``quantized=False`` runs every layer in fp32 with its
+    stored (for integer layers: dequantised) weights, to isolate quantisation error; exits
+    still apply and BOPs are still those of the graph's precisions."""
+    m = _Model(graph, tensors)
+    a = m.a
+    x = np.asarray(x, dtype=_F32)
+    expect = (a["in_chans"], *a["img_size"])
+    if x.ndim != 4 or x.shape[1:] != expect:
+        raise ValueError(f"x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], got {x.shape}")
+    B, n = x.shape[0], a["num_classes"]
+    logits = np.zeros((B, n), dtype=_F32)
+    exit_block = np.full(B, a["depth"] - 1, dtype=np.int32)
+    bops = np.zeros(B, dtype=np.int64)
+    for i in range(B):
+        logits[i], exit_block[i], bops[i] = _forward_image(m, x[i], quantized)
+    return logits, exit_block, bops

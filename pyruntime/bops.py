@@ -1,0 +1,175 @@
+"""Bit operations (BOPs) of a model file's graph, computed analytically.
+
+BOPs(linear) = MACs x b_w x b_a, with fp32 counting 32 x 32 (docs/model_format.md "BOPs").
+Per image: the patch embedding, each executed block's four linears and its two attention
+matmuls (q.k^T and attn.v, fp32 operands, T*T*D MACs each), every exit head evaluated, and
+the final head (plus ``head_dist``). LayerNorm, softmax, GELU and residual adds are free.
+
+Who pays for what, with an image that exits at block b having executed blocks 0..b:
+
+* the patch embedding and block 0 -- every image;
+* block b -- the images that reach it (``reach[b]``);
+* the exit head after block b -- every image that executed block b (it is evaluated before
+  the image knows whether it leaves);
+* the final head(s) -- the images that executed the last block (exits lie at blocks
+  0..depth-2, so those are exactly the images that did not leave early).
+
+The executor accumulates the same numbers per image while it runs; the tests hold the two
+together. NumPy only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Mapping, Sequence, Union
+
+import numpy as np
+
+from .modelfile import check_graph, graph_layer_names, graph_layer_shapes, num_patches, num_tokens, read_header
+
+__all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "expected", "per_image", "reach_from_exits"]
+
+FP32_BITS = 32 * 32
+GraphOrPath = Union[Mapping, str, "os.PathLike[str]"]
+
+
+def _graph(path_or_graph: GraphOrPath) -> Mapping:
+    """A validated graph from a graph dict or a model file (header only, no tensor data)."""
+    if isinstance(path_or_graph, Mapping):
+        check_graph(path_or_graph)
+        return path_or_graph
+    return read_header(path_or_graph).graph
+
+
+def _layer_rows(graph: Mapping, name: str) -> int:
+    """Rows one image feeds through a linear layer: patches, tokens, or one pooled vector."""
+    if name == "patch_embed":
+        return num_patches(graph["arch"])
+    if name.startswith("blocks."):
+        return num_tokens(graph["arch"])
+    return 1
+
+
+def layer_macs(graph: GraphOrPath) -> Dict[str, int]:
+    """MACs of one image through every linear layer and attention matmul (pseudo-layers
+    ``blocks.{i}.attn.qk`` and ``blocks.{i}.attn.av``), in execution order."""
+    graph = _graph(graph)
+    a = graph["arch"]
+    T, D = num_tokens(a), a["embed_dim"]
+    shapes = graph_layer_shapes(graph)
+    macs: Dict[str, int] = {}
+    for name in graph_layer_names(graph):
+        N, K = shapes[name]
+        macs[name] = _layer_rows(graph, name) * N * K
+        if name.endswith(".attn.qkv"):
+            block = name.rsplit(".", 2)[0]
+            macs[f"{block}.attn.qk"] = T * T * D
+            macs[f"{block}.attn.av"] = T * T * D
+    return macs
+
+
+def _bits(graph: Mapping, name: str) -> int:
+    """b_w x b_a of a layer; attention matmuls and fp32 layers are 32 x 32."""
+    lp = graph["layers"].get(name)
+    if lp is None or lp["w_bits"] == 32:
+        return FP32_BITS
+    return lp["w_bits"] * lp["a_bits"]
+
+
+def layer_bops(graph: GraphOrPath) -> Dict[str, int]:
+    """BOPs of one image through every layer (see :func:`layer_macs`)."""
+    graph = _graph(graph)
+    return {name: m * _bits(graph, name) for name, m in layer_macs(graph).items()}
+
+
+def _owner(name: str) -> str:
+    """Which cost bucket a layer belongs to: 'embed', 'blocks', 'exits' or 'head'."""
+    if name == "patch_embed":
+        return "embed"
+    return name.split(".")[0] if name.startswith(("blocks.", "exits.")) else "head"
+
+
+def _buckets(graph: Mapping):
+    """(embed BOPs, per-block BOPs [depth], per-exit-block BOPs {b}, final-head BOPs)."""
+    embed, head = 0, 0
+    blocks = np.zeros(graph["arch"]["depth"], dtype=np.int64)
+    exits: Dict[int, int] = {}
+    for name, b in layer_bops(graph).items():
+        kind = _owner(name)
+        if kind == "embed":
+            embed += b
+        elif kind == "head":
+            head += b
+        elif kind == "blocks":
+            blocks[int(name.split(".")[1])] += b
+        else:
+            i = int(name.split(".")[1])
+            exits[i] = exits.get(i, 0) + b
+    return embed, blocks, exits, head
+
+
+def static(path_or_graph: GraphOrPath) -> int:
+    """BOPs of one image that runs the whole network (evaluating every exit head on the way)."""
+    embed, blocks, exits, head = _buckets(_graph(path_or_graph))
+    return int(embed + blocks.sum() + sum(exits.values()) + head)
+
+
+def _check_reach(reach: Sequence[float], depth: int) -> np.ndarray:
+    r = np.asarray(reach, dtype=np.float64)
+    if r.shape != (depth,):
+        raise ValueError(f"reach must have one value per block ({depth}), got shape {r.shape}")
+    if not np.all(np.isfinite(r)) or r.min() < 0 or r.max() > 1:
+        raise ValueError("reach values must be fractions in [0, 1]")
+    if abs(r[0] - 1.0) > 1e-9:
+        raise ValueError(f"every image executes block 0, so reach[0] must be 1, got {r[0]}")
+    if np.any(np.diff(r) > 1e-12):
+        raise ValueError("reach must be non-increasing: an image cannot reach a block it skipped")
+    return r
+
+
+def expected(path_or_graph: GraphOrPath, reach: Sequence[float]) -> float:
+    """Amortised BOPs per image when a fraction ``reach[b]`` of images executes block b."""
+    graph = _graph(path_or_graph)
+    embed, blocks, exits, head = _buckets(graph)
+    r = _check_reach(reach, graph["arch"]["depth"])
+    total = float(embed) + float(np.dot(r, blocks.astype(np.float64)))
+    total += sum(r[b] * float(v) for b, v in exits.items())
+    return total + r[-1] * float(head)
+
+
+def _exit_indices(graph: Mapping, exit_block) -> np.ndarray:
+    """Exit blocks with -1 mapped to depth-1 (the final head), validated against the graph."""
+    depth = graph["arch"]["depth"]
+    e = np.atleast_1d(np.asarray(exit_block))
+    if e.dtype.kind not in "iu":
+        raise ValueError(f"exit_block must hold integers, got dtype {e.dtype}")
+    e = np.where(e == -1, depth - 1, e).astype(np.int64)
+    allowed = {x["block"] for x in graph["exits"]} | {depth - 1}
+    bad = sorted(set(e.tolist()) - allowed)
+    if bad:
+        raise ValueError(f"exit_block values {bad} name no head (exits at {sorted(allowed - {depth - 1})}, "
+                         f"final head: -1 or {depth - 1})")
+    return e
+
+
+def per_image(path_or_graph: GraphOrPath, exit_block) -> np.ndarray:
+    """BOPs of each image (int64) given the block whose head answered for it (-1 or depth-1:
+    the final head)."""
+    graph = _graph(path_or_graph)
+    embed, blocks, exits, head = _buckets(graph)
+    e = _exit_indices(graph, exit_block)
+    cum_blocks = np.cumsum(blocks)
+    exit_cost = np.zeros(len(blocks), dtype=np.int64)
+    for b, v in exits.items():
+        exit_cost[b] = v
+    cum_exits = np.cumsum(exit_cost)
+    final = e == len(blocks) - 1
+    return embed + cum_blocks[e] + cum_exits[e] + np.where(final, head, 0)
+
+
+def reach_from_exits(path_or_graph: GraphOrPath, exit_block) -> np.ndarray:
+    """Fraction of images executing each block, from the images' exit blocks (for
+    :func:`expected`)."""
+    graph = _graph(path_or_graph)
+    e = _exit_indices(graph, exit_block)
+    depth = graph["arch"]["depth"]
+    return np.array([(e >= b).mean() for b in range(depth)], dtype=np.float64)

@@ -1,0 +1,488 @@
+"""Convert a timm Vision Transformer (+ exit heads + a policy) into a pyruntime model file.
+
+``convert(source, out, checkpoint=..., policy=..., exits=...)`` builds the model with timm
+(never downloading weights), loads a checkpoint, checks that the executor can run exactly
+what timm computes -- rejecting with a ``ValueError`` that names the feature anything it
+cannot (qk-norm, SwiGLU, attention pooling, ...) rather than converting it approximately --
+maps timm's configuration to the graph of docs/model_format.md, quantises the linear layers
+the policy asks for with the runtime's own quantiser (``pyruntime.kernels``), and writes the
+file atomically.
+
+torch and timm are imported inside the functions that need them (``pip install
+pyruntime[convert]``). Checkpoints must hold timm-format state dicts (what
+``model.state_dict()`` gives); foreign layouts (original DeiT/JAX) go through timm first.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from .errors import PolicyError
+from .modelfile import graph_layer_names, pack_int4, write_model
+from .policy import SHORTHANDS, LayerPolicy, Policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch.nn as nn
+
+__all__ = ["convert", "model_arch", "as_policy"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+EXIT_PARAMS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
+DEFAULT_MEAN_STD = 0.5  # per channel, when the model carries no pretrained_cfg for its channels
+
+
+# --- the source model -----------------------------------------------------------------------
+
+def _create_timm_model(name: str) -> "nn.Module":
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model name {name!r} (see timm.list_models())")
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as e:  # timm's "Unknown model" and friends
+        raise ValueError(f"cannot create timm model {name!r}: {e}") from None
+
+
+def _source_model(source: Any) -> Tuple["nn.Module", str]:
+    """(model, a name for the provenance) from a timm model name or a module."""
+    if isinstance(source, str):
+        return _create_timm_model(source), source
+    import torch.nn as nn
+
+    if not isinstance(source, nn.Module):
+        raise TypeError(f"source must be a timm model name or a torch module, got {type(source).__name__}")
+    cfg = getattr(source, "pretrained_cfg", None) or {}
+    return source, cfg.get("architecture") or type(source).__name__
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> Dict[str, Any]:
+    """A flat {name: tensor} from .safetensors or .pth/.pt (``model``/``state_dict`` wrappers ok)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    if suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"checkpoint {path} must be .safetensors, .pth or .pt")
+    import torch
+
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
+            sd = sd[wrapper]
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
+        raise ValueError(f"checkpoint {path} does not hold a state dict")
+    return dict(sd)
+
+
+def _split_exits(sd: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[int, Dict[str, Any]]]:
+    """Backbone keys and ``exits.<b>.<param>`` keys grouped by block."""
+    backbone, exits = {}, {}
+    for k, v in sd.items():
+        if k.startswith("exits."):
+            parts = k.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise ValueError(f"exit-head key {k!r} is not of the form exits.<block>.<param>")
+            exits.setdefault(int(parts[1]), {})[parts[2]] = v
+        else:
+            backbone[k] = v
+    return backbone, exits
+
+
+def _load_checkpoint(model: "nn.Module", path: PathLike) -> Dict[int, Dict[str, Any]]:
+    """Load the backbone weights into ``model`` (strictly); return the exit heads found."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    backbone, exits = _split_exits(_read_state_dict(path))
+    try:
+        model.load_state_dict(backbone, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from None
+    return exits
+
+
+# --- what the executor supports ------------------------------------------------------------
+
+def _unsupported(feature: str) -> ValueError:
+    return ValueError(f"unsupported by the pyruntime executor: {feature}")
+
+
+def _layernorm_eps(m: Any, where: str, D: int) -> float:
+    import torch.nn as nn
+
+    if not isinstance(m, nn.LayerNorm):
+        raise _unsupported(f"{where} is {type(m).__name__}; only LayerNorm normalisation is supported")
+    if tuple(m.normalized_shape) != (D,) or m.weight is None or m.bias is None:
+        raise _unsupported(f"{where} must be an affine LayerNorm over {D} features with a bias")
+    return float(m.eps)
+
+
+def _optional_norm(m: Any, where: str, D: int, eps: list) -> bool:
+    import torch.nn as nn
+
+    if isinstance(m, nn.Identity):
+        return False
+    eps.append(_layernorm_eps(m, where, D))
+    return True
+
+
+def _check_model_type(model: Any) -> None:
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    if type(model) in (VisionTransformer, VisionTransformerDistilled):
+        return
+    if isinstance(model, VisionTransformer):
+        raise _unsupported(f"{type(model).__name__} (a VisionTransformer subclass with its own forward pass)")
+    raise ValueError(
+        f"{type(model).__name__} is not a timm VisionTransformer; pyruntime converts plain ViTs "
+        f"(vit_*, deit_*, dinov2-style) only")
+
+
+def _check_embedding(model: Any) -> Tuple[list, list, int]:
+    """(img_size, patch_size, in_chans) of a plain non-overlapping conv patch embedding."""
+    import torch.nn as nn
+    from timm.layers import PatchEmbed
+
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
+        raise _unsupported(f"patch embedding {type(pe).__name__}")
+    proj = pe.proj
+    patch = list(proj.kernel_size)
+    if list(proj.stride) != patch or any(proj.padding) or proj.groups != 1 or any(d != 1 for d in proj.dilation):
+        raise _unsupported("a patch embedding that is not a non-overlapping convolution (stride == kernel)")
+    if not isinstance(pe.norm, nn.Identity):
+        raise _unsupported("a normalisation inside the patch embedding (embed_norm_layer)")
+    if getattr(pe, "dynamic_img_pad", False) or getattr(model, "dynamic_img_size", False):
+        raise _unsupported("dynamic_img_size / dynamic_img_pad (the executor has a fixed input size)")
+    img = list(pe.img_size)
+    if img[0] % patch[0] or img[1] % patch[1]:
+        raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
+    if model.pos_embed is None:
+        raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
+    return img, patch, proj.in_channels
+
+
+def _check_head(model: Any) -> str:
+    import torch.nn as nn
+
+    if getattr(model, "attn_pool", None) is not None:
+        raise _unsupported(f"attention pooling (global_pool={model.global_pool!r})")
+    if model.global_pool not in ("token", "avg"):
+        raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
+    if getattr(model, "pool_include_prefix", False):
+        raise _unsupported("pool_include_prefix (average pooling over prefix tokens)")
+    if not isinstance(model.head, nn.Linear):
+        raise _unsupported("a model without a linear classifier head (num_classes=0)")
+    if hasattr(model, "head_dist") and not isinstance(model.head_dist, nn.Linear):
+        raise _unsupported("a distilled model without a linear head_dist")
+    return model.global_pool
+
+
+def _check_gelu(act: Any, where: str) -> None:
+    import torch.nn as nn
+    from timm.layers.activations import GELU
+
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return
+    if type(act) is GELU:
+        return
+    raise _unsupported(f"{where} activation {type(act).__name__} (only exact erf GELU)")
+
+
+def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale) of a supported pre-norm block."""
+    import torch.nn as nn
+    from timm.layers import Attention, LayerScale, Mlp
+    from timm.models.vision_transformer import Block
+
+    p = f"blocks.{i}"
+    if type(blk) is not Block:
+        raise _unsupported(f"{p} is {type(blk).__name__} (only the pre-norm timm Block)")
+    eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
+    attn = blk.attn
+    if type(attn) is not Attention:
+        raise _unsupported(f"{p}.attn is {type(attn).__name__} (only standard multi-head attention)")
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        raise _unsupported("qk_norm (normalisation of queries and keys)")
+    if not isinstance(attn.norm, nn.Identity):
+        raise _unsupported("scale_attn_norm (normalisation of the attention output)")
+    if getattr(attn, "gate", None) is not None:
+        raise _unsupported("gated attention")
+    if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
+        raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
+    mlp = blk.mlp
+    if type(mlp) is not Mlp:
+        raise _unsupported(f"{p}.mlp is {type(mlp).__name__} (SwiGLU / gated MLPs are not supported; only fc1-GELU-fc2)")
+    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
+        raise _unsupported(f"{p}.mlp uses convolutions")
+    _check_gelu(mlp.act, f"{p}.mlp")
+    if not isinstance(mlp.norm, nn.Identity):
+        raise _unsupported("scale_mlp_norm (normalisation inside the MLP)")
+    kinds = {type(blk.ls1), type(blk.ls2)}
+    if kinds not in ({LayerScale}, {nn.Identity}):
+        raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
+    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale
+
+
+def model_arch(model: "nn.Module") -> dict:
+    """The graph ``arch`` of a timm ViT, or ValueError naming the first unsupported feature."""
+    _check_model_type(model)
+    img, patch, in_chans = _check_embedding(model)
+    global_pool = _check_head(model)
+    D = model.embed_dim
+    if len(model.blocks) == 0:
+        raise _unsupported("a model without transformer blocks")
+    eps: list = []
+    per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
+    if len(per_block) != 1:
+        raise _unsupported("blocks that differ in heads, MLP width, qkv bias or layer scale")
+    num_heads, mlp_hidden, qkv_bias, layer_scale = per_block.pop()
+    flags = {key: _optional_norm(getattr(model, key), key, D, eps) for key in ("norm_pre", "norm", "fc_norm")}
+    if len(set(eps)) != 1:
+        raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
+    return {
+        "img_size": img, "patch_size": patch, "in_chans": in_chans,
+        "embed_dim": D, "depth": len(model.blocks), "num_heads": num_heads, "mlp_hidden": mlp_hidden,
+        "num_classes": model.head.out_features,
+        "cls_token": model.cls_token is not None,
+        "dist_token": getattr(model, "dist_token", None) is not None,
+        "reg_tokens": int(model.num_reg_tokens),
+        "no_embed_class": bool(model.no_embed_class),
+        "global_pool": global_pool,
+        "fc_norm": flags["fc_norm"], "final_norm": flags["norm"], "norm_pre": flags["norm_pre"],
+        "layer_scale": layer_scale, "qkv_bias": qkv_bias, "eps": eps[0],
+    }
+
+
+# --- tensors ---------------------------------------------------------------------------------
+
+def _np(t: Any, name: str) -> np.ndarray:
+    """float32 C-contiguous numpy copy of a tensor/array, rejecting NaN/Inf."""
+    a = t.detach().cpu().float().numpy() if hasattr(t, "detach") else np.asarray(t)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return a
+
+
+def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
+    """Everything but the linear layers and exit heads, under the model file's names."""
+    out = {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
+                         ("reg_token", arch["reg_tokens"])):
+        if present:
+            out[key] = _np(getattr(model, key), key)
+    for flag, key in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm")):
+        if arch[flag]:
+            m = getattr(model, key)
+            out[f"{key}.weight"], out[f"{key}.bias"] = _np(m.weight, key), _np(m.bias, key)
+    for i, blk in enumerate(model.blocks):
+        for n in ("norm1", "norm2"):
+            m = getattr(blk, n)
+            out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
+            out[f"blocks.{i}.{n}.bias"] = _np(m.bias, f"blocks.{i}.{n}.bias")
+        if arch["layer_scale"]:
+            out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
+            out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
+    return out
+
+
+def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """{layer: (weight [N, K], bias or None)}; the patch conv is flattened in (c, i, j) order."""
+    def wb(m: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        w = _np(m.weight, f"{name}.weight")
+        return w.reshape(w.shape[0], -1), None if m.bias is None else _np(m.bias, f"{name}.bias")
+
+    out = {"patch_embed": wb(model.patch_embed.proj, "patch_embed")}
+    for i, blk in enumerate(model.blocks):
+        for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
+                       ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
+            out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
+    out["head"] = wb(model.head, "head")
+    if getattr(model, "head_dist", None) is not None:
+        out["head_dist"] = wb(model.head_dist, "head_dist")
+    return out
+
+
+def _read_exit_file(path: PathLike) -> Dict[int, Dict[str, Any]]:
+    from safetensors.numpy import load_file
+
+    return _split_exits({k: v for k, v in load_file(str(path)).items() if k.startswith("exits.")})[1]
+
+
+def _exit_heads(exits: Any, arch: Mapping) -> Dict[int, Dict[str, np.ndarray]]:
+    """Validated exit heads {block: {norm.weight, norm.bias, fc.weight, fc.bias}} in float32."""
+    if exits is None:
+        return {}
+    if isinstance(exits, (str, os.PathLike)):
+        exits = _read_exit_file(exits)
+    D, n = arch["embed_dim"], arch["num_classes"]
+    shapes = {"norm.weight": (D,), "norm.bias": (D,), "fc.weight": (n, D), "fc.bias": (n,)}
+    heads = {}
+    for b, params in exits.items():
+        if set(params) != set(EXIT_PARAMS):
+            raise ValueError(f"exit head {b} must have exactly {list(EXIT_PARAMS)}, got {sorted(params)}")
+        head = {k: _np(v, f"exits.{b}.{k}") for k, v in params.items()}
+        for k, a in head.items():
+            if a.shape != shapes[k]:
+                raise ValueError(f"exits.{b}.{k} has shape {list(a.shape)}, expected {list(shapes[k])}")
+        heads[int(b)] = head
+    return heads
+
+
+def _quantize_linear(name: str, w: np.ndarray, bias: Optional[np.ndarray], lp: LayerPolicy) -> Dict[str, np.ndarray]:
+    """The tensors of one linear layer at the policy's bits, via the runtime's quantiser."""
+    out = {} if bias is None else {f"{name}.bias": bias}
+    if lp.w_bits == 32:
+        out[f"{name}.weight"] = w
+        return out
+    from . import kernels
+
+    block = lp.block_size if lp.w_bits == 4 else None
+    q, scales = kernels.quantize_weights(w, lp.w_bits, block).canonical()
+    q, scales = np.asarray(q), np.asarray(scales, dtype=np.float32)
+    if lp.w_bits == 8:
+        out[f"{name}.weight.q8"] = np.ascontiguousarray(q, dtype=np.int8)
+        out[f"{name}.weight.scale"] = scales
+    else:
+        out[f"{name}.weight.q4"] = pack_int4(q)
+        out[f"{name}.weight.scale"] = scales.reshape(w.shape[0], -1)
+    return out
+
+
+# --- policy, preprocessing, provenance --------------------------------------------------------
+
+def as_policy(policy: Any) -> Policy:
+    """A Policy from a Policy, a shorthand name ("fp32", "w8a8", "w4a8") or a JSON file path."""
+    if policy is None:
+        return Policy.shorthand("fp32")
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in SHORTHANDS:
+        return Policy.shorthand(policy)
+    if isinstance(policy, (str, os.PathLike)):
+        if not Path(policy).is_file():
+            raise PolicyError(f"policy {str(policy)!r} is neither a shorthand {list(SHORTHANDS)} nor a file")
+        return Policy.load(policy)
+    raise TypeError(f"policy must be a Policy, a shorthand or a path, got {type(policy).__name__}")
+
+
+def _channels(v: Any, C: int, what: str) -> list:
+    vals = [float(x) for x in np.atleast_1d(np.asarray(v, dtype=np.float64))]
+    if len(vals) == 1:
+        vals = vals * C
+    if len(vals) != C:
+        raise ValueError(f"preprocess {what} has {len(vals)} values for {C} channels")
+    return vals
+
+
+def _preprocess(model: "nn.Module", arch: Mapping, override: Optional[Mapping]) -> dict:
+    """mean/std from ``override``, else timm's pretrained_cfg (when it fits the channels),
+    else 0.5; input_size is always the model's own [C, H, W]."""
+    C = arch["in_chans"]
+    input_size = [C, *arch["img_size"]]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != C or len(std) != C:
+        mean, std = [DEFAULT_MEAN_STD] * C, [DEFAULT_MEAN_STD] * C
+    if override:
+        unknown = set(override) - {"mean", "std", "input_size"}
+        if unknown:
+            raise ValueError(f"preprocess has unknown keys {sorted(unknown)}")
+        if "input_size" in override and list(override["input_size"]) != input_size:
+            raise ValueError(f"preprocess input_size {list(override['input_size'])} differs from the model's {input_size}")
+        mean = override.get("mean", mean)
+        std = override.get("std", std)
+    return {"mean": _channels(mean, C, "mean"), "std": _channels(std, C, "std"), "input_size": input_size}
+
+
+def _provenance(source_name: str, model: Any, checkpoint: Optional[PathLike], policy: Policy) -> dict:
+    import timm
+    import torch
+
+    from . import __version__
+
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    return {
+        "source": source_name,
+        "source_class": type(model).__name__,
+        "checkpoint": ckpt.name if ckpt else None,
+        "checkpoint_sha256": _sha256(ckpt) if ckpt else None,
+        "converter": "pyruntime.convert",
+        "pyruntime_version": __version__,
+        "timm_version": timm.__version__,
+        "torch_version": torch.__version__,
+        "policy": policy.name,
+        "calibration": policy.meta.get("calibration"),
+    }
+
+
+# --- the converter -----------------------------------------------------------------------------
+
+def _exit_tensors(heads: Mapping[int, Mapping[str, np.ndarray]], blocks: list) -> Tuple[dict, dict]:
+    """(norm tensors, {exits.b.fc: (w, b)}) of the exit heads the policy uses."""
+    missing = [b for b in blocks if b not in heads]
+    if missing:
+        have = sorted(heads) or "none"
+        raise PolicyError(f"policy has exits at blocks {missing} without exit-head weights (heads given: {have})")
+    norms, linears = {}, {}
+    for b in blocks:
+        h = heads[b]
+        norms[f"exits.{b}.norm.weight"], norms[f"exits.{b}.norm.bias"] = h["norm.weight"], h["norm.bias"]
+        linears[f"exits.{b}.fc"] = (h["fc.weight"], h["fc.bias"])
+    return norms, linears
+
+
+def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None, policy: Any = None,
+            exits: Any = None, preprocess: Optional[Mapping] = None) -> Path:
+    """Write the pyruntime model file ``out`` for a timm ViT and return its path.
+
+    source: a timm model name (created with ``pretrained=False``) or a timm VisionTransformer
+        (which is put in eval mode, and into which ``checkpoint`` is loaded).
+    checkpoint: ``.safetensors`` / ``.pth`` / ``.pt`` state dict loaded strictly into the model;
+        ``exits.<b>.*`` keys in it are the exit heads unless ``exits`` is given.
+    policy: a Policy, a shorthand ("fp32" default, "w8a8", "w4a8") or a policy JSON path.
+    exits: {block: {"norm.weight", "norm.bias", "fc.weight", "fc.bias"}} arrays or tensors, or a
+        safetensors file with ``exits.<b>.*`` keys. Only the blocks the policy exits at are used.
+    preprocess: override of {"mean", "std"} (per channel, or one value for all).
+    """
+    import torch
+
+    model, source_name = _source_model(source)
+    ckpt_exits = _load_checkpoint(model, checkpoint) if checkpoint is not None else {}
+    model.eval()
+    arch = model_arch(model)
+    pol = as_policy(policy)
+    heads = _exit_heads(ckpt_exits if exits is None else exits, arch)
+    exit_blocks = sorted(e.block for e in pol.exits)
+    layers = pol.resolve(graph_layer_names({"arch": arch, "exits": [{"block": b} for b in exit_blocks]}), arch["depth"])
+    norms, exit_linears = _exit_tensors(heads, exit_blocks)
+    with torch.no_grad():
+        tensors = {**_float_tensors(model, arch), **norms}
+        linears = {**_backbone_linears(model), **exit_linears}
+    for name, lp in layers.items():
+        tensors.update(_quantize_linear(name, *linears[name], lp))
+    graph = {
+        "arch": arch,
+        "preprocess": _preprocess(model, arch, preprocess),
+        "layers": {name: lp.to_dict() for name, lp in layers.items()},
+        "exits": [e.to_dict() for e in sorted(pol.exits, key=lambda e: e.block)],
+        "predictor": None if pol.predictor is None else pol.predictor.to_dict(),
+    }
+    write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol))
+    return Path(out)

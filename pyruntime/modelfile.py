@@ -1,0 +1,473 @@
+"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 1).
+
+The container is safetensors; everything pyruntime-specific lives in its ``__metadata__``.
+The reader trusts nothing: it checks sizes before parsing, the magic and version before the
+graph, every tensor's CRC-32, and that the graph and the tensors agree exactly (names,
+dtypes, shapes), so that the C++ executor is only ever handed a consistent model. Every
+problem is a :class:`~pyruntime.errors.FormatError` naming the file and what is wrong.
+
+NumPy and safetensors only: no torch, no compiled extension.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ._atomic import atomic_path
+from .errors import FormatError, PolicyError
+from .policy import ExitPolicy, LayerPolicy, Policy, PredictorPolicy
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "Header",
+    "write_model",
+    "read_model",
+    "read_header",
+    "check_graph",
+    "check_tensors",
+    "expected_tensors",
+    "graph_layer_names",
+    "graph_layer_shapes",
+    "num_patches",
+    "num_prefix_tokens",
+    "num_tokens",
+    "pack_int4",
+    "unpack_int4",
+]
+
+MAGIC = "pyruntime-vit"
+FORMAT_VERSION = 1
+
+KEY_MAGIC = "pyruntime.magic"
+KEY_VERSION = "pyruntime.format_version"
+KEY_GRAPH = "pyruntime.graph"
+KEY_POLICY = "pyruntime.policy"
+KEY_PROVENANCE = "pyruntime.provenance"
+KEY_CHECKSUMS = "pyruntime.checksums"
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+_GRAPH_KEYS = ("arch", "preprocess", "layers", "exits", "predictor")
+_LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
+_PREPROCESS_KEYS = ("mean", "std", "input_size")
+_BOOL, _POS_INT, _NONNEG_INT, _PAIR = "bool", "positive int", "non-negative int", "pair"
+ARCH_KEYS = {
+    "img_size": _PAIR, "patch_size": _PAIR, "in_chans": _POS_INT, "embed_dim": _POS_INT,
+    "depth": _POS_INT, "num_heads": _POS_INT, "mlp_hidden": _POS_INT, "num_classes": _POS_INT,
+    "cls_token": _BOOL, "dist_token": _BOOL, "reg_tokens": _NONNEG_INT, "no_embed_class": _BOOL,
+    "global_pool": "token|avg", "fc_norm": _BOOL, "final_norm": _BOOL, "norm_pre": _BOOL,
+    "layer_scale": _BOOL, "qkv_bias": _BOOL, "eps": "positive float",
+}
+
+_F32, _I8, _U8 = np.dtype("<f4"), np.dtype("i1"), np.dtype("u1")
+
+
+# --- graph arithmetic shared by bops, the numpy reference and the converter ---------------
+
+def num_patches(arch: Mapping) -> int:
+    (h, w), (ph, pw) = arch["img_size"], arch["patch_size"]
+    return (h // ph) * (w // pw)
+
+
+def num_prefix_tokens(arch: Mapping) -> int:
+    return int(arch["cls_token"]) + int(arch["dist_token"]) + int(arch["reg_tokens"])
+
+
+def num_tokens(arch: Mapping) -> int:
+    return num_patches(arch) + num_prefix_tokens(arch)
+
+
+def _exit_blocks(graph: Mapping) -> List[int]:
+    return [int(e["block"]) for e in graph.get("exits", [])]
+
+
+def graph_layer_names(graph: Mapping) -> List[str]:
+    """Every linear layer of the graph, in execution order (needs ``arch`` and ``exits``)."""
+    arch = graph["arch"]
+    exits = set(_exit_blocks(graph))
+    names = ["patch_embed"]
+    for i in range(arch["depth"]):
+        names += [f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"]
+        if i in exits:
+            names.append(f"exits.{i}.fc")
+    names.append("head")
+    if arch["dist_token"]:
+        names.append("head_dist")
+    return names
+
+
+def graph_layer_shapes(graph: Mapping) -> Dict[str, Tuple[int, int]]:
+    """``{layer: (N, K)}``: output and input features of every linear layer."""
+    a = graph["arch"]
+    D, F, n = a["embed_dim"], a["mlp_hidden"], a["num_classes"]
+    patch_dim = a["in_chans"] * a["patch_size"][0] * a["patch_size"][1]
+    by_kind = {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (F, D), "mlp.fc2": (D, F)}
+    shapes = {}
+    for name in graph_layer_names(graph):
+        if name == "patch_embed":
+            shapes[name] = (D, patch_dim)
+        elif name.startswith("blocks."):
+            shapes[name] = by_kind[name.split(".", 2)[2]]
+        else:  # head, head_dist, exits.{b}.fc
+            shapes[name] = (n, D)
+    return shapes
+
+
+# --- int4 nibble packing (the on-disk layout of ``<layer>.weight.q4``) ----------------------
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Canonical int4 values q [N, K] in [-8, 7] -> u8 [N, ceil(K/2)]: each nibble holds
+    value + 8, even k in the low nibble; an odd K pads the last high nibble with 8 (value 0)."""
+    q = np.asarray(q)
+    if q.ndim != 2 or q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError("int4 values must be a 2-D array in [-8, 7]")
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.full((u.shape[0], 1), 8, dtype=np.uint8)], axis=1)
+    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def unpack_int4(packed: np.ndarray, K: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: int8 [N, K]."""
+    q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int8)
+    q[:, 0::2] = (packed & 0x0F).astype(np.int8) - 8
+    q[:, 1::2] = (packed >> 4).astype(np.int8) - 8
+    return q[:, :K]
+
+
+# --- graph validation -------------------------------------------------------------------------
+
+def _check_arch_value(key: str, kind: str, v: Any) -> None:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    ok = {
+        _BOOL: isinstance(v, bool),
+        _POS_INT: is_int and v > 0,
+        _NONNEG_INT: is_int and v >= 0,
+        _PAIR: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+        "token|avg": v in ("token", "avg"),
+        "positive float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+    }[kind]
+    if not ok:
+        raise FormatError(f"arch.{key} must be a {kind}, got {v!r}")
+
+
+def _check_arch(arch: Any) -> None:
+    if not isinstance(arch, Mapping):
+        raise FormatError("graph.arch must be an object")
+    unknown = sorted(map(str, set(arch) - set(ARCH_KEYS)))
+    missing = sorted(set(ARCH_KEYS) - set(arch))
+    if unknown or missing:
+        raise FormatError(f"graph.arch has unknown keys {unknown} / misses keys {missing}")
+    for key, kind in ARCH_KEYS.items():
+        _check_arch_value(key, kind, arch[key])
+    (h, w), (ph, pw) = arch["img_size"], arch["patch_size"]
+    if h % ph or w % pw:
+        raise FormatError(f"image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+    if arch["embed_dim"] % arch["num_heads"]:
+        raise FormatError(f"embed_dim {arch['embed_dim']} is not a multiple of num_heads {arch['num_heads']}")
+    if arch["global_pool"] == "token" and not arch["cls_token"]:
+        raise FormatError("global_pool 'token' needs a class token")
+    if arch["dist_token"] and not (arch["cls_token"] and arch["global_pool"] == "token"):
+        raise FormatError("a distillation token needs a class token and global_pool 'token'")
+
+
+def _check_preprocess(pre: Any, arch: Mapping) -> None:
+    if not isinstance(pre, Mapping) or set(pre) != set(_PREPROCESS_KEYS):
+        raise FormatError(f"graph.preprocess must be an object with keys {list(_PREPROCESS_KEYS)}")
+    C = arch["in_chans"]
+    for key in ("mean", "std"):
+        v = pre[key]
+        if not (isinstance(v, list) and len(v) == C and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            raise FormatError(f"preprocess.{key} must be a list of {C} numbers, got {v!r}")
+    if not all(x > 0 for x in pre["std"]):
+        raise FormatError(f"preprocess.std must be positive, got {pre['std']}")
+    expect = [C, *arch["img_size"]]
+    if pre["input_size"] != expect:
+        raise FormatError(f"preprocess.input_size {pre['input_size']} disagrees with arch {expect}")
+
+
+def _graph_policy(graph: Mapping) -> Policy:
+    """The graph's precision, exits and predictor as a fully explicit Policy (no defaults)."""
+    layers = graph["layers"]
+    if not isinstance(layers, Mapping):
+        raise FormatError("graph.layers must be an object {layer: precision}")
+    exits = graph["exits"]
+    if not isinstance(exits, list):
+        raise FormatError("graph.exits must be a list")
+    for k, v in layers.items():
+        if isinstance(v, Mapping) and set(v) != set(_LAYER_KEYS):
+            raise FormatError(f"graph layer {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a file)")
+    pred = graph["predictor"]
+    return Policy(
+        layers={k: LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
+        exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
+        predictor=None if pred is None else PredictorPolicy.from_dict(pred),
+    )
+
+
+def check_graph(graph: Any) -> None:
+    """Raise FormatError unless ``graph`` is a complete, self-consistent graph."""
+    if not isinstance(graph, Mapping):
+        raise FormatError("graph must be a JSON object")
+    if set(graph) != set(_GRAPH_KEYS):
+        raise FormatError(f"graph keys are {sorted(map(str, graph))}, expected {sorted(_GRAPH_KEYS)}")
+    arch = graph["arch"]
+    _check_arch(arch)
+    _check_preprocess(graph["preprocess"], arch)
+    try:
+        pol = _graph_policy(graph)
+        blocks = [e.block for e in pol.exits]
+        if blocks != sorted(set(blocks)):
+            raise FormatError(f"graph exits must be sorted by block without repeats, got blocks {blocks}")
+        pol.validate_exits(arch["depth"])
+        # Count before listing names: a hostile depth (say 10**12) must fail fast, not loop.
+        needed = 4 * arch["depth"] + 2 + len(blocks) + int(arch["dist_token"])
+        if len(pol.layers) != needed:
+            raise FormatError(f"graph.layers has {len(pol.layers)} entries; this architecture has {needed} linear layers")
+        names = graph_layer_names(graph)
+        if set(pol.layers) != set(names):
+            missing = sorted(set(names) - set(pol.layers))
+            extra = sorted(map(str, set(pol.layers) - set(names)))
+            raise FormatError(f"graph.layers misses {missing} / has unknown {extra}")
+        pol.validate(names, arch["depth"])
+    except PolicyError as e:
+        raise FormatError(f"inconsistent graph: {e}") from None
+
+
+# --- tensor specification ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+    required: bool = True
+
+
+def _linear_specs(name: str, N: int, K: int, lp: Mapping, bias: Optional[bool]) -> Dict[str, TensorSpec]:
+    """Weights of one linear layer; ``bias`` True/False forces the bias in/out, None: optional."""
+    bits = lp["w_bits"]
+    if bits == 32:
+        specs = {f"{name}.weight": TensorSpec(_F32, (N, K))}
+    elif bits == 8:
+        specs = {f"{name}.weight.q8": TensorSpec(_I8, (N, K)), f"{name}.weight.scale": TensorSpec(_F32, (N,))}
+    else:
+        nb = -(-K // lp["block_size"])
+        specs = {f"{name}.weight.q4": TensorSpec(_U8, (N, -(-K // 2))), f"{name}.weight.scale": TensorSpec(_F32, (N, nb))}
+    if bias is not False:
+        specs[f"{name}.bias"] = TensorSpec(_F32, (N,), required=bool(bias))
+    return specs
+
+
+def expected_tensors(graph: Mapping) -> Dict[str, TensorSpec]:
+    """Every tensor the graph uses, with dtype and shape; ``required=False`` marks optional
+    biases (only the qkv bias is fixed by the graph, through ``arch.qkv_bias``)."""
+    a = graph["arch"]
+    D, R = a["embed_dim"], a["reg_tokens"]
+    vec = TensorSpec(_F32, (D,))
+    specs: Dict[str, TensorSpec] = {}
+
+    def norm(prefix: str) -> None:
+        specs[f"{prefix}.weight"] = vec
+        specs[f"{prefix}.bias"] = vec
+
+    for tok, present in (("cls_token", a["cls_token"]), ("dist_token", a["dist_token"])):
+        if present:
+            specs[tok] = TensorSpec(_F32, (1, 1, D))
+    if R:
+        specs["reg_token"] = TensorSpec(_F32, (1, R, D))
+    pos_len = num_patches(a) if a["no_embed_class"] else num_tokens(a)
+    specs["pos_embed"] = TensorSpec(_F32, (1, pos_len, D))
+    for flag, prefix in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm")):
+        if a[flag]:
+            norm(prefix)
+    for i in range(a["depth"]):
+        norm(f"blocks.{i}.norm1")
+        norm(f"blocks.{i}.norm2")
+        if a["layer_scale"]:
+            specs[f"blocks.{i}.ls1.gamma"] = vec
+            specs[f"blocks.{i}.ls2.gamma"] = vec
+    for b in _exit_blocks(graph):
+        norm(f"exits.{b}.norm")
+    for name, (N, K) in graph_layer_shapes(graph).items():
+        bias = a["qkv_bias"] if name.endswith(".attn.qkv") else None
+        specs.update(_linear_specs(name, N, K, graph["layers"][name], bias))
+    return specs
+
+
+def check_tensors(graph: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
+    """Raise FormatError unless ``tensors`` holds exactly what ``graph`` needs."""
+    specs = expected_tensors(graph)
+    unknown = sorted(set(tensors) - set(specs))
+    if unknown:
+        raise FormatError(f"tensors the graph does not use: {unknown}")
+    for name, spec in specs.items():
+        if name not in tensors:
+            if spec.required:
+                raise FormatError(f"missing tensor {name!r} ({spec.dtype.name} {list(spec.shape)})")
+            continue
+        t = tensors[name]
+        if not isinstance(t, np.ndarray) or t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+            got = f"{t.dtype.name} {list(t.shape)}" if isinstance(t, np.ndarray) else type(t).__name__
+            raise FormatError(f"tensor {name!r} is {got}, expected {spec.dtype.name} {list(spec.shape)}")
+        if t.dtype == _I8 and t.size and int(t.min()) < -127:
+            raise FormatError(f"tensor {name!r} holds -128; int8 weights must lie in [-127, 127]")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def _crc32(a: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+
+
+def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[str, np.ndarray],
+                policy_json: str, provenance: Mapping) -> None:
+    """Validate, then write one model file atomically (a failure leaves ``path`` untouched)."""
+    from safetensors.numpy import save_file
+
+    check_graph(graph)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    check_tensors(graph, tensors)
+    json.loads(policy_json)  # must be JSON; the policy itself was validated by its producer
+    metadata = {
+        KEY_MAGIC: MAGIC,
+        KEY_VERSION: str(FORMAT_VERSION),
+        KEY_GRAPH: json.dumps(graph, separators=(",", ":")),
+        KEY_POLICY: policy_json,
+        KEY_PROVENANCE: json.dumps(dict(provenance), separators=(",", ":")),
+        KEY_CHECKSUMS: json.dumps({k: _crc32(v) for k, v in sorted(tensors.items())}, separators=(",", ":")),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+@dataclass
+class Header:
+    """The validated header of a model file (no tensor data read)."""
+
+    graph: dict
+    policy_json: str
+    provenance: dict
+    checksums: Dict[str, int]
+    tensors: Dict[str, dict]  # safetensors' per-tensor entries: dtype, shape, data_offsets
+    data_offset: int          # where tensor data starts in the file
+
+
+def _fail(path: Path, msg: str) -> FormatError:
+    return FormatError(f"{path}: {msg}")
+
+
+def _read_raw_header(path: Path) -> Tuple[dict, int, int]:
+    """(header JSON, header length, file size), sizes checked before anything is parsed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    size = path.stat().st_size
+    if size < 8:
+        raise _fail(path, f"truncated: {size} bytes is too short for a safetensors file")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise _fail(path, f"header length {n} is implausible; not a safetensors model file")
+        if 8 + n > size:
+            raise _fail(path, f"truncated: header needs {n} bytes but the file has {size - 8} after the length")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    return header, n, size
+
+
+def _check_magic_and_version(path: Path, meta: Mapping) -> None:
+    if meta.get(KEY_MAGIC) != MAGIC:
+        raise _fail(path, f"not a pyruntime model (metadata {KEY_MAGIC!r} is {meta.get(KEY_MAGIC)!r}, expected {MAGIC!r})")
+    raw = meta.get(KEY_VERSION)
+    try:
+        version = int(raw)
+    except (TypeError, ValueError):
+        raise _fail(path, f"format version {raw!r} is not an integer") from None
+    if version > FORMAT_VERSION:
+        raise _fail(path, f"format version {version} is newer than this pyruntime supports ({FORMAT_VERSION}); upgrade pyruntime")
+    if version < 1:
+        raise _fail(path, f"format version {version} is not a valid version")
+
+
+def _json_meta(path: Path, meta: Mapping, key: str) -> Any:
+    if key not in meta:
+        raise _fail(path, f"metadata {key!r} is missing")
+    try:
+        return json.loads(meta[key])
+    except (TypeError, ValueError) as e:
+        raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+
+
+def _check_data_extent(path: Path, entries: Mapping[str, Any], available: int) -> None:
+    end = 0
+    for name, e in entries.items():
+        try:
+            end = max(end, int(e["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise _fail(path, f"tensor {name!r} has no valid data_offsets") from None
+    if end > available:
+        raise _fail(path, f"truncated: tensor data needs {end} bytes but the file holds {available}")
+
+
+def read_header(path: Union[str, os.PathLike]) -> Header:
+    """Read and validate everything but the tensor data: sizes, magic, version, graph."""
+    path = Path(path)
+    header, n, size = _read_raw_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise _fail(path, "__metadata__ is not an object")
+    _check_magic_and_version(path, meta)
+    _check_data_extent(path, header, size - 8 - n)
+    graph = _json_meta(path, meta, KEY_GRAPH)
+    try:
+        check_graph(graph)
+    except FormatError as e:
+        raise _fail(path, str(e)) from None
+    _json_meta(path, meta, KEY_POLICY)  # stored for the record; the graph is what runs
+    policy_json = meta[KEY_POLICY]
+    provenance = _json_meta(path, meta, KEY_PROVENANCE)
+    checksums = _json_meta(path, meta, KEY_CHECKSUMS)
+    if not isinstance(provenance, dict):
+        raise _fail(path, "provenance is not a JSON object")
+    if not isinstance(checksums, dict) or set(checksums) != set(header):
+        raise _fail(path, "checksums do not list exactly the file's tensors")
+    return Header(graph, policy_json, provenance, checksums, header, 8 + n)
+
+
+def _load_tensors(path: Path) -> Dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types; never let them escape
+        raise _fail(path, f"cannot read tensors: {type(e).__name__}: {e}") from None
+
+
+def read_model(path: Union[str, os.PathLike]) -> Tuple[dict, Dict[str, np.ndarray], str, dict]:
+    """``(graph, tensors, policy_json, provenance)`` of a validated model file."""
+    path = Path(path)
+    hdr = read_header(path)
+    tensors = _load_tensors(path)
+    for name, t in tensors.items():
+        if _crc32(t) != hdr.checksums[name]:
+            raise _fail(path, f"checksum mismatch in tensor {name!r}: the file is corrupt")
+    try:
+        check_tensors(hdr.graph, tensors)
+    except FormatError as e:
+        raise _fail(path, str(e)) from None
+    return hdr.graph, tensors, hdr.policy_json, hdr.provenance

@@ -1,0 +1,399 @@
+"""Policies: which bits, activation scales and exits a converted model runs with.
+
+A policy is what calibration produces and what ``pyruntime.convert`` consumes. It is
+independent of any one model file (layer names may be ``fnmatch`` patterns), is saved as
+versioned JSON, and is resolved against a concrete model's layer names at conversion time,
+where every inconsistency is reported as a :class:`~pyruntime.errors.PolicyError`.
+
+JSON schema (version 1)::
+
+    {
+      "version": 1,                          # POLICY_VERSION; a newer one is rejected
+      "name": "w8a8",                        # free text, recorded in the model's provenance
+      "default": <layer>,                    # applied to every linear layer not named below
+      "layers": {"<name or pattern>": <layer>, ...},
+      "exits": [{"block": 3, "rule": "confidence", "threshold": 0.9}, ...],
+      "predictor": null | {"block": 1, "chunk": 64, "coeffs": {"<layer>": [a0, a1, ...]}},
+      "meta": {...}                          # free-form JSON (calibration summary, ...)
+    }
+
+    <layer> = {"w_bits": 4 | 8 | 32,          # required
+               "a_bits": 4..8,                # default 8; ignored when w_bits is 32
+               "scale": "dynamic" | "static" | "predicted",   # default "dynamic"
+               "static_scale": float > 0 | null,              # required for "static"
+               "block_size": 32 * k}          # int4 block along K, default 32
+
+Layer names are timm's (``patch_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
+``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``, ``exits.{b}.fc``).
+A key of ``layers`` containing ``*``, ``?`` or ``[`` is a pattern (``fnmatch``, where ``*``
+also matches dots): an exact name wins over patterns, and a layer matched by two patterns
+and named by none is an error (no precedence rules to remember). Every key must match at
+least one layer of the model. Unknown keys anywhere are errors, so a typo never silently
+falls back to a default.
+
+Exit blocks lie in ``0 .. depth-2`` (after the last block the final head answers anyway);
+thresholds lie in [0, 1] for both rules (``margin`` is top-1 minus top-2 probability). A
+layer with ``scale: "predicted"`` needs a predictor at an earlier block than its own
+(``patch_embed`` is before block 0, ``exits.{b}.fc`` belongs to block b, the heads come
+after the last block) and coefficients under its exact name. Coefficients for layers whose
+scale is not predicted are allowed and unused.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from ._atomic import atomic_write_bytes
+from .errors import PolicyError
+
+__all__ = [
+    "POLICY_VERSION",
+    "SHORTHANDS",
+    "LayerPolicy",
+    "ExitPolicy",
+    "PredictorPolicy",
+    "Policy",
+    "layer_block",
+]
+
+POLICY_VERSION = 1
+SHORTHANDS = ("fp32", "w8a8", "w4a8")
+
+W_BITS = (4, 8, 32)
+SCALE_MODES = ("dynamic", "static", "predicted")
+EXIT_RULES = ("confidence", "margin")
+
+_LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
+_EXIT_KEYS = ("block", "rule", "threshold")
+_PREDICTOR_KEYS = ("block", "chunk", "coeffs")
+_POLICY_KEYS = ("version", "name", "default", "layers", "exits", "predictor", "meta")
+
+
+# --- small strict type checks (bool is not an int here: ``True`` bits is a bug) -----------
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise PolicyError(f"{what} must be an integer, got {v!r}")
+    return int(v)
+
+
+def _float(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PolicyError(f"{what} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise PolicyError(f"{what} must be finite, got {v!r}")
+    return v
+
+
+def _mapping(v: Any, what: str, allowed: Sequence[str], required: Sequence[str] = ()) -> Mapping:
+    if not isinstance(v, Mapping):
+        raise PolicyError(f"{what} must be a JSON object, got {type(v).__name__}")
+    unknown = sorted(map(str, set(v) - set(allowed)))
+    if unknown:
+        raise PolicyError(f"{what} has unknown key(s) {unknown}; allowed: {list(allowed)}")
+    missing = [k for k in required if k not in v]
+    if missing:
+        raise PolicyError(f"{what} is missing key(s) {missing}")
+    return v
+
+
+def _is_pattern(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+_BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+_EXIT_LAYER = re.compile(r"^exits\.(\d+)\.fc$")
+
+
+def layer_block(name: str, depth: int) -> int:
+    """The block a linear layer belongs to, for ordering against the scale predictor:
+    ``patch_embed`` is -1 (before block 0), ``exits.{b}.fc`` is b, ``head``/``head_dist``
+    are ``depth`` (after the last block)."""
+    if name == "patch_embed":
+        return -1
+    if name in ("head", "head_dist"):
+        return depth
+    m = _BLOCK_LAYER.match(name) or _EXIT_LAYER.match(name)
+    if not m:
+        raise PolicyError(f"{name!r} is not a linear layer name pyruntime knows")
+    return int(m.group(1))
+
+
+# --- the policy pieces ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """Precision of one linear layer; validated on construction."""
+
+    w_bits: int
+    a_bits: int = 8
+    scale: str = "dynamic"
+    static_scale: Optional[float] = None
+    block_size: int = 32
+
+    def __post_init__(self) -> None:
+        if _int(self.w_bits, "w_bits") not in W_BITS:
+            raise PolicyError(f"w_bits must be one of {W_BITS}, got {self.w_bits}")
+        if not 4 <= _int(self.a_bits, "a_bits") <= 8:
+            raise PolicyError(f"a_bits must be in 4..8, got {self.a_bits}")
+        if self.scale not in SCALE_MODES:
+            raise PolicyError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
+        if self.static_scale is not None:
+            object.__setattr__(self, "static_scale", _float(self.static_scale, "static_scale"))
+        if self.scale == "static" and (self.static_scale is None or self.static_scale <= 0):
+            raise PolicyError(f"scale 'static' needs a positive static_scale, got {self.static_scale!r}")
+        bs = _int(self.block_size, "block_size")
+        if bs <= 0 or bs % 32:
+            raise PolicyError(f"block_size must be a positive multiple of 32, got {bs}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.w_bits != 32
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in _LAYER_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "layer") -> "LayerPolicy":
+        d = _mapping(d, what, _LAYER_KEYS, required=("w_bits",))
+        try:
+            return cls(**d)
+        except PolicyError as e:
+            raise PolicyError(f"{what}: {e}") from None
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """An exit head after ``block``: leave when the rule's score reaches ``threshold``."""
+
+    block: int
+    rule: str = "confidence"
+    threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        if _int(self.block, "exit block") < 0:
+            raise PolicyError(f"exit block must be >= 0, got {self.block}")
+        if self.rule not in EXIT_RULES:
+            raise PolicyError(f"exit rule must be one of {EXIT_RULES}, got {self.rule!r}")
+        t = _float(self.threshold, "exit threshold")
+        if not 0.0 <= t <= 1.0:
+            raise PolicyError(f"exit threshold must lie in [0, 1] for rule {self.rule!r}, got {t}")
+        object.__setattr__(self, "threshold", t)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in _EXIT_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "exit") -> "ExitPolicy":
+        d = _mapping(d, what, _EXIT_KEYS, required=_EXIT_KEYS)
+        try:
+            return cls(**d)
+        except PolicyError as e:
+            raise PolicyError(f"{what}: {e}") from None
+
+
+@dataclass(frozen=True)
+class PredictorPolicy:
+    """ScalePredictor: after ``block``, r = mean over chunks of ``chunk`` values of the chunk
+    max |x|; layer scale = sum_k coeffs[layer][k] * r**k (see docs/model_format.md)."""
+
+    block: int
+    chunk: int
+    coeffs: Dict[str, List[float]]
+
+    def __post_init__(self) -> None:
+        if _int(self.block, "predictor block") < 0:
+            raise PolicyError(f"predictor block must be >= 0, got {self.block}")
+        if _int(self.chunk, "predictor chunk") < 1:
+            raise PolicyError(f"predictor chunk must be >= 1, got {self.chunk}")
+        if not isinstance(self.coeffs, Mapping):
+            raise PolicyError("predictor coeffs must be an object {layer: [a0, a1, ...]}")
+        clean = {}
+        for name, cs in self.coeffs.items():
+            if not isinstance(cs, (list, tuple)) or not cs:
+                raise PolicyError(f"predictor coeffs for {name!r} must be a non-empty list")
+            clean[str(name)] = [_float(c, f"predictor coeff of {name!r}") for c in cs]
+        object.__setattr__(self, "coeffs", clean)
+
+    def to_dict(self) -> dict:
+        return {"block": self.block, "chunk": self.chunk, "coeffs": {k: list(v) for k, v in self.coeffs.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "predictor") -> "PredictorPolicy":
+        d = _mapping(d, what, _PREDICTOR_KEYS, required=_PREDICTOR_KEYS)
+        try:
+            return cls(**d)
+        except PolicyError as e:
+            raise PolicyError(f"{what}: {e}") from None
+
+
+def _fp32() -> LayerPolicy:
+    return LayerPolicy(w_bits=32)
+
+
+@dataclass
+class Policy:
+    """Bits per linear layer, exits and scale predictor; see the module docstring."""
+
+    layers: Dict[str, LayerPolicy] = field(default_factory=dict)
+    exits: List[ExitPolicy] = field(default_factory=list)
+    predictor: Optional[PredictorPolicy] = None
+    default: LayerPolicy = field(default_factory=_fp32)
+    name: str = "custom"
+    meta: dict = field(default_factory=dict)
+
+    # -- serialisation ------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "version": POLICY_VERSION,
+            "name": self.name,
+            "default": self.default.to_dict(),
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "exits": [e.to_dict() for e in self.exits],
+            "predictor": None if self.predictor is None else self.predictor.to_dict(),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Policy":
+        d = _mapping(d, "policy", _POLICY_KEYS, required=("version",))
+        version = _int(d["version"], "policy version")
+        if version > POLICY_VERSION:
+            raise PolicyError(
+                f"policy version {version} is newer than this pyruntime supports ({POLICY_VERSION}); upgrade pyruntime")
+        if version < 1:
+            raise PolicyError(f"policy version must be >= 1, got {version}")
+        layers = d.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise PolicyError("policy 'layers' must be an object {name: layer}")
+        exits = d.get("exits", [])
+        if not isinstance(exits, list):
+            raise PolicyError("policy 'exits' must be a list")
+        meta = d.get("meta", {})
+        if not isinstance(meta, Mapping):
+            raise PolicyError("policy 'meta' must be an object")
+        name = d.get("name", "custom")
+        if not isinstance(name, str):
+            raise PolicyError(f"policy 'name' must be a string, got {name!r}")
+        pred = d.get("predictor")
+        return cls(
+            layers={str(k): LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
+            exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
+            predictor=None if pred is None else PredictorPolicy.from_dict(pred),
+            default=LayerPolicy.from_dict(d["default"], "default layer") if "default" in d else _fp32(),
+            name=name,
+            meta=dict(meta),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Policy":
+        try:
+            d = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise PolicyError(f"policy is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the JSON atomically (temporary file + fsync + rename)."""
+        atomic_write_bytes(path, (self.to_json() + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Policy":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    # -- the predefined uniform policies ---------------------------------------------------
+
+    @classmethod
+    def shorthand(cls, name: str) -> "Policy":
+        """``fp32``: everything fp32. ``w8a8`` / ``w4a8``: 8-/4-bit weights and 8-bit dynamic
+        activations on every block linear (qkv, proj, fc1, fc2); patch embedding and heads
+        stay fp32, as is usual for ViT PTQ. No exits."""
+        if name == "fp32":
+            return cls(name="fp32")
+        if name in ("w8a8", "w4a8"):
+            bits = 8 if name == "w8a8" else 4
+            return cls(layers={"blocks.*": LayerPolicy(w_bits=bits, a_bits=8, scale="dynamic")}, name=name)
+        raise PolicyError(f"unknown policy shorthand {name!r}; choose one of {list(SHORTHANDS)}")
+
+    # -- resolution against a model --------------------------------------------------------
+
+    def _lookup(self, name: str) -> LayerPolicy:
+        if name in self.layers:
+            return self.layers[name]
+        hits = [k for k in self.layers if _is_pattern(k) and fnmatch.fnmatchcase(name, k)]
+        if len(hits) > 1:
+            raise PolicyError(f"layer {name!r} matches several patterns {hits}; name it exactly")
+        return self.layers[hits[0]] if hits else self.default
+
+    def _check_layer_keys(self, names: Sequence[str]) -> None:
+        known = set(names)
+        for key in self.layers:
+            found = any(fnmatch.fnmatchcase(n, key) for n in names) if _is_pattern(key) else key in known
+            if not found:
+                sample = ", ".join(list(names)[:6]) + (", ..." if len(names) > 6 else "")
+                raise PolicyError(f"policy names layer {key!r} which the model lacks (its layers: {sample})")
+
+    def validate_exits(self, depth: int) -> None:
+        """Exits at blocks 0..depth-2, at most one per block (also used on file graphs)."""
+        seen = set()
+        for e in self.exits:
+            if not 0 <= e.block <= depth - 2:
+                raise PolicyError(
+                    f"exit at block {e.block} is out of range: exits go after blocks 0..{depth - 2} "
+                    f"(depth {depth}; after the last block the final head answers)")
+            if e.block in seen:
+                raise PolicyError(f"two exits at block {e.block}")
+            seen.add(e.block)
+
+    def _check_predictor(self, names: Sequence[str], depth: int) -> None:
+        p = self.predictor
+        if p is None:
+            return
+        if p.block > depth - 1:
+            raise PolicyError(f"predictor block {p.block} is out of range (depth {depth})")
+        unknown = sorted(set(p.coeffs) - set(names))
+        if unknown:
+            raise PolicyError(f"predictor has coeffs for layers the model lacks: {unknown}")
+
+    def _check_predicted(self, name: str, lp: LayerPolicy, depth: int) -> None:
+        if lp.scale != "predicted":
+            return
+        p = self.predictor
+        if p is None:
+            raise PolicyError(f"layer {name!r} has a predicted scale but the policy has no predictor")
+        if name not in p.coeffs:
+            raise PolicyError(f"layer {name!r} has a predicted scale but the predictor has no coeffs for it")
+        if p.block >= layer_block(name, depth):
+            raise PolicyError(
+                f"layer {name!r} has a predicted scale but the predictor runs after block {p.block}, "
+                f"which is not before the layer")
+
+    def validate(self, layer_names: Iterable[str], depth: int) -> None:
+        """Raise :class:`PolicyError` with the reason if this policy cannot run on a model
+        with these linear layers and ``depth`` blocks."""
+        names = list(layer_names)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise PolicyError(f"depth must be a positive integer, got {depth!r}")
+        for n in names:
+            layer_block(n, depth)
+        self.validate_exits(depth)
+        self._check_layer_keys(names)
+        self._check_predictor(names, depth)
+        for n in names:
+            self._check_predicted(n, self._lookup(n), depth)
+
+    def resolve(self, layer_names: Iterable[str], depth: int) -> Dict[str, LayerPolicy]:
+        """Validate, then give every layer of the model its precision."""
+        names = list(layer_names)
+        self.validate(names, depth)
+        return {n: self._lookup(n) for n in names}
