@@ -32,6 +32,9 @@ constexpr size_t kKAlign = 32;
 inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 inline size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
 
+// Preconditions every kernel relies on: Kp is a multiple of kKAlign (so of 4), block is a
+// multiple of kKAlign and divides Kp. ops.cc establishes them.
+//
 // Packed qc8w weights (N x K int8, a float scale per output channel):
 //   data[p][g][c][j] = w[16p + c][4g + j], p < panels, g < Kp/4, c < 16, j < 4
 //   i.e. panel stride Kp*16 bytes, 64 bytes per k-group. Padding channels and k are zero.
@@ -64,7 +67,7 @@ using QB4WGemmFn = void (*)(size_t M, size_t N, size_t Kp, size_t block, const i
 using F32GemmFn = void (*)(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
                            const float* b_packed, const float* bias, float* y, size_t y_stride);
 
-// q[r][k] = clamp(nearbyint(x[r][k] * inv_scale[r]), -qmax, qmax) for k < K, 0 for K <= k < Kp;
+// q[r][k] = nearbyint(clamp(x[r][k] * inv_scale[r], -qmax, qmax)) for k < K, 0 for K <= k < Kp;
 // bsum[r][c] = sum of q[r][32c .. 32c+31]. Rounding is to nearest, ties to even, on every ISA.
 using QuantizeRowsFn = void (*)(size_t rows, size_t K, size_t Kp, const float* x,
                                 size_t x_stride, const float* inv_scale, int qmax, int8_t* q,

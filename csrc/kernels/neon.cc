@@ -28,8 +28,10 @@
 // multiplies of a register-blocked tile far ahead of their accumulations and runs out of the
 // 32 vector registers: at -O3 the 2x16 qc8w tile spilled 41 q-registers per 16 k with it, none
 // without. The tiles are written in dependency order; the cores reorder in hardware.
+// fp-contract=off repeats the build's flag here, where the exactness contract depends on it: with
+// contraction on (GCC's default in GNU modes) the GEMM epilogues' mul-then-add becomes FMLA.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-schedule-insns")
+#pragma GCC optimize("no-schedule-insns", "fp-contract=off")
 #endif
 
 namespace pyrt {
@@ -131,7 +133,9 @@ void qc8w_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_scale
       qc8w_group<MR>(w + (k + 4 * g) * kNR, ab, acc);
     });
   }
-  for (; k < Kp; k += kKGroup) {  // Kp % 16 != 0 (not produced by ops.cc, handled anyway)
+  // Kp % 16 != 0: ops.cc never produces it (Kp % 32 == 0), handled anyway. Kp % 4 == 0 always:
+  // the packed layout has whole k-groups.
+  for (; k < Kp; k += kKGroup) {
     int8x16_t ab[MR];
     unroll<MR>([&](auto r) { ab[r] = load_dup4(a + r * a_stride + k); });
     qc8w_group<MR>(w + k * kNR, ab, acc);

@@ -91,9 +91,9 @@ inline void store_cols(float* p, size_t n, const float32x4_t* v) {
   }
 }
 
-// The float epilogue of the integer GEMMs, in the contract's order (kernels.h):
-//   qc8w: y = float(acc) * (a_scale * w_scale) + bias
-// Plain vmulq/vaddq; the library is built with -ffp-contract=off so they are never fused.
+// The float epilogue of qc8w, in the contract's order (kernels.h): float(acc) * (a_scale *
+// w_scale); the caller adds bias only when there is one (+0.0 would turn -0.0 into +0.0).
+// Plain multiplies: neon*.cc turn fp-contract off so a following add is never fused into them.
 inline float32x4_t qc8w_epilogue(int32x4_t acc, float a_scale, float32x4_t w_scale) {
   return vmulq_f32(vcvtq_f32_s32(acc), vmulq_f32(vdupq_n_f32(a_scale), w_scale));
 }

@@ -19,12 +19,11 @@
 #include "kernels.h"
 #include "neon_common.h"
 
-// GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
-// multiplies of a register-blocked tile far ahead of their accumulations and runs out of the
-// 32 vector registers: at -O3 the 2x16 qc8w tile spilled 41 q-registers per 16 k with it, none
-// without. The tiles are written in dependency order; the cores reorder in hardware.
+// As in neon.cc: GCC's pre-register-allocation scheduler makes the 4x16 tile spill (3 q-registers
+// per 16 k at -O3); without it the inner loop is 64 SDOT + 20 loads and nothing else. And the
+// epilogues must not be contracted into FMLA, whatever the build's flags.
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-schedule-insns")
+#pragma GCC optimize("no-schedule-insns", "fp-contract=off")
 #endif
 
 namespace pyrt {
@@ -53,7 +52,9 @@ void qc8w_dot_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_s
       });
     });
   }
-  for (; k < Kp; k += kKGroup) {  // Kp % 16 != 0 (not produced by ops.cc, handled anyway)
+  // Kp % 16 != 0: ops.cc never produces it (Kp % 32 == 0), handled anyway. Kp % 4 == 0 always:
+  // the packed layout has whole k-groups.
+  for (; k < Kp; k += kKGroup) {
     int8x16_t wv[4];
     unroll<4>([&](auto c) { wv[c] = vld1q_s8(w + k * kNR + 16 * c); });
     unroll<MR>([&](auto r) {
