@@ -26,7 +26,7 @@ from ._atomic import atomic_write_bytes
 from .calibrate.thresholds import shared_threshold
 from .datasets import fashion_mnist
 from .policy import ExitPolicy, Policy
-from .reference import reference_path
+from .reference import convert_reference
 from .runtime import Model, load
 
 CALIBRATION_IMAGES = 2000
@@ -114,24 +114,13 @@ def calibrate_exits(workdir: Path, depth: int, threads: Optional[int]) -> Policy
     train_x, train_y = fashion_mnist("train")
     rng = np.random.default_rng(0)
     pick = rng.choice(len(train_x), CALIBRATION_IMAGES, replace=False)
-    path = _convert(workdir / "w8a8_exits_probe.pyrt", exit_policy("w8a8", depth, 1.0))
+    path = convert_reference(workdir / "w8a8_exits_probe.pyrt", exit_policy("w8a8", depth, 1.0))
     model = load(path, num_threads=threads)
     r = model.run(train_x[pick], collect_exits=True)
     op = shared_threshold(model.graph, r.exit_logits, r.logits, train_y[pick], MAX_CALIBRATION_DROP)
     print(f"exit threshold {op.threshold:.4f}: calibration top-1 {op.top1:.4f} "
           f"(full depth {op.full_depth_top1:.4f}), mean exit block {op.mean_exit_block:.2f}")
     return exit_policy("w8a8", depth, op.threshold)
-
-
-def _convert(out: Path, policy) -> Path:
-    """The shipped reference checkpoint (with its exit heads and normalisation) under a policy."""
-    from .convert import convert
-    from .reference import build_timm_model, read_metadata
-
-    meta = read_metadata()
-    model = build_timm_model(meta["timm_kwargs"])
-    return convert(model, out, checkpoint=reference_path(), policy=policy,
-                   preprocess={"mean": meta["mean"], "std": meta["std"]})
 
 
 def print_table(rows: List[Row]) -> None:
@@ -150,14 +139,17 @@ def plot(rows: List[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for r in rows:
+    for i, r in enumerate(rows):
+        # Alternate label sides: neighbouring policies often sit at the same accuracy.
+        offset = (5, 6) if i % 2 == 0 else (5, -14)
         axes[0].scatter(r.bops_ratio, 100 * r.top1, s=50)
-        axes[0].annotate(r.policy, (r.bops_ratio, 100 * r.top1), textcoords="offset points", xytext=(5, 5))
+        axes[0].annotate(r.policy, (r.bops_ratio, 100 * r.top1), textcoords="offset points", xytext=offset)
         axes[1].scatter(r.latency_ms, 100 * r.top1, s=50)
-        axes[1].annotate(r.policy, (r.latency_ms, 100 * r.top1), textcoords="offset points", xytext=(5, 5))
+        axes[1].annotate(r.policy, (r.latency_ms, 100 * r.top1), textcoords="offset points", xytext=offset)
     axes[1].axvline(rows[0].torch_latency_ms, color="gray", ls="--", label="PyTorch fp32")
     axes[0].set(xlabel="BOPs relative to fp32, full depth", ylabel="top-1 (%)", title="Accuracy vs BOPs")
-    axes[1].set(xlabel="latency per image, batch 1 (ms)", ylabel="top-1 (%)", title="Accuracy vs latency")
+    axes[1].set(xlabel="latency per image, batch 1 (ms, log scale)", ylabel="top-1 (%)", title="Accuracy vs latency",
+                xscale="log")
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -177,12 +169,12 @@ def main(args) -> int:
     with tempfile.TemporaryDirectory(prefix="pyruntime-demo-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        fp32_path = _convert(workdir / "fp32.pyrt", "fp32")
+        fp32_path = convert_reference(workdir / "fp32.pyrt", "fp32")
         depth = load(fp32_path).depth
         policies = [("fp32", fp32_path),
-                    ("w8a8", _convert(workdir / "w8a8.pyrt", "w8a8")),
-                    ("w4a8", _convert(workdir / "w4a8.pyrt", "w4a8")),
-                    ("w8a8+exits", _convert(workdir / "w8a8_exits.pyrt", calibrate_exits(workdir, depth, threads)))]
+                    ("w8a8", convert_reference(workdir / "w8a8.pyrt", "w8a8")),
+                    ("w4a8", convert_reference(workdir / "w4a8.pyrt", "w4a8")),
+                    ("w8a8+exits", convert_reference(workdir / "w8a8_exits.pyrt", calibrate_exits(workdir, depth, threads)))]
         full_bops = bops.static(fp32_path)
         torch_run = torch_runner(threads)
         torch_ms = latency_ms(torch_run, test_x[:LATENCY_IMAGES])
