@@ -5,9 +5,10 @@
 // Integer GEMMs reproduce ref.cc bit for bit: the int32 accumulators are exact, and the float
 // epilogue uses the operations and order of kernels.h (mul, then add; never an FMA).
 //
-// qd8_f32_qc8w_gemm: both operands widened to int16 (per-thread scratch), micro-tile of 6 rows x
-//   8 channels (12 int32 ymm accumulators), one vpmaddwd + vpaddd per 16 MACs. See below for why
-//   this beats the vpmaddubsw sign trick.
+// qd8_f32_qc8w_gemm: int16 operands (activations widened into per-thread scratch, weights into
+//   scratch or as they are loaded), micro-tile of 6 rows x 8 channels (12 int32 ymm
+//   accumulators), one vpmaddwd + vpaddd per 16 MACs. See below for why this beats the
+//   vpmaddubsw sign trick.
 // qd8_f32_qb4w_gemm: micro-tile of 4 rows x 8 channels. Nibbles (q + 8, in [0, 15]) feed
 //   vpmaddubsw directly as the unsigned operand, and the products of a 32-wide k chunk are summed
 //   in int16 before one vpmaddwd widens them: about one multiplier-port op per 32 MACs.
@@ -177,8 +178,9 @@ inline void widen_i8(const int8_t* src, int16_t* dst, size_t n) {
 // vpmaddubsw + vpmaddwd per 32 MACs, and on Zen those three (and vpabsb, vpmovsxbw) share the
 // same two ports (measured: each alone issues 2/cycle, any mix of them 2/cycle in total), so
 // int16 operands need ~1.5x fewer port cycles: ~170 GOPS against ~140 GOPS for a 4x16 sign-
-// trick tile on the same machine. Both operands are widened once into per-thread scratch:
-// activation rows once per M chunk, each weight panel once per M chunk (~1/MB of the work).
+// trick tile on the same machine. Activation rows are widened once per M chunk into per-thread
+// scratch; weights either the same way (each panel once per M chunk) or as they are loaded,
+// whichever is cheaper for the shape (see `wide` below).
 //
 // Widened weight panel layout: [half h][group g][32 int16]; the first 16 are channels
 // 8h+0..3 (4 k each), the next 16 channels 8h+4..7 -- i.e. the packed bytes, widened in place.
@@ -186,6 +188,8 @@ inline void widen_i8(const int8_t* src, int16_t* dst, size_t n) {
 // per channel two partial sums (k 0+1 and k 2+3) in adjacent int32 lanes, added at the end.
 
 constexpr size_t kQC8MR = 6;
+constexpr size_t kQC8WideMinRows = 24;
+constexpr size_t kQC8WideMaxBytes = 32 * 1024;
 
 // Adjacent int32 lanes summed: v0 = ch 0..3, v1 = ch 4..7 (pairs) -> ch 0..7.
 inline __m256i fold_pairs(__m256i v0, __m256i v1) {
@@ -195,9 +199,12 @@ inline __m256i fold_pairs(__m256i v0, __m256i v1) {
 
 // Integer dot products of MR rows x 8 channels over Kp. Kept out of line so that the 2*MR
 // accumulators get registers of their own (inlined, GCC shuffles them through the stack).
-template <int MR>
+// kWide: w is the widened half panel (32 int16 per group); otherwise it is the packed int8
+// panel plus 32*h (64 bytes per group), widened here as it is loaded (for few rows, where
+// widening the panel into scratch would cost more than it saves).
+template <int MR, bool kWide>
 __attribute__((noinline)) void qc8w_tile(size_t Kp, const int16_t* a, size_t a_stride,
-                                         const int16_t* w, int32_t* out) {
+                                         const void* w, int32_t* out) {
   const __m256i z = _mm256_setzero_si256();
   __m256i c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z;
   __m256i c40 = z, c41 = z, c50 = z, c51 = z;
@@ -208,8 +215,16 @@ __attribute__((noinline)) void qc8w_tile(size_t Kp, const int16_t* a, size_t a_s
   const int16_t* a4 = a + (MR > 4 ? 4 * a_stride : 0);
   const int16_t* a5 = a + (MR > 5 ? 5 * a_stride : 0);
   for (size_t k = 0; k < Kp; k += kKGroup) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * k));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8 * k + 16));
+    __m256i w0, w1;
+    if constexpr (kWide) {
+      const int16_t* wk = static_cast<const int16_t*>(w) + 8 * k;
+      w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk));
+      w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16));
+    } else {
+      const int8_t* wk = static_cast<const int8_t*>(w) + 16 * k;
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk)));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + 16)));
+    }
 #define PYRT_QC8_ROW(r)                                                       \
   if constexpr (MR > r) {                                                     \
     int64_t v;                                                                \
@@ -245,22 +260,31 @@ void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size
   // Rows per chunk: widened activations of about 256 KB, so that they stay in L2 (512 KB on
   // Zen 3) while every panel streams over them. Each chunk re-widens the weight panels, so
   // smaller chunks cost more (measured: 6-row chunks lose ~30% at K = 3072).
-  const size_t mb = std::max(kQC8MR, (size_t(128) * 1024 / std::max<size_t>(Kp, 1)) / kQC8MR * kQC8MR);
-  const size_t mchunk = std::min(M, mb);
+  const size_t mb = std::max<size_t>(1, size_t(128) * 1024 / std::max<size_t>(Kp, 1));
+  // Equal chunks (rounded up to whole tiles), so that no small last chunk pays for a full
+  // re-widening of the weights.
+  const size_t nchunks = (M + mb - 1) / mb;
+  const size_t mchunk = std::min(M, round_up((M + nchunks - 1) / nchunks, kQC8MR));
   int16_t* a16 = scratch_i16(mchunk * Kp + Kp * kNR);
   int16_t* w16 = a16 + mchunk * Kp;
   alignas(32) float b16[kNR];
   alignas(32) int32_t acc[kQC8MR * 16];
   for (size_t m0 = 0; m0 < M; m0 += mchunk) {
     const size_t rows = std::min(mchunk, M - m0);
+    // Weights widened into scratch, or as they are loaded? Widening a panel into scratch costs
+    // about what ~2 rows of multiplies do, widening in the loop ~1/MR of the multiplies; and a
+    // widened panel larger than L1 doubles the L2 traffic for weights. Measured: scratch +5%
+    // at M = 197, K = 192; even at K >= 1536; in-loop +10% at M = 12..16 and 2.5x at M = 1.
+    const bool wide = rows >= kQC8WideMinRows && Kp * kNR * sizeof(int16_t) <= kQC8WideMaxBytes;
     for (size_t r = 0; r < rows; ++r) widen_i8(a + (m0 + r) * a_stride, a16 + r * Kp, Kp);
     for (size_t p = 0; p < num_panels(N); ++p) {
       const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
       const int8_t* wp = w + p * Kp * kNR;
       const size_t halves = ncols > 8 ? 2 : 1;
-      for (size_t h = 0; h < halves; ++h)
-        for (size_t g = 0; g < Kp / kKGroup; ++g)
-          widen_i8(wp + g * 64 + 32 * h, w16 + h * Kp * 8 + g * 32, 32);
+      if (wide)
+        for (size_t h = 0; h < halves; ++h)
+          for (size_t g = 0; g < Kp / kKGroup; ++g)
+            widen_i8(wp + g * 64 + 32 * h, w16 + h * Kp * 8 + g * 32, 32);
       if (bias) load_bias16(bias, n0, N, b16);
       for (size_t h = 0; h < halves; ++h) {
         const size_t nc = std::min<size_t>(8, ncols - 8 * h);
@@ -269,14 +293,26 @@ void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size
         for (size_t m = 0; m < rows; m += kQC8MR) {
           const size_t mr = std::min(kQC8MR, rows - m);
           const int16_t* am = a16 + m * Kp;
-          const int16_t* wh = w16 + h * Kp * 8;
-          switch (mr) {
-            case 6: qc8w_tile<6>(Kp, am, Kp, wh, acc); break;
-            case 5: qc8w_tile<5>(Kp, am, Kp, wh, acc); break;
-            case 4: qc8w_tile<4>(Kp, am, Kp, wh, acc); break;
-            case 3: qc8w_tile<3>(Kp, am, Kp, wh, acc); break;
-            case 2: qc8w_tile<2>(Kp, am, Kp, wh, acc); break;
-            default: qc8w_tile<1>(Kp, am, Kp, wh, acc); break;
+          if (wide) {
+            const int16_t* wh = w16 + h * Kp * 8;
+            switch (mr) {
+              case 6: qc8w_tile<6, true>(Kp, am, Kp, wh, acc); break;
+              case 5: qc8w_tile<5, true>(Kp, am, Kp, wh, acc); break;
+              case 4: qc8w_tile<4, true>(Kp, am, Kp, wh, acc); break;
+              case 3: qc8w_tile<3, true>(Kp, am, Kp, wh, acc); break;
+              case 2: qc8w_tile<2, true>(Kp, am, Kp, wh, acc); break;
+              default: qc8w_tile<1, true>(Kp, am, Kp, wh, acc); break;
+            }
+          } else {
+            const int8_t* wh = wp + 32 * h;
+            switch (mr) {
+              case 6: qc8w_tile<6, false>(Kp, am, Kp, wh, acc); break;
+              case 5: qc8w_tile<5, false>(Kp, am, Kp, wh, acc); break;
+              case 4: qc8w_tile<4, false>(Kp, am, Kp, wh, acc); break;
+              case 3: qc8w_tile<3, false>(Kp, am, Kp, wh, acc); break;
+              case 2: qc8w_tile<2, false>(Kp, am, Kp, wh, acc); break;
+              default: qc8w_tile<1, false>(Kp, am, Kp, wh, acc); break;
+            }
           }
           for (size_t r = 0; r < mr; ++r) {
             const size_t row = m0 + m + r;
@@ -425,8 +461,37 @@ void f32_rows(size_t K, const float* a, size_t a_stride, const float* bp, const 
   __m256 acc[MR][2];
 #pragma GCC unroll 6
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  size_t k = 0;
+  if constexpr (MR <= 3) {
+    // Few rows give too few independent FMA chains to cover the FMA latency (4 cycles, 2 per
+    // cycle: 8 chains needed); odd k go to a second set of accumulators. M = 1: 29 -> 39
+    // GFLOP/s, where it meets the bandwidth of streaming B from L3.
+    __m256 odd[MR][2];
+#pragma GCC unroll 3
+    for (int r = 0; r < MR; ++r) odd[r][0] = odd[r][1] = _mm256_setzero_ps();
+    for (; k + 2 <= K; k += 2) {
+      const __m256 b0 = _mm256_loadu_ps(bp + k * kNR);
+      const __m256 b1 = _mm256_loadu_ps(bp + k * kNR + 8);
+      const __m256 b2 = _mm256_loadu_ps(bp + k * kNR + 16);
+      const __m256 b3 = _mm256_loadu_ps(bp + k * kNR + 24);
+#pragma GCC unroll 3
+      for (int r = 0; r < MR; ++r) {
+        const __m256 av = _mm256_broadcast_ss(a + r * a_stride + k);
+        const __m256 aw = _mm256_broadcast_ss(a + r * a_stride + k + 1);
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        odd[r][0] = _mm256_fmadd_ps(aw, b2, odd[r][0]);
+        odd[r][1] = _mm256_fmadd_ps(aw, b3, odd[r][1]);
+      }
+    }
+#pragma GCC unroll 3
+    for (int r = 0; r < MR; ++r) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], odd[r][0]);
+      acc[r][1] = _mm256_add_ps(acc[r][1], odd[r][1]);
+    }
+  }
 #pragma GCC unroll 4
-  for (size_t k = 0; k < K; ++k) {
+  for (; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(bp + k * kNR);
     const __m256 b1 = _mm256_loadu_ps(bp + k * kNR + 8);
 #pragma GCC unroll 6
@@ -448,6 +513,8 @@ void f32_rows(size_t K, const float* a, size_t a_stride, const float* bp, const 
   }
 }
 
+// No K blocking: tried (K blocks of 256..1024 with partial sums through y), it was slower at
+// every ViT shape measured, 197 x 768 x 3072 included.
 void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   alignas(32) float b16[kNR];

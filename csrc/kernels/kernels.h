@@ -11,9 +11,12 @@
 //   qc8w: y = float(acc) * (a_scale[m] * w_scale[n]) + bias[n]
 //   qb4w: s = 0; for each block b in order: s = s + float(acc_b) * w_scale[b][n];
 //         y = s * a_scale[m] + bias[n]
-// Activations must lie in [-127, 127] (the quantiser never writes -128); weights may use the
-// full int8 range. That is what lets AVX2's vpmaddubsw run without saturating: it multiplies
-// |w| (unsigned, <= 128) by sign(a, w) (|.| <= 127), so a pair sums to at most 32512.
+// Activations lie in [-127, 127] (the quantiser never writes -128); weights may use the full
+// int8 range. No kernel may saturate: the AVX2 int8 GEMM widens both operands to int16 for
+// vpmaddwd (on Zen its multiply ports run that faster than the vpmaddubsw sign trick), and the
+// int4 GEMMs multiply unsigned nibbles (<= 15) by activations, which cannot saturate either.
+// The [-127, 127] bound keeps a sign-trick kernel (|w| times sign(a, w)) legal for any ISA
+// that wants one; the current kernels are exact even at -128.
 #pragma once
 
 #include <cstddef>
