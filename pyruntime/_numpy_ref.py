@@ -5,7 +5,9 @@ One image at a time, activations stored in float32 between ops like the executor
 computed in float64 and rounded to float32 at its output like the scalar reference kernels.
 Quantised layers emulate the runtime exactly: a per-image activation scale (dynamic, static
 or predicted), ``q = clip(rint(x * float32(1/scale)), -qmax, qmax)``, exact integer
-products, and the kernels' float32 epilogues. Not fast, not for production; no torch.
+products, and the kernels' float32 epilogues. QuEE gates decide as the executor does, in
+Python floats (IEEE double, the same libm exp/log) in the executor's order of operations,
+so the decisions agree bit for bit. Not fast, not for production; no torch.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from .bops import FP32_BITS
-from .modelfile import (check_graph, check_tensors, graph_layer_shapes, num_patches, num_prefix_tokens,
-                        unpack_int4)
+from .modelfile import (check_graph, check_tensors, graph_layer_shapes, graph_reduced_layers, num_patches,
+                        num_prefix_tokens, unpack_int4)
+from .policy import GATE_TENSORS
 
-__all__ = ["forward"]
+__all__ = ["forward", "gate_path"]
 
 _F32 = np.float32
 
@@ -59,7 +62,10 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
 
 
 def _load_linear(graph: Mapping, tensors: Mapping[str, np.ndarray], name: str) -> _Linear:
-    lp = graph["layers"][name]
+    """A layer, or with ``name`` = ``<layer>:lo`` its QuEE reduced copy (own weights and
+    precision, the layer's bias, predictor coefficients under ``<layer>:lo``)."""
+    base = name.split(":")[0]
+    lp = graph["gates"]["reduced"][base] if name.endswith(":lo") else graph["layers"][name]
     pred = graph["predictor"]
     coeffs = None
     if lp["scale"] == "predicted" and pred is not None:
@@ -72,10 +78,10 @@ def _load_linear(graph: Mapping, tensors: Mapping[str, np.ndarray], name: str) -
         if lp["w_bits"] == 8:
             q = tensors[f"{name}.weight.q8"].astype(np.int64)
         else:
-            q = unpack_int4(tensors[f"{name}.weight.q4"], graph_layer_shapes(graph)[name][1]).astype(np.int64)
+            q = unpack_int4(tensors[f"{name}.weight.q4"], graph_layer_shapes(graph)[base][1]).astype(np.int64)
         weight = _dequantize(q, w_scale, lp["block_size"])
     return _Linear(name, lp["w_bits"], lp["a_bits"], lp["scale"], lp["static_scale"], lp["block_size"],
-                   weight, q, w_scale, tensors.get(f"{name}.bias"), coeffs)
+                   weight, q, w_scale, tensors.get(f"{base}.bias"), coeffs)
 
 
 # --- the float ops, each float64 inside and float32 out -----------------------------------
@@ -171,7 +177,18 @@ class _Model:
         self.g, self.t, self.a = graph, tensors, graph["arch"]
         self.eps = float(_F32(self.a["eps"]))
         self.lin = {name: _load_linear(graph, tensors, name) for name in graph["layers"]}
+        self.lo = {name: _load_linear(graph, tensors, f"{name}:lo") for name in graph_reduced_layers(graph)}
         self.exits = {e["block"]: e for e in graph["exits"]}
+        gates = graph.get("gates")
+        self.gates = {}
+        if gates is not None:
+            self.lam = float(_F32(gates["lambda"]))
+            self.topk, self.hidden = gates["topk"], gates["hidden"]
+            for b, e in self.exits.items():
+                if e["rule"] == "gate":
+                    w = {k: tensors[f"gates.{b}.{k}"] for k in GATE_TENSORS}
+                    w["cost"] = np.asarray(gates["cost"][str(b)], dtype=_F32)
+                    self.gates[b] = w
         pred = graph["predictor"]
         self.pred_block = pred["block"] if pred is not None else -1
         self.pred_chunk = pred["chunk"] if pred is not None else 0
@@ -227,21 +244,60 @@ def _exit_taken(rule: str, threshold: float, logits: np.ndarray) -> bool:
     return bool(score >= float(_F32(threshold)))
 
 
-def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int]:
+def gate_path(logits: np.ndarray, gate: Mapping[str, np.ndarray], lam: float, topk: int) -> int:
+    """The path (0 exit, 1 full, 2 reduced) a QuEE gate sends an image down, from its exit
+    head's float32 logits: features (top-``topk`` softmax probabilities, descending, then
+    the entropy -sum p ln p), e = sigmoid(W2 relu(W1 f + b1) + b2), argmin e_p + lam * cost_p
+    (ties: the lower path). Python floats in the executor's order of operations."""
+    z = [float(v) for v in logits]
+    mx = max(z)
+    p = [math.exp(v - mx) for v in z]
+    total = 0.0
+    for v in p:
+        total += v
+    p = [v / total for v in p]
+    entropy = 0.0
+    for v in p:
+        entropy -= v * math.log(v) if v > 0.0 else 0.0
+    f = sorted(p, reverse=True)[:topk] + [entropy]
+    w1, b1, w2, b2 = (gate[k] for k in GATE_TENSORS)
+    hidden = len(b1)
+    h = []
+    for j in range(hidden):
+        s = float(b1[j])
+        for i in range(topk + 1):
+            s += float(w1[j, i]) * f[i]
+        h.append(max(s, 0.0))
+    best, best_score = 0, 0.0
+    for path in range(3):
+        s = float(b2[path])
+        for j in range(hidden):
+            s += float(w2[path, j]) * h[j]
+        score = 1.0 / (1.0 + math.exp(-s)) + float(lam) * float(gate["cost"][path])
+        if path == 0 or score < best_score:
+            best, best_score = path, score
+    return best
+
+
+def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int, np.ndarray]:
     a = m.a
     T, D, depth = num_patches(a) + num_prefix_tokens(a), a["embed_dim"], a["depth"]
     bops, stat = 0, None
+    precision = 1  # 1 full, 2 reduced (after a gate sent the image down the reduced path)
+    block_path = np.zeros(depth, dtype=np.uint8)
 
     def lin(name: str, x: np.ndarray) -> np.ndarray:
         nonlocal bops
-        bops += x.shape[0] * m.lin[name].bops_per_row
-        return _linear(m.lin[name], x, quantized, stat)
+        layer = m.lo[name] if precision == 2 and name in m.lo else m.lin[name]
+        bops += x.shape[0] * layer.bops_per_row
+        return _linear(layer, x, quantized, stat)
 
     x = m.embed(lin("patch_embed", m.patches(img)))
     if a["norm_pre"]:
         x = m.norm(x, "norm_pre")
     for i in range(depth):
         p = f"blocks.{i}"
+        block_path[i] = precision
         h = lin(f"{p}.attn.proj", m.attention(lin(f"{p}.attn.qkv", m.norm(x, f"{p}.norm1"))))
         bops += 2 * T * T * D * FP32_BITS
         x = x + (m.t[f"{p}.ls1.gamma"] * h if a["layer_scale"] else h)
@@ -252,8 +308,13 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
         if i in m.exits:
             e = m.exits[i]
             logits = lin(f"exits.{i}.fc", m.norm(m.pool(x), f"exits.{i}.norm")[None])[0]
-            if _exit_taken(e["rule"], e["threshold"], logits):
-                return logits, i, bops
+            if e["rule"] == "gate":
+                path = gate_path(logits, m.gates[i], m.lam, m.topk)
+                if path == 0:
+                    return logits, i, bops, block_path
+                precision = path
+            elif _exit_taken(e["rule"], e["threshold"], logits):
+                return logits, i, bops, block_path
     if a["final_norm"]:
         x = m.norm(x, "norm")
     pooled = m.pool(x)
@@ -262,15 +323,17 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
     logits = lin("head", pooled[None])[0]
     if a["dist_token"]:
         logits = (logits + lin("head_dist", x[1][None])[0]) * _F32(0.5)
-    return logits, depth - 1, bops
+    return logits, depth - 1, bops, block_path
 
 
 def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
-            quantized: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+            quantized: bool = True, paths: bool = False):
     """``(logits f32 [B, n], exit_block int32 [B], bops int64 [B])`` for images ``x``
-    [B, C, H, W] (already normalised). ``quantized=False`` runs every layer in fp32 with its
-    stored (for integer layers: dequantised) weights, to isolate quantisation error; exits
-    still apply and BOPs are still those of the graph's precisions."""
+    [B, C, H, W] (already normalised), plus ``block_path`` uint8 [B, depth] (0 not run,
+    1 full, 2 reduced precision; as the runtime's) when ``paths=True``. ``quantized=False``
+    runs every layer in fp32 with its stored (for integer layers: dequantised) weights, to
+    isolate quantisation error; exits still apply and BOPs are still those of the graph's
+    precisions."""
     m = _Model(graph, tensors)
     a = m.a
     x = np.asarray(x, dtype=_F32)
@@ -281,6 +344,7 @@ def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
     logits = np.zeros((B, n), dtype=_F32)
     exit_block = np.full(B, a["depth"] - 1, dtype=np.int32)
     bops = np.zeros(B, dtype=np.int64)
+    block_path = np.zeros((B, a["depth"]), dtype=np.uint8)
     for i in range(B):
-        logits[i], exit_block[i], bops[i] = _forward_image(m, x[i], quantized)
-    return logits, exit_block, bops
+        logits[i], exit_block[i], bops[i], block_path[i] = _forward_image(m, x[i], quantized)
+    return (logits, exit_block, bops, block_path) if paths else (logits, exit_block, bops)

@@ -14,19 +14,28 @@ Who pays for what, with an image that exits at block b having executed blocks 0.
 * the final head(s) -- the images that executed the last block (exits lie at blocks
   0..depth-2, so those are exactly the images that did not leave early).
 
+With QuEE gates an image runs each block at full precision (the ``layers`` bits) or, after
+a gate switched it, at reduced precision (a block linear with a copy in ``gates.reduced``
+counts that copy's bits; the others and the attention matmuls count the same either way).
+:func:`per_image` takes the run's ``block_path`` for that; :func:`expected` takes the
+fraction of images running each block reduced (``reach_reduced``). Exit heads and final
+heads have no reduced copies.
+
 The executor accumulates the same numbers per image while it runs; the tests hold the two
 together. NumPy only.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Sequence, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .modelfile import check_graph, graph_layer_names, graph_layer_shapes, num_patches, num_tokens, read_header
+from .modelfile import (check_graph, graph_layer_names, graph_layer_shapes, layer_precision, num_patches, num_tokens,
+                        read_header)
 
-__all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "expected", "per_image", "reach_from_exits"]
+__all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "block_bops", "expected", "expected_by_precision",
+           "per_image", "reach_from_exits", "reach_from_paths"]
 
 FP32_BITS = 32 * 32
 GraphOrPath = Union[Mapping, str, "os.PathLike[str]"]
@@ -49,15 +58,17 @@ def _layer_rows(graph: Mapping, name: str) -> int:
     return 1
 
 
-def layer_macs(graph: GraphOrPath) -> Dict[str, int]:
+def layer_macs(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
     """MACs of one image through every linear layer and attention matmul (pseudo-layers
-    ``blocks.{i}.attn.qk`` and ``blocks.{i}.attn.av``), in execution order."""
+    ``blocks.{i}.attn.qk`` and ``blocks.{i}.attn.av``), in execution order. ``reduced=True``
+    also lists the QuEE reduced copies ``<layer>:lo`` (which an image runs *instead of* their
+    layer: never add both)."""
     graph = _graph(graph)
     a = graph["arch"]
     T, D = num_tokens(a), a["embed_dim"]
-    shapes = graph_layer_shapes(graph)
+    shapes = graph_layer_shapes(graph, reduced)
     macs: Dict[str, int] = {}
-    for name in graph_layer_names(graph):
+    for name in graph_layer_names(graph, reduced):
         N, K = shapes[name]
         macs[name] = _layer_rows(graph, name) * N * K
         if name.endswith(".attn.qkv"):
@@ -69,16 +80,16 @@ def layer_macs(graph: GraphOrPath) -> Dict[str, int]:
 
 def _bits(graph: Mapping, name: str) -> int:
     """b_w x b_a of a layer; attention matmuls and fp32 layers are 32 x 32."""
-    lp = graph["layers"].get(name)
+    lp = layer_precision(graph, name) if name.endswith(":lo") or name in graph["layers"] else None
     if lp is None or lp["w_bits"] == 32:
         return FP32_BITS
     return lp["w_bits"] * lp["a_bits"]
 
 
-def layer_bops(graph: GraphOrPath) -> Dict[str, int]:
+def layer_bops(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
     """BOPs of one image through every layer (see :func:`layer_macs`)."""
     graph = _graph(graph)
-    return {name: m * _bits(graph, name) for name, m in layer_macs(graph).items()}
+    return {name: m * _bits(graph, name) for name, m in layer_macs(graph, reduced).items()}
 
 
 def _owner(name: str) -> str:
@@ -107,6 +118,25 @@ def _buckets(graph: Mapping):
     return embed, blocks, exits, head
 
 
+def _reduced_blocks(graph: Mapping, blocks: np.ndarray) -> np.ndarray:
+    """Per-block BOPs of an image running each block at reduced precision."""
+    out = blocks.copy()
+    lb = layer_bops(graph, reduced=True)
+    for name, b in lb.items():
+        if name.endswith(":lo"):
+            out[int(name.split(".")[1])] += b - lb[name[:-3]]
+    return out
+
+
+def block_bops(path_or_graph: GraphOrPath) -> Tuple[np.ndarray, np.ndarray]:
+    """(full [depth], reduced [depth]): BOPs of one image through each block (its four
+    linears and the attention matmuls; no exit heads) at full and at reduced precision
+    (equal for blocks without reduced copies)."""
+    graph = _graph(path_or_graph)
+    _, blocks, _, _ = _buckets(graph)
+    return blocks, _reduced_blocks(graph, blocks)
+
+
 def static(path_or_graph: GraphOrPath) -> int:
     """BOPs of one image that runs the whole network (evaluating every exit head on the way)."""
     embed, blocks, exits, head = _buckets(_graph(path_or_graph))
@@ -126,14 +156,35 @@ def _check_reach(reach: Sequence[float], depth: int) -> np.ndarray:
     return r
 
 
-def expected(path_or_graph: GraphOrPath, reach: Sequence[float]) -> float:
-    """Amortised BOPs per image when a fraction ``reach[b]`` of images executes block b."""
+def expected(path_or_graph: GraphOrPath, reach: Sequence[float],
+             reach_reduced: Optional[Sequence[float]] = None) -> float:
+    """Amortised BOPs per image when a fraction ``reach[b]`` of images executes block b, of
+    which a fraction ``reach_reduced[b]`` (of all images, <= reach[b]; default none) runs it
+    at the reduced precision of QuEE gates."""
     graph = _graph(path_or_graph)
     embed, blocks, exits, head = _buckets(graph)
-    r = _check_reach(reach, graph["arch"]["depth"])
+    depth = graph["arch"]["depth"]
+    r = _check_reach(reach, depth)
     total = float(embed) + float(np.dot(r, blocks.astype(np.float64)))
+    if reach_reduced is not None:
+        rr = np.asarray(reach_reduced, dtype=np.float64)
+        if rr.shape != (depth,):
+            raise ValueError(f"reach_reduced must have one value per block ({depth}), got shape {rr.shape}")
+        if not np.all(np.isfinite(rr)) or rr.min() < 0 or np.any(rr > r + 1e-12):
+            raise ValueError("reach_reduced values must be fractions in [0, reach[b]]")
+        total += float(np.dot(rr, (_reduced_blocks(graph, blocks) - blocks).astype(np.float64)))
     total += sum(r[b] * float(v) for b, v in exits.items())
     return total + r[-1] * float(head)
+
+
+def expected_by_precision(path_or_graph: GraphOrPath, reach_full: Sequence[float],
+                          reach_reduced: Sequence[float]) -> float:
+    """:func:`expected` from the fractions of images running each block at full precision
+    and at reduced precision (their sum is the reach)."""
+    rf, rr = np.asarray(reach_full, dtype=np.float64), np.asarray(reach_reduced, dtype=np.float64)
+    if rf.shape != rr.shape:
+        raise ValueError(f"reach_full {rf.shape} and reach_reduced {rr.shape} differ in shape")
+    return expected(path_or_graph, rf + rr, rr)
 
 
 def _exit_indices(graph: Mapping, exit_block) -> np.ndarray:
@@ -151,19 +202,48 @@ def _exit_indices(graph: Mapping, exit_block) -> np.ndarray:
     return e
 
 
-def per_image(path_or_graph: GraphOrPath, exit_block) -> np.ndarray:
+def _check_paths(block_path, e: np.ndarray, depth: int) -> np.ndarray:
+    """block_path [B, depth] in {0, 1, 2}, non-zero exactly on blocks 0..exit_block."""
+    p = np.asarray(block_path)
+    if p.ndim == 1 and e.size == 1:
+        p = p[None]
+    if p.shape != (e.size, depth):
+        raise ValueError(f"block_path must have shape [{e.size}, {depth}] (images x blocks), got {list(p.shape)}")
+    if p.dtype.kind not in "iu" or p.size and (p.min() < 0 or p.max() > 2):
+        raise ValueError("block_path values must be 0 (not run), 1 (full) or 2 (reduced)")
+    ran = p != 0
+    if not np.array_equal(ran, np.arange(depth)[None, :] <= e[:, None]):
+        raise ValueError("block_path disagrees with exit_block: an image runs exactly blocks 0..exit_block")
+    return p
+
+
+def per_image(path_or_graph: GraphOrPath, exit_block, block_path=None) -> np.ndarray:
     """BOPs of each image (int64) given the block whose head answered for it (-1 or depth-1:
-    the final head)."""
+    the final head) and, for QuEE models, the run's ``block_path`` [B, depth] (1 full,
+    2 reduced precision, 0 not run; default: every block run at full precision)."""
     graph = _graph(path_or_graph)
     embed, blocks, exits, head = _buckets(graph)
     e = _exit_indices(graph, exit_block)
-    cum_blocks = np.cumsum(blocks)
     exit_cost = np.zeros(len(blocks), dtype=np.int64)
     for b, v in exits.items():
         exit_cost[b] = v
     cum_exits = np.cumsum(exit_cost)
     final = e == len(blocks) - 1
-    return embed + cum_blocks[e] + cum_exits[e] + np.where(final, head, 0)
+    if block_path is None:
+        run = np.cumsum(blocks)[e]
+    else:
+        p = _check_paths(block_path, e, len(blocks))
+        run = ((p == 1) * blocks[None, :]).sum(1) + ((p == 2) * _reduced_blocks(graph, blocks)[None, :]).sum(1)
+    return embed + run + cum_exits[e] + np.where(final, head, 0)
+
+
+def reach_from_paths(path_or_graph: GraphOrPath, exit_block, block_path) -> Tuple[np.ndarray, np.ndarray]:
+    """(reach_full, reach_reduced): fraction of images running each block at each precision,
+    from a run's exit blocks and block paths (for :func:`expected_by_precision`)."""
+    graph = _graph(path_or_graph)
+    e = _exit_indices(graph, exit_block)
+    p = _check_paths(block_path, e, graph["arch"]["depth"])
+    return (p == 1).mean(0).astype(np.float64), (p == 2).mean(0).astype(np.float64)
 
 
 def reach_from_exits(path_or_graph: GraphOrPath, exit_block) -> np.ndarray:

@@ -59,7 +59,7 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     from . import bops
-    from .modelfile import FORMAT_VERSION, graph_layer_names, graph_layer_shapes, read_header
+    from .modelfile import FORMAT_VERSION, graph_layer_names, graph_layer_shapes, layer_precision, read_header
 
     h = read_header(args.model)
     g, a = h.graph, h.graph["arch"]
@@ -71,13 +71,20 @@ def cmd_inspect(args) -> int:
           f"pool {a['global_pool']}")
     print(f"provenance:  {json.dumps(h.provenance, sort_keys=True)}")
     exits = g.get("exits") or []
-    print("exits:       " + (", ".join(f"after block {e['block']} ({e['rule']} >= {e['threshold']:g})" for e in exits) or "none"))
+    print("exits:       " + (", ".join(f"after block {e['block']} (QuEE gate)" if e["rule"] == "gate" else
+                                        f"after block {e['block']} ({e['rule']} >= {e['threshold']:g})"
+                                        for e in exits) or "none"))
     if g.get("predictor"):
         print(f"predictor:   statistic after block {g['predictor']['block']}, chunk {g['predictor']['chunk']}")
-    shapes, lb = graph_layer_shapes(g), bops.layer_bops(g)
+    if g.get("gates"):
+        gt = g["gates"]
+        costs = ", ".join(f"block {b}: {c}" for b, c in gt["cost"].items())
+        print(f"gates:       lambda {gt['lambda']:g}, top-{gt['topk']} + entropy -> {gt['hidden']} -> 3; "
+              f"costs (exit, full, reduced) {costs}; {len(gt['reduced'])} layers with reduced copies (':lo')")
+    shapes, lb = graph_layer_shapes(g, reduced=True), bops.layer_bops(g, reduced=True)
     print(f"{'layer':28s} {'N x K':>12s} {'w':>3s} {'a':>3s} {'scale':>9s} {'GBOPs':>9s}")
-    for name in graph_layer_names(g):
-        lp = g["layers"][name]
+    for name in graph_layer_names(g, reduced=True):
+        lp = layer_precision(g, name)
         N, K = shapes[name]
         a_bits = "-" if lp["w_bits"] == 32 else lp["a_bits"]
         scale = "-" if lp["w_bits"] == 32 else lp.get("scale", "dynamic")

@@ -6,7 +6,10 @@ what timm computes -- rejecting with a ``ValueError`` that names the feature any
 cannot (qk-norm, SwiGLU, attention pooling, ...) rather than converting it approximately --
 maps timm's configuration to the graph of docs/model_format.md, quantises the linear layers
 the policy asks for with the runtime's own quantiser (``pyruntime.kernels``), and writes the
-file atomically.
+file atomically. A policy with QuEE gates also gets the reduced-precision copies of its
+``gates.reduced`` layers (``<layer>:lo.weight...``, quantised from the same fp32 weights by
+the same quantiser; the bias stays the layer's) and the gate MLPs (``gates.{b}.*``, from the
+policy's ``gates.weights``) and costs (written as the policy gives them).
 
 torch and timm are imported inside the functions that need them (``pip install
 pyruntime[convert]``). Checkpoints must hold timm-format state dicts (what
@@ -448,6 +451,28 @@ def _exit_tensors(heads: Mapping[int, Mapping[str, np.ndarray]], blocks: list) -
     return norms, linears
 
 
+def _gates(pol: Policy, names: list, arch: Mapping, linears: Mapping) -> Tuple[dict, dict]:
+    """(graph "gates", tensors) of a policy with QuEE gates: reduced copies + gate MLPs."""
+    g = pol.gates
+    reduced = pol.resolve_reduced(names, arch["depth"])
+    if g.topk > arch["num_classes"]:
+        raise PolicyError(f"gates topk {g.topk} exceeds the model's {arch['num_classes']} classes")
+    missing = [b for b in pol.gate_blocks() if b not in g.weights]
+    if missing:
+        raise PolicyError(f"gates at blocks {missing} have no MLP weights in the policy (gates.weights); "
+                          f"calibrate them (pyruntime.calibrate.quee) before converting")
+    tensors = {}
+    for name, lp in reduced.items():
+        tensors.update(_quantize_linear(f"{name}:lo", linears[name][0], None, lp))
+    for b in pol.gate_blocks():
+        for k, a in g.arrays(b).items():
+            tensors[f"gates.{b}.{k}"] = np.ascontiguousarray(a, dtype=np.float32)
+    graph = {"lambda": g.lam, "topk": g.topk, "hidden": g.hidden,
+             "cost": {str(b): list(c) for b, c in sorted(g.cost.items())},
+             "reduced": {name: lp.to_dict() for name, lp in reduced.items()}}
+    return graph, tensors
+
+
 def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None, policy: Any = None,
             exits: Any = None, preprocess: Optional[Mapping] = None) -> Path:
     """Write the pyruntime model file ``out`` for a timm ViT and return its path.
@@ -484,5 +509,8 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         "exits": [e.to_dict() for e in sorted(pol.exits, key=lambda e: e.block)],
         "predictor": None if pol.predictor is None else pol.predictor.to_dict(),
     }
+    if pol.gates is not None:
+        graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
+        tensors.update(gate_tensors)
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol))
     return Path(out)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ._atomic import atomic_path
 from .errors import FormatError, PolicyError
-from .policy import ExitPolicy, LayerPolicy, Policy, PredictorPolicy
+from .policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy
 
 __all__ = [
     "MAGIC",
@@ -36,6 +36,8 @@ __all__ = [
     "expected_tensors",
     "graph_layer_names",
     "graph_layer_shapes",
+    "graph_reduced_layers",
+    "layer_precision",
     "num_patches",
     "num_prefix_tokens",
     "num_tokens",
@@ -56,6 +58,8 @@ KEY_CHECKSUMS = "pyruntime.checksums"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 _GRAPH_KEYS = ("arch", "preprocess", "layers", "exits", "predictor")
+_OPTIONAL_GRAPH_KEYS = ("gates",)  # absent or null: none (files written before gates stay valid)
+_GRAPH_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced")
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _PREPROCESS_KEYS = ("mean", "std", "input_size")
 _BOOL, _POS_INT, _NONNEG_INT, _PAIR = "bool", "positive int", "non-negative int", "pair"
@@ -89,13 +93,27 @@ def _exit_blocks(graph: Mapping) -> List[int]:
     return [int(e["block"]) for e in graph.get("exits", [])]
 
 
-def graph_layer_names(graph: Mapping) -> List[str]:
-    """Every linear layer of the graph, in execution order (needs ``arch`` and ``exits``)."""
+def graph_reduced_layers(graph: Mapping) -> Dict[str, dict]:
+    """``{layer: precision}`` of the layers with a QuEE reduced-precision copy (``gates.reduced``;
+    empty without gates)."""
+    gates = graph.get("gates")
+    return dict(gates.get("reduced") or {}) if isinstance(gates, Mapping) else {}
+
+
+def graph_layer_names(graph: Mapping, reduced: bool = False) -> List[str]:
+    """Every linear layer of the graph, in execution order (needs ``arch`` and ``exits``):
+    the keys of ``graph.layers``. With ``reduced=True`` each layer with a QuEE
+    reduced-precision copy is followed by that copy, named ``<layer>:lo`` (its tensors'
+    prefix; never a key of ``graph.layers``: its precision is ``gates.reduced[<layer>]``)."""
     arch = graph["arch"]
     exits = set(_exit_blocks(graph))
+    lo = graph_reduced_layers(graph) if reduced else {}
     names = ["patch_embed"]
     for i in range(arch["depth"]):
-        names += [f"blocks.{i}.attn.qkv", f"blocks.{i}.attn.proj", f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"]
+        for kind in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            names.append(f"blocks.{i}.{kind}")
+            if names[-1] in lo:
+                names.append(f"{names[-1]}:lo")
         if i in exits:
             names.append(f"exits.{i}.fc")
     names.append("head")
@@ -104,21 +122,29 @@ def graph_layer_names(graph: Mapping) -> List[str]:
     return names
 
 
-def graph_layer_shapes(graph: Mapping) -> Dict[str, Tuple[int, int]]:
-    """``{layer: (N, K)}``: output and input features of every linear layer."""
+def graph_layer_shapes(graph: Mapping, reduced: bool = False) -> Dict[str, Tuple[int, int]]:
+    """``{layer: (N, K)}``: output and input features of every linear layer (and, with
+    ``reduced=True``, of every ``<layer>:lo`` copy: the same as its layer's)."""
     a = graph["arch"]
     D, F, n = a["embed_dim"], a["mlp_hidden"], a["num_classes"]
     patch_dim = a["in_chans"] * a["patch_size"][0] * a["patch_size"][1]
     by_kind = {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (F, D), "mlp.fc2": (D, F)}
     shapes = {}
-    for name in graph_layer_names(graph):
+    for name in graph_layer_names(graph, reduced):
         if name == "patch_embed":
             shapes[name] = (D, patch_dim)
         elif name.startswith("blocks."):
-            shapes[name] = by_kind[name.split(".", 2)[2]]
+            shapes[name] = by_kind[name.split(":")[0].split(".", 2)[2]]
         else:  # head, head_dist, exits.{b}.fc
             shapes[name] = (n, D)
     return shapes
+
+
+def layer_precision(graph: Mapping, name: str) -> Mapping:
+    """The precision entry of a layer or of a ``<layer>:lo`` reduced copy."""
+    if name.endswith(":lo"):
+        return graph["gates"]["reduced"][name[:-3]]
+    return graph["layers"][name]
 
 
 # --- int4 nibble packing (the on-disk layout of ``<layer>.weight.q4``) ----------------------
@@ -210,15 +236,40 @@ def _graph_policy(graph: Mapping) -> Policy:
         layers={k: LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
         exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
         predictor=None if pred is None else PredictorPolicy.from_dict(pred),
+        gates=_graph_gates(graph.get("gates")),
     )
+
+
+def _graph_gates(gates: Any) -> Optional[GatePolicy]:
+    """The graph's gates (no weights: those are tensors), exact names and keys only."""
+    if gates is None:
+        return None
+    if not isinstance(gates, Mapping) or set(gates) != set(_GRAPH_GATE_KEYS):
+        got = sorted(map(str, gates)) if isinstance(gates, Mapping) else type(gates).__name__
+        raise FormatError(f"graph.gates must be null or an object with exactly the keys {list(_GRAPH_GATE_KEYS)}, got {got}")
+    reduced = gates["reduced"]
+    if not isinstance(reduced, Mapping):
+        raise FormatError("graph.gates.reduced must be an object {layer: precision}")
+    for k, v in reduced.items():
+        if not isinstance(v, Mapping) or set(v) != set(_LAYER_KEYS):
+            raise FormatError(f"graph.gates.reduced {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a file)")
+        if not isinstance(k, str) or any(c in k for c in "*?["):
+            raise FormatError(f"graph.gates.reduced {k!r} is a pattern; a file names layers exactly")
+    cost = gates["cost"]
+    if isinstance(cost, Mapping):
+        for k in cost:  # the executor looks costs up by str(block)
+            if not (isinstance(k, str) and k.isdigit() and str(int(k)) == k):
+                raise FormatError(f"graph.gates.cost key {k!r} must be a block number as a decimal string")
+    return GatePolicy.from_dict(dict(gates), "graph.gates")
 
 
 def check_graph(graph: Any) -> None:
     """Raise FormatError unless ``graph`` is a complete, self-consistent graph."""
     if not isinstance(graph, Mapping):
         raise FormatError("graph must be a JSON object")
-    if set(graph) != set(_GRAPH_KEYS):
-        raise FormatError(f"graph keys are {sorted(map(str, graph))}, expected {sorted(_GRAPH_KEYS)}")
+    if not set(_GRAPH_KEYS) <= set(graph) <= set(_GRAPH_KEYS + _OPTIONAL_GRAPH_KEYS):
+        raise FormatError(f"graph keys are {sorted(map(str, graph))}, expected {sorted(_GRAPH_KEYS)} "
+                          f"(and optionally {list(_OPTIONAL_GRAPH_KEYS)})")
     arch = graph["arch"]
     _check_arch(arch)
     _check_preprocess(graph["preprocess"], arch)
@@ -238,6 +289,8 @@ def check_graph(graph: Any) -> None:
             extra = sorted(map(str, set(pol.layers) - set(names)))
             raise FormatError(f"graph.layers misses {missing} / has unknown {extra}")
         pol.validate(names, arch["depth"])
+        if pol.gates is not None and pol.gates.topk > arch["num_classes"]:
+            raise FormatError(f"gates topk {pol.gates.topk} exceeds num_classes {arch['num_classes']}")
     except PolicyError as e:
         raise FormatError(f"inconsistent graph: {e}") from None
 
@@ -296,9 +349,20 @@ def expected_tensors(graph: Mapping) -> Dict[str, TensorSpec]:
             specs[f"blocks.{i}.ls2.gamma"] = vec
     for b in _exit_blocks(graph):
         norm(f"exits.{b}.norm")
-    for name, (N, K) in graph_layer_shapes(graph).items():
+    for name, (N, K) in graph_layer_shapes(graph, reduced=True).items():
+        if name.endswith(":lo"):  # a reduced copy: its own weights, the layer's bias
+            specs.update(_linear_specs(name, N, K, layer_precision(graph, name), False))
+            continue
         bias = a["qkv_bias"] if name.endswith(".attn.qkv") else None
         specs.update(_linear_specs(name, N, K, graph["layers"][name], bias))
+    gates = graph.get("gates")
+    if gates is not None:
+        h, k1 = gates["hidden"], gates["topk"] + 1
+        shapes = dict(zip(GATE_TENSORS, ((h, k1), (h,), (3, h), (3,))))
+        for e in graph["exits"]:
+            if e["rule"] == "gate":
+                for t, shape in shapes.items():
+                    specs[f"gates.{e['block']}.{t}"] = TensorSpec(_F32, shape)
     return specs
 
 

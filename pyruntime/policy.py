@@ -14,6 +14,7 @@ JSON schema (version 1)::
       "layers": {"<name or pattern>": <layer>, ...},
       "exits": [{"block": 3, "rule": "confidence", "threshold": 0.9}, ...],
       "predictor": null | {"block": 1, "chunk": 64, "coeffs": {"<layer>": [a0, a1, ...]}},
+      "gates": <gates>,                      # optional (absent or null: no QuEE gates)
       "meta": {...}                          # free-form JSON (calibration summary, ...)
     }
 
@@ -32,11 +33,35 @@ least one layer of the model. Unknown keys anywhere are errors, so a typo never 
 falls back to a default.
 
 Exit blocks lie in ``0 .. depth-2`` (after the last block the final head answers anyway);
-thresholds lie in [0, 1] for both rules (``margin`` is top-1 minus top-2 probability). A
+thresholds lie in [0, 1] for both rules (``margin`` is top-1 minus top-2 probability); an
+exit with rule ``gate`` is decided by a QuEE gate and its threshold must be 0 (unused). A
 layer with ``scale: "predicted"`` needs a predictor at an earlier block than its own
 (``patch_embed`` is before block 0, ``exits.{b}.fc`` belongs to block b, the heads come
 after the last block) and coefficients under its exact name. Coefficients for layers whose
 scale is not predicted are allowed and unused.
+
+QuEE gates (docs/model_format.md "gates")::
+
+    <gates> = {"lambda": 0.05,               # >= 0: argmin_p e_p + lambda * cost[block][p]
+               "topk": 3, "hidden": 16,      # gate MLP: (topk + 1) features -> hidden -> 3
+               "cost": {"<block>": [exit, full, reduced], ...},   # one per gate exit, >= 0
+               "reduced": {"<name or pattern>": <layer>, ...},    # reduced-precision copies
+               "weights": {"<block>": {"fc1.weight": [[..topk+1..] x hidden],
+                                       "fc1.bias": [..hidden..],
+                                       "fc2.weight": [[..hidden..] x 3],
+                                       "fc2.bias": [e0, e1, e2]}, ...}}
+
+Block keys are decimal strings (``"3"``, never ``"03"``). ``cost`` has an entry for exactly
+the exits whose rule is ``gate``. ``reduced`` works like ``layers`` but has no default (a
+layer it does not name runs its primary weights on both paths) and only block linears of
+blocks *after the first gate block* are eligible: an exact name must be eligible, a pattern
+matches eligible layers only and must match at least one. A reduced layer with a predicted
+scale takes its coefficients under ``"<layer>:lo"`` in the predictor. ``weights`` is the
+trained gate MLP of each gate block, stored in the policy so that a calibrated policy is a
+complete artefact; the converter writes them as the tensors ``gates.{b}.fc1.weight`` etc.
+(float32) and needs them for every gate, but a policy without them still validates (e.g. a
+policy under construction). In a model file's graph the gates object is the same without
+``weights`` and with ``reduced`` resolved to exact names.
 """
 from __future__ import annotations
 
@@ -57,6 +82,8 @@ __all__ = [
     "LayerPolicy",
     "ExitPolicy",
     "PredictorPolicy",
+    "GatePolicy",
+    "GATE_TENSORS",
     "Policy",
     "layer_block",
 ]
@@ -66,12 +93,15 @@ SHORTHANDS = ("fp32", "w8a8", "w4a8")
 
 W_BITS = (4, 8, 32)
 SCALE_MODES = ("dynamic", "static", "predicted")
-EXIT_RULES = ("confidence", "margin")
+EXIT_RULES = ("confidence", "margin", "gate")
+GATE_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+GATE_PATHS = 3  # exit, continue at full precision, continue at reduced precision
 
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _EXIT_KEYS = ("block", "rule", "threshold")
 _PREDICTOR_KEYS = ("block", "chunk", "coeffs")
-_POLICY_KEYS = ("version", "name", "default", "layers", "exits", "predictor", "meta")
+_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced", "weights")
+_POLICY_KEYS = ("version", "name", "default", "layers", "exits", "predictor", "gates", "meta")
 
 
 # --- small strict type checks (bool is not an int here: ``True`` bits is a bug) -----------
@@ -105,6 +135,26 @@ def _mapping(v: Any, what: str, allowed: Sequence[str], required: Sequence[str] 
 
 def _is_pattern(key: str) -> bool:
     return any(c in key for c in "*?[")
+
+
+def _block_key(k: Any, what: str) -> int:
+    """A block number from an int or its canonical decimal string (JSON object keys)."""
+    if isinstance(k, str) and k.isdigit() and str(int(k)) == k:
+        return int(k)
+    if isinstance(k, int) and not isinstance(k, bool) and k >= 0:
+        return int(k)
+    raise PolicyError(f"{what}: block key {k!r} must be a block number (decimal string such as \"3\")")
+
+
+def _match(table: Mapping[str, Any], name: str, what: str) -> Any:
+    """The entry of ``table`` for ``name``: its exact key, else the one pattern matching it
+    (None if none; two patterns and no exact key is an error)."""
+    if name in table:
+        return table[name]
+    hits = [k for k in table if _is_pattern(k) and fnmatch.fnmatchcase(name, k)]
+    if len(hits) > 1:
+        raise PolicyError(f"{what} {name!r} matches several patterns {hits}; name it exactly")
+    return table[hits[0]] if hits else None
 
 
 _BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
@@ -170,18 +220,24 @@ class LayerPolicy:
 
 @dataclass(frozen=True)
 class ExitPolicy:
-    """An exit head after ``block``: leave when the rule's score reaches ``threshold``."""
+    """An exit head after ``block``: leave when the rule's score reaches ``threshold``, or,
+    with rule ``gate``, when the QuEE gate says so (threshold unused and 0). The default
+    threshold is 0.9 for ``confidence``/``margin`` and 0 for ``gate``."""
 
     block: int
     rule: str = "confidence"
-    threshold: float = 0.9
+    threshold: Optional[float] = None
 
     def __post_init__(self) -> None:
         if _int(self.block, "exit block") < 0:
             raise PolicyError(f"exit block must be >= 0, got {self.block}")
         if self.rule not in EXIT_RULES:
             raise PolicyError(f"exit rule must be one of {EXIT_RULES}, got {self.rule!r}")
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", 0.0 if self.rule == "gate" else 0.9)
         t = _float(self.threshold, "exit threshold")
+        if self.rule == "gate" and t != 0.0:
+            raise PolicyError(f"an exit with rule 'gate' has no threshold: it must be 0, got {t}")
         if not 0.0 <= t <= 1.0:
             raise PolicyError(f"exit threshold must lie in [0, 1] for rule {self.rule!r}, got {t}")
         object.__setattr__(self, "threshold", t)
@@ -233,6 +289,111 @@ class PredictorPolicy:
             raise PolicyError(f"{what}: {e}") from None
 
 
+_F32_MAX = 3.4028234663852886e38
+
+
+def _float32(v: Any, what: str) -> float:
+    """A number the executor can hold as a finite float32 (it stores gate values so)."""
+    x = _float(v, what)
+    if abs(x) > _F32_MAX:
+        raise PolicyError(f"{what} must be finite as a float32, got {x!r}")
+    return x
+
+
+def _vector(v: Any, n: int, what: str) -> tuple:
+    if not isinstance(v, (list, tuple)) or len(v) != n:
+        raise PolicyError(f"{what} must be a list of {n} numbers, got {v!r:.80}")
+    return tuple(_float32(x, what) for x in v)
+
+
+def _matrix(v: Any, rows: int, cols: int, what: str) -> tuple:
+    if not isinstance(v, (list, tuple)) or len(v) != rows:
+        raise PolicyError(f"{what} must be {rows} rows of {cols} numbers")
+    return tuple(_vector(r, cols, what) for r in v)
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """QuEE gates: per-image exit / full / reduced precision decisions (module docstring).
+
+    ``lam`` is the JSON key ``lambda``; ``cost`` and ``weights`` are keyed by gate block;
+    ``reduced`` maps layer names or patterns to the precision of their reduced copies;
+    ``weights[b]`` holds :data:`GATE_TENSORS` as nested tuples of floats (see
+    :meth:`arrays` for float32 numpy arrays).
+    """
+
+    lam: float = 0.0
+    topk: int = 3
+    hidden: int = 8
+    cost: Dict[int, tuple] = field(default_factory=dict)
+    reduced: Dict[str, LayerPolicy] = field(default_factory=dict)
+    weights: Dict[int, Dict[str, tuple]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        lam = _float32(self.lam, "gate lambda")
+        if lam < 0:
+            raise PolicyError(f"gate lambda must be >= 0, got {lam}")
+        object.__setattr__(self, "lam", lam)
+        if _int(self.topk, "gate topk") < 1:
+            raise PolicyError(f"gate topk must be >= 1, got {self.topk}")
+        if _int(self.hidden, "gate hidden") < 1:
+            raise PolicyError(f"gate hidden must be >= 1, got {self.hidden}")
+        if not isinstance(self.cost, Mapping):
+            raise PolicyError("gates cost must be an object {block: [exit, full, reduced]}")
+        cost = {}
+        for k, v in self.cost.items():
+            b = _block_key(k, "gates cost")
+            c = _vector(v, GATE_PATHS, f"gates cost of block {b} (exit, full, reduced)")
+            if min(c) < 0:
+                raise PolicyError(f"gates cost of block {b} must be >= 0, got {list(c)}")
+            cost[b] = c
+        object.__setattr__(self, "cost", cost)
+        if not isinstance(self.reduced, Mapping):
+            raise PolicyError("gates reduced must be an object {layer: precision}")
+        object.__setattr__(self, "reduced", {
+            str(k): v if isinstance(v, LayerPolicy) else LayerPolicy.from_dict(v, f"reduced layer {k!r}")
+            for k, v in self.reduced.items()})
+        if not isinstance(self.weights, Mapping):
+            raise PolicyError("gates weights must be an object {block: {tensor: values}}")
+        n_in, h = self.topk + 1, self.hidden
+        shapes = {"fc1.weight": (h, n_in), "fc1.bias": (h,), "fc2.weight": (GATE_PATHS, h), "fc2.bias": (GATE_PATHS,)}
+        weights = {}
+        for k, v in self.weights.items():
+            b = _block_key(k, "gates weights")
+            d = _mapping(v, f"gates weights of block {b}", GATE_TENSORS, required=GATE_TENSORS)
+            w = {}
+            for name, shape in shapes.items():
+                what = f"gates weights of block {b}: {name} [{', '.join(map(str, shape))}]"
+                val = d[name].tolist() if hasattr(d[name], "tolist") else d[name]
+                w[name] = _matrix(val, *shape, what) if len(shape) == 2 else _vector(val, shape[0], what)
+            weights[b] = w
+        object.__setattr__(self, "weights", weights)
+
+    def arrays(self, block: int) -> Dict[str, "object"]:
+        """The gate MLP of ``block`` as float32 numpy arrays, by :data:`GATE_TENSORS` name."""
+        import numpy as np
+
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.weights[block].items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "lambda": self.lam, "topk": self.topk, "hidden": self.hidden,
+            "cost": {str(b): list(c) for b, c in sorted(self.cost.items())},
+            "reduced": {k: v.to_dict() for k, v in self.reduced.items()},
+            "weights": {str(b): {k: [list(r) for r in v] if isinstance(v[0], tuple) else list(v) for k, v in w.items()}
+                        for b, w in sorted(self.weights.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, what: str = "gates") -> "GatePolicy":
+        d = _mapping(d, what, _GATE_KEYS, required=("lambda", "topk", "hidden", "cost", "reduced"))
+        try:
+            return cls(lam=d["lambda"], topk=d["topk"], hidden=d["hidden"], cost=d["cost"], reduced=d["reduced"],
+                       weights=d.get("weights", {}))
+        except PolicyError as e:
+            raise PolicyError(f"{what}: {e}") from None
+
+
 def _fp32() -> LayerPolicy:
     return LayerPolicy(w_bits=32)
 
@@ -247,19 +408,23 @@ class Policy:
     default: LayerPolicy = field(default_factory=_fp32)
     name: str = "custom"
     meta: dict = field(default_factory=dict)
+    gates: Optional[GatePolicy] = None
 
     # -- serialisation ------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "version": POLICY_VERSION,
             "name": self.name,
             "default": self.default.to_dict(),
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "exits": [e.to_dict() for e in self.exits],
             "predictor": None if self.predictor is None else self.predictor.to_dict(),
-            "meta": self.meta,
         }
+        if self.gates is not None:  # absent when unused: gate-free policies keep their JSON
+            d["gates"] = self.gates.to_dict()
+        d["meta"] = self.meta
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "Policy":
@@ -282,7 +447,7 @@ class Policy:
         name = d.get("name", "custom")
         if not isinstance(name, str):
             raise PolicyError(f"policy 'name' must be a string, got {name!r}")
-        pred = d.get("predictor")
+        pred, gates = d.get("predictor"), d.get("gates")
         return cls(
             layers={str(k): LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
             exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
@@ -290,6 +455,7 @@ class Policy:
             default=LayerPolicy.from_dict(d["default"], "default layer") if "default" in d else _fp32(),
             name=name,
             meta=dict(meta),
+            gates=None if gates is None else GatePolicy.from_dict(gates),
         )
 
     def to_json(self) -> str:
@@ -328,12 +494,49 @@ class Policy:
     # -- resolution against a model --------------------------------------------------------
 
     def _lookup(self, name: str) -> LayerPolicy:
-        if name in self.layers:
-            return self.layers[name]
-        hits = [k for k in self.layers if _is_pattern(k) and fnmatch.fnmatchcase(name, k)]
-        if len(hits) > 1:
-            raise PolicyError(f"layer {name!r} matches several patterns {hits}; name it exactly")
-        return self.layers[hits[0]] if hits else self.default
+        lp = _match(self.layers, name, "layer")
+        return self.default if lp is None else lp
+
+    def gate_blocks(self) -> List[int]:
+        """Blocks of the exits whose rule is ``gate``, sorted."""
+        return sorted(e.block for e in self.exits if e.rule == "gate")
+
+    def _check_gates(self, names: Sequence[str], depth: int) -> Dict[str, LayerPolicy]:
+        """Gate exits and gates agree; returns the resolved reduced layers {exact name: precision}."""
+        blocks = self.gate_blocks()
+        g = self.gates
+        if g is None:
+            if blocks:
+                raise PolicyError(f"exits at blocks {blocks} use rule 'gate' but the policy has no gates")
+            return {}
+        if sorted(g.cost) != blocks:
+            raise PolicyError(f"gates cost has entries for blocks {sorted(g.cost)}, but the gate exits are at "
+                              f"blocks {blocks}: every gate needs exactly one cost entry")
+        stray = sorted(set(g.weights) - set(blocks))
+        if stray:
+            raise PolicyError(f"gates weights for blocks {stray} which have no gate exit (gates at {blocks})")
+        first = blocks[0] if blocks else depth
+        eligible = [n for n in names if _BLOCK_LAYER.match(n) and int(_BLOCK_LAYER.match(n).group(1)) > first]
+        eligible_set = set(eligible)
+        for key in g.reduced:
+            ok = any(fnmatch.fnmatchcase(n, key) for n in eligible) if _is_pattern(key) else key in eligible_set
+            if not ok:
+                where = f"after the first gate (block {first})" if blocks else "(the policy has no gate exits)"
+                raise PolicyError(f"gates reduced names {key!r}, which matches no block linear {where}; only "
+                                  f"qkv/proj/fc1/fc2 of later blocks can have reduced-precision copies")
+        out = {}
+        for n in eligible:
+            lp = _match(g.reduced, n, "reduced layer")
+            if lp is not None:
+                out[n] = lp
+        return out
+
+    def resolve_reduced(self, layer_names: Iterable[str], depth: int) -> Dict[str, LayerPolicy]:
+        """Validate, then give every layer with a reduced-precision copy its precision
+        ({exact name: LayerPolicy}, in ``layer_names`` order; empty without gates)."""
+        names = list(layer_names)
+        self.validate(names, depth)
+        return self._check_gates(names, depth)
 
     def _check_layer_keys(self, names: Sequence[str]) -> None:
         known = set(names)
@@ -366,6 +569,7 @@ class Policy:
             raise PolicyError(f"predictor has coeffs for layers the model lacks: {unknown}")
 
     def _check_predicted(self, name: str, lp: LayerPolicy, depth: int) -> None:
+        """``name`` may be ``<layer>:lo``, a reduced copy (coefficients under that name)."""
         if lp.scale != "predicted":
             return
         p = self.predictor
@@ -373,7 +577,7 @@ class Policy:
             raise PolicyError(f"layer {name!r} has a predicted scale but the policy has no predictor")
         if name not in p.coeffs:
             raise PolicyError(f"layer {name!r} has a predicted scale but the predictor has no coeffs for it")
-        if p.block >= layer_block(name, depth):
+        if p.block >= layer_block(name.split(":")[0], depth):
             raise PolicyError(
                 f"layer {name!r} has a predicted scale but the predictor runs after block {p.block}, "
                 f"which is not before the layer")
@@ -388,9 +592,12 @@ class Policy:
             layer_block(n, depth)
         self.validate_exits(depth)
         self._check_layer_keys(names)
-        self._check_predictor(names, depth)
+        reduced = self._check_gates(names, depth)
+        self._check_predictor(names + [f"{n}:lo" for n in reduced], depth)
         for n in names:
             self._check_predicted(n, self._lookup(n), depth)
+        for n, lp in reduced.items():
+            self._check_predicted(f"{n}:lo", lp, depth)
 
     def resolve(self, layer_names: Iterable[str], depth: int) -> Dict[str, LayerPolicy]:
         """Validate, then give every layer of the model its precision."""

@@ -110,7 +110,8 @@ class Model:
         """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C].
 
         ``collect_exits=True`` evaluates every exit head without letting any image leave and
-        returns their logits in ``exit_logits`` (for calibrating thresholds).
+        returns their logits in ``exit_logits`` (for calibrating thresholds); QuEE gates then
+        decide nothing either, so every image runs every block at full precision.
         """
         x = self._check_input(x)
         threads = num_threads if num_threads is not None else self.num_threads

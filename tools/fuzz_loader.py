@@ -3,7 +3,7 @@
 
 Two targets. ``bytes`` (default): every input is written to a file and given to
 ``pyruntime.load``; a valid model also runs one image. ``--graph``: the input perturbs a valid
-model's graph (sizes, bits, exits, predictor) and tensors are rewritten with fresh checksums,
+model's graph (sizes, bits, exits, predictor, QuEE gates) and tensors are rewritten with fresh checksums,
 so the fuzzer reaches the graph validation and the executor's own checks behind the CRCs. The only acceptable failures are the named ones (FormatError / ValueError); any other
 exception, a crash or a hang is a bug. Seeds: a small valid model and a few mutilated copies.
 
@@ -54,8 +54,46 @@ ARCH_INTS = ("embed_dim", "depth", "num_heads", "mlp_hidden", "num_classes", "in
 BOOLS = ("cls_token", "dist_token", "no_embed_class", "fc_norm", "final_norm", "norm_pre", "layer_scale")
 
 
+def gated_graph(fdp) -> dict:
+    """A QuEE-gated graph (depth 3, gate after block 0 or 1), mostly well-formed, so that the
+    executor's side of gates is reached and not only the validation."""
+    gate = fdp.PickValueInList([0, 0, 1])
+    exits = [{"block": gate, "rule": "gate", "threshold": fdp.PickValueInList([0.0] * 7 + [0.5])}]
+    if fdp.ConsumeBool():
+        exits.append({"block": 1 - gate, "rule": fdp.PickValueInList(["gate", "confidence"]), "threshold": 0.0})
+        exits.sort(key=lambda e: e["block"])
+    blocks = [f"blocks.{b}.{k}" for b in range(3) for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    graph = tiny_graph(depth=3, exits=exits, layers={n: dict(W4A8, w_bits=8) for n in blocks})
+    value = lambda: fdp.PickValueInList([0.0, 0.3, 1.0, 2.5, 0.0, 0.7, 0.1, 0.05, 0.2, 1e-3, 4.0, 0.0, 0.5, 0.6, 0.15,
+                                         -1.0, float("nan"), float("inf")])
+    reduced = {}
+    names = [n for n in blocks if int(n.split(".")[1]) > gate]
+    names.append(fdp.PickValueInList([None] * 5 + ["head", "blocks.2.*", "blocks.0.mlp.fc1"]))
+    for name in names:
+        if name is not None and fdp.ConsumeBool():
+            reduced[name] = dict(W4A8, w_bits=fdp.PickValueInList([4, 8, 32, 4, 8, 4, 8, 5]),
+                                 a_bits=fdp.PickValueInList([4, 6, 8, 5, 8, 8, 8, 9]),
+                                 scale=fdp.PickValueInList(["dynamic"] * 5 + ["static", "predicted"]),
+                                 static_scale=fdp.PickValueInList([None] * 6 + [0.05, -1.0]),
+                                 block_size=fdp.PickValueInList([32] * 6 + [64, 48]))
+            if reduced[name]["scale"] == "static" and reduced[name]["static_scale"] is None:
+                reduced[name]["static_scale"] = 0.05
+    gate_blocks = [e["block"] for e in exits if e["rule"] == "gate"]
+    cost_keys = gate_blocks if fdp.ConsumeIntInRange(0, 3) else [fdp.PickValueInList(["0", "1", "2", "00"])]
+    graph["gates"] = {"lambda": value(), "topk": fdp.PickValueInList([1, 2, 3, 3, 1, 2, 0, 4]),
+                      "hidden": fdp.PickValueInList([1, 2, 5, 1, 2, 3, 4, 0]),
+                      "cost": {str(k): [value() for _ in range(fdp.PickValueInList([3, 3, 3, 2, 4]))] for k in cost_keys},
+                      "reduced": reduced}
+    if fdp.ConsumeBool():
+        graph["predictor"] = {"block": fdp.PickValueInList([0, 1, 2]), "chunk": fdp.ConsumeIntInRange(1, 9),
+                              "coeffs": {f"{n}:lo": [0.01, 0.001] for n in reduced}}
+    return graph
+
+
 def perturbed_graph(data: bytes):
     fdp = atheris.FuzzedDataProvider(data)
+    if fdp.ConsumeIntInRange(0, 3) == 0:
+        return gated_graph(fdp)
     graph = tiny_graph()
     a = graph["arch"]
     for key in ARCH_INTS:
@@ -76,8 +114,10 @@ def perturbed_graph(data: bytes):
             lp["static_scale"] = fdp.PickValueInList([None, 0.0, -1.0, 0.1, float("nan")])
             lp["block_size"] = fdp.PickValueInList([32, 64, 48, 0])
     if fdp.ConsumeBool():
-        graph["exits"] = [{"block": fdp.ConsumeIntInRange(-1, 4), "rule": fdp.PickValueInList(["confidence", "margin", "x"]),
-                           "threshold": fdp.ConsumeFloat()} for _ in range(fdp.ConsumeIntInRange(0, 3))]
+        graph["exits"] = [{"block": fdp.ConsumeIntInRange(-1, 4),
+                           "rule": fdp.PickValueInList(["confidence", "margin", "gate", "x"]),
+                           "threshold": fdp.ConsumeFloat()}
+                          for _ in range(fdp.ConsumeIntInRange(0, 3))]
     if fdp.ConsumeBool():
         graph["predictor"] = {"block": fdp.ConsumeIntInRange(-1, 3), "chunk": fdp.ConsumeIntInRange(-1, 9), "coeffs": {}}
     return graph
