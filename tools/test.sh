@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, C++ kernel tests (native, AddressSanitizer+UBSan, emulated
-# arm64 on three CPUs), then the Python tests. `.ci/run` runs exactly this.
+# arm64 on three CPUs), the torch-free Python tests on emulated arm64, then the Python tests.
+# `.ci/run` runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -20,6 +21,9 @@ PYRUNTIME_TEST_QUICK=1 ctest --test-dir build/asan --output-on-failure
 
 echo "== C++ kernel tests (arm64 under qemu)"
 bash tools/arm64_test.sh
+
+echo "== Python tests on arm64 under qemu, and arm64 vs x86 agreement"
+bash tools/arm64_python_test.sh
 
 echo "== Python tests"
 python3 -m pytest tests -q -p no:cacheprovider
