@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=int)
     d.add_argument("--workdir", help="where converted files go (default: a temporary directory)")
     d.set_defaults(func=cmd_demo)
+
+    from .calibrate.cli import add_parser as add_calibrate_parser
+
+    add_calibrate_parser(sub)
     return p
 
 

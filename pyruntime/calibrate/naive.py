@@ -1,0 +1,50 @@
+"""A naive mixed-precision baseline for LampQ: bits by weight range, same ILP, same budget.
+
+[ours] No data, no gradients: a layer's error at w-bit weights is the Delta^2/12 noise of
+per-tensor symmetric quantisation of its weights, numel * (max|W| / qmax_w)^2 / 12, i.e.
+layers with a wide weight range (and many weights) get the bits; a-bit activations add
+numel * 4^-(a-1) (the same step-size shape on a unit range) when activation bits are
+choices too. Every layer counts the
+same (no Fisher, no type factor). The allocation is solved by :func:`.ilp.solve` under the
+same cost model as LampQ, so the two differ only in how they score layers.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+
+from ..policy import LayerPolicy, Policy
+from . import ilp
+from .common import CostModel, Source, scope_layers
+from .emulate import layer_module
+from .lampq import LampQConfig, options
+
+__all__ = ["range_errors", "calibrate_naive"]
+
+
+def range_errors(source: Source, names, opts) -> Dict[str, List[float]]:
+    """{layer: [numel * (max|W| / qmax_w)^2 / 12 per (w, a) option]}."""
+    out = {}
+    for n in names:
+        w = layer_module(source.model, n).weight.detach().double()
+        numel, rng = w.numel(), float(w.abs().max())
+        out[n] = [numel * (rng / ((1 << (wb - 1)) - 1)) ** 2 / 12.0 + numel * 2.0 ** (-2 * (ab - 1))
+                  for wb, ab in opts]
+    return out
+
+
+def calibrate_naive(source: Source, budget: float, cfg: Optional[LampQConfig] = None) -> Tuple[Policy, Dict[str, Tuple[int, int]]]:
+    """(policy, {layer: (w, a)}) allocated by weight range under ``budget``."""
+    cfg = cfg or LampQConfig()
+    opts = options(cfg)
+    names = scope_layers(source.layer_names(), cfg.scope)
+    costs = CostModel(source, cfg.cost)
+    fixed = costs.fixed(names, Policy(name="fp32"))
+    errs = range_errors(source, names, opts)
+    choices = [[(costs.cost(n, w, a, cfg.block_size), errs[n][j]) for j, (w, a) in enumerate(opts)] for n in names]
+    pick = ilp.solve(choices, budget, fixed_cost=fixed, unit=costs.unit())
+    alloc = {n: opts[j] for n, j in zip(names, pick)}
+    cost = fixed + sum(costs.cost(n, *alloc[n], cfg.block_size) for n in names)
+    layers = {n: LayerPolicy(w, a, "dynamic", None, cfg.block_size) for n, (w, a) in alloc.items()}
+    meta = {"method": "naive-range", "cost_kind": cfg.cost, "budget": float(budget), "cost": int(cost)}
+    return Policy(layers=layers, name="naive-range", meta=meta), alloc

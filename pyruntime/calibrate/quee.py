@@ -1,0 +1,566 @@
+"""QuEE calibration: gates that send each image to exit, continue at full precision, or
+continue at reduced precision, by predicted probability of error (Regol et al., 2024;
+/work/shared/papers.md, "QuEE"). Everything below marked [ours] is our reading.
+
+Set-up [ours]:
+
+* **Gates** after a few blocks (``gate_blocks``, default every ``every``-th block: blocks
+  every-1, 2*every-1, ... up to depth-2). Each is an exit head whose rule is ``gate``.
+* **Precisions**: *full* is the base policy (e.g. ``w8a8``: every block linear W8A8);
+  *reduced* (``reduced``, e.g. W4A8) is a second copy of every block linear after the first
+  gate (``gates.reduced = {"blocks.*": reduced}``). At gate g_j an image takes one of three
+  paths: 0 exit at g_j, 1 run the next segment (blocks g_j+1 .. g_{j+1}) at full precision,
+  2 run it at reduced precision. It decides again at g_{j+1}; after the last gate the
+  segment runs to the end of the network and the final head answers.
+* **Costs** (what ``cost[g_j]`` holds): the BOPs a continuing path commits to (the next
+  segment at the path's precision, plus what the horizon below adds), divided by the BOPs
+  of the whole model in fp32 without exits (``bops.static`` of the fp32 graph); exit = 0.
+
+Targets [ours]: the model is converted once with the reduced copies (the *probe*), and run
+*statically* by the runtime itself (``collect_exits``, nobody leaving) on the calibration
+images (<= 1,024 Fashion-MNIST training images, fixed seed):
+
+* run F: full precision everywhere -> every gate head's logits and the final logits;
+* for each gate g_j (``targets="segment"``, the default), run R_j: full precision up to
+  g_j, reduced on blocks g_j+1 .. g_{j+1}, full after -> the final logits (horizon
+  ``final``), or only up to the head at g_{j+1} (horizon ``next``; the final head after the
+  last gate);
+  ``targets="static"`` instead uses one run with every block after the first gate reduced
+  (the same for the first gate, more pessimistic for later ones; one run instead of m).
+
+For image i at gate g_j the path errors are e_0 = [head g_j of F is wrong] and, for the
+continuing paths, the outcome on the full-precision trajectory (the one every image is on at
+the first gate) of running the next segment at the path's precision and then:
+
+* ``horizon="final"`` (default): the rest of the network at full precision, answered by the
+  final head: e_1 = [F's final head is wrong], e_2 = [R_j's final head is wrong] (R_j then
+  runs to the end); the cost of a continuing path is then everything up to and including
+  the final heads (next segment at the path's precision, the rest at full precision, every
+  exit head on the way);
+* ``horizon="next"``: exit at the next decision point: e_1 = [F's head at the end of the
+  segment is wrong], e_2 = [R_j's head there is wrong]; cost = the next segment and its head.
+
+``next`` is the literal "continue for one segment, then exit" reading, but it is myopic: at
+lambda = 0 an image leaves whenever its exit head looks no worse than the *next* head, even
+when the final head would be right, and with many gates those losses add up (tiny
+Fashion-MNIST ViT, depth 6, gates after every block, W8A8 / W4A4: top-1 at lambda = 0 is
+0.534 with ``next`` and 0.601 with ``final``, against 0.580 for the static W8A8 model).
+The features at gate g_j are those the executor computes from F's exit logits there: the
+top-``topk`` softmax probabilities (descending) and the entropy -sum p ln p (float64).
+
+Clusters and predictors [ours]: k-means (k-means++ seeding, Lloyd, fixed seed) on the gate's
+features with ``clusters`` centres; for cluster k and path p,
+ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior), ē_p the gate-wide error rate
+of p (``prior`` = 0 gives the raw per-cluster rate; a little shrinkage stops a 3-image
+cluster from claiming a 0% error). Each image's target is its cluster's ê. The gate MLP
+(features -> ``hidden`` ReLU units -> 3) is trained with full-batch Adam on the binary
+cross-entropy between sigmoid(output) -- the executor applies the sigmoid -- and those
+targets, in float64 numpy from a seeded initialisation, then stored in float32.
+
+Decision (the executor's): argmin_p ê_p(x) + lambda * cost_p, ties to the lower path.
+lambda = 0 spends whatever lowers the predicted error; larger lambda trades error for BOPs.
+:func:`quee_curve` sweeps lambda (default: quantiles of the values at which decisions on the
+calibration images flip) and measures top-1 and mean BOPs *with the runtime* on held-out
+images; :func:`calibrate_quee` returns the policy for one lambda. The gate MLPs do not
+depend on lambda, so one :func:`fit_quee` serves the whole curve.
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import bops
+from ..modelfile import check_graph, check_tensors, read_model
+from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
+from .common import MAX_CALIBRATION_IMAGES, CalibrationData, Source, batches
+
+__all__ = [
+    "TARGETS", "default_gate_blocks", "gate_features", "gate_errors", "gate_decisions", "kmeans",
+    "cluster_targets", "train_gate_mlp", "QueeFit", "fit_quee", "calibrate_quee", "CurvePoint",
+    "quee_curve", "default_lambdas", "reference_points", "HORIZONS",
+]
+
+TARGETS = ("segment", "static")
+HORIZONS = ("next", "final")
+PATHS = ("exit", "full", "reduced")
+
+
+# --- gate arithmetic (numpy, vectorised; the executor's definitions) -----------------------------
+
+def default_gate_blocks(depth: int, every: int = 3) -> List[int]:
+    """Blocks every-1, 2*every-1, ... that may hold an exit (<= depth-2)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    blocks = list(range(every - 1, depth - 1, every))
+    if not blocks:
+        raise ValueError(f"no gate block for depth {depth} with every={every} (gates go after blocks 0..{depth - 2})")
+    return blocks
+
+
+def gate_features(logits: np.ndarray, topk: int) -> np.ndarray:
+    """[N, topk + 1] float64: the top-``topk`` softmax probabilities of each row of logits
+    (descending) and the softmax's entropy -sum p ln p."""
+    z = np.asarray(logits, dtype=np.float32).astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = -np.sort(-p, axis=-1)[..., :topk]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+    return np.concatenate([top, ent[..., None]], axis=-1)
+
+
+def _as64(w: Mapping[str, Any]) -> Tuple[np.ndarray, ...]:
+    return tuple(np.asarray(w[k], dtype=np.float32).astype(np.float64) for k in GATE_TENSORS)
+
+
+def gate_errors(features: np.ndarray, weights: Mapping[str, Any]) -> np.ndarray:
+    """[N, 3]: the gate MLP's predicted error probabilities sigmoid(W2 relu(W1 f + b1) + b2)
+    (weights taken as float32, like the executor, evaluated in float64)."""
+    w1, b1, w2, b2 = _as64(weights)
+    h = np.maximum(features @ w1.T + b1, 0.0)
+    return 1.0 / (1.0 + np.exp(-(h @ w2.T + b2)))
+
+
+def gate_decisions(features: np.ndarray, weights: Mapping[str, Any], lam: float, cost: Sequence[float]) -> np.ndarray:
+    """[N] path per image: argmin_p e_p + lambda * cost_p, ties to the lower path (lambda and
+    costs rounded to float32 first, as the executor stores them)."""
+    c = np.asarray(cost, dtype=np.float32).astype(np.float64)
+    score = gate_errors(features, weights) + float(np.float32(lam)) * c[None, :]
+    return np.argmin(score, axis=1)
+
+
+# --- clusters and targets -----------------------------------------------------------------------
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> Tuple[np.ndarray, np.ndarray]:
+    """(centres [k', d], assignment [N]) by k-means++ seeding and Lloyd iterations with a
+    seeded generator; k' = min(k, number of distinct points). Deterministic."""
+    x = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    k = int(min(k, len(np.unique(x, axis=0))))
+    if k < 1:
+        raise ValueError("k-means needs at least one point")
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        c = x[rng.choice(len(x), p=d2 / d2.sum())]
+        centres.append(c)
+        d2 = np.minimum(d2, ((x - c) ** 2).sum(1))
+    centres = np.array(centres)
+    assign = np.full(len(x), -1)
+    for _ in range(iters):
+        new = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        for j in range(k):
+            if (assign == j).any():  # an emptied cluster keeps its centre
+                centres[j] = x[assign == j].mean(0)
+    return centres, assign
+
+
+def cluster_targets(assign: np.ndarray, errors: np.ndarray, k: int, prior: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """(ê [k, P], sizes [k]): per cluster and path, the error rate of the path over the
+    cluster's images, shrunk towards the overall rate by ``prior`` pseudo-images:
+    ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior). An empty cluster gets ē."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 2 or len(errors) != len(assign):
+        raise ValueError(f"errors must be [N, paths] with N = {len(assign)}, got {errors.shape}")
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0, got {prior}")
+    overall = errors.mean(0)
+    sizes = np.bincount(assign, minlength=k).astype(np.float64)
+    sums = np.zeros((k, errors.shape[1]))
+    np.add.at(sums, assign, errors)
+    denom = sizes + prior
+    safe = np.where(denom > 0, denom, 1.0)
+    e_hat = np.where(denom[:, None] > 0, (sums + prior * overall[None]) / safe[:, None], overall[None])
+    return e_hat, sizes.astype(np.int64)
+
+
+def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps: int = 2000, lr: float = 0.02,
+                   seed: int = 0) -> Tuple[Dict[str, np.ndarray], float]:
+    """(float32 weights by GATE_TENSORS name, final BCE loss): full-batch Adam on
+    BCE(sigmoid(W2 relu(W1 f + b1) + b2), targets), float64, seeded initialisation."""
+    x = np.asarray(features, dtype=np.float64)
+    t = np.clip(np.asarray(targets, dtype=np.float64), 0.0, 1.0)
+    n, d = x.shape
+    P = t.shape[1]
+    rng = np.random.default_rng(seed)
+    mu, sd = x.mean(0), x.std(0) + 1e-6  # train on standardised inputs, fold back at the end
+    xs = (x - mu) / sd
+    params = [rng.standard_normal((hidden, d)) * np.sqrt(2.0 / d), np.full(hidden, 0.1),
+              rng.standard_normal((P, hidden)) * 0.1 / np.sqrt(hidden),
+              np.log(np.clip(t.mean(0), 1e-3, 1 - 1e-3) / (1 - np.clip(t.mean(0), 1e-3, 1 - 1e-3)))]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    b1_, b2_ = 0.9, 0.999
+
+    def forward(ps):
+        w1, b1, w2, b2 = ps
+        z = xs @ w1.T + b1
+        h = np.maximum(z, 0.0)
+        o = h @ w2.T + b2
+        return z, h, o
+
+    def loss_of(o):
+        # BCE with logits, stable: max(o, 0) - o t + log(1 + exp(-|o|))
+        return float(np.mean(np.maximum(o, 0) - o * t + np.log1p(np.exp(-np.abs(o)))))
+
+    for step in range(1, steps + 1):
+        w1, b1, w2, b2 = params
+        z, h, o = forward(params)
+        g_o = (1.0 / (1.0 + np.exp(-o)) - t) / (n * P)
+        g_w2, g_b2 = g_o.T @ h, g_o.sum(0)
+        g_z = (g_o @ w2) * (z > 0)
+        g_w1, g_b1 = g_z.T @ xs, g_z.sum(0)
+        for i, g in enumerate((g_w1, g_b1, g_w2, g_b2)):
+            m[i] = b1_ * m[i] + (1 - b1_) * g
+            v[i] = b2_ * v[i] + (1 - b2_) * g * g
+            params[i] = params[i] - lr * (m[i] / (1 - b1_ ** step)) / (np.sqrt(v[i] / (1 - b2_ ** step)) + 1e-8)
+    w1, b1, w2, b2 = params
+    # fold the standardisation into the first layer: W1 (f - mu) / sd + b1
+    w1f = w1 / sd[None, :]
+    b1f = b1 - w1f @ mu
+    weights = {"fc1.weight": w1f, "fc1.bias": b1f, "fc2.weight": w2, "fc2.bias": b2}
+    weights = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in weights.items()}
+    pred = gate_errors(x, weights)
+    eps = 1e-12
+    loss = float(-np.mean(t * np.log(pred + eps) + (1 - t) * np.log(1 - pred + eps)))
+    return weights, loss
+
+
+# --- the probe model and its static variants ------------------------------------------------------
+
+def _executor(graph: Mapping, tensors: Mapping[str, np.ndarray]):
+    from .. import _core
+
+    return _core.Executor(dict(graph), dict(tensors))
+
+
+def _run(executor, x: np.ndarray, collect_exits: bool, batch: int, threads: Optional[int]) -> Dict[str, np.ndarray]:
+    outs = [executor.run(np.ascontiguousarray(x[lo:hi]), threads, None, collect_exits) for lo, hi in batches(len(x), batch)]
+    keys = ["logits", "exit_block", "bops", "block_path"] + (["exit_logits"] if collect_exits else [])
+    return {k: np.concatenate([o[k] for o in outs], axis=1 if k == "exit_logits" else 0) for k in keys}
+
+
+def static_variant(graph: Mapping, tensors: Mapping[str, np.ndarray], reduced_blocks: Sequence[int] = (),
+                   exit_blocks: Optional[Sequence[int]] = None, threshold: float = 1.0) -> Tuple[dict, dict]:
+    """A gate-free (graph, tensors) from a gated probe: the block linears of
+    ``reduced_blocks`` run their reduced copies as their only weights, exits only at
+    ``exit_blocks`` (default: every exit of the probe) with rule confidence and
+    ``threshold`` (0: everyone leaves at the first one)."""
+    g = copy.deepcopy(dict(graph))
+    reduced = g.pop("gates", None) or {"reduced": {}}
+    keep = [e["block"] for e in g["exits"]] if exit_blocks is None else sorted(exit_blocks)
+    t = {k: v for k, v in tensors.items() if not k.startswith("gates.") and ":lo" not in k}
+    for e in g["exits"]:
+        if e["block"] not in keep:
+            g["layers"].pop(f"exits.{e['block']}.fc")
+            t = {k: v for k, v in t.items() if not k.startswith(f"exits.{e['block']}.")}
+    g["exits"] = [{"block": b, "rule": "confidence", "threshold": float(threshold)} for b in keep]
+    blocks = set(reduced_blocks)
+    for name, lp in reduced["reduced"].items():
+        if int(name.split(".")[1]) not in blocks:
+            continue
+        g["layers"][name] = dict(lp)
+        for suffix in (".weight", ".weight.q8", ".weight.q4", ".weight.scale"):
+            t.pop(name + suffix, None)
+            if f"{name}:lo{suffix}" in tensors:
+                t[name + suffix] = tensors[f"{name}:lo{suffix}"]
+    check_graph(g)
+    check_tensors(g, t)
+    return g, t
+
+
+# --- fitting ----------------------------------------------------------------------------------------
+
+@dataclass
+class GateFit:
+    """What calibration learnt at one gate."""
+
+    block: int
+    cost: Tuple[float, float, float]
+    weights: Dict[str, np.ndarray]
+    path_error: Tuple[float, float, float]   # ē_p on the calibration images
+    e_hat: np.ndarray                        # [clusters, 3]
+    cluster_sizes: np.ndarray                # [clusters]
+    loss: float                              # final BCE against the cluster targets
+    fit_mae: float                           # mean |MLP - cluster target| on the calibration images
+
+    def summary(self) -> dict:
+        return {"block": self.block, "cost": [round(c, 6) for c in self.cost],
+                "path_error": [round(e, 4) for e in self.path_error], "clusters": int((self.cluster_sizes > 0).sum()),
+                "bce": round(self.loss, 5), "fit_mae": round(self.fit_mae, 5)}
+
+
+@dataclass
+class QueeFit:
+    """A calibrated set of gates; :meth:`policy` gives the policy for any lambda."""
+
+    base: Policy                      # the full-precision policy (its exits are the gates)
+    reduced: LayerPolicy
+    topk: int
+    hidden: int
+    gates: List[GateFit]
+    graph: dict                       # the probe's graph (gates with placeholder weights)
+    tensors: Dict[str, np.ndarray]    # the probe's tensors
+    fp32_bops: int                    # the cost normaliser
+    features: Dict[int, np.ndarray]   # calibration features per gate (for default_lambdas)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def gate_blocks(self) -> List[int]:
+        return [g.block for g in self.gates]
+
+    def gate_policy(self, lam: float) -> GatePolicy:
+        return GatePolicy(lam=float(lam), topk=self.topk, hidden=self.hidden,
+                          cost={g.block: list(g.cost) for g in self.gates},
+                          reduced={"blocks.*": self.reduced},
+                          weights={g.block: {k: v.tolist() for k, v in g.weights.items()} for g in self.gates})
+
+    def policy(self, lam: float) -> Policy:
+        """The complete, convertible policy: base precisions, gate exits, gates at ``lam``."""
+        p = copy.deepcopy(self.base)
+        p.gates = self.gate_policy(lam)
+        p.name = f"quee-{self.base.name}-lambda{lam:g}"
+        p.meta = {"calibration": dict(self.meta, **{"lambda": float(lam)})}
+        return p
+
+    def model_tensors(self, lam: float) -> Tuple[dict, dict]:
+        """(graph, tensors) of the calibrated model at ``lam`` without converting again."""
+        g = copy.deepcopy(self.graph)
+        g["gates"]["lambda"] = float(lam)
+        g["gates"]["cost"] = {str(gf.block): list(gf.cost) for gf in self.gates}
+        t = dict(self.tensors)
+        for gf in self.gates:
+            for k, v in gf.weights.items():
+                t[f"gates.{gf.block}.{k}"] = v
+        return g, t
+
+    def run(self, x: np.ndarray, lam: float, batch: int = 256, num_threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """The runtime on normalised images with the gates at ``lam``: logits, exit_block,
+        bops, block_path."""
+        g, t = self.model_tensors(lam)
+        return _run(_executor(g, t), x, False, batch, num_threads)
+
+    def static_run(self, x: np.ndarray, reduced_blocks: Sequence[int] = (), batch: int = 256,
+                   num_threads: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Every gate head's logits (``exit_logits`` [gates, N, C]) and the final logits,
+        nobody leaving, with the block linears of ``reduced_blocks`` at reduced precision."""
+        g, t = static_variant(self.graph, self.tensors, reduced_blocks)
+        return _run(_executor(g, t), x, True, batch, num_threads)
+
+
+def _segments(gates: Sequence[int], depth: int) -> List[Tuple[int, int]]:
+    """(first, last) block of the segment after each gate."""
+    ends = list(gates[1:]) + [depth - 1]
+    return [(g + 1, e) for g, e in zip(gates, ends)]
+
+
+def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final") -> Tuple[List[Tuple[float, float, float]], int]:
+    """Normalised (exit, full, reduced) cost per gate, and the fp32 normaliser. ``next``: the
+    next segment and the head at its end; ``final``: the next segment at the path's precision
+    and everything after it at full precision, every exit head on the way and the final heads."""
+    a = graph["arch"]
+    fp32 = copy.deepcopy(dict(graph))
+    fp32.pop("gates", None)
+    fp32["exits"] = []
+    fp32["predictor"] = None
+    fp32["layers"] = {n: {"w_bits": 32, "a_bits": 8, "scale": "dynamic", "static_scale": None, "block_size": 32}
+                      for n in fp32["layers"] if not n.startswith("exits.")}
+    norm = bops.static(fp32)
+    full, red = bops.block_bops(graph)
+    lb = bops.layer_bops(graph)
+    final_heads = lb["head"] + lb.get("head_dist", 0)
+    depth = a["depth"]
+    out = []
+    for (first, last), g in zip(_segments(gates, depth), gates):
+        end = last if horizon == "next" else depth - 1
+        heads = sum(lb[f"exits.{b}.fc"] for b in gates if first <= b <= end)
+        heads += final_heads if end == depth - 1 else 0
+        rest = int(full[last + 1:end + 1].sum())
+        cf = (int(full[first:last + 1].sum()) + rest + heads) / norm
+        cr = (int(red[first:last + 1].sum()) + rest + heads) / norm
+        out.append((0.0, float(cf), float(cr)))
+    return out, int(norm)
+
+
+def _base_policy(base: Any) -> Policy:
+    from ..convert import as_policy
+
+    p = copy.deepcopy(as_policy(base))
+    if p.exits or p.gates is not None:
+        raise ValueError("the base policy must have no exits and no gates (QuEE places its own gate exits)")
+    return p
+
+
+def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
+             reduced: LayerPolicy = LayerPolicy(w_bits=4, a_bits=8), gate_blocks: Optional[Sequence[int]] = None,
+             every: int = 3, topk: int = 3, hidden: int = 12, clusters: int = 32, prior: float = 2.0,
+             targets: str = "segment", horizon: str = "final", steps: int = 2000, lr: float = 0.02, seed: int = 0, exits: Any = None,
+             batch: int = 256, num_threads: Optional[int] = None, workdir: Optional[Path] = None) -> QueeFit:
+    """Calibrate QuEE gates (module docstring) on ``data`` (normalised images + labels).
+
+    source: the model (:mod:`.common`); its exit heads come from its checkpoint, or from
+        ``exits`` ({block: {"norm.weight", "norm.bias", "fc.weight", "fc.bias"}}) as in
+        :func:`pyruntime.convert.convert`.
+    base: full-precision policy (shorthand, Policy or path; no exits). reduced: precision of
+        the reduced copies of the block linears after the first gate.
+    gate_blocks / every: where the gates go. topk, hidden: gate features and MLP width.
+    clusters, prior: k-means centres per gate and the shrinkage of their error rates.
+    targets: "segment" (default) or "static"; horizon: "final" (default) or "next" (see the
+        module docstring).
+    steps, lr, seed: MLP training (Adam, full batch) and every random choice.
+    """
+    from ..convert import convert
+
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
+    if horizon not in HORIZONS:
+        raise ValueError(f"horizon must be one of {HORIZONS}, got {horizon!r}")
+    if not 1 <= len(data) <= MAX_CALIBRATION_IMAGES:
+        raise ValueError(f"calibration uses 1..{MAX_CALIBRATION_IMAGES} images, got {len(data)}")
+    depth = source.depth
+    gates = sorted(set(default_gate_blocks(depth, every) if gate_blocks is None else [int(b) for b in gate_blocks]))
+    if not gates or gates[0] < 0 or gates[-1] > depth - 2:
+        raise ValueError(f"gate blocks {gates} must be non-empty and lie in 0..{depth - 2}")
+    n_classes = source.arch["num_classes"]
+    if not 1 <= topk <= n_classes:
+        raise ValueError(f"topk must lie in 1..{n_classes}, got {topk}")
+    base_pol = _base_policy(base)
+    base_pol.exits = [ExitPolicy(b, "gate") for b in gates]
+    zeros = {"fc1.weight": np.zeros((hidden, topk + 1)), "fc1.bias": np.zeros(hidden),
+             "fc2.weight": np.zeros((3, hidden)), "fc2.bias": np.zeros(3)}
+    probe = copy.deepcopy(base_pol)
+    probe.gates = GatePolicy(0.0, topk, hidden, {b: [0.0, 0.0, 0.0] for b in gates}, {"blocks.*": reduced},
+                             {b: zeros for b in gates})
+    probe.name = "quee-probe"
+    with tempfile.TemporaryDirectory(prefix="pyruntime-quee-", dir=workdir) as tmp:
+        path = convert(source.model, Path(tmp) / "probe.pyrt", checkpoint=source.checkpoint, policy=probe,
+                       exits=exits, preprocess=source.preprocess)
+        graph, tensors, _, _ = read_model(path)
+        tensors = {k: np.array(v) for k, v in tensors.items()}  # own the memory (the file goes away)
+    costs, fp32_bops = _costs(graph, gates, horizon)
+
+    x, y = data.images, np.asarray(data.labels)
+    g_run, t_run = static_variant(graph, tensors)
+    full = _run(_executor(g_run, t_run), x, True, batch, num_threads)
+    heads_full = list(full["exit_logits"]) + [full["logits"]]  # gate j's head, then the final head
+    segs = _segments(gates, depth)
+    if targets == "static":
+        gs, ts = static_variant(graph, tensors, range(gates[0] + 1, depth))
+        static = _run(_executor(gs, ts), x, True, batch, num_threads)
+        heads_static = list(static["exit_logits"]) + [static["logits"]]
+
+    fits, feats = [], {}
+    for j, (g, (first, last)) in enumerate(zip(gates, segs)):
+        if targets == "segment":
+            keep = [] if last == depth - 1 or horizon == "final" else [last]
+            gs, ts = static_variant(graph, tensors, range(first, last + 1), exit_blocks=keep, threshold=0.0)
+            r = _run(_executor(gs, ts), x, False, batch, num_threads)
+            reduced_next = r["logits"]  # the head at the end of the segment, or the final head
+        else:
+            reduced_next = heads_static[j + 1] if horizon == "next" else heads_static[-1]
+        full_next = heads_full[j + 1] if horizon == "next" else heads_full[-1]
+        wrong = lambda logits: (np.asarray(logits).argmax(-1) != y).astype(np.float64)
+        errors = np.stack([wrong(heads_full[j]), wrong(full_next), wrong(reduced_next)], 1)
+        f = gate_features(heads_full[j], topk)
+        _, assign = kmeans(f, clusters, seed=seed + j)
+        k = int(assign.max()) + 1
+        e_hat, sizes = cluster_targets(assign, errors, k, prior)
+        target = e_hat[assign]
+        weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j)
+        mae = float(np.abs(gate_errors(f, weights) - target).mean())
+        fits.append(GateFit(g, costs[j], weights, tuple(float(v) for v in errors.mean(0)), e_hat, sizes, loss, mae))
+        feats[g] = f
+
+    meta = {
+        "method": "quee", "base": base_pol.name, "reduced": reduced.to_dict(), "gate_blocks": gates,
+        "targets": targets, "horizon": horizon, "topk": topk, "hidden": hidden, "clusters": clusters, "prior": prior, "steps": steps,
+        "lr": lr, "seed": seed, "data": dict(data.summary), "cost_normaliser_fp32_bops": int(fp32_bops),
+        "full_top1": float((full["logits"].argmax(-1) == y).mean()),
+        "gates": [gf.summary() for gf in fits],
+    }
+    return QueeFit(base_pol, reduced, topk, hidden, fits, graph, tensors, fp32_bops, feats, meta)
+
+
+def calibrate_quee(source: Source, data: CalibrationData, lam: float = 0.0, **kwargs) -> Policy:
+    """The QuEE policy for one lambda (:func:`fit_quee` with ``kwargs``, then ``.policy(lam)``)."""
+    return fit_quee(source, data, **kwargs).policy(lam)
+
+
+# --- the accuracy-BOPs curve ---------------------------------------------------------------------
+
+@dataclass
+class CurvePoint:
+    """One lambda measured by the runtime."""
+
+    lam: float
+    top1: float
+    mean_bops: float
+    bops_ratio: float          # mean BOPs / fp32 BOPs of the whole model without exits
+    mean_exit_block: float
+    exit_share: Dict[int, float]        # fraction of images leaving at each gate (depth-1: the end)
+    reduced_share: float                # fraction of executed blocks run at reduced precision
+
+
+def default_lambdas(fit: QueeFit, n: int = 12) -> List[float]:
+    """0 and ``n`` quantiles of the positive lambdas at which a gate's decision flips on the
+    calibration images (where (e_p - e_q) / (c_q - c_p) > 0), plus one beyond which every
+    image exits at the first gate."""
+    cands = []
+    for gf in fit.gates:
+        e = gate_errors(fit.features[gf.block], gf.weights)
+        c = np.asarray(gf.cost)
+        for p in range(3):
+            for q in range(p + 1, 3):
+                dc = c[q] - c[p]
+                if dc != 0:
+                    lam = (e[:, p] - e[:, q]) / dc
+                    cands.append(lam[lam > 0])
+    cands = np.concatenate(cands) if cands else np.zeros(0)
+    if cands.size == 0:
+        return [0.0]
+    qs = np.quantile(cands, np.linspace(0.02, 0.98, n))
+    top = float(cands.max()) * 1.5
+    return [0.0] + sorted(set(float(f"{v:.4g}") for v in qs)) + [float(f"{top:.4g}")]
+
+
+def quee_curve(fit: QueeFit, images: np.ndarray, labels: np.ndarray, lambdas: Optional[Sequence[float]] = None,
+               batch: int = 256, num_threads: Optional[int] = None) -> List[CurvePoint]:
+    """top-1 and mean BOPs measured by the runtime on (held-out) normalised ``images`` for
+    each lambda (default :func:`default_lambdas`)."""
+    labels = np.asarray(labels)
+    depth = fit.graph["arch"]["depth"]
+    out = []
+    for lam in (default_lambdas(fit) if lambdas is None else lambdas):
+        r = fit.run(images, lam, batch, num_threads)
+        eb = r["exit_block"]
+        ran = r["block_path"] > 0
+        out.append(CurvePoint(
+            lam=float(lam), top1=float((r["logits"].argmax(-1) == labels).mean()), mean_bops=float(r["bops"].mean()),
+            bops_ratio=float(r["bops"].mean() / fit.fp32_bops), mean_exit_block=float(eb.mean()),
+            exit_share={int(b): float((eb == b).mean()) for b in fit.gate_blocks + [depth - 1]},
+            reduced_share=float((r["block_path"] == 2).sum() / max(1, ran.sum()))))
+    return out
+
+
+def reference_points(fit: QueeFit, images: np.ndarray, labels: np.ndarray, batch: int = 256,
+                     num_threads: Optional[int] = None) -> Dict[str, CurvePoint]:
+    """The static models without gates on the same images, for comparison: ``full`` (base
+    precision everywhere, no exits) and ``reduced`` (reduced copies after the first gate)."""
+    labels = np.asarray(labels)
+    depth = fit.graph["arch"]["depth"]
+    out = {}
+    for name, blocks in (("full", ()), ("reduced", range(fit.gate_blocks[0] + 1, depth))):
+        g, t = static_variant(fit.graph, fit.tensors, blocks, exit_blocks=[])
+        r = _run(_executor(g, t), images, False, batch, num_threads)
+        out[name] = CurvePoint(float("nan"), float((r["logits"].argmax(-1) == labels).mean()), float(r["bops"].mean()),
+                               float(r["bops"].mean() / fit.fp32_bops), float(depth - 1), {depth - 1: 1.0},
+                               len(blocks) / depth)
+    return out

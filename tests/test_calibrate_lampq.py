@@ -1,0 +1,144 @@
+"""LampQ: the Fisher trace is what it claims (finite differences, explicit per-sample
+loop), the type-aware factor normalises per type, and the policy converts, runs with the
+allocated bits and keeps its budget. Also the naive and uniform baselines' budgets."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+pytest.importorskip("scipy.optimize")
+
+import pyruntime
+from pyruntime import bops
+from pyruntime.calibrate.common import CostModel, layer_type, policy_cost, scope_layers
+from pyruntime.calibrate.emulate import QuantModel, layer_module
+from pyruntime.calibrate.fisher import fisher_traces, per_sample_weight_grads
+from pyruntime.calibrate.lampq import (LampQConfig, calibrate_lampq, feasible_range, model_errors, options,
+                                       type_aware_sensitivity)
+from pyruntime.calibrate.naive import calibrate_naive
+from pyruntime.calibrate.uniform import uniform_policy, uniform_under_budget
+
+from test_calibrate_common import tiny_data, tiny_source, tiny_vit
+
+ALL = ["patch_embed", "blocks.0.attn.qkv", "blocks.1.mlp.fc2", "blocks.2.attn.proj", "head"]
+
+
+def sample_loss(model, x, y):
+    return torch.nn.functional.cross_entropy(model(x[None]), y[None])
+
+
+def test_per_sample_gradients_match_finite_differences():
+    model = tiny_vit().double()
+    data = tiny_data(4)
+    x, y = torch.from_numpy(data.images).double(), torch.from_numpy(data.labels)
+    grads = per_sample_weight_grads(model, ALL, x, y)
+    rng = np.random.default_rng(0)
+    eps = 1e-6
+    for name in ALL:
+        w = layer_module(model, name).weight
+        flat = w.data.view(w.shape[0], -1)
+        for _ in range(3):
+            n, i, k = int(rng.integers(4)), int(rng.integers(flat.shape[0])), int(rng.integers(flat.shape[1]))
+            old = float(flat[i, k])
+            with torch.no_grad():
+                flat[i, k] = old + eps
+                up = float(sample_loss(model, x[n], y[n]))
+                flat[i, k] = old - eps
+                down = float(sample_loss(model, x[n], y[n]))
+                flat[i, k] = old
+            fd = (up - down) / (2 * eps)
+            assert float(grads[name][n, i, k]) == pytest.approx(fd, rel=1e-5, abs=1e-8), (name, n, i, k)
+
+
+def test_fisher_trace_equals_an_explicit_per_sample_loop():
+    model = tiny_vit().double()
+    data = tiny_data(10)
+    names = scope_layers(tiny_source().layer_names(), "all")
+    explicit = dict.fromkeys(names, 0.0)
+    for n in range(len(data)):
+        model.zero_grad()
+        x = torch.from_numpy(data.images[n]).double()
+        sample_loss(model, x, torch.tensor(data.labels[n])).backward()
+        for name in names:
+            explicit[name] += float(layer_module(model, name).weight.grad.pow(2).sum())
+    data.images = data.images.astype(np.float64)
+    got = fisher_traces(model, names, data, batch_size=4, show_progress=False)
+    for name in names:
+        assert got[name] == pytest.approx(explicit[name], rel=1e-9)
+
+
+def test_type_aware_sensitivity_normalises_each_type():
+    traces = {"blocks.0.attn.qkv": 2.0, "blocks.1.attn.qkv": 6.0, "blocks.0.mlp.fc1": 100.0,
+              "blocks.1.mlp.fc1": 300.0, "head": 7.0}
+    omega = type_aware_sensitivity(traces)
+    assert omega["blocks.0.attn.qkv"] == pytest.approx(0.5) and omega["blocks.1.attn.qkv"] == pytest.approx(1.5)
+    assert omega["blocks.0.mlp.fc1"] == pytest.approx(0.5) and omega["head"] == pytest.approx(1.0)
+    for t in {layer_type(n) for n in traces}:
+        assert np.mean([omega[n] for n in traces if layer_type(n) == t]) == pytest.approx(1.0)
+    assert type_aware_sensitivity(traces, type_aware=False) == traces
+
+
+def test_delta_model_errors_shrink_with_bits():
+    src = tiny_source()
+    names = scope_layers(src.layer_names(), "blocks")
+    opts = options(LampQConfig(a_bits=(6, 8)))
+    errs = model_errors(QuantModel(src.model), names, opts)
+    for n in names:
+        e = dict(zip(opts, errs[n]))
+        assert e[(4, 6)] > e[(4, 8)] > e[(8, 8)] and e[(8, 6)] > e[(8, 8)]
+
+
+@pytest.mark.parametrize("kind,scope,a_bits", [("bops", "blocks", (8,)), ("bytes", "all", (6, 8))])
+def test_lampq_policy_converts_and_runs_with_its_bits(kind, scope, a_bits, tmp_path):
+    src, data = tiny_source(), tiny_data(48)
+    cfg = LampQConfig(cost=kind, scope=scope, a_bits=a_bits, rounds=2, error_batch=16, show_progress=False)
+    lo, hi = feasible_range(src, cfg)
+    budget = lo + 0.5 * (hi - lo)
+    res = calibrate_lampq(src, data, budget, cfg)
+    assert res.cost <= budget and res.cost == policy_cost(src, res.policy, kind)
+    assert 1 <= len(res.history) <= cfg.rounds + 1
+    assert {w for w, _ in res.pick.values()} == {4, 8}  # a mid budget mixes
+    path = src.convert(tmp_path / "lampq.pyrt", res.policy)
+    model = pyruntime.load(path)
+    for name, (w, a) in res.pick.items():
+        lp = model.graph["layers"][name]
+        assert (lp["w_bits"], lp["a_bits"]) == (w, a)
+    r = model.run(data.images[:8])
+    assert (r.bops == bops.static(path)).all()
+    if kind == "bops":
+        assert bops.static(path) == res.cost
+    assert np.isfinite(r.logits).all()
+    report = res.report()
+    order = [line.split()[0] for line in report.splitlines()[2:2 + len(res.layers)]]
+    assert order == sorted(res.layers, key=lambda n: -res.omega[n])  # most sensitive first
+
+
+def test_impossible_budget_names_the_smallest_feasible():
+    src = tiny_source()
+    lo, _ = feasible_range(src, LampQConfig())
+    assert lo == int(lo)
+    with pytest.raises(ValueError, match=f"budget {int(lo) - 1} BOPs cannot be met: the smallest feasible budget is {int(lo)} BOPs"):
+        calibrate_lampq(src, tiny_data(8), lo - 1, LampQConfig(show_progress=False))
+    with pytest.raises(ValueError, match=f"smallest feasible budget is {int(lo)} BOPs"):
+        calibrate_naive(src, lo - 1)
+    w4a4 = policy_cost(src, uniform_policy(4, 4), "bops")
+    with pytest.raises(ValueError, match=f"smallest feasible budget is {w4a4} BOPs"):
+        uniform_under_budget(src, w4a4 - 1)
+    _, hi = feasible_range(src, LampQConfig(cost="bytes"))
+    with pytest.raises(ValueError, match="smallest feasible budget is [0-9]+ bytes"):
+        calibrate_lampq(src, tiny_data(8), 100, LampQConfig(cost="bytes", show_progress=False))
+
+
+def test_baselines_keep_the_budget():
+    src = tiny_source()
+    cfg = LampQConfig()
+    lo, hi = feasible_range(src, cfg)
+    for f in (0.0, 0.3, 0.7, 1.0):
+        budget = lo + f * (hi - lo)
+        policy, alloc = calibrate_naive(src, budget, cfg)
+        assert policy_cost(src, policy, "bops") <= budget
+        u = uniform_under_budget(src, budget)
+        assert policy_cost(src, u, "bops") <= budget
+    assert uniform_under_budget(src, hi).name == "w8a8"
+    costs = CostModel(src, "bops")
+    assert costs.unit() == "BOPs"

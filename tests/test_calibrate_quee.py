@@ -1,0 +1,304 @@
+"""QuEE calibration (pyruntime.calibrate.quee) on a tiny random timm ViT whose labels are its
+own fp32 predictions (so the final head is right and the exit heads -- copies of the final
+norm + head -- and the 4-bit copies are right only sometimes): the policy converts and runs,
+lambda trades accuracy for BOPs in the right direction, the runtime's gate decisions are the
+rule applied to the exit heads' features, and the cluster targets are what they claim."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+import pyruntime  # noqa: E402
+from pyruntime import _numpy_ref, bops  # noqa: E402
+from pyruntime.calibrate.common import CalibrationData, torch_source  # noqa: E402
+from pyruntime.calibrate.quee import (cluster_targets, default_gate_blocks, default_lambdas, fit_quee,  # noqa: E402
+                                      gate_decisions, gate_errors, gate_features, kmeans, quee_curve,
+                                      reference_points, static_variant, train_gate_mlp)
+from pyruntime.convert import convert  # noqa: E402
+from pyruntime.modelfile import read_model  # noqa: E402
+from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+DEPTH, GATES, CLASSES = 5, [1, 3], 4
+PRE = {"mean": [0.5], "std": [0.25]}
+
+
+def tiny_model():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=CLASSES, embed_dim=32, depth=DEPTH,
+                          num_heads=2, mlp_ratio=2.0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def exit_heads(model):
+    """The final norm + head after every gate block (a shortcut classifier)."""
+    return {b: {"norm.weight": model.norm.weight.detach(), "norm.bias": model.norm.bias.detach(),
+                "fc.weight": model.head.weight.detach(), "fc.bias": model.head.bias.detach()} for b in GATES}
+
+
+def teacher_data(model, n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(-1).numpy().astype(np.int64)
+    return CalibrationData(x, y, {"dataset": "teacher", "images": n, "seed": seed})
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    source = torch_source(model, PRE, name="tiny")
+    data, held = teacher_data(model, 320, 0), teacher_data(model, 160, 1)
+    fit = fit_quee(source, data, gate_blocks=GATES, reduced=LayerPolicy(4, a_bits=6), topk=2, hidden=8,
+                   clusters=12, steps=600, seed=0, exits=exit_heads(model), num_threads=1)  # horizon "final"
+    return model, source, data, held, fit
+
+
+def decided_at(r, block):
+    """The path the runtime took at a gate block: 0 exit, 1 full, 2 reduced (-1: never got there)."""
+    eb, bp = r["exit_block"], r["block_path"].astype(np.int64)
+    reached = bp[:, block] > 0
+    return np.where(~reached, -1, np.where(eb == block, 0, bp[:, min(block + 1, bp.shape[1] - 1)]))
+
+
+# --- pieces -----------------------------------------------------------------------------------
+
+def test_default_gate_blocks():
+    assert default_gate_blocks(12, 3) == [2, 5, 8]
+    assert default_gate_blocks(6, 2) == [1, 3]
+    assert default_gate_blocks(4, 1) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        default_gate_blocks(2, 3)
+
+
+def test_gate_features_are_the_executors():
+    logits = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32) * 3
+    f = gate_features(logits, 3)
+    for i in range(20):
+        z = logits[i].astype(np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        np.testing.assert_allclose(f[i, :3], np.sort(p)[::-1][:3], rtol=1e-12)
+        np.testing.assert_allclose(f[i, 3], -(p * np.log(p)).sum(), rtol=1e-12)
+
+
+def test_kmeans_and_cluster_targets_on_a_synthetic_case():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.9, 0.1], [0.5, 1.0], [0.2, 2.0]])
+    sizes = [10, 20, 30]
+    x = np.concatenate([c + 0.01 * rng.standard_normal((n, 2)) for c, n in zip(centres, sizes)])
+    truth = np.repeat([0, 1, 2], sizes)
+    # errors: path 0 wrong on the first 5 / 4 / 30 images of each blob, path 1 on 0 / 10 / 3, path 2 on 1 / 2 / 3
+    errors = np.zeros((60, 3))
+    for blob, counts in enumerate([(5, 0, 1), (4, 10, 2), (30, 3, 3)]):
+        idx = np.flatnonzero(truth == blob)
+        for p, c in enumerate(counts):
+            errors[idx[:c], p] = 1
+    _, assign = kmeans(x, 3, seed=4)
+    # the clusters are the blobs (up to their numbering)
+    mapping = {int(assign[truth == b][0]) for b in range(3)}
+    assert len(mapping) == 3 and all(len(set(assign[truth == b])) == 1 for b in range(3))
+    e_hat, n = cluster_targets(assign, errors, 3, prior=0.0)
+    for blob, counts in enumerate([(5, 0, 1), (4, 10, 2), (30, 3, 3)]):
+        k = assign[truth == blob][0]
+        assert n[k] == sizes[blob]
+        np.testing.assert_allclose(e_hat[k], np.array(counts) / sizes[blob])
+    # shrinkage: (errors + prior * overall) / (n + prior)
+    e2, _ = cluster_targets(assign, errors, 4, prior=3.0)
+    overall = errors.mean(0)
+    k = assign[truth == 0][0]
+    np.testing.assert_allclose(e2[k], (np.array([5, 0, 1]) + 3 * overall) / (10 + 3))
+    np.testing.assert_allclose(e2[3], overall)  # an empty cluster falls back to the overall rate
+    np.testing.assert_array_equal(kmeans(x, 3, seed=4)[1], assign)  # deterministic
+
+
+def test_mlp_learns_cluster_targets():
+    rng = np.random.default_rng(1)
+    x = rng.random((300, 3))
+    t = np.stack([x[:, 0] > 0.5, x[:, 1] > 0.3, np.full(300, False)], 1) * 0.8 + 0.1
+    w, loss = train_gate_mlp(x, t, hidden=8, steps=1500, lr=0.03, seed=0)
+    assert {k: v.dtype for k, v in w.items()} == {k: np.float32 for k in w}
+    assert w["fc1.weight"].shape == (8, 3) and w["fc2.weight"].shape == (3, 8)
+    assert np.abs(gate_errors(x, w) - t).mean() < 0.08
+    w2, loss2 = train_gate_mlp(x, t, hidden=8, steps=1500, lr=0.03, seed=0)
+    assert loss == loss2 and all(np.array_equal(w[k], w2[k]) for k in w)
+
+
+# --- the calibrated model -------------------------------------------------------------------------
+
+def test_costs_are_normalised_bops_to_the_end(setup):
+    """Horizon "final": the next segment at the path's precision, the rest at full precision,
+    the exit heads on the way and the final head."""
+    _, _, _, _, fit = setup
+    assert fit.meta["horizon"] == "final"
+    full, red = bops.block_bops(fit.graph)
+    lb = bops.layer_bops(fit.graph)
+    rest = full[4] + lb["exits.3.fc"] + lb["head"]
+    assert fit.gates[0].cost == pytest.approx((0.0, (full[2:4].sum() + rest) / fit.fp32_bops,
+                                               (red[2:4].sum() + rest) / fit.fp32_bops), rel=1e-12)
+    assert fit.gates[1].cost == pytest.approx((0.0, (full[4] + lb["head"]) / fit.fp32_bops,
+                                               (red[4] + lb["head"]) / fit.fp32_bops), rel=1e-12)
+    assert fit.gates[0].cost[2] < fit.gates[0].cost[1]
+    fp32 = copy.deepcopy(fit.graph)
+    fp32.pop("gates")
+    fp32["exits"] = []
+    fp32["layers"] = {n: dict(lp, w_bits=32) for n, lp in fp32["layers"].items() if not n.startswith("exits.")}
+    assert fit.fp32_bops == bops.static(fp32)
+
+
+def test_targets_are_the_static_runs_outcomes(setup):
+    """ê's inputs: path 0 = the gate head of the full model, path 1 = the final head of the full
+    model, path 2 = the final head with the next segment at reduced precision."""
+    _, _, data, _, fit = setup
+    y = data.labels
+    F = fit.static_run(data.images)
+    R1 = fit.static_run(data.images, reduced_blocks=[2, 3])
+    R2 = fit.static_run(data.images, reduced_blocks=[4])
+    err = lambda z: float((z.argmax(-1) != y).mean())
+    assert fit.gates[0].path_error == pytest.approx((err(F["exit_logits"][0]), err(F["logits"]), err(R1["logits"])))
+    assert fit.gates[1].path_error == pytest.approx((err(F["exit_logits"][1]), err(F["logits"]), err(R2["logits"])))
+    assert err(F["logits"]) < 0.1  # the teacher's labels (fp32; this is W8A8)
+    # the shrunk cluster tables average back to the overall rates: sum_k (n_k + a) ê_k = (N + K a) ē
+    g, a = fit.gates[0], fit.meta["prior"]
+    w = g.cluster_sizes + a
+    np.testing.assert_allclose((g.e_hat * w[:, None]).sum(0) / w.sum(), g.path_error, atol=1e-12)
+
+
+def test_policy_converts_and_runs(setup, tmp_path):
+    model, source, _, held, fit = setup
+    lam = default_lambdas(fit)[len(default_lambdas(fit)) // 2]
+    policy = Policy.from_json(fit.policy(lam).to_json())
+    assert policy.gates.lam == lam and sorted(policy.gates.weights) == GATES
+    assert [(e.block, e.rule) for e in policy.exits] == [(1, "gate"), (3, "gate")]
+    assert policy.meta["calibration"]["method"] == "quee" and policy.meta["calibration"]["lambda"] == lam
+    path = convert(model, tmp_path / "quee.pyrt", policy=policy, exits=exit_heads(model), preprocess=PRE)
+    m = pyruntime.load(path, num_threads=1)
+    r = m.run(held.images)
+    assert set(np.unique(r.block_path).tolist()) <= {0, 1, 2}
+    np.testing.assert_array_equal(bops.per_image(m.graph, r.exit_block, r.block_path), r.bops)
+    # the same answers as the in-memory model the curve measures
+    mem = fit.run(held.images, lam, num_threads=1)
+    np.testing.assert_array_equal(mem["logits"], r.logits)
+    np.testing.assert_array_equal(mem["block_path"], r.block_path)
+    graph, tensors, _, _ = read_model(path)
+    x = held.images[:12]
+    _, eb, per, bp = _numpy_ref.forward(graph, tensors, x, paths=True)
+    np.testing.assert_array_equal(eb, r.exit_block[:12])
+    np.testing.assert_array_equal(bp, r.block_path[:12])
+
+
+def test_lambda_moves_bops_the_right_way(setup):
+    _, _, _, held, fit = setup
+    lams = default_lambdas(fit)
+    curve = quee_curve(fit, held.images, held.labels, lambdas=[0.0, lams[len(lams) // 2], 1e4], num_threads=1)
+    zero, mid, big = curve
+    assert zero.mean_bops > big.mean_bops and zero.mean_bops >= mid.mean_bops >= big.mean_bops
+    assert big.exit_share[GATES[0]] == 1.0 and big.reduced_share == 0.0
+    assert zero.top1 >= big.top1
+    ref = reference_points(fit, held.images, held.labels, num_threads=1)
+    assert ref["full"].top1 > 0.9 and ref["full"].mean_bops > ref["reduced"].mean_bops
+    assert big.mean_bops < zero.mean_bops <= ref["full"].mean_bops * 1.001
+    # at one gate, a larger lambda never picks a costlier path for an image
+    r0, r1 = fit.run(held.images, 0.0), fit.run(held.images, lams[len(lams) // 2])
+    cost = np.asarray(fit.gates[0].cost)
+    assert (cost[decided_at(r1, GATES[0])] <= cost[decided_at(r0, GATES[0])]).all()
+
+
+def test_runtime_decisions_follow_the_rule(setup):
+    """Recompute every gate decision from the exit heads' logits of the static runs (the image's
+    trajectory up to the gate) and compare per image with the gated run."""
+    _, _, _, held, fit = setup
+    x = held.images
+    F = fit.static_run(x)
+    R1 = fit.static_run(x, reduced_blocks=[2, 3])  # reduced between the two gates
+    lams = default_lambdas(fit)
+    for lam in (0.0, lams[len(lams) // 3], lams[2 * len(lams) // 3]):
+        r = fit.run(x, lam)
+        g1, g2 = fit.gates
+        d1 = gate_decisions(gate_features(F["exit_logits"][0], fit.topk), g1.weights, lam, g1.cost)
+        np.testing.assert_array_equal(decided_at(r, GATES[0]), d1)
+        # at the second gate, the exit logits depend on the path taken at the first
+        logits2 = np.where((d1 == 2)[:, None], R1["exit_logits"][1], F["exit_logits"][1])
+        d2 = gate_decisions(gate_features(logits2, fit.topk), g2.weights, lam, g2.cost)
+        got = decided_at(r, GATES[1])
+        np.testing.assert_array_equal(got[d1 != 0], d2[d1 != 0])
+        assert (got[d1 == 0] == -1).all()
+        # and exactly as the numpy reference's scalar gate decides
+        gate = dict(g1.weights, cost=np.asarray(g1.cost, np.float32))
+        for i in range(0, len(x), 16):
+            assert _numpy_ref.gate_path(F["exit_logits"][0][i], gate, lam, fit.topk) == d1[i]
+    # the middle lambda sends images down all three paths somewhere
+    r = fit.run(x, lams[len(lams) // 3])
+    assert len(set(decided_at(r, GATES[0]).tolist()) | set(decided_at(r, GATES[1]).tolist()) - {-1}) == 3
+
+
+def test_static_variant_runs_reduced_weights_as_primary(setup):
+    _, _, _, held, fit = setup
+    g, t = static_variant(fit.graph, fit.tensors, [2, 3], exit_blocks=[])
+    assert "gates" not in g and g["exits"] == []
+    assert g["layers"]["blocks.2.attn.qkv"]["w_bits"] == 4 and g["layers"]["blocks.4.attn.qkv"]["w_bits"] == 8
+    np.testing.assert_array_equal(t["blocks.3.mlp.fc2.weight.q4"], fit.tensors["blocks.3.mlp.fc2:lo.weight.q4"])
+    # forcing the reduced path at gate 1 and the full path at gate 2 reproduces it exactly
+    gg, tt = fit.model_tensors(0.0)
+    for b, path in ((1, 2), (3, 1)):
+        tt[f"gates.{b}.fc1.weight"] = np.zeros_like(tt[f"gates.{b}.fc1.weight"])
+        tt[f"gates.{b}.fc2.weight"] = np.zeros_like(tt[f"gates.{b}.fc2.weight"])
+        bias = np.full(3, 5.0, np.float32)
+        bias[path] = -5.0
+        tt[f"gates.{b}.fc2.bias"] = bias
+    from pyruntime import _core
+
+    forced = _core.Executor(gg, tt).run(held.images)
+    static = _core.Executor(g, t).run(held.images)
+    np.testing.assert_array_equal(forced["logits"], static["logits"])
+
+
+def test_options_and_determinism(setup):
+    model, source, data, _, fit = setup
+    small = CalibrationData(data.images[:96], data.labels[:96], data.summary)
+    kw = dict(gate_blocks=GATES, reduced=LayerPolicy(4, a_bits=6), topk=2, hidden=4, clusters=6, steps=100,
+              exits=exit_heads(model), num_threads=1)
+    a, b = fit_quee(source, small, **kw), fit_quee(source, small, **kw)
+    assert all(np.array_equal(x.weights[k], y.weights[k]) for x, y in zip(a.gates, b.gates) for k in x.weights)
+    nxt = fit_quee(source, small, horizon="next", **kw)
+    assert nxt.meta["horizon"] == "next"
+    # charged for the next segment and its head only
+    full, red = bops.block_bops(nxt.graph)
+    head3 = bops.layer_bops(nxt.graph)["exits.3.fc"]
+    assert nxt.gates[0].cost == pytest.approx((0.0, (full[2:4].sum() + head3) / nxt.fp32_bops,
+                                               (red[2:4].sum() + head3) / nxt.fp32_bops), rel=1e-12)
+    assert nxt.gates[0].cost[1] < a.gates[0].cost[1] and nxt.gates[1].cost == pytest.approx(a.gates[1].cost)
+    F, R1 = nxt.static_run(small.images), nxt.static_run(small.images, [2, 3])
+    err = lambda z: float((z.argmax(-1) != small.labels).mean())
+    assert nxt.gates[0].path_error == pytest.approx((err(F["exit_logits"][0]), err(F["exit_logits"][1]),
+                                                     err(R1["exit_logits"][1])))
+    # one static run with everything after the first gate reduced
+    st = fit_quee(source, small, horizon="next", targets="static", **kw)
+    R = st.static_run(small.images, [2, 3, 4])
+    assert st.gates[1].path_error[2] == pytest.approx(err(R["logits"]))
+    assert st.gates[0].path_error == nxt.gates[0].path_error
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(gate_blocks=[4]), "0..3"),
+    (dict(gate_blocks=[]), "non-empty"),
+    (dict(targets="dynamic"), "targets"),
+    (dict(horizon="end"), "horizon"),
+    (dict(topk=5), "topk"),
+    (dict(base=Policy(exits=[ExitPolicy(1, "confidence", 0.5)])), "no exits"),
+])
+def test_bad_arguments(setup, kw, match):
+    model, source, data, _, _ = setup
+    with pytest.raises(ValueError, match=match):
+        fit_quee(source, data, **dict(dict(gate_blocks=GATES, exits=exit_heads(model)), **kw))
