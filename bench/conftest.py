@@ -21,6 +21,8 @@ import pytest
 import pyruntime
 from pyruntime import _core
 
+from _peers import cpu_model as _cpu_model, loadavg as _loadavg
+
 try:  # optional: lets the numpy baseline run on the same number of threads as the runtime
     import threadpoolctl
 except ImportError:  # pragma: no cover - depends on the environment
@@ -43,24 +45,6 @@ BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OM
 
 _results_key = pytest.StashKey[Dict[Tuple[str, int, int, int, int], Dict[str, Any]]]()
 _session_key = pytest.StashKey[Dict[str, Any]]()
-
-
-def _loadavg() -> Optional[List[float]]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "CPU part")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def blas_info() -> Dict[str, Any]:

@@ -295,7 +295,9 @@ void register_executor(py::module_& m) {
       .def("reset_profile", &Executor::reset_profile)
       .def_property_readonly("weight_bytes", [](const Executor& e) {
         size_t n = e.spec().patch_embed.w.bytes() + e.spec().head.w.bytes();
-        for (const Block& b : e.spec().blocks) n += b.qkv.w.bytes() + b.proj.w.bytes() + b.fc1.w.bytes() + b.fc2.w.bytes();
+        for (const Block& b : e.spec().blocks)
+          for (const LinearLayer* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2, &b.qkv_lo, &b.proj_lo, &b.fc1_lo, &b.fc2_lo})
+            n += l->w.bytes();
         for (const ExitHead& x : e.spec().exits) n += x.fc.w.bytes();
         return n;
       });

@@ -219,8 +219,10 @@ void Executor::validate() const {
   };
   check_predicted(spec_.patch_embed, -1);
   for (size_t i = 0; i < a.depth; ++i)
-    for (const LinearLayer* l : {&spec_.blocks[i].qkv, &spec_.blocks[i].proj, &spec_.blocks[i].fc1, &spec_.blocks[i].fc2})
-      check_predicted(*l, int(i));
+    for (const LinearLayer* l : {&spec_.blocks[i].qkv, &spec_.blocks[i].proj, &spec_.blocks[i].fc1, &spec_.blocks[i].fc2,
+                                 &spec_.blocks[i].qkv_lo, &spec_.blocks[i].proj_lo, &spec_.blocks[i].fc1_lo,
+                                 &spec_.blocks[i].fc2_lo})
+      if (l->w.bits != 0) check_predicted(*l, int(i));
   for (const ExitHead& e : spec_.exits) check_predicted(e.fc, e.block);
   check_predicted(spec_.head, int(a.depth));
   if (a.dist_token) check_predicted(spec_.head_dist, int(a.depth));

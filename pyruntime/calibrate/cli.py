@@ -195,16 +195,11 @@ def cmd_calibrate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry (``python -m pyruntime.calibrate.cli calibrate ...``), with the same
-    error handling as ``pyruntime``'s CLI."""
-    p = argparse.ArgumentParser(prog="pyruntime")
-    add_parser(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"pyruntime {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """Stand-alone entry (``python -m pyruntime.calibrate.cli calibrate ...``): ``pyruntime``'s
+    own CLI, so parsing and error handling are the same."""
+    from ..cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

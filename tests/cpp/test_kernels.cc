@@ -199,6 +199,27 @@ void test_elementwise(const KernelTable& kt, size_t rows, size_t n, unsigned see
   report(same_bits(y, y_ref), shape(kt.name, "add", rows, n, 0));
 }
 
+// A row's fp32 result must not depend on the tile it lands in: the executor runs an image's
+// rows together with however many other rows a batch (or the exits) leaves, and promises the
+// same bits alone or in a batch. So each row computed alone equals it computed among 13.
+void test_f32_row_invariance(const KernelTable& kt) {
+  Rng r(11);
+  const size_t M = 13, N = 40, K = 97;
+  std::vector<float> a(M * K), b(K * N), bias(N);
+  for (auto& v : a) v = r.f(-1, 1);
+  for (auto& v : b) v = r.f(-1, 1);
+  for (auto& v : bias) v = r.f(-1, 1);
+  std::vector<float> bp(num_panels(N) * kNR * K), y(M * N), y1(N);
+  pack_f32_b(b.data(), K, N, N, false, bp.data());
+  kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y.data(), N);
+  bool same = true;
+  for (size_t m = 0; m < M; ++m) {
+    kt.f32_gemm(1, N, K, a.data() + m * K, K, bp.data(), bias.data(), y1.data(), N);
+    same = same && std::memcmp(y1.data(), y.data() + m * N, N * sizeof(float)) == 0;
+  }
+  report(same, std::string(kt.name) + " f32_gemm rows independent of tile height");
+}
+
 // Threaded ops give the same bits as one thread, whatever the split.
 void test_threads(const KernelTable& kt) {
   Rng r(7);
@@ -287,6 +308,7 @@ int main() {
       for (int bits = 4; bits <= 8; ++bits) test_quantize_rows(kt, 5, K, bits, seed++);
     for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_elementwise(kt, 3, n, seed++);
     test_threads(kt);
+    test_f32_row_invariance(kt);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
