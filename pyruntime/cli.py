@@ -98,9 +98,44 @@ def _percentiles(ts: List[float]) -> str:
     return f"p50 {q[0]:.2f} ms  p90 {q[1]:.2f} ms  p99 {q[2]:.2f} ms  (min {min(ts) * 1e3:.2f} ms, {len(ts)} runs)"
 
 
+def _print_latency_table(table) -> None:
+    """Per-layer ms at each profiled precision (and the ratio to fp32), the fixed parts, and
+    the totals of a uniform model at each precision."""
+    from .latency import uniform_graph
+
+    bits = table.w_bits
+    ratios = [b for b in bits if b != 32] if 32 in bits else []
+    head = "".join(f"{f'w{b} ms':>10s}" for b in bits) + "".join(f"{f'w{b}/fp32':>9s}" for b in ratios)
+    print(f"latency table ({table.meta.get('isa', '?')}, batch 1, median of {table.meta.get('runs', '?')} runs):")
+    print(f"  {'layer':28s}{head}")
+    for name, per in table.layers.items():
+        ms = "".join(f"{per[b] * 1e3:10.4f}" for b in bits)
+        print(f"  {name:28s}{ms}" + "".join(f"{per[b] / per[32]:9.2f}" if per[32] else f"{'-':>9s}" for b in ratios))
+    print(f"  fixed (non-linear ops): embed {table.embed * 1e3:.4f} ms; blocks "
+          + " ".join(f"{s * 1e3:.4f}" for s in table.blocks) + " ms")
+    exits = range(table.arch["depth"] - 1)
+    for b in bits:
+        print(f"  total w{b}: {table.static(uniform_graph(table.arch, b, exits)) * 1e3:.4f} ms/image with every exit "
+              f"head, {table.static(uniform_graph(table.arch, b)) * 1e3:.4f} ms without exits")
+
+
+def _write_latency_table(args, x: np.ndarray, model) -> None:
+    from .latency import profile_latency
+
+    images = x if x.dtype == np.float32 else model.preprocess(x)
+    table = profile_latency(args.model, [p.strip() for p in args.precisions.split(",")], runs=args.runs,
+                            warmup=args.warmup, num_threads=args.threads, isa=args.isa,
+                            images=images if args.images else None)
+    table.save(args.latency_table)
+    _print_latency_table(table)
+    print(f"wrote {args.latency_table}")
+
+
 def cmd_bench(args) -> int:
     from .runtime import load
 
+    if args.latency_table and not args.profile:
+        raise ValueError("--latency-table is measured by --profile: pass both")
     t0 = time.perf_counter()
     model = load(args.model, num_threads=args.threads, isa=args.isa)
     load_s = time.perf_counter() - t0
@@ -134,6 +169,8 @@ def cmd_bench(args) -> int:
         print(f"per-op time over {args.runs} runs (ISA {r.isa}), slowest first:")
         for name, s in sorted(times.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"  {name:32s} {s / args.runs * 1e3:8.3f} ms  {100 * s / total:5.1f}%")
+        if args.latency_table:
+            _write_latency_table(args, x, model)
     return 0
 
 
@@ -176,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--profile", action="store_true", help="per-op times naming the ISA")
     b.add_argument("--top", type=int, default=25, help="ops listed by --profile")
+    b.add_argument("--latency-table", metavar="OUT.json",
+                   help="with --profile: measure per-layer latency at each of --precisions (MODEL must be fp32) "
+                        "and write the table calibrators use for cost 'latency'")
+    b.add_argument("--precisions", default="fp32,w8a8,w4a8", help="for --latency-table: comma-separated of "
+                                                                   "fp32, w8a8, w4a8")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the README's main job on the shipped reference model")

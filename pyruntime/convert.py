@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .errors import PolicyError
-from .modelfile import graph_layer_names, pack_int4, write_model
-from .policy import SHORTHANDS, LayerPolicy, Policy
+from .modelfile import graph_layer_names, linear_tensors, write_model
+from .policy import SHORTHANDS, Policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -348,26 +348,6 @@ def _exit_heads(exits: Any, arch: Mapping) -> Dict[int, Dict[str, np.ndarray]]:
     return heads
 
 
-def _quantize_linear(name: str, w: np.ndarray, bias: Optional[np.ndarray], lp: LayerPolicy) -> Dict[str, np.ndarray]:
-    """The tensors of one linear layer at the policy's bits, via the runtime's quantiser."""
-    out = {} if bias is None else {f"{name}.bias": bias}
-    if lp.w_bits == 32:
-        out[f"{name}.weight"] = w
-        return out
-    from . import kernels
-
-    block = lp.block_size if lp.w_bits == 4 else None
-    q, scales = kernels.quantize_weights(w, lp.w_bits, block).canonical()
-    q, scales = np.asarray(q), np.asarray(scales, dtype=np.float32)
-    if lp.w_bits == 8:
-        out[f"{name}.weight.q8"] = np.ascontiguousarray(q, dtype=np.int8)
-        out[f"{name}.weight.scale"] = scales
-    else:
-        out[f"{name}.weight.q4"] = pack_int4(q)
-        out[f"{name}.weight.scale"] = scales.reshape(w.shape[0], -1)
-    return out
-
-
 # --- policy, preprocessing, provenance --------------------------------------------------------
 
 def as_policy(policy: Any) -> Policy:
@@ -463,7 +443,7 @@ def _gates(pol: Policy, names: list, arch: Mapping, linears: Mapping) -> Tuple[d
                           f"calibrate them (pyruntime.calibrate.quee) before converting")
     tensors = {}
     for name, lp in reduced.items():
-        tensors.update(_quantize_linear(f"{name}:lo", linears[name][0], None, lp))
+        tensors.update(linear_tensors(f"{name}:lo", linears[name][0], None, lp))
     for b in pol.gate_blocks():
         for k, a in g.arrays(b).items():
             tensors[f"gates.{b}.{k}"] = np.ascontiguousarray(a, dtype=np.float32)
@@ -501,7 +481,7 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         tensors = {**_float_tensors(model, arch), **norms}
         linears = {**_backbone_linears(model), **exit_linears}
     for name, lp in layers.items():
-        tensors.update(_quantize_linear(name, *linears[name], lp))
+        tensors.update(linear_tensors(name, *linears[name], lp))
     graph = {
         "arch": arch,
         "preprocess": _preprocess(model, arch, preprocess),

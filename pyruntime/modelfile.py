@@ -38,6 +38,7 @@ __all__ = [
     "graph_layer_shapes",
     "graph_reduced_layers",
     "layer_precision",
+    "linear_tensors",
     "num_patches",
     "num_prefix_tokens",
     "num_tokens",
@@ -167,6 +168,29 @@ def unpack_int4(packed: np.ndarray, K: int) -> np.ndarray:
     q[:, 0::2] = (packed & 0x0F).astype(np.int8) - 8
     q[:, 1::2] = (packed >> 4).astype(np.int8) - 8
     return q[:, :K]
+
+
+def linear_tensors(name: str, w: np.ndarray, bias: Optional[np.ndarray], lp: LayerPolicy) -> Dict[str, np.ndarray]:
+    """The tensors one linear layer is stored as at precision ``lp``, from its float32
+    weight [N, K] (quantised by the runtime's own quantiser, ``pyruntime.kernels``): the one
+    definition shared by the converter and in-process re-quantisation (``pyruntime.latency``),
+    so both produce identical files."""
+    out = {} if bias is None else {f"{name}.bias": bias}
+    if lp.w_bits == 32:
+        out[f"{name}.weight"] = w
+        return out
+    from . import kernels
+
+    block = lp.block_size if lp.w_bits == 4 else None
+    q, scales = kernels.quantize_weights(w, lp.w_bits, block).canonical()
+    q, scales = np.asarray(q), np.asarray(scales, dtype=np.float32)
+    if lp.w_bits == 8:
+        out[f"{name}.weight.q8"] = np.ascontiguousarray(q, dtype=np.int8)
+        out[f"{name}.weight.scale"] = scales
+    else:
+        out[f"{name}.weight.q4"] = pack_int4(q)
+        out[f"{name}.weight.scale"] = scales.reshape(w.shape[0], -1)
+    return out
 
 
 # --- graph validation -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What every calibration method shares: the calibration images, the model being
-calibrated, which layers a method may touch, and the cost (BOPs or bytes) of a policy.
+calibrated, which layers a method may touch, and the cost (BOPs, bytes or measured latency)
+of a policy.
 
 * Calibration data [ours]: at most 1,024 Fashion-MNIST *training* images, a subset drawn
   without replacement by ``numpy.random.default_rng(seed)``, normalised exactly as
@@ -8,8 +9,10 @@ calibrated, which layers a method may touch, and the cost (BOPs or bytes) of a p
 * A :class:`Source` is the torch model plus how to convert it (checkpoint, mean/std);
   :func:`reference_source` builds it from a reference-format checkpoint (the shipped one by
   default, or one written by ``tools/train_reference.py --tiny``).
-* Costs are those of ``pyruntime.bops`` (BOPs = MACs x b_w x b_a, fp32 = 32 x 32) and of
-  the model file (bytes of every tensor the converted file holds); a method's per-layer
+* Costs are those of ``pyruntime.bops`` (BOPs = MACs x b_w x b_a, fp32 = 32 x 32), of
+  the model file (bytes of every tensor the converted file holds) and of a
+  :class:`pyruntime.latency.LatencyTable` measured on the device (seconds per image at
+  batch 1, ``pyruntime bench MODEL --profile --latency-table T.json``); a method's per-layer
   costs plus the fixed rest add up exactly to :func:`policy_cost` of the resulting policy.
 """
 from __future__ import annotations
@@ -19,13 +22,16 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .. import bops
 from ..modelfile import expected_tensors, graph_layer_names, graph_layer_shapes
 from ..policy import Policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..latency import LatencyTable
 
 __all__ = [
     "MAX_CALIBRATION_IMAGES", "COST_KINDS", "LAYER_TYPES", "CalibrationData", "calibration_data",
@@ -34,7 +40,7 @@ __all__ = [
 ]
 
 MAX_CALIBRATION_IMAGES = 1024
-COST_KINDS = ("bops", "bytes")
+COST_KINDS = ("bops", "bytes", "latency")
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "patch_embed", "head")
 SCOPES = ("blocks", "all")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -227,30 +233,52 @@ def _tensor_bytes(graph: Mapping, source: Source) -> Dict[str, int]:
     return out
 
 
-def policy_cost(source: Source, policy: Policy, kind: str) -> int:
-    """BOPs of one image through the whole converted model (``bops.static``), or the bytes
-    of all tensors in its model file."""
+def _check_kind(kind: str, table: Optional["LatencyTable"]) -> None:
+    """A known cost kind, with a latency table exactly when the kind is ``latency``."""
+    if kind not in COST_KINDS:
+        raise ValueError(f"cost kind must be one of {COST_KINDS}, got {kind!r}")
+    if kind == "latency" and table is None:
+        raise ValueError("cost kind 'latency' needs a latency table (pyruntime bench MODEL --profile "
+                         "--latency-table T.json on an fp32 model file)")
+    if kind != "latency" and table is not None:
+        raise ValueError(f"a latency table is used by cost kind 'latency' only, not {kind!r}")
+
+
+def policy_cost(source: Source, policy: Policy, kind: str, table: Optional["LatencyTable"] = None) -> Union[int, float]:
+    """BOPs of one image through the whole converted model (``bops.static``), the bytes of
+    all tensors in its model file, or its seconds per image from a latency ``table``
+    (``LatencyTable.static``: full depth, every exit head evaluated)."""
+    _check_kind(kind, table)
     graph = model_graph(source, policy)
     if kind == "bops":
         return bops.static(graph)
     if kind == "bytes":
         return sum(_tensor_bytes(graph, source).values())
-    raise ValueError(f"cost kind must be one of {COST_KINDS}, got {kind!r}")
+    return table.static(graph)
 
 
 class CostModel:
     """Per-layer cost of (w_bits, a_bits) and the fixed cost of everything else, such that
-    ``fixed(layers) + sum(cost(layer, bits))`` equals :func:`policy_cost` exactly."""
+    ``fixed(layers) + sum(cost(layer, bits))`` equals :func:`policy_cost` exactly.
 
-    def __init__(self, source: Source, kind: str):
-        if kind not in COST_KINDS:
-            raise ValueError(f"cost kind must be one of {COST_KINDS}, got {kind!r}")
-        self.source, self.kind = source, kind
+    Kind ``latency`` takes the seconds of a :class:`~pyruntime.latency.LatencyTable`
+    profiled on the source's architecture (``table``); its values lie on a binary grid, so
+    the sums are exact in float64 too. Latency depends on the weight bits only (activations
+    are int8 in memory whatever ``a_bits``), and int4 was timed at block size 32.
+    """
+
+    def __init__(self, source: Source, kind: str, table: Optional["LatencyTable"] = None):
+        _check_kind(kind, table)
+        self.source, self.kind, self.table = source, kind, table
         fp32 = model_graph(source, Policy(name="fp32"))
+        if table is not None:
+            table.check(fp32)
         self.macs = bops.layer_macs(fp32)
         self.shapes = graph_layer_shapes(fp32)
 
-    def cost(self, name: str, w_bits: int, a_bits: int, block_size: int = 32) -> int:
+    def cost(self, name: str, w_bits: int, a_bits: int, block_size: int = 32) -> Union[int, float]:
+        if self.kind == "latency":
+            return self.table.layer(name, w_bits, a_bits)
         if self.kind == "bops":
             bits = bops.FP32_BITS if w_bits == 32 else w_bits * a_bits
             return self.macs[name] * bits
@@ -261,14 +289,24 @@ class CostModel:
             return N * K + 4 * N
         return N * (-(-K // 2)) + 4 * N * (-(-K // block_size))
 
-    def fixed(self, allocated: Sequence[str], base: Policy) -> int:
+    def fixed(self, allocated: Sequence[str], base: Policy) -> Union[int, float]:
         """Cost of ``base`` without the layers in ``allocated``."""
-        total = policy_cost(self.source, base, self.kind)
+        total = policy_cost(self.source, base, self.kind, self.table)
         layers = base.resolve(self.source.layer_names(), self.source.depth)
         return total - sum(self.cost(n, layers[n].w_bits, layers[n].a_bits, layers[n].block_size) for n in allocated)
 
+    def expected(self, graph: Mapping, reach: Sequence[float]) -> float:
+        """Amortised cost per image of ``graph`` (its bits and exits) when a fraction
+        ``reach[b]`` of images executes block b: ``bops.expected`` for BOPs, the table's
+        ``expected`` for latency. Bytes do not amortise (every image needs the whole file)."""
+        if self.kind == "bops":
+            return bops.expected(graph, reach)
+        if self.kind == "latency":
+            return self.table.expected(graph, reach)
+        raise ValueError(f"cost kind {self.kind!r} has no expected (reach-weighted) value")
+
     def unit(self) -> str:
-        return "BOPs" if self.kind == "bops" else "bytes"
+        return {"bops": "BOPs", "bytes": "bytes", "latency": "s"}[self.kind]
 
 
 # --- the runtime on many images -------------------------------------------------------------------
