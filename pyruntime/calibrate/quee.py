@@ -67,7 +67,6 @@ depend on lambda, so one :func:`fit_quee` serves the whole curve.
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -75,9 +74,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import bops
-from ..modelfile import check_graph, check_tensors, read_model
+from ..modelfile import check_graph, check_tensors
 from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
-from .common import MAX_CALIBRATION_IMAGES, CalibrationData, Source, batches
+from .common import MAX_CALIBRATION_IMAGES, CalibrationData, Source
+from .probe import executor, materialise
+from .probe import run as _probe_run
 
 __all__ = [
     "TARGETS", "default_gate_blocks", "gate_features", "gate_errors", "gate_decisions", "kmeans",
@@ -236,18 +237,6 @@ def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps
 
 # --- the probe model and its static variants ------------------------------------------------------
 
-def _executor(graph: Mapping, tensors: Mapping[str, np.ndarray]):
-    from .. import _core
-
-    return _core.Executor(dict(graph), dict(tensors))
-
-
-def _run(executor, x: np.ndarray, collect_exits: bool, batch: int, threads: Optional[int]) -> Dict[str, np.ndarray]:
-    outs = [executor.run(np.ascontiguousarray(x[lo:hi]), threads, None, collect_exits) for lo, hi in batches(len(x), batch)]
-    keys = ["logits", "exit_block", "bops", "block_path"] + (["exit_logits"] if collect_exits else [])
-    return {k: np.concatenate([o[k] for o in outs], axis=1 if k == "exit_logits" else 0) for k in keys}
-
-
 def static_variant(graph: Mapping, tensors: Mapping[str, np.ndarray], reduced_blocks: Sequence[int] = (),
                    exit_blocks: Optional[Sequence[int]] = None, threshold: float = 1.0) -> Tuple[dict, dict]:
     """A gate-free (graph, tensors) from a gated probe: the block linears of
@@ -346,14 +335,14 @@ class QueeFit:
         """The runtime on normalised images with the gates at ``lam``: logits, exit_block,
         bops, block_path."""
         g, t = self.model_tensors(lam)
-        return _run(_executor(g, t), x, False, batch, num_threads)
+        return _probe_run(executor(g, t), x, False, batch, num_threads)
 
     def static_run(self, x: np.ndarray, reduced_blocks: Sequence[int] = (), batch: int = 256,
                    num_threads: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Every gate head's logits (``exit_logits`` [gates, N, C]) and the final logits,
         nobody leaving, with the block linears of ``reduced_blocks`` at reduced precision."""
         g, t = static_variant(self.graph, self.tensors, reduced_blocks)
-        return _run(_executor(g, t), x, True, batch, num_threads)
+        return _probe_run(executor(g, t), x, True, batch, num_threads)
 
 
 def _segments(gates: Sequence[int], depth: int) -> List[Tuple[int, int]]:
@@ -417,8 +406,6 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         module docstring).
     steps, lr, seed: MLP training (Adam, full batch) and every random choice.
     """
-    from ..convert import convert
-
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if horizon not in HORIZONS:
@@ -440,21 +427,17 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     probe.gates = GatePolicy(0.0, topk, hidden, {b: [0.0, 0.0, 0.0] for b in gates}, {"blocks.*": reduced},
                              {b: zeros for b in gates})
     probe.name = "quee-probe"
-    with tempfile.TemporaryDirectory(prefix="pyruntime-quee-", dir=workdir) as tmp:
-        path = convert(source.model, Path(tmp) / "probe.pyrt", checkpoint=source.checkpoint, policy=probe,
-                       exits=exits, preprocess=source.preprocess)
-        graph, tensors, _, _ = read_model(path)
-        tensors = {k: np.array(v) for k, v in tensors.items()}  # own the memory (the file goes away)
+    graph, tensors = materialise(source, probe, exits, workdir)
     costs, fp32_bops = _costs(graph, gates, horizon)
 
     x, y = data.images, np.asarray(data.labels)
     g_run, t_run = static_variant(graph, tensors)
-    full = _run(_executor(g_run, t_run), x, True, batch, num_threads)
+    full = _probe_run(executor(g_run, t_run), x, True, batch, num_threads)
     heads_full = list(full["exit_logits"]) + [full["logits"]]  # gate j's head, then the final head
     segs = _segments(gates, depth)
     if targets == "static":
         gs, ts = static_variant(graph, tensors, range(gates[0] + 1, depth))
-        static = _run(_executor(gs, ts), x, True, batch, num_threads)
+        static = _probe_run(executor(gs, ts), x, True, batch, num_threads)
         heads_static = list(static["exit_logits"]) + [static["logits"]]
 
     fits, feats = [], {}
@@ -462,7 +445,7 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         if targets == "segment":
             keep = [] if last == depth - 1 or horizon == "final" else [last]
             gs, ts = static_variant(graph, tensors, range(first, last + 1), exit_blocks=keep, threshold=0.0)
-            r = _run(_executor(gs, ts), x, False, batch, num_threads)
+            r = _probe_run(executor(gs, ts), x, False, batch, num_threads)
             reduced_next = r["logits"]  # the head at the end of the segment, or the final head
         else:
             reduced_next = heads_static[j + 1] if horizon == "next" else heads_static[-1]
@@ -559,7 +542,7 @@ def reference_points(fit: QueeFit, images: np.ndarray, labels: np.ndarray, batch
     out = {}
     for name, blocks in (("full", ()), ("reduced", range(fit.gate_blocks[0] + 1, depth))):
         g, t = static_variant(fit.graph, fit.tensors, blocks, exit_blocks=[])
-        r = _run(_executor(g, t), images, False, batch, num_threads)
+        r = _probe_run(executor(g, t), images, False, batch, num_threads)
         out[name] = CurvePoint(float("nan"), float((r["logits"].argmax(-1) == labels).mean()), float(r["bops"].mean()),
                                float(r["bops"].mean() / fit.fp32_bops), float(depth - 1), {depth - 1: 1.0},
                                len(blocks) / depth)
