@@ -310,6 +310,7 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
             logits = lin(f"exits.{i}.fc", m.norm(m.pool(x), f"exits.{i}.norm")[None])[0]
             if e["rule"] == "gate":
                 path = gate_path(logits, m.gates[i], m.lam, m.topk)
+                bops += (m.hidden * (m.topk + 1) + 3 * m.hidden) * FP32_BITS  # the gate's MLP
                 if path == 0:
                     return logits, i, bops, block_path
                 precision = path

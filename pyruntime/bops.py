@@ -3,7 +3,8 @@
 BOPs(linear) = MACs x b_w x b_a, with fp32 counting 32 x 32 (docs/model_format.md "BOPs").
 Per image: the patch embedding, each executed block's four linears and its two attention
 matmuls (q.k^T and attn.v, fp32 operands, T*T*D MACs each), every exit head evaluated, and
-the final head (plus ``head_dist``). LayerNorm, softmax, GELU and residual adds are free.
+the final head (plus ``head_dist``), and each QuEE gate MLP that decides for the image (fp32,
+counted with its exit head). LayerNorm, softmax, GELU and residual adds are free.
 
 Who pays for what, with an image that exits at block b having executed blocks 0..b:
 
@@ -35,7 +36,7 @@ from .modelfile import (check_graph, graph_layer_names, graph_layer_shapes, laye
                         read_header)
 
 __all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "block_bops", "expected", "expected_by_precision",
-           "per_image", "reach_from_exits", "reach_from_paths"]
+           "per_image", "reach_from_exits", "reach_from_paths", "gate_bops"]
 
 FP32_BITS = 32 * 32
 GraphOrPath = Union[Mapping, str, "os.PathLike[str]"]
@@ -115,7 +116,19 @@ def _buckets(graph: Mapping):
         else:
             i = int(name.split(".")[1])
             exits[i] = exits.get(i, 0) + b
+    for e in graph["exits"]:
+        if e["rule"] == "gate":
+            exits[e["block"]] = exits.get(e["block"], 0) + gate_bops(graph)
     return embed, blocks, exits, head
+
+
+def gate_bops(graph: Mapping) -> int:
+    """BOPs of one QuEE gate deciding for one image: its MLP (top-k + entropy features ->
+    ``hidden`` -> 3 paths) in fp32; 0 without gates."""
+    g = graph.get("gates")
+    if not g:
+        return 0
+    return (g["hidden"] * (g["topk"] + 1) + 3 * g["hidden"]) * FP32_BITS
 
 
 def _reduced_blocks(graph: Mapping, blocks: np.ndarray) -> np.ndarray:

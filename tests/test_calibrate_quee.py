@@ -139,12 +139,12 @@ def test_mlp_learns_cluster_targets():
 
 def test_costs_are_normalised_bops_to_the_end(setup):
     """Horizon "final": the next segment at the path's precision, the rest at full precision,
-    the exit heads on the way and the final head."""
+    the exit heads (and their gates) on the way and the final head."""
     _, _, _, _, fit = setup
     assert fit.meta["horizon"] == "final"
     full, red = bops.block_bops(fit.graph)
     lb = bops.layer_bops(fit.graph)
-    rest = full[4] + lb["exits.3.fc"] + lb["head"]
+    rest = full[4] + lb["exits.3.fc"] + bops.gate_bops(fit.graph) + lb["head"]  # the gate at block 3 decides too
     assert fit.gates[0].cost == pytest.approx((0.0, (full[2:4].sum() + rest) / fit.fp32_bops,
                                                (red[2:4].sum() + rest) / fit.fp32_bops), rel=1e-12)
     assert fit.gates[1].cost == pytest.approx((0.0, (full[4] + lb["head"]) / fit.fp32_bops,
@@ -275,7 +275,7 @@ def test_options_and_determinism(setup):
     assert nxt.meta["horizon"] == "next"
     # charged for the next segment and its head only
     full, red = bops.block_bops(nxt.graph)
-    head3 = bops.layer_bops(nxt.graph)["exits.3.fc"]
+    head3 = bops.layer_bops(nxt.graph)["exits.3.fc"] + bops.gate_bops(nxt.graph)
     assert nxt.gates[0].cost == pytest.approx((0.0, (full[2:4].sum() + head3) / nxt.fp32_bops,
                                                (red[2:4].sum() + head3) / nxt.fp32_bops), rel=1e-12)
     assert nxt.gates[0].cost[1] < a.gates[0].cost[1] and nxt.gates[1].cost == pytest.approx(a.gates[1].cost)

@@ -498,6 +498,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
           const float* li = ws.logits.data() + i * NC;
           if (e.rule == ExitRule::kGate) {
             path[i] = gate_decision(e.gate, spec_.gate_lambda, li, NC, probs);
+            res.bops[batch.active[i]] += e.gate.bops();
           } else {
             path[i] = exits_here(e, li, NC, probs) ? kPathExit : (i < batch.n_full ? kPathFull : kPathReduced);
           }

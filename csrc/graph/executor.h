@@ -55,6 +55,8 @@ struct Gate {
   size_t topk = 3, hidden = 0;
   std::vector<float> w1, b1, w2, b2;  // [hidden x (topk+1)], [hidden], [3 x hidden], [3]
   float cost[3] = {0, 0, 0};
+  // fp32 MACs of the MLP (features -> hidden -> 3) x 32 x 32, paid by every image it decides for
+  int64_t bops() const { return int64_t(hidden * (topk + 1) + 3 * hidden) * 32 * 32; }
 };
 enum Path : uint8_t { kPathExit = 0, kPathFull = 1, kPathReduced = 2 };
 

@@ -370,7 +370,7 @@ def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final") -> Tupl
     out = []
     for (first, last), g in zip(_segments(gates, depth), gates):
         end = last if horizon == "next" else depth - 1
-        heads = sum(lb[f"exits.{b}.fc"] for b in gates if first <= b <= end)
+        heads = sum(lb[f"exits.{b}.fc"] + bops.gate_bops(graph) for b in gates if first <= b <= end)
         heads += final_heads if end == depth - 1 else 0
         rest = int(full[last + 1:end + 1].sum())
         cf = (int(full[first:last + 1].sum()) + rest + heads) / norm
