@@ -113,6 +113,29 @@ def test_lampq_policy_converts_and_runs_with_its_bits(kind, scope, a_bits, tmp_p
     assert order == sorted(res.layers, key=lambda n: -res.omega[n])  # most sensitive first
 
 
+def test_lampq_fits_a_latency_table():
+    """With a device's latency table the ILP spends seconds: the policy's table latency is
+    within the budget, and a table where 4-bit weights are *slower* than 8-bit (as the
+    patch embedding measured) keeps 8-bit weights where they are both faster and better."""
+    from test_latency import synthetic_table
+
+    from pyruntime.calibrate.common import model_graph
+    from pyruntime.policy import Policy
+
+    src, data = tiny_source(), tiny_data(48)
+    table = synthetic_table(model_graph(src, Policy())["arch"], seed=5)
+    for n in table.layers:  # make int4 slower than int8 everywhere
+        table.layers[n][4] = table.layers[n][8] * 2
+    costs = CostModel(src, "latency", table=table)
+    cfg = LampQConfig(cost="latency", rounds=1, error_batch=16, show_progress=False)
+    lo, hi = feasible_range(src, cfg, costs)
+    res = calibrate_lampq(src, data, lo + 0.5 * (hi - lo), cfg, costs=costs)
+    assert res.cost_kind == "latency" and res.policy.meta["cost_kind"] == "latency"
+    assert res.cost == policy_cost(src, res.policy, "latency", table=table) <= lo + 0.5 * (hi - lo)
+    assert {w for w, _ in res.pick.values()} == {8}  # 4-bit: slower and worse
+    assert "s of budget" in res.report()
+
+
 def test_impossible_budget_names_the_smallest_feasible():
     src = tiny_source()
     lo, _ = feasible_range(src, LampQConfig())

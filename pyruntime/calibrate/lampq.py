@@ -32,7 +32,7 @@ Scales stay dynamic (``scale="dynamic"``); compose with :mod:`.static` or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -77,14 +77,14 @@ class LampQResult:
     pick: Dict[str, Bits]
     history: List[Dict[str, Bits]]          # the allocation after each round
     budget: float
-    cost: int
+    cost: Union[int, float]                 # int BOPs / bytes, float seconds
     cost_kind: str
     feasible: Tuple[float, float]           # (smallest, largest) cost over all allocations
     initial_errors: Dict[str, List[float]] = field(default_factory=dict)  # E_i of the first round
 
     def report(self) -> str:
         """Each layer's sensitivity and chosen bits, most sensitive first."""
-        unit = "BOPs" if self.cost_kind == "bops" else "bytes"
+        unit = {"bops": "BOPs", "bytes": "bytes", "latency": "s"}[self.cost_kind]
         head = f"{'layer':22s} {'type':>11s} {'tr(F)':>10s} {'Omega':>8s} " + " ".join(
             f"{f'E(w{w}a{a})':>10s}" for w, a in self.options) + f" {'bits':>6s}"
         lines = [head, "-" * len(head)]
@@ -232,9 +232,9 @@ def _policy(names: Sequence[str], pick: Mapping[str, Bits], block_size: int, nam
     return Policy(layers=layers, name=name, meta=meta)
 
 
-def feasible_range(source: Source, cfg: LampQConfig) -> Tuple[float, float]:
+def feasible_range(source: Source, cfg: LampQConfig, costs: Optional[CostModel] = None) -> Tuple[float, float]:
     """(smallest, largest) whole-model cost any allocation of ``cfg`` can have."""
-    costs = CostModel(source, cfg.cost)
+    costs = costs or CostModel(source, cfg.cost)
     names = scope_layers(source.layer_names(), cfg.scope)
     fixed = costs.fixed(names, Policy(name="fp32"))
     return _choices_bounds(names, options(cfg), costs, fixed, cfg.block_size)
@@ -242,9 +242,12 @@ def feasible_range(source: Source, cfg: LampQConfig) -> Tuple[float, float]:
 
 def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: Optional[LampQConfig] = None,
                     traces: Optional[Mapping[str, float]] = None,
-                    initial_errors: Optional[Mapping[str, Sequence[float]]] = None) -> LampQResult:
-    """A LampQ policy for ``source`` under ``budget`` (whole-model BOPs or bytes, as
+                    initial_errors: Optional[Mapping[str, Sequence[float]]] = None,
+                    costs: Optional[CostModel] = None) -> LampQResult:
+    """A LampQ policy for ``source`` under ``budget`` (whole-model BOPs, bytes or seconds, as
     ``cfg.cost``); ValueError naming the smallest feasible budget if it cannot be met.
+    ``costs``: the cost model (default ``CostModel(source, cfg.cost)``; pass one built with a
+    :class:`~pyruntime.latency.LatencyTable` to fit the policy to a device's latency).
 
     ``traces`` and ``initial_errors`` (from an earlier result with the same data and
     options: ``res.traces``, ``res.initial_errors``) skip recomputing what does not depend
@@ -253,7 +256,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
     opts = options(cfg)
     all_layers = source.layer_names()
     names = scope_layers(all_layers, cfg.scope)
-    costs = CostModel(source, cfg.cost)
+    costs = costs or CostModel(source, cfg.cost)
     fixed = costs.fixed(names, Policy(name="fp32"))
     lo, hi = _choices_bounds(names, opts, costs, fixed, cfg.block_size)
     if not budget >= lo:  # fail before any expensive step
@@ -282,13 +285,18 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
             break
         pick = new
     cost = fixed + sum(costs.cost(n, *pick[n], cfg.block_size) for n in names)
-    meta = {"calibration": dict(data.summary), "method": "lampq", "cost_kind": cfg.cost, "budget": float(budget),
-            "cost": int(cost), "rounds": len(history), "options": [list(o) for o in opts],
+    meta = {"calibration": dict(data.summary), "method": "lampq", "cost_kind": costs.kind, "budget": float(budget),
+            "cost": _amount(cost, costs.kind), "rounds": len(history), "options": [list(o) for o in opts],
             "type_aware": cfg.type_aware, "initial": cfg.initial,
             "sensitivity": {n: float(omega[n]) for n in names}}
     policy = _policy(names, pick, cfg.block_size, "lampq", meta)
-    return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), int(cost),
-                       cfg.cost, (lo, hi), dict(initial_errors))
+    return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), _amount(cost, costs.kind),
+                       costs.kind, (lo, hi), dict(initial_errors))
+
+
+def _amount(cost: float, kind: str) -> Union[int, float]:
+    """BOPs and bytes are integers; seconds are not."""
+    return float(cost) if kind == "latency" else int(cost)
 
 
 def fisher_traces_for(model, names, data, cfg: LampQConfig) -> Dict[str, float]:
