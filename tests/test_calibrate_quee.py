@@ -157,6 +157,35 @@ def test_costs_are_normalised_bops_to_the_end(setup):
     assert fit.fp32_bops == bops.static(fp32)
 
 
+def test_costs_can_be_a_devices_latency(setup):
+    """With a latency table the path costs are seconds: the table's blocks at the path's
+    precision, the heads on the way, normalised by the fp32 model's seconds."""
+    from test_latency import synthetic_table
+
+    from pyruntime.calibrate.common import CostModel, model_graph
+
+    model, source, data, _, fit = setup
+    table = synthetic_table(model_graph(source, Policy())["arch"], seed=7)
+    small = CalibrationData(data.images[:64], data.labels[:64], data.summary)
+    lat = fit_quee(source, small, gate_blocks=GATES, reduced=LayerPolicy(4, a_bits=6), topk=2, hidden=4, clusters=4,
+                   steps=50, exits=exit_heads(model), num_threads=1, costs=CostModel(source, "latency", table=table))
+    g = lat.graph
+    full = table.block_latency(g)
+    red = full.copy()
+    for name in g["gates"]["reduced"]:
+        red[int(name.split(".")[1])] += table.layer(name, 4) - table.layer(name, g["layers"][name]["w_bits"])
+    fp32 = copy.deepcopy(g)
+    fp32.pop("gates")
+    fp32["exits"] = []
+    fp32["layers"] = {n: dict(lp, w_bits=32) for n, lp in fp32["layers"].items() if not n.startswith("exits.")}
+    norm = table.static(fp32)
+    rest = full[4] + table.layer("exits.3.fc", 32) + table.layer("head", 32)
+    assert lat.gates[0].cost == pytest.approx((0.0, (full[2:4].sum() + rest) / norm, (red[2:4].sum() + rest) / norm),
+                                              rel=1e-12)
+    assert lat.meta["cost_kind"] == "latency" and lat.meta["cost_normaliser_fp32"] == pytest.approx(norm)
+    assert lat.fp32_bops == fit.fp32_bops  # the BOPs normaliser of the curves stays BOPs
+
+
 def test_targets_are_the_static_runs_outcomes(setup):
     """ê's inputs: path 0 = the gate head of the full model, path 1 = the final head of the full
     model, path 2 = the final head with the next segment at reduced precision."""

@@ -76,7 +76,7 @@ import numpy as np
 from .. import bops
 from ..modelfile import check_graph, check_tensors
 from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
-from .common import MAX_CALIBRATION_IMAGES, CalibrationData, Source
+from .common import MAX_CALIBRATION_IMAGES, CalibrationData, CostModel, Source
 from .probe import executor, materialise
 from .probe import run as _probe_run
 
@@ -298,7 +298,7 @@ class QueeFit:
     gates: List[GateFit]
     graph: dict                       # the probe's graph (gates with placeholder weights)
     tensors: Dict[str, np.ndarray]    # the probe's tensors
-    fp32_bops: int                    # the cost normaliser
+    fp32_bops: int                    # BOPs of the fp32 model without exits (bops_ratio's normaliser)
     features: Dict[int, np.ndarray]   # calibration features per gate (for default_lambdas)
     meta: dict = field(default_factory=dict)
 
@@ -351,32 +351,53 @@ def _segments(gates: Sequence[int], depth: int) -> List[Tuple[int, int]]:
     return [(g + 1, e) for g, e in zip(gates, ends)]
 
 
-def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final") -> Tuple[List[Tuple[float, float, float]], int]:
-    """Normalised (exit, full, reduced) cost per gate, and the fp32 normaliser. ``next``: the
-    next segment and the head at its end; ``final``: the next segment at the path's precision
-    and everything after it at full precision, every exit head on the way and the final heads."""
-    a = graph["arch"]
+def _cost_terms(graph: Mapping, costs: Optional[CostModel]) -> Tuple[np.ndarray, np.ndarray, Dict[str, float], float]:
+    """(per block at full precision [depth], at reduced precision [depth], per head (exit
+    heads with their gates, final heads), one image through the whole model in fp32 without
+    exits): BOPs (default), or seconds from ``costs``' latency table."""
     fp32 = copy.deepcopy(dict(graph))
     fp32.pop("gates", None)
     fp32["exits"] = []
     fp32["predictor"] = None
     fp32["layers"] = {n: {"w_bits": 32, "a_bits": 8, "scale": "dynamic", "static_scale": None, "block_size": 32}
                       for n in fp32["layers"] if not n.startswith("exits.")}
-    norm = bops.static(fp32)
-    full, red = bops.block_bops(graph)
-    lb = bops.layer_bops(graph)
-    final_heads = lb["head"] + lb.get("head_dist", 0)
-    depth = a["depth"]
+    heads = [n for n in graph["layers"] if n.startswith("exits.") or not n.startswith(("blocks.", "patch_embed"))]
+    if costs is None or costs.kind == "bops":
+        full, red = bops.block_bops(graph)
+        lb = bops.layer_bops(graph)
+        per_head = {n: float(lb[n] + (bops.gate_bops(graph) if n.startswith("exits.") else 0)) for n in heads}
+        return full.astype(np.float64), red.astype(np.float64), per_head, float(bops.static(fp32))
+    if costs.kind != "latency":
+        raise ValueError(f"QuEE path costs are BOPs or latency, not {costs.kind!r}")
+    table = costs.table
+    bits = lambda n: graph["layers"][n]["w_bits"]
+    full = table.block_latency(graph)
+    red = full.copy()
+    for name, lp in (graph.get("gates") or {}).get("reduced", {}).items():
+        red[int(name.split(".")[1])] += table.layer(name, lp["w_bits"]) - table.layer(name, bits(name))
+    # a gate's MLP runs inside its exit head's timed op, so the head's time includes it
+    return full, red, {n: table.layer(n, bits(n)) for n in heads}, table.static(fp32)
+
+
+def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final",
+           costs: Optional[CostModel] = None) -> Tuple[List[Tuple[float, float, float]], float]:
+    """Normalised (exit, full, reduced) cost per gate, and the fp32 normaliser. ``next``: the
+    next segment and the head at its end; ``final``: the next segment at the path's precision
+    and everything after it at full precision, every exit head (and gate) on the way and the
+    final heads. BOPs, or seconds with a latency ``costs``."""
+    full, red, head_cost, norm = _cost_terms(graph, costs)
+    final_heads = sum(v for n, v in head_cost.items() if not n.startswith("exits."))
+    depth = graph["arch"]["depth"]
     out = []
     for (first, last), g in zip(_segments(gates, depth), gates):
         end = last if horizon == "next" else depth - 1
-        heads = sum(lb[f"exits.{b}.fc"] + bops.gate_bops(graph) for b in gates if first <= b <= end)
+        heads = sum(head_cost[f"exits.{b}.fc"] for b in gates if first <= b <= end)
         heads += final_heads if end == depth - 1 else 0
-        rest = int(full[last + 1:end + 1].sum())
-        cf = (int(full[first:last + 1].sum()) + rest + heads) / norm
-        cr = (int(red[first:last + 1].sum()) + rest + heads) / norm
+        rest = float(full[last + 1:end + 1].sum())
+        cf = (float(full[first:last + 1].sum()) + rest + heads) / norm
+        cr = (float(red[first:last + 1].sum()) + rest + heads) / norm
         out.append((0.0, float(cf), float(cr)))
-    return out, int(norm)
+    return out, norm
 
 
 def _base_policy(base: Any) -> Policy:
@@ -392,7 +413,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
              reduced: LayerPolicy = LayerPolicy(w_bits=4, a_bits=8), gate_blocks: Optional[Sequence[int]] = None,
              every: int = 3, topk: int = 3, hidden: int = 12, clusters: int = 32, prior: float = 2.0,
              targets: str = "segment", horizon: str = "final", steps: int = 2000, lr: float = 0.02, seed: int = 0, exits: Any = None,
-             batch: int = 256, num_threads: Optional[int] = None, workdir: Optional[Path] = None) -> QueeFit:
+             batch: int = 256, num_threads: Optional[int] = None, workdir: Optional[Path] = None,
+             costs: Optional[CostModel] = None) -> QueeFit:
     """Calibrate QuEE gates (module docstring) on ``data`` (normalised images + labels).
 
     source: the model (:mod:`.common`); its exit heads come from its checkpoint, or from
@@ -405,6 +427,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     targets: "segment" (default) or "static"; horizon: "final" (default) or "next" (see the
         module docstring).
     steps, lr, seed: MLP training (Adam, full batch) and every random choice.
+    costs: what a path costs -- BOPs (default) or, with a cost model built on a device's
+        :class:`~pyruntime.latency.LatencyTable`, its seconds (normalised by the fp32 model's).
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
@@ -428,7 +452,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
                              {b: zeros for b in gates})
     probe.name = "quee-probe"
     graph, tensors = materialise(source, probe, exits, workdir)
-    costs, fp32_bops = _costs(graph, gates, horizon)
+    path_costs, fp32_cost = _costs(graph, gates, horizon, costs)
+    fp32_bops = int(_cost_terms(graph, None)[3])
 
     x, y = data.images, np.asarray(data.labels)
     g_run, t_run = static_variant(graph, tensors)
@@ -459,13 +484,14 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         target = e_hat[assign]
         weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j)
         mae = float(np.abs(gate_errors(f, weights) - target).mean())
-        fits.append(GateFit(g, costs[j], weights, tuple(float(v) for v in errors.mean(0)), e_hat, sizes, loss, mae))
+        fits.append(GateFit(g, path_costs[j], weights, tuple(float(v) for v in errors.mean(0)), e_hat, sizes, loss, mae))
         feats[g] = f
 
     meta = {
         "method": "quee", "base": base_pol.name, "reduced": reduced.to_dict(), "gate_blocks": gates,
         "targets": targets, "horizon": horizon, "topk": topk, "hidden": hidden, "clusters": clusters, "prior": prior, "steps": steps,
-        "lr": lr, "seed": seed, "data": dict(data.summary), "cost_normaliser_fp32_bops": int(fp32_bops),
+        "lr": lr, "seed": seed, "data": dict(data.summary), "cost_kind": "bops" if costs is None else costs.kind,
+        "cost_normaliser_fp32": fp32_cost,
         "full_top1": float((full["logits"].argmax(-1) == y).mean()),
         "gates": [gf.summary() for gf in fits],
     }
