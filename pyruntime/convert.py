@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import PolicyError
 from .modelfile import graph_layer_names, linear_tensors, write_model
-from .policy import SHORTHANDS, Policy
+from .policy import SHORTHANDS, LayerPolicy, Policy
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
@@ -431,25 +431,31 @@ def _exit_tensors(heads: Mapping[int, Mapping[str, np.ndarray]], blocks: list) -
     return norms, linears
 
 
-def _gates(pol: Policy, names: list, arch: Mapping, linears: Mapping) -> Tuple[dict, dict]:
-    """(graph "gates", tensors) of a policy with QuEE gates: reduced copies + gate MLPs."""
+def gates_graph(pol: Policy, names: list, arch: Mapping) -> dict:
+    """The graph's "gates" entry of a policy with QuEE gates (no tensors)."""
     g = pol.gates
-    reduced = pol.resolve_reduced(names, arch["depth"])
     if g.topk > arch["num_classes"]:
         raise PolicyError(f"gates topk {g.topk} exceeds the model's {arch['num_classes']} classes")
+    reduced = pol.resolve_reduced(names, arch["depth"])
+    return {"lambda": g.lam, "topk": g.topk, "hidden": g.hidden,
+            "cost": {str(b): list(c) for b, c in sorted(g.cost.items())},
+            "reduced": {name: lp.to_dict() for name, lp in reduced.items()}}
+
+
+def _gates(pol: Policy, names: list, arch: Mapping, linears: Mapping) -> Tuple[dict, dict]:
+    """(graph "gates", tensors) of a policy with QuEE gates: reduced copies + gate MLPs."""
+    graph = gates_graph(pol, names, arch)
+    g = pol.gates
     missing = [b for b in pol.gate_blocks() if b not in g.weights]
     if missing:
         raise PolicyError(f"gates at blocks {missing} have no MLP weights in the policy (gates.weights); "
                           f"calibrate them (pyruntime.calibrate.quee) before converting")
     tensors = {}
-    for name, lp in reduced.items():
-        tensors.update(linear_tensors(f"{name}:lo", linears[name][0], None, lp))
+    for name, lp in graph["reduced"].items():
+        tensors.update(linear_tensors(f"{name}:lo", linears[name][0], None, LayerPolicy.from_dict(lp)))
     for b in pol.gate_blocks():
         for k, a in g.arrays(b).items():
             tensors[f"gates.{b}.{k}"] = np.ascontiguousarray(a, dtype=np.float32)
-    graph = {"lambda": g.lam, "topk": g.topk, "hidden": g.hidden,
-             "cost": {str(b): list(c) for b, c in sorted(g.cost.items())},
-             "reduced": {name: lp.to_dict() for name, lp in reduced.items()}}
     return graph, tensors
 
 

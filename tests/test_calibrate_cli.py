@@ -1,6 +1,7 @@
 """``pyruntime calibrate`` end to end on a tiny reference-format checkpoint and real
 Fashion-MNIST calibration images (skipped without torch/timm or the data set)."""
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import pyruntime
 from pyruntime import bops
 from pyruntime.calibrate.cli import add_parser, main
 from pyruntime.calibrate.common import calibration_data, reference_source
-from pyruntime.policy import Policy
+from pyruntime.policy import LayerPolicy, Policy
 
 from test_calibrate_common import write_reference_checkpoint
 
@@ -29,9 +30,37 @@ def checkpoint(tmp_path_factory):
     return write_reference_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-def calibrate(checkpoint, out, *args):
-    return main(["calibrate", *args, "--checkpoint", str(checkpoint), "--images", "64", "--out", str(out),
+@pytest.fixture(scope="module")
+def exit_checkpoint(checkpoint, tmp_path_factory):
+    """A depth-4 tiny checkpoint with exit heads after blocks 0..2 (copies of the final norm
+    and head), for maqee and quee."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=16, depth=4, num_heads=2,
+                  mlp_ratio=2.0, qkv_bias=True, class_token=True, global_pool="token")
+    torch.manual_seed(0)
+    model = VisionTransformer(**kwargs)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for b in (0, 1, 2):
+        for src, dst in (("norm", "norm"), ("head", "fc")):
+            for p in ("weight", "bias"):
+                tensors[f"exits.{b}.{dst}.{p}"] = tensors[f"{src}.{p}"].clone()
+    meta = {"timm_kwargs": json.dumps(kwargs), "mean": "0.2860405969887955", "std": "0.35302424451492254",
+            "exit_blocks": "[0, 1, 2, 3]", "extra_exit_blocks": "[0, 1, 2]",
+            "classes": json.dumps([str(i) for i in range(10)]), "format": "pyruntime-reference-v1"}
+    path = tmp_path_factory.mktemp("ckpt-exits") / "tiny-exits.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def calibrate(checkpoint, out, *args, images=64):
+    return main(["calibrate", *args, "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(out),
                  "--no-progress"])
+
+
+# small and fast: two weight options, one re-allocation, a generous promise (the tiny model is random)
+MAQEE = ("--method", "maqee", "--w-bits", "4,8", "--a-bits", "8", "--rounds", "1", "--max-drop", "50", "--threads", "1")
 
 
 def test_lampq_from_the_command_line(checkpoint, tmp_path, capsys):
@@ -78,3 +107,93 @@ def test_add_parser_registers_the_subcommand():
     assert args.w_bits == [4, 8] and args.a_bits == [6, 8] and callable(args.func)
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "1", "--budget-bytes", "1", "--out", "x"])
+    args = p.parse_args(["calibrate", "--method", "quee", "--reduced", "w4a6", "--out", "x.json", "--lam", "0.5"])
+    assert args.reduced == LayerPolicy(4, 6) and args.lam == 0.5 and args.every == 3 and args.base is None
+    args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", "T.json",
+                         "--out", "x.json", "--exit-blocks", "0,3", "--per-head"])
+    assert args.exit_blocks == [0, 3] and args.per_head and args.max_drop == 0.5 and args.holdout is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["calibrate", "--method", "quee", "--reduced", "int4", "--out", "x"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["calibrate", "--method", "maqee", "--budget-bops", "1", "--budget-latency", "1", "--out", "x"])
+
+
+# --- maqee ----------------------------------------------------------------------------------------------
+
+def test_maqee_writes_exits_and_thresholds(exit_checkpoint, tmp_path, capsys):
+    out = tmp_path / "maqee.json"
+    assert calibrate(exit_checkpoint, out, *MAQEE, "--budget-bops", "1.0x", "--exit-blocks", "0,2", "--report",
+                     images=128) == 0
+    text = capsys.readouterr().out
+    assert "thresholds b0:" in text and "held-out:" in text and f"wrote {out}" in text and "expected" in text
+    policy = Policy.load(out)
+    assert [(e.block, e.rule) for e in policy.exits] == [(0, "confidence"), (2, "confidence")]
+    assert all(0.0 <= e.threshold <= 1.0 for e in policy.exits)
+    assert policy.meta["method"] == "maqee" and policy.meta["cost_kind"] == "bops"
+    assert policy.meta["max_drop"] == pytest.approx(0.5) and policy.meta["expected_cost_fit"] <= policy.meta["budget"]
+    assert {(lp.w_bits, lp.a_bits) for lp in policy.layers.values()} <= {(4, 8), (8, 8)}
+    src = reference_source(exit_checkpoint)
+    path = src.convert(tmp_path / "m.pyrt", policy)
+    x = calibration_data(8, mean=src.preprocess["mean"], std=src.preprocess["std"]).images
+    r = pyruntime.load(path).run(x)
+    assert np.isfinite(r.logits).all() and set(r.exit_block) <= {0, 2, 3}
+
+
+def test_maqee_latency_budget(exit_checkpoint, tmp_path, capsys):
+    from pyruntime.latency import LatencyTable, uniform_graph
+    from pyruntime.modelfile import graph_layer_names
+
+    arch = reference_source(exit_checkpoint).arch
+    rng = np.random.default_rng(0)  # made-up seconds, as tests/test_latency.py::synthetic_table
+    names = graph_layer_names(uniform_graph(arch, 32, range(arch["depth"] - 1)))
+    table = LatencyTable(arch, (32, 8, 4), {n: {b: float(rng.random() * 1e-4) for b in (32, 8, 4)} for n in names},
+                         [float(v) for v in rng.random(arch["depth"]) * 1e-4], float(rng.random() * 1e-5),
+                         {"source": "synthetic"})
+    table.save(tmp_path / "T.json")
+    out = tmp_path / "lat.json"
+    assert calibrate(exit_checkpoint, out, *MAQEE, "--budget-latency", "1.0x", "--latency-table",
+                     str(tmp_path / "T.json"), "--report", images=128) == 0
+    assert " s of budget " in capsys.readouterr().out
+    policy = Policy.load(out)
+    assert policy.meta["cost_kind"] == "latency" and policy.exits
+    assert policy.meta["expected_cost_fit"] <= policy.meta["budget"] < 1.0  # seconds, not BOPs
+
+
+def test_maqee_errors(exit_checkpoint, tmp_path, capsys):
+    p = tmp_path / "p.json"
+    assert calibrate(exit_checkpoint, p, *MAQEE, "--budget-bops", "1000", images=128) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pyruntime calibrate: error: budget 1000 BOPs per image")
+    assert not p.exists()
+    assert calibrate(exit_checkpoint, p, *MAQEE, "--budget-latency", "0.5x") == 2
+    assert "--latency-table" in capsys.readouterr().err
+    assert calibrate(exit_checkpoint, p, *MAQEE, "--budget-bytes", "0.5x") == 2
+    assert "--budget-bytes does not apply" in capsys.readouterr().err
+    assert calibrate(exit_checkpoint, p, *MAQEE) == 2
+    assert "maqee needs a budget" in capsys.readouterr().err
+    assert calibrate(exit_checkpoint, p, "--method", "lampq", "--budget-latency", "1e-3") == 2
+    assert "maqee only" in capsys.readouterr().err
+    assert not p.exists()
+
+
+# --- quee -----------------------------------------------------------------------------------------------
+
+def test_quee_writes_gates_that_convert(exit_checkpoint, tmp_path, capsys):
+    from pyruntime.convert import convert
+
+    out = tmp_path / "quee.json"
+    assert calibrate(exit_checkpoint, out, "--method", "quee", "--every", "2", "--reduced", "w4a6", "--lam", "0.25",
+                     "--report", "--threads", "1") == 0
+    text = capsys.readouterr().out
+    assert "lambda 0.25" in text and "gate  cost" in text and f"wrote {out}" in text
+    policy = Policy.load(out)
+    assert [(e.block, e.rule) for e in policy.exits] == [(1, "gate")]
+    assert policy.gates.lam == 0.25 and policy.meta["calibration"]["lambda"] == 0.25
+    assert policy.gates.reduced["blocks.*"] == LayerPolicy(4, 6)
+    src = reference_source(exit_checkpoint)
+    path = convert(src.model, tmp_path / "q.pyrt", checkpoint=exit_checkpoint, policy=str(out),
+                   preprocess=src.preprocess)
+    x = calibration_data(8, mean=src.preprocess["mean"], std=src.preprocess["std"]).images
+    assert np.isfinite(pyruntime.load(path).run(x).logits).all()
+    assert calibrate(exit_checkpoint, tmp_path / "q2.json", "--method", "quee", "--budget-bops", "0.5x") == 2
+    assert "quee takes no budget" in capsys.readouterr().err

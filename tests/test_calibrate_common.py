@@ -76,6 +76,31 @@ def test_cost_model_adds_up_to_the_converted_file(kind, tmp_path):
         assert predicted == sum(t.nbytes for t in tensors.values())
 
 
+def test_policy_cost_of_exits_and_gates_is_the_converted_files(tmp_path):
+    """Exit heads (bytes and BOPs) and QuEE gates (reduced copies, gate MLPs) are costed as
+    the converted file holds and the runtime counts them."""
+    from pyruntime.convert import convert
+    from pyruntime.policy import ExitPolicy, GatePolicy
+
+    src = tiny_source()
+    arch = src.arch
+    D, C = arch["embed_dim"], arch["num_classes"]
+    rng = np.random.default_rng(1)
+    heads = {b: {"norm.weight": np.ones(D, np.float32), "norm.bias": np.zeros(D, np.float32),
+                 "fc.weight": rng.standard_normal((C, D)).astype(np.float32), "fc.bias": np.zeros(C, np.float32)}
+             for b in (0,)}
+    w = {"fc1.weight": rng.standard_normal((4, 3)).tolist(), "fc1.bias": [0.0] * 4,
+         "fc2.weight": rng.standard_normal((3, 4)).tolist(), "fc2.bias": [0.0, 0.0, 0.0]}
+    for exits, gates in (([ExitPolicy(0, "confidence", 0.8)], None),
+                         ([ExitPolicy(0, "gate")], GatePolicy(0.1, 2, 4, {0: [0.0, 0.5, 0.3]},
+                                                              {"blocks.*": LayerPolicy(4, 6)}, {0: w}))):
+        policy = Policy(layers={"blocks.*": LayerPolicy(8, 8)}, exits=exits, gates=gates)
+        path = convert(src.model, tmp_path / "m.pyrt", policy=policy, exits=heads, preprocess=src.preprocess)
+        _, tensors, _, _ = read_model(path)
+        assert policy_cost(src, policy, "bytes") == sum(t.nbytes for t in tensors.values())
+        assert policy_cost(src, policy, "bops") == bops.static(path)
+
+
 @pytest.mark.parametrize("w_bits,a_bits,pattern", [(8, 8, "blocks.*"), (4, 6, "blocks.*"), (8, 8, "*")])
 def test_emulation_follows_the_runtime(w_bits, a_bits, pattern, tmp_path):
     src = tiny_source()

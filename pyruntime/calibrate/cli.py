@@ -3,13 +3,23 @@
     pyruntime calibrate --method lampq --budget-bops 0.75x --out lampq.json --report
     pyruntime calibrate --method uniform --w-bits 8 --a-bits 4 --scale percentile --out w8a4.json
     pyruntime calibrate --method scalepredictor --base w8a4.json --out w8a4-pred.json --report
+    pyruntime calibrate --method maqee --budget-bops 0.5x --max-drop 0.5 --out maqee.json --report
+    pyruntime calibrate --method maqee --budget-latency 0.6x --latency-table T.json --out maqee-lat.json
+    pyruntime calibrate --method quee --reduced w4a8 --every 3 --lam 0.5 --out quee.json --report
 
 Methods: ``uniform`` (one bit-width everywhere; with a budget, the most expensive uniform
 setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP), ``naive`` (bits by
 weight range, same ILP: LampQ's baseline), ``scalepredictor`` (per-image activation scales
-predicted from a shallow block's range statistic). ``--scale minmax|percentile`` turns the
-result's activation scales static (calibrated). A budget is a number (whole-model BOPs per
-image, or model-file bytes) or ``<f>x``, a multiple of the W8A8 policy's cost.
+predicted from a shallow block's range statistic), ``maqee`` (exit thresholds and per-layer
+bits chosen together under an *expected* cost per image, top-1 at most ``--max-drop``
+points below fp32 at full depth), ``quee`` (QuEE gates after every ``--every``-th block
+that send each image to exit, continue at ``--base`` precision or continue at ``--reduced``
+precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percentile`` turns
+the result's activation scales static (calibrated; uniform/lampq/naive). A budget is a
+number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per image from
+``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
+or ``<f>x``, a multiple of the W8A8 policy's cost at full depth. For maqee the budget is the
+expected cost per image with its exits; quee takes no budget.
 
 The model is the shipped reference ViT unless ``--checkpoint`` names another file in its
 format (e.g. one from ``tools/train_reference.py --tiny``); calibration images are at most
@@ -25,7 +35,7 @@ from .ilp import format_amount
 
 __all__ = ["add_parser", "cmd_calibrate", "main"]
 
-METHODS = ("uniform", "lampq", "naive", "scalepredictor")
+METHODS = ("uniform", "lampq", "naive", "scalepredictor", "maqee", "quee")
 
 
 def _bits(text: str) -> List[int]:
@@ -35,6 +45,21 @@ def _bits(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _precision(text: str):
+    """``w4a8`` -> LayerPolicy(4, 8) (``w4`` alone: a8)."""
+    import re
+
+    from ..policy import LayerPolicy, PolicyError
+
+    m = re.fullmatch(r"w(\d+)(?:a(\d+))?", text.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a precision like w4a8, got {text!r}")
+    try:
+        return LayerPolicy(int(m.group(1)), int(m.group(2) or 8))
+    except PolicyError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on an ``argparse`` sub-parser collection."""
     c = subparsers.add_parser("calibrate", help="fit a policy (bits, activation scales) on calibration images",
@@ -42,33 +67,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--method", choices=METHODS, required=True)
     c.add_argument("--out", required=True, help="policy JSON to write")
-    c.add_argument("--report", action="store_true", help="print each layer's sensitivity / fit and chosen setting")
+    c.add_argument("--report", action="store_true",
+                   help="print each layer's sensitivity / fit and chosen setting (maqee: the rounds, thresholds and "
+                        "held-out check; quee: the gates and lambda)")
     budget = c.add_mutually_exclusive_group()
-    budget.add_argument("--budget-bops", help="whole-model BOPs per image, or <f>x of W8A8's")
-    budget.add_argument("--budget-bytes", help="model-file tensor bytes, or <f>x of W8A8's")
+    budget.add_argument("--budget-bops", help="whole-model BOPs per image, or <f>x of W8A8's (maqee: expected per image)")
+    budget.add_argument("--budget-bytes", help="model-file tensor bytes, or <f>x of W8A8's (not maqee)")
+    budget.add_argument("--budget-latency", help="maqee: expected seconds per image from --latency-table, or <f>x of "
+                                                 "W8A8's full-depth latency there")
+    c.add_argument("--latency-table", help="maqee: latency table JSON for --budget-latency "
+                                           "(pyruntime bench MODEL --profile --latency-table T.json)")
     c.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
     c.add_argument("--images", type=int, default=1024, help="calibration images (at most 1024)")
-    c.add_argument("--seed", type=int, default=0, help="which training images calibrate")
+    c.add_argument("--seed", type=int, default=0, help="which training images calibrate (maqee: also the held-out "
+                                                       "split; quee: also k-means and gate training)")
     c.add_argument("--w-bits", type=_bits, default=None,
-                   help="weight bits: candidates for lampq/naive (default 4,8); uniform: one value (default 8)")
+                   help="weight bits: candidates for lampq/naive/maqee (default 4,8); uniform: one value (default 8)")
     c.add_argument("--a-bits", type=_bits, default=None,
-                   help="activation bits: candidates for lampq/naive (default 8); uniform/scalepredictor: one value (default 8)")
+                   help="activation bits: candidates for lampq/naive (default 8) and maqee (default 4,6,8); "
+                        "uniform/scalepredictor: one value (default 8)")
     c.add_argument("--scope", choices=("blocks", "all"), default="blocks",
                    help="blocks: qkv/proj/fc1/fc2 (embedding and head stay fp32); all: every linear layer")
     c.add_argument("--scale", choices=("dynamic", "minmax", "percentile"), default="dynamic",
-                   help="activation scales of the result (minmax/percentile: static, calibrated)")
+                   help="activation scales of the result (minmax/percentile: static, calibrated; uniform/lampq/naive)")
     c.add_argument("--percentile", type=float, default=99.99)
-    c.add_argument("--rounds", type=int, default=3, help="lampq: refinement rounds")
+    c.add_argument("--rounds", type=int, default=None,
+                   help="lampq: refinement rounds (default 3); maqee: bit re-allocations at most (default 6)")
     c.add_argument("--initial", choices=("measured", "model"), default="measured",
                    help="lampq: first-round layer error measured, or the Delta^2/12 model")
     c.add_argument("--no-type-aware", action="store_true", help="lampq: alpha_t = 1 (ablation)")
-    c.add_argument("--base", help="scalepredictor: policy JSON whose scales to predict "
-                                  "(default: W8 with --a-bits, static percentile scales)")
+    c.add_argument("--base", help="scalepredictor: policy JSON whose scales to predict (default: W8 with --a-bits, "
+                                  "static percentile scales); quee: full-precision policy, shorthand (w8a8, w4a8) "
+                                  "or policy JSON without exits (default w8a8)")
     c.add_argument("--block", type=int, default=0, help="scalepredictor: block whose output gives the statistic")
     c.add_argument("--chunk", type=int, default=64, help="scalepredictor: values per chunk of the statistic")
     c.add_argument("--max-degree", type=int, default=3, choices=(1, 2, 3), help="scalepredictor: highest degree tried")
-    c.add_argument("--holdout", type=float, default=0.25, help="scalepredictor: held-out fraction for the degree")
-    c.add_argument("--threads", type=int, help="torch threads")
+    c.add_argument("--holdout", type=float, default=None,
+                   help="held-out fraction: scalepredictor's for the degree, maqee's for checking the promise "
+                        "(default 0.25 for both)")
+    c.add_argument("--max-drop", type=float, default=0.5,
+                   help="maqee: top-1 percentage points the policy may lose against fp32 at full depth (default 0.5)")
+    c.add_argument("--exit-rule", choices=("confidence", "margin"), default="confidence", help="maqee: exit rule")
+    c.add_argument("--exit-blocks", type=_bits, default=None,
+                   help="maqee: blocks with exit heads (default every block but the last); quee: gate blocks "
+                        "(default from --every)")
+    c.add_argument("--bsr-max", type=float, default=0.25,
+                   help="maqee: at-risk exit decisions per image (boundary sensitivity risk) at most")
+    c.add_argument("--per-head", action="store_true",
+                   help="maqee: per-head thresholds (2 coordinate-descent sweeps) instead of one shared threshold")
+    c.add_argument("--lam", type=float, default=0.0, help="quee: lambda, predicted error traded per unit of cost")
+    c.add_argument("--reduced", type=_precision, default=None,
+                   help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
+    c.add_argument("--every", type=int, default=3, help="quee: a gate after every N-th block (default 3)")
+    c.add_argument("--threads", type=int, help="torch threads (maqee/quee: also the runtime's)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
     return c
@@ -76,21 +127,47 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # --- pieces of the command ----------------------------------------------------------------------------
 
-def _budget(args, source):
-    """(kind, budget) from --budget-bops/--budget-bytes, or (kind, None)."""
+def _budget(args, source, table=None):
+    """(kind, budget) from --budget-bops/--budget-bytes/--budget-latency, or (kind, None)."""
     from .common import policy_cost
     from .uniform import uniform_policy
 
-    text, kind = (args.budget_bops, "bops") if args.budget_bops is not None else (args.budget_bytes, "bytes")
-    if text is None:
+    for text, kind in ((args.budget_bops, "bops"), (args.budget_bytes, "bytes"), (args.budget_latency, "latency")):
+        if text is not None:
+            break
+    else:
         return "bops", None
     t = text.strip().lower()
     try:
         if t.endswith("x"):
-            return kind, float(t[:-1]) * policy_cost(source, uniform_policy(8, 8, scope=args.scope), kind)
+            w8a8 = uniform_policy(8, 8, scope=args.scope)
+            return kind, float(t[:-1]) * policy_cost(source, w8a8, kind, table if kind == "latency" else None)
         return kind, float(t)
     except ValueError:
         raise ValueError(f"budget must be a number or <f>x, got {text!r}") from None
+
+
+def _check_options(args) -> None:
+    """Combinations that make no sense, as one-line errors before anything is loaded."""
+    if args.budget_latency is not None and args.method != "maqee":
+        raise ValueError("--budget-latency applies to --method maqee only")
+    if args.budget_latency is not None and not args.latency_table:
+        raise ValueError("--budget-latency needs --latency-table T.json "
+                         "(written by pyruntime bench MODEL --profile --latency-table T.json)")
+    if args.latency_table and args.budget_latency is None:
+        raise ValueError("--latency-table is used with --budget-latency only")
+    if args.method in ("maqee", "quee") and args.scale != "dynamic":
+        raise ValueError(f"--scale {args.scale} applies to uniform/lampq/naive, not {args.method}")
+    if args.method == "maqee":
+        if args.budget_bytes is not None:
+            raise ValueError("maqee budgets the expected cost per image (--budget-bops or --budget-latency); "
+                             "model-file bytes do not shrink when images exit early, so --budget-bytes does not apply")
+        if args.budget_bops is None and args.budget_latency is None:
+            raise ValueError("maqee needs a budget: --budget-bops X or --budget-latency X --latency-table T.json")
+        if not 0 <= args.max_drop < 100:
+            raise ValueError(f"--max-drop is in percentage points, 0 <= drop < 100, got {args.max_drop}")
+    if args.method == "quee" and any(v is not None for v in (args.budget_bops, args.budget_bytes, args.budget_latency)):
+        raise ValueError("quee takes no budget: its gates trade predicted error for BOPs by --lam")
 
 
 def _one(values: Optional[List[int]], default: int, what: str) -> int:
@@ -129,7 +206,7 @@ def _lampq_config(args, kind):
     from .lampq import LampQConfig
 
     return LampQConfig(w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)), scope=args.scope,
-                       cost=kind, rounds=args.rounds, initial=args.initial, type_aware=not args.no_type_aware,
+                       cost=kind, rounds=3 if args.rounds is None else args.rounds, initial=args.initial, type_aware=not args.no_type_aware,
                        show_progress=not args.no_progress)
 
 
@@ -169,28 +246,92 @@ def _scalepredictor(args, source, data, kind, budget):
         base = static_policy(source, data, uniform_policy(8, a, scope=args.scope), "percentile", args.percentile,
                              name=f"w8a{a}-percentile", show_progress=not args.no_progress)
     res = calibrate_scalepredictor(source, data, base, args.block, args.chunk, tuple(range(1, args.max_degree + 1)),
-                                   args.holdout, show_progress=not args.no_progress)
+                                   0.25 if args.holdout is None else args.holdout,
+                                   show_progress=not args.no_progress)
     return res.policy, res.report()
+
+
+def _maqee(args, source, data, kind, budget, table=None):
+    from .common import CostModel
+    from .maqee import BudgetNotMet, MaqeeConfig, calibrate_maqee
+
+    cfg = MaqeeConfig(max_drop=args.max_drop / 100.0, rule=args.exit_rule, exit_blocks=args.exit_blocks,
+                      bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (4, 6, 8)),
+                      scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
+                      sweeps=2 if args.per_head else 0, holdout=0.25 if args.holdout is None else args.holdout,
+                      seed=args.seed, num_threads=args.threads, show_progress=not args.no_progress)
+    costs = CostModel(source, kind, table=table)
+    try:
+        res = calibrate_maqee(source, data, budget, cfg, costs=costs)
+    except BudgetNotMet as e:
+        raise ValueError(" ".join(str(e).split())) from None
+    return res.policy, res.report()
+
+
+def _quee(args, source, data, kind, budget):
+    import numpy as np
+
+    from ..policy import LayerPolicy
+    from .quee import fit_quee
+
+    reduced = args.reduced or LayerPolicy(4, 8)
+    fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
+                   every=args.every, seed=args.seed, num_threads=args.threads)
+    policy = fit.policy(args.lam)
+    r = fit.run(data.images, args.lam, num_threads=args.threads)
+    top1 = float((r["logits"].argmax(-1) == np.asarray(data.labels)).mean())
+    hist = np.bincount(r["exit_block"], minlength=source.depth)
+    red = reduced.to_dict()
+    lines = [f"quee: base {fit.base.name}, reduced w{red['w_bits']}a{red['a_bits']}, gates after blocks "
+             f"{fit.gate_blocks}; costs are fractions of fp32's {format_amount(fit.fp32_bops)} BOPs",
+             "gate  cost (exit, full, reduced)   path error (exit, full, reduced)  clusters     bce  fit MAE"]
+    for g in fit.meta["gates"]:
+        lines.append(f"{g['block']:4d}  {', '.join(f'{c:.4f}' for c in g['cost']):27s} "
+                     f"{', '.join(f'{e:.4f}' for e in g['path_error']):33s} {g['clusters']:8d} {g['bce']:7.4f} "
+                     f"{g['fit_mae']:8.4f}")
+    lines.append(f"lambda {args.lam:g}: on the {len(data)} calibration images top-1 {top1:.4f} (base, no gates "
+                 f"{fit.meta['full_top1']:.4f}), mean {format_amount(float(r['bops'].mean()))} BOPs per image; exits "
+                 + " ".join(f"b{b}:{n}" for b, n in enumerate(hist) if n))
+    return policy, "\n".join(lines)
 
 
 def cmd_calibrate(args) -> int:
     """The ``calibrate`` handler: build the source and data, run the method, save the policy."""
+    _check_options(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     from .common import calibration_data, policy_cost, reference_source
 
+    table = None
+    if args.latency_table:
+        from ..latency import LatencyTable
+
+        table = LatencyTable.load(args.latency_table)
     source = reference_source(args.checkpoint)
-    kind, budget = _budget(args, source)
+    kind, budget = _budget(args, source, table)
     data = calibration_data(args.images, args.seed, source.preprocess["mean"], source.preprocess["std"])
-    run = {"uniform": _uniform, "lampq": _lampq, "naive": _naive, "scalepredictor": _scalepredictor}[args.method]
-    policy, report = run(args, source, data, kind, budget)
+    if args.method == "maqee":
+        policy, report = _maqee(args, source, data, kind, budget, table)
+    else:
+        run = {"uniform": _uniform, "lampq": _lampq, "naive": _naive, "scalepredictor": _scalepredictor,
+               "quee": _quee}[args.method]
+        policy, report = run(args, source, data, kind, budget)
     policy.save(args.out)
     if args.report:
         print(report)
-    print(f"wrote {args.out}: policy {policy.name!r}, {format_amount(policy_cost(source, policy, 'bops'))} BOPs per image, "
-          f"{format_amount(policy_cost(source, policy, 'bytes'))} bytes")
+    line = (f"wrote {args.out}: policy {policy.name!r}, {format_amount(policy_cost(source, policy, 'bops'))} BOPs "
+            f"per image")
+    if policy.exits:
+        line += " at full depth, every exit head (and gate) evaluated"
+    if policy.gates is not None:
+        line += f"; gates after blocks {policy.gate_blocks()} at lambda {policy.gates.lam:g}"
+    if "expected_cost_fit" in policy.meta:
+        unit = {"bops": "BOPs", "latency": "s"}[policy.meta["cost_kind"]]
+        line += (f"; expected {format_amount(policy.meta['expected_cost_fit'])} {unit} per image on the fit "
+                 f"images (budget {format_amount(policy.meta['budget'])})")
+    print(line + f"; {format_amount(policy_cost(source, policy, 'bytes'))} bytes")
     return 0
 
 

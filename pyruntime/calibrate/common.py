@@ -215,10 +215,16 @@ def model_graph(source: Source, policy: Policy) -> dict:
     graph.update(layers={k: v.to_dict() for k, v in layers.items()},
                  preprocess={"mean": [0.0] * C, "std": [1.0] * C, "input_size": [C, *arch["img_size"]]},
                  predictor=None if policy.predictor is None else policy.predictor.to_dict())
+    if policy.gates is not None:
+        from ..convert import gates_graph
+
+        graph["gates"] = gates_graph(policy, graph_layer_names(graph), arch)
     return graph
 
 
 def _has_bias(source: Source, name: str) -> bool:
+    if name.startswith("exits."):
+        return True  # exit heads are LayerNorm + Linear with bias, from the checkpoint or ``exits``
     mod = source.model.patch_embed.proj if name == "patch_embed" else source.model.get_submodule(name)
     return getattr(mod, "bias", None) is not None
 

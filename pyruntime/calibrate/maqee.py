@@ -424,9 +424,10 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
         cheapest = min((s.op.cost for s in feas), default=float("nan"))
         raise BudgetNotMet(
             f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met while keeping top-1 "
-            f"within {cfg.max_drop:.2%} of fp32 (BSR <= {cfg.bsr_max}): the cheapest policy found that keeps the "
+            f"within {100 * cfg.max_drop:g} points of fp32 (BSR <= {cfg.bsr_max}): the cheapest policy found that keeps the "
             f"promise costs {format_amount(cheapest)} {costs.unit()}" if feas else
-            f"no policy keeps top-1 within {cfg.max_drop:.2%} of fp32 on the fit images at BSR <= {cfg.bsr_max}")
+            f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met: no policy keeps top-1 "
+            f"within {100 * cfg.max_drop:g} points of fp32 on the fit images at BSR <= {cfg.bsr_max}")
     best = min(ok, key=lambda s: (s.op.cost, -s.op.top1))
     pick, op = best.pick, best.op
 
@@ -444,8 +445,9 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
         allowed -= drop - cfg.max_drop
         op, _, _, _ = evaluate(pick, allowed)
     if op.cost > budget * (1 + 1e-12):
-        raise BudgetNotMet(f"the held-out check tightened the thresholds until the expected cost "
-                           f"{format_amount(op.cost)} {costs.unit()} exceeds the budget {format_amount(budget)}")
+        raise BudgetNotMet(f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met: the "
+                           f"held-out check tightened the thresholds until the expected cost is "
+                           f"{format_amount(op.cost)} {costs.unit()}")
     held_reach = reach_from_exits(g, h["exit_block"])
     held_cost = costs.expected(model_graph(source, policy), held_reach)
     meta = {"calibration": dict(data.summary), "method": "maqee", "cost_kind": costs.kind, "budget": float(budget),
