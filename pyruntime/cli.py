@@ -35,6 +35,14 @@ def _load_images(path: str) -> np.ndarray:
 
 
 def cmd_convert(args) -> int:
+    if args.source == "reference":  # the shipped reference ViT (or --checkpoint in its format), exits included
+        from .reference import convert_reference
+
+        if args.exits:
+            raise ValueError("the reference checkpoint carries its own exit heads; --exits does not apply")
+        out = convert_reference(args.out, args.policy, path=args.checkpoint)
+        print(f"wrote {out}")
+        return 0
     from .convert import convert
 
     out = convert(args.source, args.out, checkpoint=args.checkpoint, policy=args.policy, exits=args.exits)
@@ -185,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a timm ViT (+ checkpoint, exits, policy) to a model file")
-    c.add_argument("source", help="timm model name")
+    c.add_argument("source", help="timm model name, or 'reference' for the shipped reference ViT (exit heads "
+                                  "included; --checkpoint: another checkpoint in its format)")
     c.add_argument("out", help="output model file")
     c.add_argument("--checkpoint", help=".pth/.safetensors state dict (may also hold exits.* heads)")
     c.add_argument("--policy", default="fp32", help="fp32 | w8a8 | w4a8 | path to a policy JSON")

@@ -197,3 +197,18 @@ def test_quee_writes_gates_that_convert(exit_checkpoint, tmp_path, capsys):
     assert np.isfinite(pyruntime.load(path).run(x).logits).all()
     assert calibrate(exit_checkpoint, tmp_path / "q2.json", "--method", "quee", "--budget-bops", "0.5x") == 2
     assert "quee takes no budget" in capsys.readouterr().err
+
+
+def test_convert_reference_with_a_calibrated_policy(exit_checkpoint, tmp_path, capsys):
+    """calibrate -> convert -> run from the command line: ``pyruntime convert reference``
+    takes the reference-format checkpoint with its exit heads."""
+    policy = tmp_path / "maqee.json"
+    assert calibrate(exit_checkpoint, policy, *MAQEE, "--budget-bops", "1.0x", "--exit-blocks", "0,2") == 0
+    out = tmp_path / "ref.pyrt"
+    assert main(["convert", "reference", str(out), "--checkpoint", str(exit_checkpoint), "--policy", str(policy)]) == 0
+    m = pyruntime.load(out)
+    assert [e["block"] for e in m.graph["exits"]] == [0, 2]
+    assert [e["threshold"] for e in m.graph["exits"]] == [e.threshold for e in Policy.load(policy).exits]
+    capsys.readouterr()
+    assert main(["convert", "reference", str(out), "--checkpoint", str(exit_checkpoint), "--exits", "x.safetensors"]) == 2
+    assert "--exits does not apply" in capsys.readouterr().err
