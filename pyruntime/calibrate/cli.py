@@ -84,7 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--w-bits", type=_bits, default=None,
                    help="weight bits: candidates for lampq/naive/maqee (default 4,8); uniform: one value (default 8)")
     c.add_argument("--a-bits", type=_bits, default=None,
-                   help="activation bits: candidates for lampq/naive (default 8) and maqee (default 4,6,8); "
+                   help="activation bits: candidates for lampq/naive (default 8) and maqee (default 8); "
                         "uniform/scalepredictor: one value (default 8)")
     c.add_argument("--scope", choices=("blocks", "all"), default="blocks",
                    help="blocks: qkv/proj/fc1/fc2 (embedding and head stay fp32); all: every linear layer")
@@ -256,7 +256,7 @@ def _maqee(args, source, data, kind, budget, table=None):
     from .maqee import BudgetNotMet, MaqeeConfig, calibrate_maqee
 
     cfg = MaqeeConfig(max_drop=args.max_drop / 100.0, rule=args.exit_rule, exit_blocks=args.exit_blocks,
-                      bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (4, 6, 8)),
+                      bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)),
                       scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
                       sweeps=2 if args.per_head else 0, holdout=0.25 if args.holdout is None else args.holdout,
                       seed=args.seed, num_threads=args.threads, show_progress=not args.no_progress)
