@@ -523,7 +523,9 @@ void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride
 
 // Mean and variance are accumulated in double, like ref: in float, a residual stream with a
 // large common offset (or outlier channels) loses ~1e-5 to the sums. The output pass is float,
-// with the mean split into hi + lo so that x - mean keeps its precision.
+// with the mean split into hi + lo so that x - mean keeps its precision. The canonical order of
+// kernels.h: the 8 double lanes of s0:s1 (lane j = elements i % 8 == j) are combined by
+// hsum_pd(s0 + s1) = ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), then the tail in order.
 inline __m256d lo_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
 inline __m256d hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
 inline double hsum_pd(__m256d v) {
@@ -557,7 +559,10 @@ void layernorm_avx2(size_t rows, size_t D, const float* x, size_t x_stride, cons
       s1 = _mm256_fmadd_pd(d1, d1, s1);
     }
     double var = hsum_pd(_mm256_add_pd(s0, s1));
-    for (; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    for (; i < D; ++i) {
+      const double d = double(xr[i]) - mean;
+      var = std::fma(d, d, var);
+    }
     var /= double(D);
     const float rstd = static_cast<float>(1.0 / std::sqrt(var + double(eps)));
     const float mhi = static_cast<float>(mean), mlo = static_cast<float>(mean - double(mhi));
@@ -569,7 +574,7 @@ void layernorm_avx2(size_t rows, size_t D, const float* x, size_t x_stride, cons
       _mm256_storeu_ps(yr + i, _mm256_fmadd_ps(n, _mm256_loadu_ps(gamma + i),
                                                _mm256_loadu_ps(beta + i)));
     }
-    for (; i < D; ++i) yr[i] = ((xr[i] - mhi) - mlo) * rstd * gamma[i] + beta[i];
+    for (; i < D; ++i) yr[i] = std::fma(((xr[i] - mhi) - mlo) * rstd, gamma[i], beta[i]);
   }
 }
 
@@ -613,7 +618,8 @@ void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride)
     float mx = hmax_ps(vmx);
     for (; i < n; ++i) mx = std::max(mx, xr[i] * scale);
     vmx = _mm256_set1_ps(mx);
-    // The sum is kept in double, as ref does, so long rows lose nothing to it.
+    // The sum is kept in double, as ref does, in the canonical order of kernels.h: 8 double
+    // lanes (d0:d1) over whole blocks of 8, combined by hsum_pd(d0 + d1), then the tail in order.
     __m256d d0 = _mm256_setzero_pd(), d1 = d0;
     for (i = 0; i + 8 <= n; i += 8) {
       const __m256 e = exp_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vs), vmx));
@@ -621,20 +627,16 @@ void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride)
       d0 = _mm256_add_pd(d0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
       d1 = _mm256_add_pd(d1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
     }
+    double sum = hsum_pd(_mm256_add_pd(d0, d1));
     if (i < n) {
       alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (size_t j = i; j < n; ++j) t[j - i] = xr[j] * scale - mx;
-      // Unused lanes are -inf and come out as 0.
-      for (size_t j = n - i; j < 8; ++j) t[j] = -INFINITY;
-      const __m256 e = exp_ps(_mm256_load_ps(t));
-      _mm256_store_ps(t, e);
-      for (size_t j = i; j < n; ++j) xr[j] = t[j - i];
-      d0 = _mm256_add_pd(d0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
-      d1 = _mm256_add_pd(d1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+      _mm256_store_ps(t, exp_ps(_mm256_load_ps(t)));
+      for (size_t j = i; j < n; ++j) {
+        xr[j] = t[j - i];
+        sum += double(t[j - i]);
+      }
     }
-    alignas(32) double ds[4];
-    _mm256_store_pd(ds, _mm256_add_pd(d0, d1));
-    const double sum = (ds[0] + ds[1]) + (ds[2] + ds[3]);
     const float inv = static_cast<float>(1.0 / sum);
     const __m256 vinv = _mm256_set1_ps(inv);
     for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(xr + i, _mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));

@@ -11,6 +11,28 @@
 //   qc8w: y = float(acc) * (a_scale[m] * w_scale[n]) + bias[n]
 //   qb4w: s = 0; for each block b in order: s = s + float(acc_b) * w_scale[b][n];
 //         y = s * a_scale[m] + bias[n]
+//
+// The float kernels are bit-identical on every ISA too, because a quantiser follows most of
+// them: one ulp that moves a value across a rounding tie of the 8-bit activation quantiser
+// changes an integer and the logits by ~1e-3. So each has one canonical evaluation -- the
+// operations, their order, and which multiply-adds are fused -- which ref.cc spells out in
+// scalar code (std::fma where SIMD fuses) and every SIMD kernel reproduces lane by lane:
+//   f32_gemm:  acc = 0; for k = 0 .. K-1: acc = fma(a[m][k], B[k][n], acc)  (float);
+//              y = acc + bias[n]. (Vectorised across columns, never across k.)
+//   reductions (LayerNorm mean and variance, softmax sum): in double, 8 interleaved lanes
+//              over the whole blocks of 8 (lane j takes element i, i % 8 == j), combined as
+//              ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), then the remaining n % 8 elements
+//              added in order. (AVX2: two __m256d; NEON: four float64x2.) Variance terms are
+//              fma(d, d, s) with d = double(x) - mean.
+//   layernorm: rstd = float(1 / sqrt(var + eps)) (double, correctly rounded);
+//              y = fma(((x - mean_hi) - mean_lo) * rstd, gamma, beta) in float, mean = hi + lo.
+//   softmax:   max of x*scale (exact in any order); e = exp(x*scale - max); inv = float(1 / sum);
+//              y = e * inv.
+//   exp, gelu: ref.cc's exp_canon (Cephes polynomial) and gelu_canon (erfc form), each fma
+//              and rounding as written there.
+// No estimate instructions (rcp/rsqrt): division and sqrt are the correctly rounded IEEE ops,
+// the same on every ISA. Denormals are not flushed (default MXCSR / FPCR).
+//
 // Activations lie in [-127, 127] (the quantiser never writes -128); weights may use the full
 // int8 range. No kernel may saturate: the AVX2 int8 GEMM widens both operands to int16 for
 // vpmaddwd (on Zen its multiply ports run that faster than the vpmaddubsw sign trick), and the
@@ -87,7 +109,7 @@ using LayerNormFn = void (*)(size_t rows, size_t D, const float* x, size_t x_str
 // In-place row-wise softmax of `rows` rows of n values after multiplying by `scale`.
 using SoftmaxFn = void (*)(size_t rows, size_t n, float scale, float* x, size_t x_stride);
 
-// In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)).
+// In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)), evaluated as x * Phi(x) via erfc.
 using GeluFn = void (*)(size_t n, float* x);
 
 // y[i] = a[i] + b[i]; y may alias a or b.

@@ -286,8 +286,9 @@ void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const i
 }
 
 // ---------------------------------------------------------------- f32_gemm
-// 4 rows x 16 columns, FMLA by lane (float GEMM is not bit-exact across ISAs; tests compare it
-// against ref's double accumulation with a tolerance).
+// 4 rows x 16 columns, FMLA by lane. Each output is accumulated in the canonical order of
+// kernels.h -- acc = fma(a[k], b[k], acc) for k = 0, 1, ... from 0, then + bias -- which is
+// what ref.cc and avx2.cc compute too, so the results are bit-identical on every ISA.
 
 template <int MR>
 void f32_tile(size_t K, const float* a, size_t a_stride, const float* b, const float* bias,
@@ -352,14 +353,20 @@ inline void store_partial(float* p, size_t n, float32x4_t v) {
   std::memcpy(p, tmp, n * sizeof(float));
 }
 
-// e^x for x <= 88 (callers never pass more); x below -87.3 gives 2^-126 * e^r ~ 1e-38, not 0,
-// which no caller can tell from 0. Cephes' expf: x = n ln2 + r, |r| <= ln2/2, degree-5
-// polynomial, 2^n built in the exponent field. About 1-2 ulp.
-inline float32x4_t exp_f32(float32x4_t x) {
-  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.33654f)), vdupq_n_f32(88.0f));
-  const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
-  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+// exp(x + xlo) for x + xlo <= 88 (callers never pass more), the canonical polynomial of
+// kernels.h, operation for operation as ref.cc's exp_canon and avx2.cc's exp_ps: Cephes expf,
+// x = n ln2 + r, |r| <= ln2/2 (two-constant Cody-Waite, xlo added after the reduction),
+// degree-5 polynomial, 2^n built in the exponent field; about 1 ulp. Sums below -87.3365
+// return 0.
+inline float32x4_t exp_f32(float32x4_t x, float32x4_t xlo) {
+  const float32x4_t lo = vdupq_n_f32(-87.33654475f);
+  const float32x4_t s = vaddq_f32(x, xlo);
+  const uint32x4_t under = vcltq_f32(s, lo);
+  const float32x4_t sc = vmaxq_f32(vminq_f32(s, vdupq_n_f32(88.0f)), lo);
+  const float32x4_t n = vrndnq_f32(vmulq_f32(sc, vdupq_n_f32(1.44269504088896341f)));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));  // x - n*C1, fused
   r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+  r = vaddq_f32(r, xlo);
   float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
   p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
   p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
@@ -368,17 +375,20 @@ inline float32x4_t exp_f32(float32x4_t x) {
   p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
   p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
   const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-  return vmulq_f32(p, vreinterpretq_f32_s32(e));
+  const float32x4_t y = vmulq_f32(p, vreinterpretq_f32_s32(e));
+  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(y), under));
 }
 
-// GELU(x) = x * Phi(x), Phi(x) = 1/2 erfc(-x/sqrt2). With h = 1/2 erfc(|x|/sqrt2):
-// Phi = h for x < 0 and 1 - h for x >= 0, so the left tail keeps its *relative* accuracy
-// (1 + erf(x) would cancel). erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2): the Chebyshev
-// fit of Numerical Recipes (erfcc), fractional error < 1.2e-7 for all z >= 0.
+// GELU(x) = x * Phi(x), the canonical form of kernels.h (ref.cc's gelu_canon): with
+// h = 1/2 erfc(|x|/sqrt2), Phi = h when x's sign bit is set and 1 - h otherwise, so the left
+// tail keeps its relative accuracy. erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2): the
+// Chebyshev fit of Numerical Recipes (erfcc), fractional error < 1.2e-7 for all z >= 0.
+// -z^2 = -(hi + lo)/2 with hi = x*x and lo its exact rounding error, so the exponent (down to
+// ~-87) carries no rounding error into the result.
 inline float32x4_t gelu_f32(float32x4_t x) {
+  const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f);
   const float32x4_t z = vmulq_f32(vabsq_f32(x), vdupq_n_f32(0.70710678118654752f));
-  const float32x4_t t =
-      vdivq_f32(vdupq_n_f32(1.0f), vfmaq_f32(vdupq_n_f32(1.0f), z, vdupq_n_f32(0.5f)));
+  const float32x4_t t = vdivq_f32(one, vfmaq_f32(one, z, half));
   float32x4_t p = vdupq_n_f32(0.17087277f);
   p = vfmaq_f32(vdupq_n_f32(-0.82215223f), p, t);
   p = vfmaq_f32(vdupq_n_f32(1.48851587f), p, t);
@@ -389,12 +399,29 @@ inline float32x4_t gelu_f32(float32x4_t x) {
   p = vfmaq_f32(vdupq_n_f32(0.37409196f), p, t);
   p = vfmaq_f32(vdupq_n_f32(1.00002368f), p, t);
   p = vfmaq_f32(vdupq_n_f32(-1.26551223f), p, t);
-  // -z^2 + P = P - (x/2) x: x/2 is exact and FMLA rounds once, so the argument carries no
-  // error from rounding z (which would cost ~1e-5 relative in the far left tail).
-  const float32x4_t e = exp_f32(vfmaq_f32(p, vmulq_f32(x, vdupq_n_f32(-0.5f)), x));
-  const float32x4_t h = vmulq_f32(vmulq_f32(t, e), vdupq_n_f32(0.5f));
-  const float32x4_t phi = vbslq_f32(vcltzq_f32(x), h, vsubq_f32(vdupq_n_f32(1.0f), h));
+  const float32x4_t hi = vmulq_f32(x, x);
+  const float32x4_t lo = vfmaq_f32(vnegq_f32(hi), x, x);  // x*x - hi, exact
+  const float32x4_t e = exp_f32(vmulq_f32(hi, vdupq_n_f32(-0.5f)), vfmsq_f32(p, lo, half));
+  const float32x4_t h = vmulq_f32(vmulq_f32(t, e), half);
+  const uint32x4_t neg = vcltzq_s32(vreinterpretq_s32_f32(x));  // the sign bit, -0 included
+  const float32x4_t phi = vbslq_f32(neg, h, vsubq_f32(one, h));
   return vmulq_f32(x, phi);
+}
+
+// The canonical 8-lane double reduction of kernels.h: q[0..3] hold lanes 0-1, 2-3, 4-5, 6-7;
+// returns ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)).
+inline double hsum8_f64(const float64x2_t* q) {
+  const float64x2_t t01 = vaddq_f64(q[0], q[2]), t23 = vaddq_f64(q[1], q[3]);
+  const float64x2_t u = vaddq_f64(t01, t23);
+  return vgetq_lane_f64(u, 0) + vgetq_lane_f64(u, 1);
+}
+
+// Adds v0:v1 (8 floats, as doubles) into the 8 lanes q[0..3].
+inline void add8_f64(float64x2_t* q, float32x4_t v0, float32x4_t v1) {
+  q[0] = vaddq_f64(q[0], vcvt_f64_f32(vget_low_f32(v0)));
+  q[1] = vaddq_f64(q[1], vcvt_high_f64_f32(v0));
+  q[2] = vaddq_f64(q[2], vcvt_f64_f32(vget_low_f32(v1)));
+  q[3] = vaddq_f64(q[3], vcvt_high_f64_f32(v1));
 }
 
 PYRT_NEON_FLATTEN
@@ -411,10 +438,11 @@ void gelu_neon(size_t n, float* x) {
 PYRT_NEON_FLATTEN
 void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
-  const float32x4_t sc = vdupq_n_f32(scale);
+  const float32x4_t sc = vdupq_n_f32(scale), zero = vdupq_n_f32(0.0f);
   for (size_t r = 0; r < rows; ++r) {
     float* xr = x + r * x_stride;
-    // max of x * scale (as ref: the product, not x, so a negative scale works too)
+    // max of x * scale (as ref: the product, not x, so a negative scale works too); max is
+    // exact, so its order is free.
     float32x4_t m0 = vdupq_n_f32(-INFINITY), m1 = m0;
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -425,30 +453,26 @@ void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride)
     float mx = vmaxvq_f32(vmaxq_f32(m0, m1));
     for (; i < n; ++i) mx = std::max(mx, xr[i] * scale);
     const float32x4_t vmx = vdupq_n_f32(mx);
-    // e = exp(x * scale - max), stored in place, summed
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0;
+    // e = exp(x * scale - max), stored in place, summed in double in the canonical order of
+    // kernels.h: 8 lanes over whole blocks of 8, the fixed tree, then the tail in order.
+    float64x2_t q[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
     i = 0;
     for (; i + 8 <= n; i += 8) {
-      const float32x4_t e0 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx));
-      const float32x4_t e1 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i + 4), sc), vmx));
+      const float32x4_t e0 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx), zero);
+      const float32x4_t e1 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i + 4), sc), vmx), zero);
       vst1q_f32(xr + i, e0);
       vst1q_f32(xr + i + 4, e1);
-      s0 = vaddq_f32(s0, e0);
-      s1 = vaddq_f32(s1, e1);
+      add8_f64(q, e0, e1);
     }
-    for (; i + 4 <= n; i += 4) {
-      const float32x4_t e = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx));
-      vst1q_f32(xr + i, e);
-      s0 = vaddq_f32(s0, e);
-    }
-    float tail = 0.0f;
-    if (i < n) {  // the padding lanes' values are computed and dropped
+    double sum = hsum8_f64(q);
+    for (; i < n; i += 4) {  // the tail through the same vector code; padding lanes dropped
+      const size_t c = std::min<size_t>(4, n - i);
       float tmp[4];
-      vst1q_f32(tmp, exp_f32(vsubq_f32(vmulq_f32(load_partial(xr + i, n - i, 0.0f), sc), vmx)));
-      for (size_t j = 0; j < n - i; ++j) tail += tmp[j];
-      std::memcpy(xr + i, tmp, (n - i) * sizeof(float));
+      vst1q_f32(tmp, exp_f32(vsubq_f32(vmulq_f32(load_partial(xr + i, c, 0.0f), sc), vmx), zero));
+      for (size_t j = 0; j < c; ++j) sum += double(tmp[j]);
+      std::memcpy(xr + i, tmp, c * sizeof(float));
     }
-    const float inv = 1.0f / (vaddvq_f32(vaddq_f32(s0, s1)) + tail);
+    const float inv = static_cast<float>(1.0 / sum);
     const float32x4_t vinv = vdupq_n_f32(inv);
     i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(xr + i, vmulq_f32(vld1q_f32(xr + i), vinv));
@@ -460,34 +484,35 @@ PYRT_NEON_FLATTEN
 void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
                     const float* beta, float eps, float* y, size_t y_stride) {
   if (D == 0) return;
+  const float64x2_t z = vdupq_n_f64(0.0);
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
-    // Mean and variance are accumulated in double (float64x2), two-pass, like ref: the rows
-    // of a ViT's residual stream can have a mean far from 0 and D up to 1024+.
-    float64x2_t s0 = vdupq_n_f64(0.0), s1 = s0;
+    // Mean and variance are accumulated in double, two-pass, like ref, in the canonical order
+    // of kernels.h (8 double lanes, a fixed tree, then the tail in order): the rows of a ViT's
+    // residual stream can have a mean far from 0 and D up to 1024+.
+    float64x2_t q[4] = {z, z, z, z};
     size_t i = 0;
-    for (; i + 4 <= D; i += 4) {
-      const float32x4_t v = vld1q_f32(xr + i);
-      s0 = vaddq_f64(s0, vcvt_f64_f32(vget_low_f32(v)));
-      s1 = vaddq_f64(s1, vcvt_high_f64_f32(v));
-    }
-    double sum = vaddvq_f64(vaddq_f64(s0, s1));
-    for (; i < D; ++i) sum += xr[i];
+    for (; i + 8 <= D; i += 8) add8_f64(q, vld1q_f32(xr + i), vld1q_f32(xr + i + 4));
+    double sum = hsum8_f64(q);
+    for (; i < D; ++i) sum += double(xr[i]);
     const double mean = sum / double(D);
     const float64x2_t vm = vdupq_n_f64(mean);
-    float64x2_t q0 = vdupq_n_f64(0.0), q1 = q0;
-    i = 0;
-    for (; i + 4 <= D; i += 4) {
-      const float32x4_t v = vld1q_f32(xr + i);
-      const float64x2_t d0 = vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), vm);
-      const float64x2_t d1 = vsubq_f64(vcvt_high_f64_f32(v), vm);
-      q0 = vfmaq_f64(q0, d0, d0);
-      q1 = vfmaq_f64(q1, d1, d1);
+    q[0] = q[1] = q[2] = q[3] = z;
+    for (i = 0; i + 8 <= D; i += 8) {
+      const float32x4_t v0 = vld1q_f32(xr + i), v1 = vld1q_f32(xr + i + 4);
+      const float64x2_t d[4] = {vsubq_f64(vcvt_f64_f32(vget_low_f32(v0)), vm),
+                                vsubq_f64(vcvt_high_f64_f32(v0), vm),
+                                vsubq_f64(vcvt_f64_f32(vget_low_f32(v1)), vm),
+                                vsubq_f64(vcvt_high_f64_f32(v1), vm)};
+      unroll<4>([&](auto j) { q[j] = vfmaq_f64(q[j], d[j], d[j]); });
     }
-    double var = vaddvq_f64(vaddq_f64(q0, q1));
-    for (; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    double var = hsum8_f64(q);
+    for (; i < D; ++i) {
+      const double d = double(xr[i]) - mean;
+      var = std::fma(d, d, var);
+    }
     var /= double(D);
-    const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+    const float rstd = static_cast<float>(1.0 / std::sqrt(var + double(eps)));
     // y = (x - mean) * rstd * gamma + beta, in float. x - mean is taken as (x - mean_hi) -
     // mean_lo with mean = mean_hi + mean_lo: the first difference is exact when x is near the
     // mean (Sterbenz), so a row whose mean is thousands of standard deviations away from 0
@@ -502,7 +527,7 @@ void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, cons
       const float32x4_t d = vsubq_f32(vsubq_f32(vld1q_f32(xr + i), vmh), vml);
       vst1q_f32(yr + i, vfmaq_f32(vld1q_f32(beta + i), vmulq_f32(d, vr), vld1q_f32(gamma + i)));
     }
-    for (; i < D; ++i) yr[i] = std::fma((xr[i] - mean_hi - mean_lo) * rstd, gamma[i], beta[i]);
+    for (; i < D; ++i) yr[i] = std::fma(((xr[i] - mean_hi) - mean_lo) * rstd, gamma[i], beta[i]);
   }
 }
 

@@ -1,14 +1,16 @@
 // Every kernel table this CPU supports, against the scalar reference.
 //
-// Integer GEMMs and the activation quantiser must be bit-identical to ref (the exactness
-// contract in kernels.h); float kernels must agree within a tolerance that grows with the
-// reduction length. Buffers are allocated at their exact logical size so that an overrun
+// Every kernel must be bit-identical to ref (the exactness contract in kernels.h): the integer
+// GEMMs and the activation quantiser, and the float kernels too (fp32 GEMM, LayerNorm, softmax,
+// GELU, add), which feed the quantisers. ref's float kernels are in turn checked for accuracy
+// against double-precision formulas here, with tolerances. Buffers are allocated at their exact logical size so that an overrun
 // trips AddressSanitizer in the sanitizer build.
 //
 // Environment:
 //   PYRUNTIME_EXPECT_ISAS  comma-separated list the CPU must report exactly (emulated CPUs
 //                          check dispatch this way: cortex-a57 has no dotprod).
 //   PYRUNTIME_TEST_QUICK=1 skip the two largest ViT shapes (for slow emulation).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -144,12 +146,25 @@ void test_f32_gemm(const KernelTable& kt, size_t M, size_t N, size_t K, unsigned
   for (auto& v : bias) v = r.f(-1, 1);
   std::vector<float> bp(num_panels(N) * kNR * K);
   pack_f32_b(b.data(), K, N, N, false, bp.data());
-  std::vector<float> y(M * N), y_ref(M * N);
-  kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y.data(), N);
-  ref_kernels()->f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y_ref.data(), N);
-  // |sum| can cancel to ~0 while terms are O(1): bound by K * eps * magnitude of the terms.
-  const double atol = 4.0 * std::sqrt(double(K) + 1) * 1.2e-7 * 4;
-  report(close(y, y_ref, 1e-5, atol), shape(kt.name, "f32_gemm", M, N, K));
+  for (int with_bias = 0; with_bias < 2; ++with_bias) {
+    const float* bb = with_bias ? bias.data() : nullptr;
+    std::vector<float> y(M * N), y_ref(M * N);
+    kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bb, y.data(), N);
+    ref_kernels()->f32_gemm(M, N, K, a.data(), K, bp.data(), bb, y_ref.data(), N);
+    report(same_bits(y, y_ref), shape(kt.name, "f32_gemm", M, N, K, with_bias ? " bias" : ""));
+    if (std::string(kt.name) != "ref") continue;
+    // ref's float accumulation against double: |sum| can cancel to ~0 while terms are O(1), so
+    // bound by K * eps * magnitude of the terms.
+    std::vector<float> y_dbl(M * N);
+    for (size_t m = 0; m < M; ++m)
+      for (size_t n = 0; n < N; ++n) {
+        double s = 0.0;
+        for (size_t k = 0; k < K; ++k) s += double(a[m * K + k]) * double(b[k * N + n]);
+        y_dbl[m * N + n] = float(s + (bb ? bb[n] : 0.0));
+      }
+    const double atol = 4.0 * std::sqrt(double(K) + 1) * 1.2e-7 * 4;
+    report(close(y_ref, y_dbl, 1e-5, atol), shape("ref", "f32_gemm accuracy", M, N, K));
+  }
 }
 
 void test_quantize_rows(const KernelTable& kt, size_t M, size_t K, int bits, unsigned seed) {
@@ -173,30 +188,84 @@ void test_quantize_rows(const KernelTable& kt, size_t M, size_t K, int bits, uns
   report(am == am_ref, shape(kt.name, "absmax", M, 0, K));
 }
 
-void test_elementwise(const KernelTable& kt, size_t rows, size_t n, unsigned seed) {
+// Float element-wise kernels: bit-identical to ref on `rows` rows of n values drawn from
+// [lo, hi] plus an offset (LayerNorm's residual streams can sit far from 0). Softmax runs at
+// two scales, the larger one pushing exp arguments below its underflow cut (-87.3).
+void test_elementwise(const KernelTable& kt, size_t rows, size_t n, float lo, float hi,
+                      float offset, unsigned seed) {
   Rng r(seed);
   const KernelTable& ref = *ref_kernels();
   std::vector<float> x(rows * n), g(n), b(n);
-  for (auto& v : x) v = r.f(-6, 6);
+  for (auto& v : x) v = r.f(lo, hi) + offset;
   for (auto& v : g) v = r.f(0.5f, 1.5f);
   for (auto& v : b) v = r.f(-0.5f, 0.5f);
+  if (x.size() > 3) x[1] = -0.0f, x[2] = 0.0f;
+  char extra[64];
+  std::snprintf(extra, sizeof extra, " range [%g, %g] + %g", lo, hi, offset);
   std::vector<float> y(x.size()), y_ref(x.size());
   kt.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
   ref.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y_ref.data(), n);
-  report(close(y, y_ref, 1e-5, 1e-5), shape(kt.name, "layernorm", rows, n, 0));
-  y = x;
-  y_ref = x;
-  kt.softmax(rows, n, 0.125f, y.data(), n);
-  ref.softmax(rows, n, 0.125f, y_ref.data(), n);
-  report(close(y, y_ref, 1e-5, 1e-7), shape(kt.name, "softmax", rows, n, 0));
+  report(same_bits(y, y_ref), shape(kt.name, "layernorm", rows, n, 0, extra));
+  y = x;  // in place (y aliases x), as the executor's final norm runs
+  kt.layernorm(rows, n, y.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
+  report(same_bits(y, y_ref), shape(kt.name, "layernorm in place", rows, n, 0, extra));
+  for (float scale : {0.125f, 40.0f}) {
+    y = x;
+    y_ref = x;
+    kt.softmax(rows, n, scale, y.data(), n);
+    ref.softmax(rows, n, scale, y_ref.data(), n);
+    report(same_bits(y, y_ref), shape(kt.name, "softmax", rows, n, 0, (std::string(extra) + " scale " + std::to_string(scale)).c_str()));
+  }
   y = x;
   y_ref = x;
   kt.gelu(y.size(), y.data());
   ref.gelu(y_ref.size(), y_ref.data());
-  report(close(y, y_ref, 1e-5, 1e-6), shape(kt.name, "gelu", rows, n, 0));
+  report(same_bits(y, y_ref), shape(kt.name, "gelu", rows, n, 0, extra));
   kt.add(x.size(), x.data(), y_ref.data(), y.data());
   ref.add(x.size(), x.data(), y_ref.data(), y_ref.data());
   report(same_bits(y, y_ref), shape(kt.name, "add", rows, n, 0));
+}
+
+// ref's float element-wise kernels against double-precision formulas (run once: the SIMD
+// kernels equal ref bit for bit, checked above).
+void test_float_accuracy(size_t rows, size_t n, float lo, float hi, float offset, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  std::vector<float> x(rows * n), g(n), b(n);
+  for (auto& v : x) v = r.f(lo, hi) + offset;
+  for (auto& v : g) v = r.f(0.5f, 1.5f);
+  for (auto& v : b) v = r.f(-0.5f, 0.5f);
+  char extra[64];
+  std::snprintf(extra, sizeof extra, " range [%g, %g] + %g", lo, hi, offset);
+  std::vector<float> y(x.size()), want(x.size());
+  ref.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
+  for (size_t i = 0; i < rows; ++i) {
+    const float* xr = x.data() + i * n;
+    double mean = 0, var = 0;
+    for (size_t j = 0; j < n; ++j) mean += xr[j];
+    mean /= double(n);
+    for (size_t j = 0; j < n; ++j) var += (xr[j] - mean) * (xr[j] - mean);
+    const double rstd = 1.0 / std::sqrt(var / double(n) + 1e-6);
+    for (size_t j = 0; j < n; ++j) want[i * n + j] = float((xr[j] - mean) * rstd * g[j] + b[j]);
+  }
+  report(close(y, want, 1e-5, 1e-5), shape("ref", "layernorm accuracy", rows, n, 0, extra));
+  for (float scale : {0.125f, 40.0f}) {
+    y = x;
+    ref.softmax(rows, n, scale, y.data(), n);
+    for (size_t i = 0; i < rows; ++i) {
+      const float* xr = x.data() + i * n;
+      double mx = -INFINITY, sum = 0;
+      for (size_t j = 0; j < n; ++j) mx = std::max(mx, double(xr[j] * scale));
+      for (size_t j = 0; j < n; ++j) sum += std::exp(double(xr[j] * scale) - mx);
+      for (size_t j = 0; j < n; ++j) want[i * n + j] = float(std::exp(double(xr[j] * scale) - mx) / sum);
+    }
+    report(close(y, want, 1e-5, 1e-7), shape("ref", "softmax accuracy", rows, n, 0, extra));
+  }
+  y = x;
+  ref.gelu(y.size(), y.data());
+  for (size_t i = 0; i < x.size(); ++i)
+    want[i] = float(0.5 * x[i] * std::erfc(-double(x[i]) * 0.70710678118654752440));
+  report(close(y, want, 1e-5, 1e-6), shape("ref", "gelu accuracy", rows, n, 0, extra));
 }
 
 // A row's fp32 result must not depend on the tile it lands in: the executor runs an image's
@@ -269,6 +338,9 @@ int main() {
   test_dispatch();
   const bool quick = std::getenv("PYRUNTIME_TEST_QUICK") != nullptr;
   unsigned seed = 1;
+  for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_float_accuracy(3, n, -6, 6, 0, 1000 + unsigned(n));
+  test_float_accuracy(4, 192, -40, 40, 0, 2001);
+  test_float_accuracy(4, 384, -2, 2, 1000, 2002);
   for (const auto& name : available_isas()) {
     const KernelTable& kt = *kernels_for(name);
     for (size_t M = 1; M <= 17; ++M)
@@ -306,7 +378,14 @@ int main() {
     }
     for (size_t K : {1, 5, 31, 32, 33, 100, 768})
       for (int bits = 4; bits <= 8; ++bits) test_quantize_rows(kt, 5, K, bits, seed++);
-    for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_elementwise(kt, 3, n, seed++);
+    // Float element-wise kernels, bit-exact: 1..17, 2^n +- 1, ViT widths and token counts.
+    for (size_t n = 1; n <= 17; ++n) test_elementwise(kt, 3, n, -6, 6, 0, seed++);
+    for (size_t n : {31, 32, 33, 63, 64, 65, 127, 128, 129, 192, 197, 255, 256, 257, 384, 768, 1025})
+      test_elementwise(kt, 3, n, -6, 6, 0, seed++);
+    test_elementwise(kt, 4, 192, -40, 40, 0, seed++);      // GELU's far tails, exp underflow
+    test_elementwise(kt, 4, 197, -1e-3f, 1e-3f, 0, seed++);  // tiny values
+    test_elementwise(kt, 4, 384, -2, 2, 1000, seed++);     // a large common offset
+    test_elementwise(kt, 2, 768, -300, 300, 0, seed++);
     test_threads(kt);
     test_f32_row_invariance(kt);
   }
