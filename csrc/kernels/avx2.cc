@@ -13,6 +13,11 @@
 //   vpmaddubsw directly as the unsigned operand, and the products of a 32-wide k chunk are summed
 //   in int16 before one vpmaddwd widens them: about one multiplier-port op per 32 MACs.
 // f32_gemm: micro-tile of 6 rows x 16 columns (12 ymm accumulators), broadcast A, FMA.
+//
+// The float kernels (f32_gemm, layernorm, softmax, gelu) follow the canonical evaluation of
+// kernels.h operation for operation, so they equal ref.cc (and NEON) bit for bit as well: one
+// FMA per k in k order, 8-lane double reductions combined by hsum_pd, exp_ps and gelu_ps as
+// ref's exp_canon and gelu_canon.
 #include <immintrin.h>
 
 #include <algorithm>
