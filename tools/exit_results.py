@@ -67,7 +67,7 @@ FIELDS = ("method", "point", "top1", "bops", "bops_vs_fp32", "mean_exit_block", 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 MAQEE_BUDGETS = (0.35, 0.4, 0.45, 0.5, 0.6)
 MAQEE_DROPS = (0.005, 0.01)
-LATENCY_BUDGETS = (0.45, 0.55, 0.65)
+LATENCY_BUDGETS = (0.45, 0.5, 0.55, 0.6)
 STYLES = {"uniform": ("k", "s", "none"), "lampq": ("C0", "o", "-"), "exits-only": ("C7", "^", "-"),
           "ptq+exits W8A8": ("C1", "v", "-"), "ptq+exits W4A8": ("C5", "<", "-"), "maqee": ("C3", "D", "-"),
           "maqee-latency": ("C4", "P", "-"), "quee": ("C2", "X", "-")}
