@@ -41,7 +41,9 @@ What we built [ours]:
   sum_l r_l * Omega_l * E_l(w, a) subject to expected cost <= ``budget``. Omega_l is LampQ's
   type-aware Fisher sensitivity; E_l(w, a) the relative output error of layer l at (w, a)
   with the current allocation quantised upstream (:func:`.lampq.measure_errors`) -- the
-  accumulated drift, our QID.
+  accumulated drift, our QID. Weighting both error and cost by r_l leaves every layer's error
+  per unit of cost as it was, so reach acts through the budget: the same expected budget buys
+  more 8-bit layers when images leave early (the exits pay for the bits).
 * **Options** (default): weights 4 or 8 bits, activations 8. Offering 4- and 6-bit activations
   too (``a_bits=(4, 6, 8)``) lets the ILP trade them against 4-bit weights on the layer-error
   proxy, which on the reference model picks allocations that cannot keep a 0.5-point promise
