@@ -23,6 +23,9 @@ from pyruntime.convert import convert  # noqa: E402
 from pyruntime.modelfile import read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
+import _teacher  # noqa: E402
+from _teacher import teacher_data  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 DEPTH, GATES, CLASSES = 5, [1, 3], 4
@@ -30,29 +33,11 @@ PRE = {"mean": [0.5], "std": [0.25]}
 
 
 def tiny_model():
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=CLASSES, embed_dim=32, depth=DEPTH,
-                          num_heads=2, mlp_ratio=2.0).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return m
+    return _teacher.tiny_model(DEPTH, CLASSES)
 
 
 def exit_heads(model):
-    """The final norm + head after every gate block (a shortcut classifier)."""
-    return {b: {"norm.weight": model.norm.weight.detach(), "norm.bias": model.norm.bias.detach(),
-                "fc.weight": model.head.weight.detach(), "fc.bias": model.head.bias.detach()} for b in GATES}
-
-
-def teacher_data(model, n, seed):
-    x = np.random.default_rng(seed).standard_normal((n, 1, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        y = model(torch.from_numpy(x)).argmax(-1).numpy().astype(np.int64)
-    return CalibrationData(x, y, {"dataset": "teacher", "images": n, "seed": seed})
+    return _teacher.exit_heads(model, GATES)
 
 
 @pytest.fixture(scope="module")
