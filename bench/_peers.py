@@ -50,6 +50,7 @@ import numpy as np
 import pyruntime
 from pyruntime import _core
 from pyruntime._atomic import atomic_path
+from pyruntime.latency import cpu_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -95,17 +96,6 @@ def loadavg() -> Optional[List[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "CPU part")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cache_root() -> Path:

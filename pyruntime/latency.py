@@ -58,7 +58,7 @@ from .modelfile import check_graph, graph_layer_names, linear_tensors, read_mode
 from .policy import LayerPolicy, Policy
 
 __all__ = ["TABLE_VERSION", "PRECISIONS", "LatencyTable", "requantize", "profiling_model", "profile_latency",
-           "uniform_graph"]
+           "uniform_graph", "cpu_model"]
 
 TABLE_FORMAT = "pyruntime-latency-table"
 TABLE_VERSION = 1
@@ -403,15 +403,20 @@ def _timed_runs(executors: Mapping[str, object], x: np.ndarray, runs: int, warmu
     return samples, ran_isa
 
 
-def _cpu_model() -> Optional[str]:
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (x86 "model name"; on ARM "Model", "Hardware" or the
+    "CPU part" number, in that preference), else what ``platform`` knows."""
+    found = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware"):
-                return value.strip()
+            found.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or None
+    for key in ("model name", "Model", "Hardware", "CPU part"):
+        if found.get(key):
+            return found[key]
+    return platform.processor() or platform.machine()
 
 
 def _table(graph: Mapping, medians: Mapping[str, Mapping[str, float]], bits: Mapping[str, int],
@@ -479,7 +484,7 @@ def profile_latency(source, precisions: Sequence[str] = ("fp32", "w8a8", "w4a8")
 
     meta = {"model": name, "isa": ran_isa, "threads": num_threads if num_threads is not None else "default",
             "physical_cores": int(_core.physical_cores()), "batch": 1, "runs": int(runs), "warmup": int(warmup),
-            "statistic": "median per op", "precisions": list(bits), "cpu": _cpu_model(),
+            "statistic": "median per op", "precisions": list(bits), "cpu": cpu_model(),
             "machine": platform.machine(), "synthesised_exits": synthesised, "pyruntime_version": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     return _table(base_graph, medians, bits, meta)

@@ -40,7 +40,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -333,11 +332,9 @@ def plot(rows: List[Row], path: Path) -> None:
 # --- driver ------------------------------------------------------------------------------------------
 
 def _machine() -> str:
-    try:
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPUs"
+    from pyruntime.latency import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def main(argv=None) -> int:

@@ -302,7 +302,7 @@ def cmd_calibrate(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .common import calibration_data, policy_cost, reference_source
+    from .common import COST_UNITS, calibration_data, policy_cost, reference_source
 
     table = None
     if args.latency_table:
@@ -328,7 +328,7 @@ def cmd_calibrate(args) -> int:
     if policy.gates is not None:
         line += f"; gates after blocks {policy.gate_blocks()} at lambda {policy.gates.lam:g}"
     if "expected_cost_fit" in policy.meta:
-        unit = {"bops": "BOPs", "latency": "s"}[policy.meta["cost_kind"]]
+        unit = COST_UNITS[policy.meta["cost_kind"]]
         line += (f"; expected {format_amount(policy.meta['expected_cost_fit'])} {unit} per image on the fit "
                  f"images (budget {format_amount(policy.meta['budget'])})")
     print(line + f"; {format_amount(policy_cost(source, policy, 'bytes'))} bytes")

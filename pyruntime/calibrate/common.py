@@ -34,13 +34,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..latency import LatencyTable
 
 __all__ = [
-    "MAX_CALIBRATION_IMAGES", "COST_KINDS", "LAYER_TYPES", "CalibrationData", "calibration_data",
+    "MAX_CALIBRATION_IMAGES", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
     "normalize", "Source", "reference_source", "torch_source", "layer_type", "scope_layers",
     "model_graph", "policy_cost", "CostModel", "progress", "run_batches",
 ]
 
 MAX_CALIBRATION_IMAGES = 1024
 COST_KINDS = ("bops", "bytes", "latency")
+COST_UNITS = {"bops": "BOPs", "bytes": "bytes", "latency": "s"}  # what each kind's amounts count
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "patch_embed", "head")
 SCOPES = ("blocks", "all")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -312,7 +313,7 @@ class CostModel:
         raise ValueError(f"cost kind {self.kind!r} has no expected (reach-weighted) value")
 
     def unit(self) -> str:
-        return {"bops": "BOPs", "bytes": "bytes", "latency": "s"}[self.kind]
+        return COST_UNITS[self.kind]
 
 
 # --- the runtime on many images -------------------------------------------------------------------

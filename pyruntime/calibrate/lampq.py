@@ -39,10 +39,10 @@ import numpy as np
 from ..policy import LayerPolicy, Policy
 from . import ilp
 from .ilp import format_amount
-from .common import CalibrationData, CostModel, Source, batches, layer_type, progress, scope_layers
+from .common import COST_UNITS, CalibrationData, CostModel, Source, batches, layer_type, progress, scope_layers
 from .emulate import QuantModel, apply_layer, dynamic_scale, fake_quant, layer_module
 
-__all__ = ["LampQConfig", "LampQResult", "type_aware_sensitivity", "options", "measure_errors",
+__all__ = ["LampQConfig", "LampQResult", "bits_policy", "type_aware_sensitivity", "options", "measure_errors",
            "model_errors", "allocate", "feasible_range", "calibrate_lampq"]
 
 Bits = Tuple[int, int]  # (w_bits, a_bits)
@@ -84,7 +84,7 @@ class LampQResult:
 
     def report(self) -> str:
         """Each layer's sensitivity and chosen bits, most sensitive first."""
-        unit = {"bops": "BOPs", "bytes": "bytes", "latency": "s"}[self.cost_kind]
+        unit = COST_UNITS[self.cost_kind]
         head = f"{'layer':22s} {'type':>11s} {'tr(F)':>10s} {'Omega':>8s} " + " ".join(
             f"{f'E(w{w}a{a})':>10s}" for w, a in self.options) + f" {'bits':>6s}"
         lines = [head, "-" * len(head)]
@@ -224,12 +224,11 @@ def _choices_bounds(names, opts, costs: CostModel, fixed, block_size) -> Tuple[f
     return ilp.min_cost(choices, fixed_cost=fixed), ilp.max_cost(choices, fixed_cost=fixed)
 
 
-def _policy(names: Sequence[str], pick: Mapping[str, Bits], block_size: int, name: str, meta: dict) -> Policy:
-    layers = {}
-    for n in names:
-        w, a = pick[n]
-        layers[n] = LayerPolicy(w_bits=w, a_bits=a, scale="dynamic", block_size=block_size)
-    return Policy(layers=layers, name=name, meta=meta)
+def bits_policy(pick: Mapping[str, Bits], block_size: int, name: str, meta: Optional[dict] = None,
+                exits: Sequence = ()) -> Policy:
+    """The policy of an allocation: each layer at its (w, a) with dynamic activation scales."""
+    layers = {n: LayerPolicy(w_bits=w, a_bits=a, scale="dynamic", block_size=block_size) for n, (w, a) in pick.items()}
+    return Policy(layers=layers, exits=list(exits), name=name, meta=dict(meta or {}))
 
 
 def feasible_range(source: Source, cfg: LampQConfig, costs: Optional[CostModel] = None) -> Tuple[float, float]:
@@ -289,7 +288,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
             "cost": _amount(cost, costs.kind), "rounds": len(history), "options": [list(o) for o in opts],
             "type_aware": cfg.type_aware, "initial": cfg.initial,
             "sensitivity": {n: float(omega[n]) for n in names}}
-    policy = _policy(names, pick, cfg.block_size, "lampq", meta)
+    policy = bits_policy({n: pick[n] for n in names}, cfg.block_size, "lampq", meta)
     return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), _amount(cost, costs.kind),
                        costs.kind, (lo, hi), dict(initial_errors))
 

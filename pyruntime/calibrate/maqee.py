@@ -68,12 +68,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..policy import ExitPolicy, LayerPolicy, Policy
+from ..policy import ExitPolicy, Policy
 from . import ilp
-from .common import CalibrationData, CostModel, Source, model_graph, scope_layers
+from .common import COST_UNITS, CalibrationData, CostModel, Source, model_graph, scope_layers
 from .emulate import QuantModel
 from .ilp import format_amount
-from .lampq import fisher_traces_for, measure_errors, options, type_aware_sensitivity
+from .lampq import bits_policy, fisher_traces_for, measure_errors, options, type_aware_sensitivity
 from .probe import executor, materialise, run
 from ..bops import reach_from_exits
 from .thresholds import scores, simulate
@@ -256,8 +256,7 @@ def allocate_bits(costs: CostModel, graph: Mapping, names: Sequence[str], opts: 
 
 def _policy(names: Sequence[str], pick: Mapping[str, Bits], exits: Sequence[ExitPolicy], block_size: int,
             name: str = "maqee", meta: Optional[dict] = None) -> Policy:
-    layers = {n: LayerPolicy(w_bits=w, a_bits=a, scale="dynamic", block_size=block_size) for n, (w, a) in pick.items()}
-    return Policy(layers=layers, exits=list(exits), name=name, meta=dict(meta or {}))
+    return bits_policy({n: pick[n] for n in names}, block_size, name, meta, exits)
 
 
 def _exits(blocks: Sequence[int], rule: str, thresholds: Sequence[float]) -> List[ExitPolicy]:
@@ -311,7 +310,7 @@ class MaqeeResult:
     traces: Dict[str, float] = field(default_factory=dict)
 
     def report(self) -> str:
-        unit = {"bops": "BOPs", "latency": "s"}.get(self.cost_kind, self.cost_kind)
+        unit = COST_UNITS[self.cost_kind]
         lines = ["round  w4  a-bits   fit top-1  expected cost     BSR  ok"]
         for h in self.history:
             lines.append(f"{h['round']:5d} {h['w4_layers']:3d}  {','.join(map(str, h['a_bits'])):7s} {h['fit_top1']:9.4f}  "
@@ -379,10 +378,9 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     names = scope_layers(all_layers, cfg.scope)
     fit, held = data.split(cfg.holdout, cfg.seed)
 
+    closed = _exits(blocks, cfg.rule, [1.0] * len(blocks))  # every head evaluated, nobody leaving
     # fp32 at full depth: the reference top-1, and the exit scores the drift is measured against
-    fp_graph, fp_tensors = materialise(source, _policy([], {}, _exits(blocks, cfg.rule, [1.0] * len(blocks)), 32, "fp32"),
-                                       exits)
-    fp_ex = executor(fp_graph, fp_tensors)
+    fp_ex = executor(*materialise(source, _policy([], {}, closed, 32, "fp32"), exits))
     fp_fit = run(fp_ex, fit.images, True, cfg.batch, cfg.num_threads)
     fp_held = run(fp_ex, held.images, False, cfg.batch, cfg.num_threads)
     fp_right = fp_fit["logits"].argmax(-1) == fit.labels
@@ -396,26 +394,25 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     err_data = CalibrationData(fit.images[:cfg.error_images], fit.labels[:cfg.error_images], fit.summary)
     pick: Dict[str, Bits] = {n: (max(cfg.w_bits), max(cfg.a_bits)) for n in names}
 
-    def evaluate(pick: Mapping[str, Bits], allowed: float) -> Tuple[Operating, dict, dict, Replay]:
+    def evaluate(pick: Mapping[str, Bits], allowed: float) -> Operating:
         """Convert with ``pick``, collect every head on the fit images, search thresholds."""
-        policy = _policy(names, pick, _exits(blocks, cfg.rule, [1.0] * len(blocks)), cfg.block_size)
-        g, t = materialise(source, policy, exits)
-        r = run(executor(g, t), fit.images, True, cfg.batch, cfg.num_threads)
+        policy = _policy(names, pick, closed, cfg.block_size)
+        r = run(executor(*materialise(source, policy, exits)), fit.images, True, cfg.batch, cfg.num_threads)
         replay = Replay(r["exit_logits"], r["logits"], fit.labels, cfg.rule, blocks, depth,
                         _step_costs(costs, model_graph(source, policy)), _deltas(cfg, r["exit_logits"], fp_fit["exit_logits"]), fp_right, cfg.z)
-        return search_thresholds(replay, allowed, cfg.bsr_max, cfg.grid, cfg.sweeps), g, t, replay
+        return search_thresholds(replay, allowed, cfg.bsr_max, cfg.grid, cfg.sweeps)
 
     def reallocate(pick: Mapping[str, Bits], reach: np.ndarray) -> Dict[str, Bits]:
         errors = measure_errors(qm, names, opts, err_data, pick, all_layers, cfg.block_size, cfg.error_batch,
                                 cfg.show_progress)
-        graph = model_graph(source, _policy(names, pick, _exits(blocks, cfg.rule, [1.0] * len(blocks)), cfg.block_size))
+        graph = model_graph(source, _policy(names, pick, closed, cfg.block_size))
         return allocate_bits(costs, graph, names, opts, pick, omega, errors, reach, budget, 1.0 / len(fit), cfg.block_size)
 
     with torch.no_grad():
         states: List[State] = []
         seen = set()
         for k in range(cfg.rounds + 1):
-            op, _, _, _ = evaluate(pick, cfg.max_drop)
+            op = evaluate(pick, cfg.max_drop)
             states.append(State(k, dict(pick), op, op.cost <= budget * (1 + 1e-12)))
             seen.add(tuple(sorted(pick.items())))
             if k == cfg.rounds:
@@ -450,7 +447,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
         if not broken or attempt == cfg.holdout_retries:
             break
         allowed -= drop - cfg.max_drop
-        op, _, _, _ = evaluate(pick, allowed)
+        op = evaluate(pick, allowed)
     if op.cost > budget * (1 + 1e-12):
         raise BudgetNotMet(f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met: the "
                            f"held-out check tightened the thresholds until the expected cost is "
