@@ -5,7 +5,8 @@
 namespace pyrt {
 
 // int8 multiply-accumulate throughput in GOPS (2 ops per MAC) of a register-resident loop of
-// the best int8 dot instructions of the CPU (x86: vpmaddubsw + vpmaddwd; ARM: sdot, or
+// the best int8 dot instructions of the CPU (x86: vpdpbusd with AVX-512 VNNI, else
+// vpmaddubsw + vpmaddwd; ARM: sdot, or
 // smull + sadalp without dotprod), on `threads` threads for about `seconds`. Returns 0 when
 // the CPU has no SIMD path.
 double int8_peak_gops(int threads, double seconds);

@@ -229,6 +229,7 @@ PYBIND11_MODULE(_core, m) {
     const CpuFeatures& f = cpu_features();
     py::dict d;
     d["avx2"] = f.avx2;
+    d["avx512vnni"] = f.avx512vnni;
     d["neon"] = f.neon;
     d["dotprod"] = f.dotprod;
     d["i8mm"] = f.i8mm;

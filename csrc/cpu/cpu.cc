@@ -33,6 +33,10 @@ CpuFeatures detect() {
   if ((xcr0_lo & 0x6u) != 0x6u) return f;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
   f.avx2 = b & (1u << 5);
+  // AVX-512 F (b16), BW (b30), VL (b31) and VNNI (c11); XCR0 bits 5-7: opmask, the upper
+  // halves of zmm0-15 and zmm16-31.
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) && (c & (1u << 11));
+  f.avx512vnni = f.avx2 && avx512 && (xcr0_lo & 0xE0u) == 0xE0u;
   return f;
 }
 #elif defined(__aarch64__) && defined(__linux__)
@@ -53,6 +57,7 @@ std::vector<std::pair<std::string, const KernelTable*>> usable() {
   const CpuFeatures& f = cpu_features();
   std::vector<std::pair<std::string, const KernelTable*>> out{{"ref", ref_kernels()}};
   if (avx2_kernels() && f.avx2) out.emplace_back("avx2", avx2_kernels());
+  if (avx512vnni_kernels() && f.avx512vnni) out.emplace_back("avx512vnni", avx512vnni_kernels());
   if (neon_kernels() && f.neon) out.emplace_back("neon", neon_kernels());
   if (neondot_kernels() && f.neon && f.dotprod) out.emplace_back("neondot", neondot_kernels());
   return out;
@@ -74,9 +79,9 @@ std::vector<std::string> available_isas() {
 const KernelTable* kernels_for(const std::string& name) {
   for (const auto& u : usable())
     if (u.first == name) return u.second;
-  const std::set<std::string> known{"ref", "avx2", "neon", "neondot"};
+  const std::set<std::string> known{"ref", "avx2", "avx512vnni", "neon", "neondot"};
   if (!known.count(name))
-    throw std::invalid_argument("unknown ISA '" + name + "' (known: ref, avx2, neon, neondot)");
+    throw std::invalid_argument("unknown ISA '" + name + "' (known: ref, avx2, avx512vnni, neon, neondot)");
   std::string have;
   for (const auto& n : available_isas()) have += (have.empty() ? "" : ", ") + n;
   throw std::invalid_argument("ISA '" + name + "' is not available on this CPU/build (available: " +

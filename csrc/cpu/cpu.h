@@ -1,8 +1,8 @@
 // CPU feature detection and kernel-table selection.
 //
 // An ISA is usable only if it was compiled into this build *and* the running CPU (and OS)
-// supports it. x86: CPUID for AVX2/FMA plus XCR0, because the OS must save the ymm state
-// before AVX code may run. ARM: the kernel's HWCAP bits, never the ID registers directly.
+// supports it. x86: CPUID for AVX2/FMA (and AVX-512) plus XCR0, because the OS must save the
+// ymm (and zmm, opmask) state before such code may run. ARM: the kernel's HWCAP bits, never the ID registers directly.
 #pragma once
 
 #include <string>
@@ -14,6 +14,7 @@ namespace pyrt {
 
 struct CpuFeatures {
   bool avx2 = false;     // AVX2 + FMA + OS-enabled ymm state
+  bool avx512vnni = false;  // AVX-512 F/BW/VL/VNNI + OS-enabled zmm and opmask state
   bool neon = false;     // AArch64 Advanced SIMD
   bool dotprod = false;  // SDOT/UDOT (ARMv8.2 dotprod)
   bool i8mm = false;     // SMMLA (reported only; no kernel uses it yet)

@@ -6,6 +6,9 @@ namespace pyrt {
 #ifndef PYRT_BUILD_AVX2
 const KernelTable* avx2_kernels() { return nullptr; }
 #endif
+#ifndef PYRT_BUILD_AVX512VNNI
+const KernelTable* avx512vnni_kernels() { return nullptr; }
+#endif
 #ifndef PYRT_BUILD_NEON
 const KernelTable* neon_kernels() { return nullptr; }
 const KernelTable* neondot_kernels() { return nullptr; }

@@ -132,6 +132,7 @@ struct KernelTable {
 // Whether the running CPU supports it is cpu/'s business, not these functions'.
 const KernelTable* ref_kernels();
 const KernelTable* avx2_kernels();
+const KernelTable* avx512vnni_kernels();  // AVX2's table with VNNI integer GEMMs
 const KernelTable* neon_kernels();
 const KernelTable* neondot_kernels();
 
