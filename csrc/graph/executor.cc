@@ -283,6 +283,12 @@ class Runner {
     }
     const float qmax = float((1 << (l.a_bits - 1)) - 1);
     row_scale.resize(rows);
+    if (l.scale == ScaleSource::kDynamic) {
+      // Per-row max |x| on the pool (max is exact in any order), reduced per image below.
+      parallel_rows(ctx_, rows, [&](size_t r0, size_t r1) {
+        for (size_t r = r0; r < r1; ++r) row_scale[r] = ctx_.kt->absmax(K, x + r * K);
+      });
+    }
     for (size_t i = 0; i < images; ++i) {
       float s = 0.0f;
       if (l.scale == ScaleSource::kStatic) {
@@ -290,10 +296,8 @@ class Runner {
       } else if (l.scale == ScaleSource::kPredicted) {
         s = eval_poly(l.coeffs, b.stat[active[i]]);
       } else {
-        float amax = 0.0f;
-        for (size_t r = 0; r < rows_per_image; ++r)
-          amax = std::max(amax, ctx_.kt->absmax(K, x + (i * rows_per_image + r) * K));
-        s = amax / qmax;
+        const auto first = row_scale.begin() + i * rows_per_image;
+        s = *std::max_element(first, first + rows_per_image) / qmax;
       }
       std::fill(row_scale.begin() + i * rows_per_image, row_scale.begin() + (i + 1) * rows_per_image, s);
     }
@@ -322,15 +326,19 @@ class Runner {
     const float scale = 1.0f / std::sqrt(float(dh));
     for (size_t i0 = 0; i0 < images; i0 += wave) {
       const size_t n = std::min(wave, images - i0);
-      ThreadPool::global().run(n * H, ctx_.threads, [&](size_t t) {
-        const size_t img = i0 + t / H, h = t % H;
+      // K and V of each head packed as separate tasks (an odd head count balances better).
+      ThreadPool::global().run(2 * n * H, ctx_.threads, [&](size_t t) {
+        const size_t ih = t / 2, img = i0 + ih / H, h = ih % H;
         const float* base = qkv + img * T * 3 * D;
-        float* pk = kv_pack.data() + t * (kp + vp);
-        pack_f32_b(base + D + h * dh, dh, T, 3 * D, /*b_is_nk=*/true, pk);
-        pack_f32_b(base + 2 * D + h * dh, T, dh, 3 * D, /*b_is_nk=*/false, pk + kp);
+        float* pk = kv_pack.data() + ih * (kp + vp);
+        if (t % 2 == 0)
+          pack_f32_b(base + D + h * dh, dh, T, 3 * D, /*b_is_nk=*/true, pk);
+        else
+          pack_f32_b(base + 2 * D + h * dh, T, dh, 3 * D, /*b_is_nk=*/false, pk + kp);
       });
-      // Split query rows too, so batch 1 still has a few tasks per thread.
-      const size_t splits = std::max<size_t>(1, std::min(T, (4 * threads + n * H - 1) / (n * H)));
+      // Split query rows too, so that batch 1 still has enough tasks per thread to balance
+      // (3 heads on 2 threads: 9 tasks would leave one thread 5 to the other's 4).
+      const size_t splits = threads == 1 ? 1 : std::max<size_t>(1, std::min(T / 12, (16 * threads + n * H - 1) / (n * H)));
       const size_t rows = (T + splits - 1) / splits;
       ThreadPool::global().run(n * H * splits, ctx_.threads, [&](size_t t) {
         const size_t part = t % splits, ih = t / splits, img = i0 + ih / H, h = ih % H;
