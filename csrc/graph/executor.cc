@@ -21,6 +21,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Working-set budget of one image group of a block (about a core's L2 on the CPUs targeted).
+constexpr size_t kBlockGroupBytes = size_t(1) << 20;
+
 void fail(const std::string& what) { throw std::invalid_argument(what); }
 
 void expect_size(const std::vector<float>& v, size_t n, const std::string& name) {
@@ -305,14 +308,18 @@ class Runner {
     gemm_q(ctx_, qa, l.w, l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
   }
 
-  // A block linear over all active images: full-precision images (first) with the primary
-  // weights, reduced-precision ones with the variant when the layer has one.
+  // A block linear over active images [first, first + count) (x and y hold just those):
+  // full-precision images (active[0, n_full)) with the primary weights, reduced-precision ones
+  // with the variant when the layer has one.
   void block_linear(const LinearLayer& full, const LinearLayer& reduced, const float* x, size_t T,
-                    float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale) {
-    const size_t imgs = b.active.size(), nf = reduced.w.bits == 0 ? imgs : b.n_full;
-    if (nf > 0) linear_rows(full, x, nf * T, T, y, b, qa, row_scale, 0);
-    if (nf < imgs)
-      linear_rows(reduced, x + nf * T * full.K(), (imgs - nf) * T, T, y + nf * T * full.N(), b, qa, row_scale, nf);
+                    float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale,
+                    size_t first, size_t count) {
+    const size_t end = first + count;
+    const size_t split = reduced.w.bits == 0 ? end : std::min(end, std::max(first, b.n_full));
+    if (split > first) linear_rows(full, x, (split - first) * T, T, y, b, qa, row_scale, first);
+    if (split < end)
+      linear_rows(reduced, x + (split - first) * T * full.K(), (end - split) * T, T,
+                  y + (split - first) * T * full.N(), b, qa, row_scale, split);
   }
 
   // Multi-head self-attention of `images` images: qkv [images*T x 3D] -> out [images*T x D].
@@ -454,6 +461,8 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   ws.logits.reserve_scratch(B * NC);
   ws.logits2.reserve_scratch(B * NC);
   const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * 32 * 32;
+  // Images per group of a block: its largest intermediate (qkv or MLP hidden) within ~L2.
+  const size_t group = std::max<size_t>(1, kBlockGroupBytes / (T * std::max(F, 3 * D) * sizeof(float)));
   size_t next_exit = 0;
   std::vector<double> probs;
 
@@ -462,22 +471,29 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
     const std::string bn = "blocks." + std::to_string(l);
     const size_t imgs = batch.active.size(), rows = imgs * T;
     float* x = ws.x.data();
-    run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, x, rows, D, ws.h.data()); });
-    run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale); });
-    run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), imgs, ws.attn.data(), ws.kv_pack); });
     for (size_t i = 0; i < imgs; ++i) {
       res.bops[batch.active[i]] += attn_bops;
       res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full ? kPathFull : kPathReduced;
     }
-    run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale); });
-    run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), rows, D, x); });
-    run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, x, rows, D, ws.h.data()); });
-    run.timed(bn + ".mlp.fc1", [&] { run.block_linear(blk.fc1, blk.fc1_lo, ws.h.data(), T, ws.mlp.data(), batch, ws.qa, ws.row_scale); });
-    run.timed(bn + ".mlp.gelu", [&] {
-      parallel_rows(ctx, rows, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
-    });
-    run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale); });
-    run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), rows, D, x); });
+    // The block runs on groups of `group` images at a time, reusing the start of the scratch
+    // buffers, so that each op's output is still in L2 when the next op reads it (at batch 8
+    // whole-batch ops were 10-18% slower per image than at batch 1, from L3 traffic).
+    for (size_t g0 = 0; g0 < imgs; g0 += group) {
+      const size_t gi = std::min(group, imgs - g0), grows = gi * T;
+      float* xg = x + g0 * T * D;
+      run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, xg, grows, D, ws.h.data()); });
+      run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale, g0, gi); });
+      run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), gi, ws.attn.data(), ws.kv_pack); });
+      run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
+      run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), grows, D, xg); });
+      run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, xg, grows, D, ws.h.data()); });
+      run.timed(bn + ".mlp.fc1", [&] { run.block_linear(blk.fc1, blk.fc1_lo, ws.h.data(), T, ws.mlp.data(), batch, ws.qa, ws.row_scale, g0, gi); });
+      run.timed(bn + ".mlp.gelu", [&] {
+        parallel_rows(ctx, grows, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
+      });
+      run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
+      run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), grows, D, xg); });
+    }
 
     if (spec_.predictor.block == int(l)) {
       for (size_t i = 0; i < imgs; ++i) {

@@ -2,8 +2,9 @@
 //
 // Every ISA shares one packed weight layout (below) so that a model packed once can run on
 // whichever kernel table dispatch picks, and so tests can run every ISA on the same buffers.
-// The layouts suit both x86 (AVX2: a ymm holds 8 channels x 4 k) and ARM (a q-register holds
-// 4 channels x 4 k, the shape `sdot`'s lane form wants).
+// The layouts suit x86 (AVX2: a ymm holds 8 channels x 4 k; AVX-512 VNNI: a zmm holds a whole
+// 16-channel x 4 k group, the shape `vpdpbusd` wants) and ARM (a q-register holds 4 channels
+// x 4 k, the shape `sdot`'s lane form wants).
 //
 // Exactness contract. For the integer GEMMs, the int32 accumulators are exact and the float
 // epilogue is performed in a fixed order with no fused multiply-add (the whole library is built
@@ -35,8 +36,10 @@
 //
 // Activations lie in [-127, 127] (the quantiser never writes -128); weights may use the full
 // int8 range. No kernel may saturate: the AVX2 int8 GEMM widens both operands to int16 for
-// vpmaddwd (on Zen its multiply ports run that faster than the vpmaddubsw sign trick), and the
-// int4 GEMMs multiply unsigned nibbles (<= 15) by activations, which cannot saturate either.
+// vpmaddwd (on Zen its multiply ports run that faster than the vpmaddubsw sign trick), the
+// AVX-512 VNNI one multiplies w + 128 (unsigned) by activations in vpdpbusd, which sums into
+// int32 without saturating, and the int4 GEMMs multiply unsigned nibbles (<= 15) by
+// activations, which cannot saturate either.
 // The [-127, 127] bound keeps a sign-trick kernel (|w| times sign(a, w)) legal for any ISA
 // that wants one; the current kernels are exact even at -128.
 #pragma once
