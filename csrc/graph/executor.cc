@@ -49,12 +49,12 @@ void expect_linear(const LinearLayer& l, size_t N, size_t K) {
     fail(l.name + ": predicted scale without polynomial coefficients");
 }
 
-// Rows [0, rows) in chunks over the pool.
+// Rows [0, rows) of `row_elems` elements each, in chunks over the pool.
 template <typename F>
-void parallel_rows(const RunContext& ctx, size_t rows, F&& f) {
+void parallel_rows(const RunContext& ctx, size_t rows, size_t row_elems, F&& f) {
   if (rows == 0) return;
-  const size_t threads = size_t(std::max(ctx.threads, 1));
-  const size_t chunk = std::max<size_t>(1, (rows + 4 * threads - 1) / (4 * threads));
+  const size_t tasks = std::min(rows, task_count(rows * row_elems, kMinTaskElems, ctx.threads));
+  const size_t chunk = (rows + tasks - 1) / tasks;
   ThreadPool::global().run((rows + chunk - 1) / chunk, ctx.threads, [&](size_t t) {
     const size_t r0 = t * chunk;
     f(r0, std::min(rows, r0 + chunk));
@@ -63,7 +63,7 @@ void parallel_rows(const RunContext& ctx, size_t rows, F&& f) {
 
 void layernorm_rows(const RunContext& ctx, const LayerNormParams& p, float eps, const float* x,
                     size_t rows, size_t D, float* y) {
-  parallel_rows(ctx, rows, [&](size_t r0, size_t r1) {
+  parallel_rows(ctx, rows, D, [&](size_t r0, size_t r1) {
     ctx.kt->layernorm(r1 - r0, D, x + r0 * D, D, p.weight.data(), p.bias.data(), eps, y + r0 * D, D);
   });
 }
@@ -71,7 +71,7 @@ void layernorm_rows(const RunContext& ctx, const LayerNormParams& p, float eps, 
 // x += gamma * h (gamma empty: x += h).
 void residual(const RunContext& ctx, const std::vector<float>& gamma, const float* h, size_t rows,
               size_t D, float* x) {
-  parallel_rows(ctx, rows, [&](size_t r0, size_t r1) {
+  parallel_rows(ctx, rows, D, [&](size_t r0, size_t r1) {
     if (gamma.empty()) {
       ctx.kt->add((r1 - r0) * D, x + r0 * D, h + r0 * D, x + r0 * D);
       return;
@@ -288,7 +288,7 @@ class Runner {
     row_scale.resize(rows);
     if (l.scale == ScaleSource::kDynamic) {
       // Per-row max |x| on the pool (max is exact in any order), reduced per image below.
-      parallel_rows(ctx_, rows, [&](size_t r0, size_t r1) {
+      parallel_rows(ctx_, rows, K, [&](size_t r0, size_t r1) {
         for (size_t r = r0; r < r1; ++r) row_scale[r] = ctx_.kt->absmax(K, x + r * K);
       });
     }
@@ -421,7 +421,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   ws.patches.reserve_scratch(B * P * PD);
   run.timed("patch_embed.unfold", [&] {
     const size_t gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
-    parallel_rows(ctx, B * P, [&](size_t r0, size_t r1) {
+    parallel_rows(ctx, B * P, PD, [&](size_t r0, size_t r1) {
       for (size_t r = r0; r < r1; ++r) {
         const size_t img = r / P, p = r % P, gy = p / gw, gx = p % gw;
         float* dst = ws.patches.data() + r * PD;
@@ -489,7 +489,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
       run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, xg, grows, D, ws.h.data()); });
       run.timed(bn + ".mlp.fc1", [&] { run.block_linear(blk.fc1, blk.fc1_lo, ws.h.data(), T, ws.mlp.data(), batch, ws.qa, ws.row_scale, g0, gi); });
       run.timed(bn + ".mlp.gelu", [&] {
-        parallel_rows(ctx, grows, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
+        parallel_rows(ctx, grows, F, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
       });
       run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
       run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), grows, D, xg); });

@@ -14,14 +14,14 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 
 // Splits an M x panels output into tiles and runs f(m0, m1, p0, p1) over them on the pool.
 // Rows are blocked so one tile's activations stay in L2 while its weight panels stream by;
-// panels are split so that there are a few tasks per thread for balance.
+// panels are split so that there are a few tasks per thread for balance (fewer for a GEMM too
+// small to be worth it). K is the reduction length; min_macs the smallest task (threadpool.h).
 template <typename F>
-void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, F&& f) {
+void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, size_t K, size_t min_macs, F&& f) {
   const size_t m_tiles = ceil_div(M, 64);
   const size_t mb = std::min(M, round_up(ceil_div(M, m_tiles), 4));
   const size_t m_count = ceil_div(M, mb);
-  const size_t threads = static_cast<size_t>(std::max(ctx.threads, 1));
-  const size_t want = threads == 1 ? 1 : 4 * threads;
+  const size_t want = task_count(M * panels * kNR * K, min_macs, ctx.threads);
   const size_t n_chunks = std::max<size_t>(1, std::min(panels, ceil_div(want, m_count)));
   const size_t pc = ceil_div(panels, n_chunks);
   const size_t p_count = ceil_div(panels, pc);
@@ -210,7 +210,7 @@ void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, si
     out.scale[r] = ok ? s : 0.0f;
     out.inv_scale[r] = ok ? 1.0f / s : 0.0f;
   }
-  const size_t rows_per_task = std::max<size_t>(1, ceil_div(M, 4 * size_t(std::max(ctx.threads, 1))));
+  const size_t rows_per_task = ceil_div(M, task_count(M * K, kMinTaskElems, ctx.threads));
   ThreadPool::global().run(ceil_div(M, rows_per_task), ctx.threads, [&](size_t t) {
     const size_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
     ctx.kt->quantize_rows(r1 - r0, K, Kp, x + r0 * x_stride, x_stride, out.inv_scale.data() + r0,
@@ -223,7 +223,7 @@ void gemm_q(const RunContext& ctx, const QuantizedActs& a, const QuantizedWeight
             const float* bias, float* y, size_t y_stride) {
   check(a.Kp == w.Kp, "gemm_q: activation and weight padding differ");
   const size_t bs = a.Kp / kKAlign;
-  parallel_tiles(ctx, a.M, num_panels(w.N), [&](size_t m0, size_t m1, size_t p0, size_t p1) {
+  parallel_tiles(ctx, a.M, num_panels(w.N), a.Kp, kMinTaskMacsInt, [&](size_t m0, size_t m1, size_t p0, size_t p1) {
     const size_t n0 = p0 * kNR, n = std::min(w.N, p1 * kNR) - n0;
     const float* b = bias ? bias + n0 : nullptr;
     float* yt = y + m0 * y_stride + n0;
@@ -243,7 +243,7 @@ void gemm_q(const RunContext& ctx, const QuantizedActs& a, const QuantizedWeight
 void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* a,
               size_t a_stride, const float* b_packed, const float* bias, float* y,
               size_t y_stride) {
-  parallel_tiles(ctx, M, num_panels(N), [&](size_t m0, size_t m1, size_t p0, size_t p1) {
+  parallel_tiles(ctx, M, num_panels(N), K, kMinTaskMacsF32, [&](size_t m0, size_t m1, size_t p0, size_t p1) {
     const size_t n0 = p0 * kNR, n = std::min(N, p1 * kNR) - n0;
     ctx.kt->f32_gemm(m1 - m0, n, K, a + m0 * a_stride, a_stride, b_packed + p0 * K * kNR,
                      bias ? bias + n0 : nullptr, y + m0 * y_stride + n0, y_stride);

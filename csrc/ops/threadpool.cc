@@ -24,6 +24,12 @@ inline void cpu_relax() {
 
 }  // namespace
 
+size_t task_count(size_t work, size_t min_work, int threads) {
+  if (threads <= 1) return 1;
+  const size_t most = 4 * static_cast<size_t>(threads);
+  return std::max<size_t>(1, std::min(most, work / std::max<size_t>(min_work, 1)));
+}
+
 template <typename Ready>
 bool ThreadPool::spin_until(Ready&& ready) {
   const auto deadline = std::chrono::steady_clock::now() + kSpin;

@@ -18,6 +18,17 @@
 
 namespace pyrt {
 
+// Smallest task worth dispatching, in float elements of an element-wise op and in MACs of an
+// fp32 or an int8 GEMM: a few microseconds of work, against ~1-2 us to hand a task to another
+// thread. Below it a small model (17 tokens, width 128) ran slower on two threads than on one.
+constexpr size_t kMinTaskElems = size_t(1) << 13;
+constexpr size_t kMinTaskMacsF32 = size_t(1) << 17;
+constexpr size_t kMinTaskMacsInt = size_t(1) << 19;
+
+// How many tasks `work` units are worth on `threads` threads: four per thread for balance,
+// none smaller than `min_work`, at least one.
+size_t task_count(size_t work, size_t min_work, int threads);
+
 class ThreadPool {
  public:
   static ThreadPool& global();
