@@ -469,7 +469,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   for (size_t l = 0; l < a.depth && !batch.active.empty(); ++l) {
     const Block& blk = spec_.blocks[l];
     const std::string bn = "blocks." + std::to_string(l);
-    const size_t imgs = batch.active.size(), rows = imgs * T;
+    const size_t imgs = batch.active.size();
     float* x = ws.x.data();
     for (size_t i = 0; i < imgs; ++i) {
       res.bops[batch.active[i]] += attn_bops;

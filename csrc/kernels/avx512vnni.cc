@@ -2,7 +2,9 @@
 // F/BW/VL/VNNI flags; dispatch enables its table only when the CPU has them and the OS saves
 // the zmm and opmask state. Its table is the AVX2 table with the two integer GEMMs replaced:
 // the float kernels are bit-identical on every ISA anyway, and on Zen 4 (which splits a zmm
-// op into two ymm halves) zmm float code has the same throughput as ymm.
+// op into two ymm halves) zmm float code has the same throughput as ymm (measured: a 12 x 32
+// zmm fp32 GEMM tile ran 5% slower than AVX2's 6 x 16, which is at ~95% of the FMA peak, and a
+// zmm GELU was no faster).
 //
 // vpdpbusd multiplies unsigned by signed bytes and adds the four products of each 32-bit lane
 // into an int32 accumulator, without intermediate saturation: 64 MACs per instruction, about
