@@ -2,7 +2,8 @@
 //
 // An ISA is usable only if it was compiled into this build *and* the running CPU (and OS)
 // supports it. x86: CPUID for AVX2/FMA (and AVX-512) plus XCR0, because the OS must save the
-// ymm (and zmm, opmask) state before such code may run. ARM: the kernel's HWCAP bits, never the ID registers directly.
+// ymm (and zmm, opmask) state before such code may run. ARM: the kernel's HWCAP bits, never
+// the ID registers directly.
 #pragma once
 
 #include <string>
@@ -13,11 +14,11 @@
 namespace pyrt {
 
 struct CpuFeatures {
-  bool avx2 = false;     // AVX2 + FMA + OS-enabled ymm state
+  bool avx2 = false;        // AVX2 + FMA + OS-enabled ymm state
   bool avx512vnni = false;  // AVX-512 F/BW/VL/VNNI + OS-enabled zmm and opmask state
-  bool neon = false;     // AArch64 Advanced SIMD
-  bool dotprod = false;  // SDOT/UDOT (ARMv8.2 dotprod)
-  bool i8mm = false;     // SMMLA (reported only; no kernel uses it yet)
+  bool neon = false;        // AArch64 Advanced SIMD
+  bool dotprod = false;     // SDOT/UDOT (ARMv8.2 dotprod)
+  bool i8mm = false;        // SMMLA (reported only; no kernel uses it yet)
 };
 
 const CpuFeatures& cpu_features();
