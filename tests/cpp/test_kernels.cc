@@ -11,18 +11,23 @@
 //                          check dispatch this way: cortex-a57 has no dotprod).
 //   PYRUNTIME_TEST_QUICK=1 skip the two largest ViT shapes (for slow emulation).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <random>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpu/cpu.h"
 #include "kernels/kernels.h"
 #include "ops/ops.h"
+#include "ops/threadpool.h"
 
 using namespace pyrt;
 
@@ -316,6 +321,44 @@ void test_threads(const KernelTable& kt) {
   }
 }
 
+// The pool runs every task exactly once whether its workers are spinning (back-to-back calls)
+// or asleep (a pause longer than the spin), passes a task's exception to the caller and keeps
+// working after it; task_count sizes work as threadpool.h says.
+void test_thread_pool() {
+  ThreadPool& pool = ThreadPool::global();
+  auto exactly_once = [&](size_t n, int threads) {
+    std::vector<std::atomic<int>> hits(n);
+    for (auto& h : hits) h = 0;
+    pool.run(n, threads, [&](size_t i) { hits[i].fetch_add(1); });
+    return std::all_of(hits.begin(), hits.end(), [](const std::atomic<int>& h) { return h == 1; });
+  };
+  bool ok = true;
+  for (int threads : {1, 2, 3, 5})
+    for (size_t n : {1, 2, 7, 64}) ok = ok && exactly_once(n, threads);
+  report(ok, "thread pool: every task once, 1..5 threads");
+  ok = true;
+  for (int i = 0; i < 2000; ++i) ok = ok && exactly_once(5, 2);
+  report(ok, "thread pool: 2000 back-to-back calls");
+  ok = true;
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));  // > the spin: workers sleep
+    ok = ok && exactly_once(9, 3);
+  }
+  report(ok, "thread pool: calls after the workers fell asleep");
+  bool threw = false;
+  try {
+    pool.run(8, 2, [](size_t i) {
+      if (i == 5) throw std::runtime_error("task 5");
+    });
+  } catch (const std::runtime_error& e) {
+    threw = std::string(e.what()) == "task 5";
+  }
+  report(threw && exactly_once(8, 2), "thread pool: a task's exception reaches the caller, pool still works");
+  report(task_count(size_t(1) << 30, 1, 1) == 1 && task_count(100, 1000, 4) == 1 &&
+             task_count(size_t(1) << 30, 1000, 2) == 8 && task_count(3000, 1000, 4) == 3,
+         "task_count: one per thread count of 1, none below min_work, at most 4 per thread");
+}
+
 void test_dispatch() {
   const char* expect = std::getenv("PYRUNTIME_EXPECT_ISAS");
   std::string have;
@@ -336,6 +379,7 @@ void test_dispatch() {
 
 int main() {
   test_dispatch();
+  test_thread_pool();
   const bool quick = std::getenv("PYRUNTIME_TEST_QUICK") != nullptr;
   unsigned seed = 1;
   for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_float_accuracy(3, n, -6, 6, 0, 1000 + unsigned(n));
