@@ -16,7 +16,7 @@
 //
 // The float kernels (f32_gemm, layernorm, softmax, gelu) follow the canonical evaluation of
 // kernels.h operation for operation, so they equal ref.cc (and NEON) bit for bit as well: one
-// FMA per k in k order, 8-lane double reductions combined by hsum_pd, exp_ps and gelu_ps as
+// FMA per k in k order, 8-lane double reductions combined by hsum_pd, exp_v and gelu_v as
 // ref's exp_canon and gelu_canon.
 #include <immintrin.h>
 
@@ -723,6 +723,8 @@ inline void gelu_v(__m256* x) {
     x[i] = _mm256_mul_ps(x[i], phi);
   }
 }
+
+#undef PYRT_EACH
 
 void gelu_avx2(size_t n, float* x) {
   constexpr int V = 4;

@@ -22,22 +22,23 @@ inline void cpu_relax() {
 #endif
 }
 
-}  // namespace
-
-size_t task_count(size_t work, size_t min_work, int threads) {
-  if (threads <= 1) return 1;
-  const size_t most = 4 * static_cast<size_t>(threads);
-  return std::max<size_t>(1, std::min(most, work / std::max<size_t>(min_work, 1)));
-}
-
+// Polls for up to kSpin until ready() holds; true if it did.
 template <typename Ready>
-bool ThreadPool::spin_until(Ready&& ready) {
+bool spin_until(Ready&& ready) {
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
   for (unsigned i = 0;; ++i) {
     if (ready()) return true;
     cpu_relax();
     if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) return ready();
   }
+}
+
+}  // namespace
+
+size_t task_count(size_t work, size_t min_work, int threads) {
+  if (threads <= 1) return 1;
+  const size_t most = 4 * static_cast<size_t>(threads);
+  return std::max<size_t>(1, std::min(most, work / std::max<size_t>(min_work, 1)));
 }
 
 ThreadPool& ThreadPool::global() {

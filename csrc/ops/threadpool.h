@@ -43,9 +43,6 @@ class ThreadPool {
   void ensure_workers(int n);
   void worker_loop(int index);
   void drain();
-  // Polls for up to kSpin until ready() holds; true if it did.
-  template <typename Ready>
-  static bool spin_until(Ready&& ready);
 
   std::mutex call_mu_;  // one run() at a time
   std::mutex mu_;
