@@ -158,7 +158,8 @@ def test_elementwise_ops(isa):
     assert np.allclose(sm, e / e.sum(1, keepdims=True), atol=1e-7, rtol=1e-5)
     ge = kernels.gelu(x, isa=isa)
     exact = 0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))
-    assert np.allclose(ge, exact, atol=1e-6, rtol=1e-5)
+    # absolute error against 1 + erf in float64 (the canonical GELU measures 2.05e-7 x max(1, |x|))
+    assert (np.abs(ge - exact) <= 2.5e-7 * np.maximum(1, np.abs(x))).all()
     assert np.array_equal(kernels.add(x, ln, isa=isa), x + ln)
 
 

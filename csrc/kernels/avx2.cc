@@ -16,8 +16,8 @@
 //
 // The float kernels (f32_gemm, layernorm, softmax, gelu) follow the canonical evaluation of
 // kernels.h operation for operation, so they equal ref.cc (and NEON) bit for bit as well: one
-// FMA per k in k order, 8-lane double reductions combined by hsum_pd, exp_v and gelu_v as
-// ref's exp_canon and gelu_canon.
+// FMA per k in k order, LayerNorm's 8-lane double reductions combined by hsum_pd, softmax's
+// float sum by hsum_ps, exp_v and gelu_v as ref's exp_canon and gelu_canon.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -587,141 +587,151 @@ void layernorm_avx2(size_t rows, size_t D, const float* x, size_t x_stride, cons
 // ---------------------------------------------------------------------------------------------
 // softmax
 
-// exp(x + xlo) for x + xlo <= 0 (softmax and erfc arguments): Cephes expf, x = n ln2 + r
-// with |r| <= ln2/2 (two-constant Cody-Waite, xlo added after the reduction so that it is not
-// lost to rounding), degree-5 polynomial; about 1 ulp. Results under FLT_MIN return 0.
+// exp(x) for x <= 0 (softmax arguments), ref.cc's exp_canon lane by lane: n = round(x log2e) by
+// an fma with the shifter 1.5 * 2^23 + 127, whose bits shifted left by 23 are 2^n; r = x - n ln2
+// in one fma; exp(r) = 1 + r P(r), P of degree 4, folded with the scaling as fma(r 2^n, P, 2^n).
+// 0 below about -87.68. 11 operations, against 22 for the Cephes form it replaced (a separate
+// round, convert, add and underflow mask, the xlo adds, a second Cody-Waite step, degree 5 + 2).
 //
 // The element-wise kernels work on V independent vectors at once, each step applied to all V
-// before the next: one vector's chain of ~20 dependent FMAs is latency-bound, and the
-// out-of-order window is too small to overlap the next vector's chain with it. The operations
-// per lane are the same for any V.
+// before the next: one vector's chain of dependent FMAs is latency-bound, and the out-of-order
+// window is too small to overlap the next vector's chain with it. The operations per lane are
+// the same for any V.
 #define PYRT_EACH(i) _Pragma("GCC unroll 4") for (int i = 0; i < V; ++i)
 
 template <int V>
-inline void exp_v(const __m256* x, const __m256* xlo, __m256* out) {
-  const __m256 lo = _mm256_set1_ps(-87.33654475f);
-  __m256 under[V], n[V], r[V], p[V];
+inline void exp_v(__m256* x) {
+  const __m256 shift = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  __m256 s[V], t[V], r[V], p[V];
   PYRT_EACH(i) {
-    const __m256 s = _mm256_add_ps(x[i], xlo[i]);
-    under[i] = _mm256_cmp_ps(s, lo, _CMP_LT_OQ);
-    // n from the clamped sum: -126 <= n <= 127. (Lanes below the clamp are zeroed at the end.)
-    const __m256 sc = _mm256_max_ps(_mm256_min_ps(s, _mm256_set1_ps(88.0f)), lo);
-    n[i] = _mm256_round_ps(_mm256_mul_ps(sc, _mm256_set1_ps(1.44269504088896341f)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    s[i] = _mm256_max_ps(x[i], _mm256_set1_ps(-88.0f));
+    t[i] = _mm256_fmadd_ps(s[i], _mm256_set1_ps(1.44269504088896341f), shift);
   }
-  PYRT_EACH(i) r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693359375f), x[i]);
-  PYRT_EACH(i) r[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(-2.12194440e-4f), r[i]);
-  PYRT_EACH(i) r[i] = _mm256_add_ps(r[i], xlo[i]);
-  PYRT_EACH(i) p[i] = _mm256_set1_ps(1.9875691500e-4f);
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.3981999507e-3f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(8.3334519073e-3f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.1665795894e-2f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.6666665459e-1f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(5.0000001201e-1f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], _mm256_mul_ps(r[i], r[i]), _mm256_add_ps(r[i], _mm256_set1_ps(1.0f)));
   PYRT_EACH(i) {
-    // 2^n; n >= -126 after the clamp, so the exponent field stays positive.
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23);
-    out[i] = _mm256_andnot_ps(under[i], _mm256_mul_ps(p[i], _mm256_castsi256_ps(e)));
+    const __m256 n = _mm256_sub_ps(t[i], shift);
+    r[i] = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), s[i]);
+  }
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(8.308717050e-3f), r[i], _mm256_set1_ps(4.190130904e-2f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(1.666731983e-1f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(4.999911785e-1f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], r[i], _mm256_set1_ps(9.999998212e-1f));
+  PYRT_EACH(i) {
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t[i]), 23));
+    x[i] = _mm256_fmadd_ps(_mm256_mul_ps(r[i], scale), p[i], scale);
   }
 }
 
-inline __m256 exp_ps(__m256 x) {
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 y;
-  exp_v<1>(&x, &zero, &y);
-  return y;
+// Lanes j < k all ones (0 < k < 8).
+inline __m256i lane_mask(size_t k) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// max of x * scale as ref's scaled_max: the max (or, for scale < 0, the min) of x, times
+// scale -- one multiply per row. Min and max are exact, so the order is free: two accumulators,
+// and the last 8 elements loaded once more for the tail.
+template <bool kMin>
+inline float extremum(size_t n, const float* x) {
+  auto op = [](__m256 a, __m256 b) { return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b); };
+  if (n < 8) {
+    float m = kMin ? INFINITY : -INFINITY;
+    for (size_t i = 0; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+    return m;
+  }
+  __m256 m0 = _mm256_loadu_ps(x + n - 8), m1 = m0;
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    m0 = op(m0, _mm256_loadu_ps(x + i));
+    m1 = op(m1, _mm256_loadu_ps(x + i + 8));
+  }
+  if (i + 8 <= n) m0 = op(m0, _mm256_loadu_ps(x + i));
+  m0 = op(m0, m1);
+  __m128 s = kMin ? _mm_min_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1))
+                  : _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+  s = kMin ? _mm_min_ps(s, _mm_movehl_ps(s, s)) : _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = kMin ? _mm_min_ss(s, _mm_movehdup_ps(s)) : _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Sum of the 8 lanes as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)).
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The sum in the canonical order of kernels.h (ref.cc's softmax_sum): blocks of 32 folded to 8
+// lanes, (v0 + v1) + (v2 + v3), accumulated block by block in one float vector, the last block
+// zero-padded, the lanes combined by hsum_ps. (The sum used to be converted and added in double
+// for every vector: 4 operations per 8 elements, now 1.)
+//
+// The last n % 32 elements (up to four vectors, the last maybe partial: masked load, exp
+// lanes past n zeroed) go first, so that their chain overlaps the main loop; their sum joins
+// the lanes last, and the partial vector stays in a register until the normalising pass.
 void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
-  const __m256 vs = _mm256_set1_ps(scale);
+  if (n == 0) return;
+  const __m256 vs = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  const size_t nb = n / 32 * 32, nfull = n / 8 * 8;
+  const __m256i tail_mask = lane_mask(n % 8);  // unused when n % 8 == 0
   for (size_t r = 0; r < rows; ++r) {
     float* xr = x + r * x_stride;
-    __m256 vmx = _mm256_set1_ps(-INFINITY);
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(vmx, _mm256_mul_ps(_mm256_loadu_ps(xr + i), vs));
-    float mx = hmax_ps(vmx);
-    for (; i < n; ++i) mx = std::max(mx, xr[i] * scale);
-    vmx = _mm256_set1_ps(mx);
-    // The sum is kept in double, as ref does, in the canonical order of kernels.h: 8 double
-    // lanes (d0:d1) over whole blocks of 8, combined by hsum_pd(d0 + d1), then the tail in order.
-    __m256d d0 = _mm256_setzero_pd(), d1 = d0;
-    const __m256 zero[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    auto exp_blocks = [&](auto v_const) {  // V blocks of 8 from i on; the sum in block order
-      constexpr int V = decltype(v_const)::value;
-      __m256 arg[V], e[V];
-      for (int j = 0; j < V; ++j)
-        arg[j] = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i + 8 * j), vs), vmx);
-      exp_v<V>(arg, zero, e);
-      for (int j = 0; j < V; ++j) {
-        _mm256_storeu_ps(xr + i + 8 * j, e[j]);
-        d0 = _mm256_add_pd(d0, _mm256_cvtps_pd(_mm256_castps256_ps128(e[j])));
-        d1 = _mm256_add_pd(d1, _mm256_cvtps_pd(_mm256_extractf128_ps(e[j], 1)));
-      }
-    };
-    for (i = 0; i + 32 <= n; i += 32) exp_blocks(std::integral_constant<int, 4>{});
-    for (; i + 8 <= n; i += 8) exp_blocks(std::integral_constant<int, 1>{});
-    double sum = hsum_pd(_mm256_add_pd(d0, d1));
-    if (i < n) {
-      alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (size_t j = i; j < n; ++j) t[j - i] = xr[j] * scale - mx;
-      _mm256_store_ps(t, exp_ps(_mm256_load_ps(t)));
-      for (size_t j = i; j < n; ++j) {
-        xr[j] = t[j - i];
-        sum += double(t[j - i]);
-      }
+    const float mx = (scale < 0.0f ? extremum<true>(n, xr) : extremum<false>(n, xr)) * scale;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    // x * scale - max, the product rounded first, as ref.
+    auto arg = [&](__m256 v) { return _mm256_sub_ps(_mm256_mul_ps(v, vs), vmx); };
+    __m256 rem[4] = {zero, zero, zero, zero};
+    for (size_t i = nb, j = 0; i < n; i += 8, ++j) {
+      rem[j] = arg(i + 8 <= n ? _mm256_loadu_ps(xr + i) : _mm256_maskload_ps(xr + i, tail_mask));
+      exp_v<1>(&rem[j]);
+      if (i + 8 <= n)
+        _mm256_storeu_ps(xr + i, rem[j]);
+      else
+        rem[j] = _mm256_and_ps(rem[j], _mm256_castsi256_ps(tail_mask));
     }
-    const float inv = static_cast<float>(1.0 / sum);
+    const __m256 w_rem = _mm256_add_ps(_mm256_add_ps(rem[0], rem[1]), _mm256_add_ps(rem[2], rem[3]));
+    __m256 sum = zero;
+    for (size_t i = 0; i < nb; i += 32) {
+      __m256 e[4];
+      for (int j = 0; j < 4; ++j) e[j] = arg(_mm256_loadu_ps(xr + i + 8 * j));
+      exp_v<4>(e);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(xr + i + 8 * j, e[j]);
+      sum = _mm256_add_ps(sum, _mm256_add_ps(_mm256_add_ps(e[0], e[1]), _mm256_add_ps(e[2], e[3])));
+    }
+    sum = _mm256_add_ps(sum, w_rem);  // + 0 when there is no last block: exact
+    const float inv = 1.0f / hsum_ps(sum);
     const __m256 vinv = _mm256_set1_ps(inv);
-    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(xr + i, _mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
-    for (; i < n; ++i) xr[i] *= inv;
+    for (size_t i = 0; i < nfull; i += 8) _mm256_storeu_ps(xr + i, _mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
+    if (nfull < n) _mm256_maskstore_ps(xr + nfull, tail_mask, _mm256_mul_ps(rem[(nfull - nb) / 8], vinv));
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // gelu
 
-// GELU as x * Phi(x) with Phi from erfc: Phi(x) = erfc(|x|/sqrt 2) / 2 for x < 0 and
-// 1 - erfc(|x|/sqrt 2) / 2 otherwise, so that neither side cancels (1 + erf(x) loses all
-// relative precision for x << 0). erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2), is the
-// Chebyshev fit of Numerical Recipes' erfcc: relative error < 1.2e-7 for all z >= 0. Measured
-// against a double erfc: relative error < 5e-7 over the whole range, the negative tail included
-// (ref itself, 1 + erf in double, is inaccurate below x = -8).
+// GELU as ref.cc's gelu_canon, PyTorch's x/2 (1 + erf(x/sqrt 2)) evaluated as fma(x, E, x/2),
+// E = erf(x/sqrt 2)/2 = xc P(xc^2) / Q(xc^2) with xc = x clamped to +-5.21751785 (where E is
+// exactly 1/2): Eigen's rational erf, its coefficients rescaled for x/sqrt 2 and the 1/2. 17
+// operations including one division, against 44 including one division for the erfc-and-exp
+// form it replaced; |error| < 2.1e-7 max(1, |x|).
 template <int V>
 inline void gelu_v(__m256* x) {
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN));
-  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-  __m256 t[V], p[V], hi[V], arg[V], e[V];
+  const __m256 clamp = _mm256_set1_ps(5.21751785f);
+  __m256 xc[V], x2[V], p[V], q[V];
   PYRT_EACH(i) {
-    const __m256 z = _mm256_mul_ps(_mm256_andnot_ps(sign, x[i]), _mm256_set1_ps(0.70710678118654752f));
-    t[i] = _mm256_div_ps(one, _mm256_fmadd_ps(z, half, one));
+    xc[i] = _mm256_min_ps(_mm256_max_ps(x[i], _mm256_set1_ps(-5.21751785f)), clamp);
+    x2[i] = _mm256_mul_ps(xc[i], xc[i]);
   }
-  PYRT_EACH(i) p[i] = _mm256_set1_ps(0.17087277f);
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(-0.82215223f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(1.48851587f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(-1.13520398f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(0.27886807f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(-0.18628806f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(0.09678418f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(0.37409196f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(1.00002368f));
-  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], t[i], _mm256_set1_ps(-1.26551223f));
-  PYRT_EACH(i) {
-    // -z^2 = -x^2/2 = -(hi + lo)/2 exactly; the exponent, up to ~-87, would otherwise carry a
-    // rounding error of up to 4e-6 into the result.
-    hi[i] = _mm256_mul_ps(x[i], x[i]);
-    const __m256 lo = _mm256_fmsub_ps(x[i], x[i], hi[i]);
-    arg[i] = _mm256_mul_ps(hi[i], _mm256_set1_ps(-0.5f));
-    p[i] = _mm256_fnmadd_ps(lo, half, p[i]);
-  }
-  exp_v<V>(arg, p, e);
-  PYRT_EACH(i) {
-    const __m256 erfc = _mm256_mul_ps(t[i], e[i]);
-    const __m256 tail = _mm256_mul_ps(erfc, half);                 // Phi(-|x|)
-    const __m256 phi = _mm256_blendv_ps(_mm256_sub_ps(one, tail), tail, x[i]);  // sign bit picks
-    x[i] = _mm256_mul_ps(x[i], phi);
-  }
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(5.06135211e-6f), x2[i], _mm256_set1_ps(1.50626613e-4f));
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(_mm256_set1_ps(-1.84243798e-9f), x2[i], _mm256_set1_ps(7.35873925e-7f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], x2[i], _mm256_set1_ps(4.50388948e-3f));
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(q[i], x2[i], _mm256_set1_ps(6.36226614e-5f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], x2[i], _mm256_set1_ps(3.27405147e-2f));
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(q[i], x2[i], _mm256_set1_ps(1.75880874e-3f));
+  PYRT_EACH(i) p[i] = _mm256_fmadd_ps(p[i], x2[i], _mm256_set1_ps(3.98942262e-1f));
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(q[i], x2[i], _mm256_set1_ps(2.77462620e-2f));
+  PYRT_EACH(i) p[i] = _mm256_mul_ps(p[i], xc[i]);
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(q[i], x2[i], _mm256_set1_ps(2.48734623e-1f));
+  PYRT_EACH(i) q[i] = _mm256_fmadd_ps(q[i], x2[i], _mm256_set1_ps(1.0f));
+  PYRT_EACH(i) x[i] = _mm256_fmadd_ps(x[i], _mm256_div_ps(p[i], q[i]), _mm256_mul_ps(x[i], _mm256_set1_ps(0.5f)));
 }
 
 #undef PYRT_EACH
@@ -753,6 +763,86 @@ void gelu_avx2(size_t n, float* x) {
 // ---------------------------------------------------------------------------------------------
 // add
 
+// ---------------------------------------------------------------------------------------------
+// softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane, four vectors at a time.
+
+template <int V>
+inline void softmax_q8_v(const __m256* x, __m256 mx, __m256i* q) {
+  __m256 y[V], p[V], n[V];
+  for (int i = 0; i < V; ++i) {
+    y[i] = _mm256_max_ps(_mm256_mul_ps(_mm256_sub_ps(x[i], mx), _mm256_set1_ps(1.44269504088896341f)),
+                         _mm256_set1_ps(-126.0f));
+    n[i] = _mm256_round_ps(y[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y[i] = _mm256_sub_ps(y[i], n[i]);  // f
+    p[i] = _mm256_fmadd_ps(_mm256_set1_ps(0.009582852944731712f), y[i], _mm256_set1_ps(0.05590642988681793f));
+  }
+  for (int i = 0; i < V; ++i) p[i] = _mm256_fmadd_ps(p[i], y[i], _mm256_set1_ps(0.24024099111557007f));
+  for (int i = 0; i < V; ++i) p[i] = _mm256_fmadd_ps(p[i], y[i], _mm256_set1_ps(0.6931241750717163f));
+  for (int i = 0; i < V; ++i) p[i] = _mm256_fmadd_ps(p[i], y[i], _mm256_set1_ps(1.0f));
+  for (int i = 0; i < V; ++i) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23);
+    const __m256 v = _mm256_mul_ps(_mm256_mul_ps(p[i], _mm256_castsi256_ps(e)), _mm256_set1_ps(127.0f));
+    // nearbyint then min, as ref (the rounding is exact; cvt of an integral float is exact)
+    q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                            _mm256_set1_ps(127.0f)));
+  }
+}
+
+// 8 int32 in [0, 127] to 8 bytes.
+inline void store_q8x8(int8_t* dst, __m256i v) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
+}
+
+void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                     size_t q_stride, float* scale) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    int8_t* qr = q + r * q_stride;
+    __m256 vmx = _mm256_set1_ps(-INFINITY);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(xr + i));
+    float mx = hmax_ps(vmx);
+    for (; i < n; ++i) mx = std::max(mx, xr[i]);
+    vmx = _mm256_set1_ps(mx);
+    __m256i acc = _mm256_setzero_si256();  // exact: the order of an integer sum is free
+    i = 0;
+    for (; i + 32 <= n; i += 32) {
+      __m256 v[4];
+      __m256i e[4];
+      for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xr + i + 8 * j);
+      softmax_q8_v<4>(v, vmx, e);
+      for (int j = 0; j < 4; ++j) {
+        acc = _mm256_add_epi32(acc, e[j]);
+        store_q8x8(qr + i + 8 * j, e[j]);
+      }
+    }
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xr + i);
+      __m256i e;
+      softmax_q8_v<1>(&v, vmx, &e);
+      acc = _mm256_add_epi32(acc, e);
+      store_q8x8(qr + i, e);
+    }
+    int32_t sum = hsum_epi32(acc);
+    if (i < n) {  // the tail through the same vector code; padding lanes dropped
+      alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      alignas(32) int32_t e8[8];
+      std::memcpy(t, xr + i, (n - i) * sizeof(float));
+      const __m256 v = _mm256_load_ps(t);
+      __m256i e;
+      softmax_q8_v<1>(&v, vmx, &e);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(e8), e);
+      for (size_t j = i; j < n; ++j) {
+        qr[j] = static_cast<int8_t>(e8[j - i]);
+        sum += e8[j - i];
+      }
+    }
+    std::memset(qr + n, 0, Kp - n);
+    scale[r] = 1.0f / static_cast<float>(sum);
+  }
+}
+
 void add_avx2(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -775,6 +865,7 @@ const KernelTable* avx2_kernels() {
     k.softmax = softmax_avx2;
     k.gelu = gelu_avx2;
     k.add = add_avx2;
+    k.softmax_q8 = softmax_q8_avx2;
     return k;
   }();
   return &t;

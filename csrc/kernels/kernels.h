@@ -20,17 +20,23 @@
 // scalar code (std::fma where SIMD fuses) and every SIMD kernel reproduces lane by lane:
 //   f32_gemm:  acc = 0; for k = 0 .. K-1: acc = fma(a[m][k], B[k][n], acc)  (float);
 //              y = acc + bias[n]. (Vectorised across columns, never across k.)
-//   reductions (LayerNorm mean and variance, softmax sum): in double, 8 interleaved lanes
-//              over the whole blocks of 8 (lane j takes element i, i % 8 == j), combined as
+//   reductions (LayerNorm mean and variance): in double, 8 interleaved lanes over the whole
+//              blocks of 8 (lane j takes element i, i % 8 == j), combined as
 //              ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)), then the remaining n % 8 elements
 //              added in order. (AVX2: two __m256d; NEON: four float64x2.) Variance terms are
 //              fma(d, d, s) with d = double(x) - mean.
 //   layernorm: rstd = float(1 / sqrt(var + eps)) (double, correctly rounded);
 //              y = fma(((x - mean_hi) - mean_lo) * rstd, gamma, beta) in float, mean = hi + lo.
-//   softmax:   max of x*scale (exact in any order); e = exp(x*scale - max); inv = float(1 / sum);
-//              y = e * inv.
-//   exp, gelu: ref.cc's exp_canon (Cephes polynomial) and gelu_canon (erfc form), each fma
-//              and rounding as written there.
+//   softmax:   max = (max of x, or min for scale < 0) * scale, which equals the max of x*scale
+//              (rounding is monotonic); e = exp(x*scale - max), the product rounded first;
+//              sum in float: e zero-padded to a multiple of 32, each block folded to 8 lanes as
+//              (e[j] + e[j+8]) + (e[j+16] + e[j+24]), lane j accumulating over the blocks in
+//              order, lanes combined as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7));
+//              inv = 1.0f / sum; y = e * inv.
+//   exp, gelu: ref.cc's exp_canon (shifter-rounded n, one-constant reduction, degree-5
+//              polynomial folded with 2^n) and gelu_canon (PyTorch's x/2 (1 + erf(x/sqrt 2)) as
+//              fma(x, E, x/2), E a clamped odd/even rational), each fma and rounding as written
+//              there.
 // No estimate instructions (rcp/rsqrt): division and sqrt are the correctly rounded IEEE ops,
 // the same on every ISA. Denormals are not flushed (default MXCSR / FPCR).
 //
@@ -112,7 +118,16 @@ using LayerNormFn = void (*)(size_t rows, size_t D, const float* x, size_t x_str
 // In-place row-wise softmax of `rows` rows of n values after multiplying by `scale`.
 using SoftmaxFn = void (*)(size_t rows, size_t n, float scale, float* x, size_t x_stride);
 
-// In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)), evaluated as x * Phi(x) via erfc.
+// Softmax of `rows` rows of n scores, quantised for the int8 attn.v GEMM (int8 attention,
+// docs/model_format.md): per element y = max((x - max) * log2 e, -126), e = 2^y by the
+// canonical exp2_q8 (ref.cc: y = n + f, |f| <= 1/2, degree-4 polynomial, fma as written
+// there), q = min(nearbyint(e * 127), 127) in [0, 127]; q[r][i] = 0 for n <= i < Kp;
+// scale[r] = 1 / float(sum of the row's q). n >= 1.
+using SoftmaxQ8Fn = void (*)(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride,
+                             int8_t* q, size_t q_stride, float* scale);
+
+// In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)), evaluated as fma(x, erf(x/sqrt 2)/2,
+// x/2) with a rational erf (ref.cc's gelu_canon); |error| < 2.1e-7 max(1, |x|).
 using GeluFn = void (*)(size_t n, float* x);
 
 // y[i] = a[i] + b[i]; y may alias a or b.
@@ -127,6 +142,7 @@ struct KernelTable {
   F32GemmFn f32_gemm = nullptr;
   LayerNormFn layernorm = nullptr;
   SoftmaxFn softmax = nullptr;
+  SoftmaxQ8Fn softmax_q8 = nullptr;
   GeluFn gelu = nullptr;
   AddFn add = nullptr;
 };

@@ -353,59 +353,43 @@ inline void store_partial(float* p, size_t n, float32x4_t v) {
   std::memcpy(p, tmp, n * sizeof(float));
 }
 
-// exp(x + xlo) for x + xlo <= 88 (callers never pass more), the canonical polynomial of
-// kernels.h, operation for operation as ref.cc's exp_canon and avx2.cc's exp_ps: Cephes expf,
-// x = n ln2 + r, |r| <= ln2/2 (two-constant Cody-Waite, xlo added after the reduction),
-// degree-5 polynomial, 2^n built in the exponent field; about 1 ulp. Sums below -87.3365
-// return 0.
-inline float32x4_t exp_f32(float32x4_t x, float32x4_t xlo) {
-  const float32x4_t lo = vdupq_n_f32(-87.33654475f);
-  const float32x4_t s = vaddq_f32(x, xlo);
-  const uint32x4_t under = vcltq_f32(s, lo);
-  const float32x4_t sc = vmaxq_f32(vminq_f32(s, vdupq_n_f32(88.0f)), lo);
-  const float32x4_t n = vrndnq_f32(vmulq_f32(sc, vdupq_n_f32(1.44269504088896341f)));
-  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));  // x - n*C1, fused
-  r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-  r = vaddq_f32(r, xlo);
-  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
-  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
-  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
-  p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
-  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-  const float32x4_t y = vmulq_f32(p, vreinterpretq_f32_s32(e));
-  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(y), under));
+// exp(x) for x <= 0 (softmax arguments), ref.cc's exp_canon operation for operation:
+// n = round(x log2e) by an fma with the shifter 1.5 * 2^23 + 127, whose bits shifted left by 23
+// are 2^n; r = x - n ln2 in one fma; exp(r) = 1 + r P(r), P of degree 4, folded with the
+// scaling as fma(r 2^n, P, 2^n). x is clamped at -88, so n >= -127 and 2^-127 builds as +0:
+// 0 below about -87.68.
+inline float32x4_t exp_f32(float32x4_t x) {
+  const float32x4_t shift = vdupq_n_f32(12583039.0f);  // 1.5 * 2^23 + 127
+  const float32x4_t s = vmaxq_f32(x, vdupq_n_f32(-88.0f));
+  const float32x4_t t = vfmaq_f32(shift, s, vdupq_n_f32(1.44269504088896341f));
+  const float32x4_t n = vsubq_f32(t, shift);
+  const float32x4_t r = vfmsq_f32(s, n, vdupq_n_f32(0.693147182f));  // s - n*ln2, fused
+  float32x4_t p = vfmaq_f32(vdupq_n_f32(4.190130904e-2f), vdupq_n_f32(8.308717050e-3f), r);
+  p = vfmaq_f32(vdupq_n_f32(1.666731983e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.999911785e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(9.999998212e-1f), p, r);
+  const float32x4_t scale = vreinterpretq_f32_u32(vshlq_n_u32(vreinterpretq_u32_f32(t), 23));
+  return vfmaq_f32(scale, vmulq_f32(r, scale), p);
 }
 
-// GELU(x) = x * Phi(x), the canonical form of kernels.h (ref.cc's gelu_canon): with
-// h = 1/2 erfc(|x|/sqrt2), Phi = h when x's sign bit is set and 1 - h otherwise, so the left
-// tail keeps its relative accuracy. erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2): the
-// Chebyshev fit of Numerical Recipes (erfcc), fractional error < 1.2e-7 for all z >= 0.
-// -z^2 = -(hi + lo)/2 with hi = x*x and lo its exact rounding error, so the exponent (down to
-// ~-87) carries no rounding error into the result.
+// GELU, ref.cc's gelu_canon operation for operation: PyTorch's x/2 (1 + erf(x/sqrt 2)) as
+// fma(x, E, x/2), E = erf(x/sqrt 2)/2 = xc P(xc^2) / Q(xc^2), xc = x clamped to +-5.21751785
+// (where E is exactly 1/2): Eigen's rational erf, rescaled for x/sqrt 2 and the 1/2.
 inline float32x4_t gelu_f32(float32x4_t x) {
-  const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f);
-  const float32x4_t z = vmulq_f32(vabsq_f32(x), vdupq_n_f32(0.70710678118654752f));
-  const float32x4_t t = vdivq_f32(one, vfmaq_f32(one, z, half));
-  float32x4_t p = vdupq_n_f32(0.17087277f);
-  p = vfmaq_f32(vdupq_n_f32(-0.82215223f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(1.48851587f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(-1.13520398f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(0.27886807f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(-0.18628806f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(0.09678418f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(0.37409196f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(1.00002368f), p, t);
-  p = vfmaq_f32(vdupq_n_f32(-1.26551223f), p, t);
-  const float32x4_t hi = vmulq_f32(x, x);
-  const float32x4_t lo = vfmaq_f32(vnegq_f32(hi), x, x);  // x*x - hi, exact
-  const float32x4_t e = exp_f32(vmulq_f32(hi, vdupq_n_f32(-0.5f)), vfmsq_f32(p, lo, half));
-  const float32x4_t h = vmulq_f32(vmulq_f32(t, e), half);
-  const uint32x4_t neg = vcltzq_s32(vreinterpretq_s32_f32(x));  // the sign bit, -0 included
-  const float32x4_t phi = vbslq_f32(neg, h, vsubq_f32(one, h));
-  return vmulq_f32(x, phi);
+  const float32x4_t xc = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-5.21751785f)), vdupq_n_f32(5.21751785f));
+  const float32x4_t x2 = vmulq_f32(xc, xc);
+  float32x4_t p = vfmaq_f32(vdupq_n_f32(1.50626613e-4f), vdupq_n_f32(5.06135211e-6f), x2);
+  float32x4_t q = vfmaq_f32(vdupq_n_f32(7.35873925e-7f), vdupq_n_f32(-1.84243798e-9f), x2);
+  p = vfmaq_f32(vdupq_n_f32(4.50388948e-3f), p, x2);
+  q = vfmaq_f32(vdupq_n_f32(6.36226614e-5f), q, x2);
+  p = vfmaq_f32(vdupq_n_f32(3.27405147e-2f), p, x2);
+  q = vfmaq_f32(vdupq_n_f32(1.75880874e-3f), q, x2);
+  p = vfmaq_f32(vdupq_n_f32(3.98942262e-1f), p, x2);
+  q = vfmaq_f32(vdupq_n_f32(2.77462620e-2f), q, x2);
+  p = vmulq_f32(p, xc);
+  q = vfmaq_f32(vdupq_n_f32(2.48734623e-1f), q, x2);
+  q = vfmaq_f32(vdupq_n_f32(1.0f), q, x2);
+  return vfmaq_f32(vmulq_f32(x, vdupq_n_f32(0.5f)), x, vdivq_f32(p, q));
 }
 
 // The canonical 8-lane double reduction of kernels.h: q[0..3] hold lanes 0-1, 2-3, 4-5, 6-7;
@@ -435,46 +419,77 @@ void gelu_neon(size_t n, float* x) {
   if (i < n) store_partial(x + i, n - i, gelu_f32(load_partial(x + i, n - i, 0.0f)));
 }
 
+// max of x * scale as ref's scaled_max: the max (or, for scale < 0, the min) of x, times scale.
+// Min and max are exact, so their order is free.
+template <bool kMin>
+inline float extremum(size_t n, const float* x) {
+  auto op = [](float32x4_t a, float32x4_t b) { return kMin ? vminq_f32(a, b) : vmaxq_f32(a, b); };
+  float32x4_t m0 = vdupq_n_f32(kMin ? INFINITY : -INFINITY), m1 = m0;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    m0 = op(m0, vld1q_f32(x + i));
+    m1 = op(m1, vld1q_f32(x + i + 4));
+  }
+  for (; i + 4 <= n; i += 4) m0 = op(m0, vld1q_f32(x + i));
+  m0 = op(m0, m1);
+  float m = kMin ? vminvq_f32(m0) : vmaxvq_f32(m0);
+  for (; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+  return m;
+}
+
+// Lanes j < c all ones (c <= 4).
+inline uint32x4_t lane_mask(size_t c) {
+  const uint32_t iota[4] = {0, 1, 2, 3};
+  return vcltq_u32(vld1q_u32(iota), vdupq_n_u32(static_cast<uint32_t>(c)));
+}
+
 PYRT_NEON_FLATTEN
 void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
   const float32x4_t sc = vdupq_n_f32(scale), zero = vdupq_n_f32(0.0f);
+  const size_t nb = n / 32 * 32;
   for (size_t r = 0; r < rows; ++r) {
     float* xr = x + r * x_stride;
-    // max of x * scale (as ref: the product, not x, so a negative scale works too); max is
-    // exact, so its order is free.
-    float32x4_t m0 = vdupq_n_f32(-INFINITY), m1 = m0;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      m0 = vmaxq_f32(m0, vmulq_f32(vld1q_f32(xr + i), sc));
-      m1 = vmaxq_f32(m1, vmulq_f32(vld1q_f32(xr + i + 4), sc));
-    }
-    for (; i + 4 <= n; i += 4) m0 = vmaxq_f32(m0, vmulq_f32(vld1q_f32(xr + i), sc));
-    float mx = vmaxvq_f32(vmaxq_f32(m0, m1));
-    for (; i < n; ++i) mx = std::max(mx, xr[i] * scale);
+    const float mx = (scale < 0.0f ? extremum<true>(n, xr) : extremum<false>(n, xr)) * scale;
     const float32x4_t vmx = vdupq_n_f32(mx);
-    // e = exp(x * scale - max), stored in place, summed in double in the canonical order of
-    // kernels.h: 8 lanes over whole blocks of 8, the fixed tree, then the tail in order.
-    float64x2_t q[4] = {vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0), vdupq_n_f64(0.0)};
-    i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const float32x4_t e0 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i), sc), vmx), zero);
-      const float32x4_t e1 = exp_f32(vsubq_f32(vmulq_f32(vld1q_f32(xr + i + 4), sc), vmx), zero);
-      vst1q_f32(xr + i, e0);
-      vst1q_f32(xr + i + 4, e1);
-      add8_f64(q, e0, e1);
+    // x * scale - max, the product rounded first, as ref.
+    auto arg = [&](float32x4_t v) { return vsubq_f32(vmulq_f32(v, sc), vmx); };
+    // e = exp(x * scale - max), stored in place, summed in float in the canonical order of
+    // kernels.h: blocks of 32 folded to 8 lanes, (e[j] + e[j+8]) + (e[j+16] + e[j+24]) -- in
+    // q-vectors (v0 + v2) + (v4 + v6) for lanes 0-3, (v1 + v3) + (v5 + v7) for lanes 4-7 --
+    // accumulated block by block, the last block zero-padded.
+    float32x4_t acc_lo = zero, acc_hi = zero;
+    auto fold = [&](const float32x4_t* e) {
+      acc_lo = vaddq_f32(acc_lo, vaddq_f32(vaddq_f32(e[0], e[2]), vaddq_f32(e[4], e[6])));
+      acc_hi = vaddq_f32(acc_hi, vaddq_f32(vaddq_f32(e[1], e[3]), vaddq_f32(e[5], e[7])));
+    };
+    for (size_t i = 0; i < nb; i += 32) {
+      float32x4_t e[8];
+      unroll<8>([&](auto k) { e[k] = exp_f32(arg(vld1q_f32(xr + i + 4 * k))); });
+      unroll<8>([&](auto k) { vst1q_f32(xr + i + 4 * k, e[k]); });
+      fold(e);
     }
-    double sum = hsum8_f64(q);
-    for (; i < n; i += 4) {  // the tail through the same vector code; padding lanes dropped
-      const size_t c = std::min<size_t>(4, n - i);
-      float tmp[4];
-      vst1q_f32(tmp, exp_f32(vsubq_f32(vmulq_f32(load_partial(xr + i, c, 0.0f), sc), vmx), zero));
-      for (size_t j = 0; j < c; ++j) sum += double(tmp[j]);
-      std::memcpy(xr + i, tmp, c * sizeof(float));
+    if (nb < n) {  // the last block through the same vector code; lanes past n zeroed
+      float32x4_t e[8] = {zero, zero, zero, zero, zero, zero, zero, zero};
+      for (size_t i = nb, k = 0; i < n; i += 4, ++k) {
+        const size_t c = std::min<size_t>(4, n - i);
+        if (c == 4) {
+          e[k] = exp_f32(arg(vld1q_f32(xr + i)));
+          vst1q_f32(xr + i, e[k]);
+        } else {
+          const float32x4_t v = exp_f32(arg(load_partial(xr + i, c, 0.0f)));
+          e[k] = vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(v), lane_mask(c)));
+          store_partial(xr + i, c, e[k]);
+        }
+      }
+      fold(e);
     }
-    const float inv = static_cast<float>(1.0 / sum);
+    // ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)); not vaddvq_f32, whose pairing differs.
+    const float32x4_t t = vaddq_f32(acc_lo, acc_hi);
+    const float32x2_t u = vadd_f32(vget_low_f32(t), vget_high_f32(t));
+    const float inv = 1.0f / (vget_lane_f32(u, 0) + vget_lane_f32(u, 1));
     const float32x4_t vinv = vdupq_n_f32(inv);
-    i = 0;
+    size_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(xr + i, vmulq_f32(vld1q_f32(xr + i), vinv));
     for (; i < n; ++i) xr[i] *= inv;
   }
@@ -532,6 +547,57 @@ void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, cons
 }
 
 PYRT_NEON_FLATTEN
+// softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane.
+inline int32x4_t softmax_q8_f32(float32x4_t x, float32x4_t mx) {
+  const float32x4_t y = vmaxq_f32(vmulq_f32(vsubq_f32(x, mx), vdupq_n_f32(1.44269504088896341f)),
+                                  vdupq_n_f32(-126.0f));
+  const float32x4_t n = vrndnq_f32(y);
+  const float32x4_t f = vsubq_f32(y, n);
+  float32x4_t p = vfmaq_f32(vdupq_n_f32(0.05590642988681793f), vdupq_n_f32(0.009582852944731712f), f);
+  p = vfmaq_f32(vdupq_n_f32(0.24024099111557007f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(0.6931241750717163f), p, f);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, f);
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  const float32x4_t v = vmulq_f32(vmulq_f32(p, vreinterpretq_f32_s32(e)), vdupq_n_f32(127.0f));
+  return vcvtq_s32_f32(vminq_f32(vrndnq_f32(v), vdupq_n_f32(127.0f)));  // integral: exact
+}
+
+PYRT_NEON_FLATTEN
+void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                     size_t q_stride, float* scale) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    int8_t* qr = q + r * q_stride;
+    float32x4_t m = vdupq_n_f32(-INFINITY);
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) m = vmaxq_f32(m, vld1q_f32(xr + i));
+    float mx = vmaxvq_f32(m);
+    for (; i < n; ++i) mx = std::max(mx, xr[i]);
+    const float32x4_t vmx = vdupq_n_f32(mx);
+    int32x4_t acc = vdupq_n_s32(0);
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const int32x4_t e0 = softmax_q8_f32(vld1q_f32(xr + i), vmx);
+      const int32x4_t e1 = softmax_q8_f32(vld1q_f32(xr + i + 4), vmx);
+      acc = vaddq_s32(acc, vaddq_s32(e0, e1));
+      const int16x8_t h = vcombine_s16(vmovn_s32(e0), vmovn_s32(e1));
+      vst1_s8(qr + i, vmovn_s16(h));
+    }
+    int32_t sum = vaddvq_s32(acc);
+    for (; i < n; i += 4) {  // the tail through the same vector code; padding lanes dropped
+      const size_t c = std::min<size_t>(4, n - i);
+      int32_t e[4];
+      vst1q_s32(e, softmax_q8_f32(load_partial(xr + i, c, 0.0f), vmx));
+      for (size_t j = 0; j < c; ++j) {
+        qr[i + j] = static_cast<int8_t>(e[j]);
+        sum += e[j];
+      }
+    }
+    std::memset(qr + n, 0, Kp - n);
+    scale[r] = 1.0f / static_cast<float>(sum);
+  }
+}
+
 void add_neon(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -558,6 +624,7 @@ const KernelTable* neon_kernels() {
     k.softmax = softmax_neon;
     k.gelu = gelu_neon;
     k.add = add_neon;
+    k.softmax_q8 = softmax_q8_neon;
     return k;
   }();
   return &t;

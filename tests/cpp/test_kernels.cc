@@ -93,6 +93,21 @@ bool close(const std::vector<float>& got, const std::vector<float>& want, double
   return true;
 }
 
+// Exact GELU, x/2 erfc(-x/sqrt 2): accurate in both tails.
+double gelu_exact(float x) { return 0.5 * double(x) * std::erfc(-double(x) * 0.70710678118654752440); }
+
+// The GELU tolerance: |error| <= 2.5e-7 max(1, |x|), and relative 2.5e-7 for x >= 0 (ref's
+// canonical GELU measures 2.05e-7 for both, on every float). Absolute in the left tail,
+// where 1 + erf cancels (PyTorch's formula, and PyTorch's own error there is 1.1e-6).
+bool gelu_close(const std::vector<float>& x, const std::vector<float>& got, const std::vector<double>& want) {
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - want[i]);
+    if (!(err <= 2.5e-7 * std::max(1.0, std::fabs(double(x[i]))))) return false;
+    if (x[i] >= 0 && !(err <= 2.5e-7 * want[i])) return false;
+  }
+  return true;
+}
+
 std::vector<float> scales_for(Rng& r, size_t n, bool with_zeros) {
   std::vector<float> s(n);
   for (size_t i = 0; i < n; ++i) s[i] = (with_zeros && i % 5 == 3) ? 0.0f : r.f(1e-4f, 0.05f);
@@ -195,7 +210,8 @@ void test_quantize_rows(const KernelTable& kt, size_t M, size_t K, int bits, uns
 
 // Float element-wise kernels: bit-identical to ref on `rows` rows of n values drawn from
 // [lo, hi] plus an offset (LayerNorm's residual streams can sit far from 0). Softmax runs at
-// two scales, the larger one pushing exp arguments below its underflow cut (-87.3).
+// three scales: the larger one pushes exp arguments below its underflow cut (-87.7), the
+// negative one takes the row minimum path of the max.
 void test_elementwise(const KernelTable& kt, size_t rows, size_t n, float lo, float hi,
                       float offset, unsigned seed) {
   Rng r(seed);
@@ -214,7 +230,7 @@ void test_elementwise(const KernelTable& kt, size_t rows, size_t n, float lo, fl
   y = x;  // in place (y aliases x), as the executor's final norm runs
   kt.layernorm(rows, n, y.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
   report(same_bits(y, y_ref), shape(kt.name, "layernorm in place", rows, n, 0, extra));
-  for (float scale : {0.125f, 40.0f}) {
+  for (float scale : {0.125f, 40.0f, -0.5f}) {
     y = x;
     y_ref = x;
     kt.softmax(rows, n, scale, y.data(), n);
@@ -254,23 +270,93 @@ void test_float_accuracy(size_t rows, size_t n, float lo, float hi, float offset
     for (size_t j = 0; j < n; ++j) want[i * n + j] = float((xr[j] - mean) * rstd * g[j] + b[j]);
   }
   report(close(y, want, 1e-5, 1e-5), shape("ref", "layernorm accuracy", rows, n, 0, extra));
-  for (float scale : {0.125f, 40.0f}) {
+  // Softmax against double (from the same float products x * scale), relative 1e-6 +
+  // 6e-8 |a| for an element whose exp argument is a = x * scale - max: exp_canon is within 4e-7
+  // (2.1e-7 for a >= -20), the float sum, 1/sum and the product add a few ulps, and rounding a
+  // to float (as PyTorch's x - max does) costs up to half its ulp, 2^-24 |a|. The absolute
+  // 1e-30 only covers exp's cut to 0 below -87.7 (scale 40).
+  std::vector<double> exact(x.size());
+  for (float scale : {0.125f, 40.0f, -0.5f}) {
     y = x;
     ref.softmax(rows, n, scale, y.data(), n);
+    bool ok = true;
     for (size_t i = 0; i < rows; ++i) {
       const float* xr = x.data() + i * n;
       double mx = -INFINITY, sum = 0;
       for (size_t j = 0; j < n; ++j) mx = std::max(mx, double(xr[j] * scale));
       for (size_t j = 0; j < n; ++j) sum += std::exp(double(xr[j] * scale) - mx);
-      for (size_t j = 0; j < n; ++j) want[i * n + j] = float(std::exp(double(xr[j] * scale) - mx) / sum);
+      for (size_t j = 0; j < n; ++j) {
+        const double a = double(xr[j] * scale) - mx, p = std::exp(a) / sum;
+        const double err = std::fabs(double(y[i * n + j]) - p);
+        ok = ok && err <= p * (1e-6 + 6e-8 * std::fabs(a)) + 1e-30;
+      }
     }
-    report(close(y, want, 1e-5, 1e-7), shape("ref", "softmax accuracy", rows, n, 0, extra));
+    report(ok, shape("ref", "softmax accuracy", rows, n, 0, (std::string(extra) + " scale " + std::to_string(scale)).c_str()));
   }
   y = x;
   ref.gelu(y.size(), y.data());
-  for (size_t i = 0; i < x.size(); ++i)
-    want[i] = float(0.5 * x[i] * std::erfc(-double(x[i]) * 0.70710678118654752440));
-  report(close(y, want, 1e-5, 1e-6), shape("ref", "gelu accuracy", rows, n, 0, extra));
+  for (size_t i = 0; i < x.size(); ++i) exact[i] = gelu_exact(x[i]);
+  report(gelu_close(x, y, exact), shape("ref", "gelu accuracy", rows, n, 0, extra));
+}
+
+// GELU on a dense grid of [-12, 12] (step 2^-13) and a geometric one of tiny |x| (from 1e-38),
+// with the tolerance of gelu_close, and its shape at the clamp: x itself from 5.2176 on, 0 from
+// -5.2176 down, never a wrong sign, never above x. Any coefficient off in its fourth digit fails.
+void test_gelu_dense() {
+  const KernelTable& ref = *ref_kernels();
+  std::vector<float> x;
+  for (int k = -12 * 8192; k <= 12 * 8192; ++k) x.push_back(float(k) / 8192.0f);
+  for (float v = 1e-38f; v < 1.0f / 4096; v *= 1.001f) x.push_back(v), x.push_back(-v);
+  for (float v : {5.2176f, 5.5f, 6.0f, 100.0f, 3e4f, 1e30f}) x.push_back(v), x.push_back(-v);
+  std::vector<float> y = x;
+  ref.gelu(y.size(), y.data());
+  std::vector<double> exact(x.size());
+  for (size_t i = 0; i < x.size(); ++i) exact[i] = gelu_exact(x[i]);
+  report(gelu_close(x, y, exact), "ref gelu accuracy, dense grid of [-12, 12]");
+  bool shape_ok = true;
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (x[i] >= 5.2176f) shape_ok = shape_ok && y[i] == x[i];
+    if (x[i] <= -5.2176f) shape_ok = shape_ok && y[i] == 0.0f;
+    shape_ok = shape_ok && (x[i] < 0 ? y[i] <= 0 : y[i] >= 0 && y[i] <= x[i]);
+  }
+  report(shape_ok, "ref gelu: x above 5.2176, 0 below -5.2176, sign and GELU(x) <= x");
+}
+
+// softmax_q8 (int8 attention): every table bit-identical to ref (q and scales), and ref
+// against double exp: q within 0.5 + 1e-3 of 127 exp(x - max) (the polynomial's error is
+// < 4e-4 of a step), the row maximum 127, padding zero, scale 1/sum q. Scores spread over
+// `range` push the exponent below -126 (all-zero q) when wide.
+void test_softmax_q8(const KernelTable& kt, size_t rows, size_t n, float range, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const size_t Kp = round_up(n, kKAlign) + kKAlign, stride = n + 3;
+  std::vector<float> x(rows * stride);
+  for (auto& v : x) v = r.f(-range, range);
+  if (n > 2) x[1] = x[0];  // ties at the maximum
+  std::vector<int8_t> q(rows * Kp, 99), q_ref(rows * Kp, 99);
+  std::vector<float> s(rows), s_ref(rows);
+  kt.softmax_q8(rows, n, Kp, x.data(), stride, q.data(), Kp, s.data());
+  ref.softmax_q8(rows, n, Kp, x.data(), stride, q_ref.data(), Kp, s_ref.data());
+  char extra[48];
+  std::snprintf(extra, sizeof extra, " range +-%g", range);
+  report(q == q_ref && same_bits(s, s_ref), shape(kt.name, "softmax_q8", rows, n, Kp, extra));
+  if (&kt != &ref) return;
+  bool ok = true;
+  for (size_t i = 0; i < rows; ++i) {
+    const float* xr = x.data() + i * stride;
+    const int8_t* qr = q_ref.data() + i * Kp;
+    const float mx = *std::max_element(xr, xr + n);
+    int sum = 0, top = 0;
+    for (size_t j = 0; j < n; ++j) {
+      const double want = 127.0 * std::exp(double(xr[j]) - double(mx));
+      ok = ok && qr[j] >= 0 && std::fabs(qr[j] - want) <= 0.501;
+      sum += qr[j];
+      top = std::max<int>(top, qr[j]);
+    }
+    for (size_t j = n; j < Kp; ++j) ok = ok && qr[j] == 0;
+    ok = ok && top == 127 && s_ref[i] == 1.0f / float(sum);
+  }
+  report(ok, shape("ref", "softmax_q8 accuracy", rows, n, Kp, extra));
 }
 
 // A row's fp32 result must not depend on the tile it lands in: the executor runs an image's
@@ -385,6 +471,7 @@ int main() {
   for (size_t n : {1, 7, 8, 9, 17, 64, 197, 768}) test_float_accuracy(3, n, -6, 6, 0, 1000 + unsigned(n));
   test_float_accuracy(4, 192, -40, 40, 0, 2001);
   test_float_accuracy(4, 384, -2, 2, 1000, 2002);
+  test_gelu_dense();
   for (const auto& name : available_isas()) {
     const KernelTable& kt = *kernels_for(name);
     for (size_t M = 1; M <= 17; ++M)
@@ -430,6 +517,8 @@ int main() {
     test_elementwise(kt, 4, 197, -1e-3f, 1e-3f, 0, seed++);  // tiny values
     test_elementwise(kt, 4, 384, -2, 2, 1000, seed++);     // a large common offset
     test_elementwise(kt, 2, 768, -300, 300, 0, seed++);
+    for (size_t n : {1, 2, 3, 7, 8, 9, 17, 31, 32, 33, 64, 65, 197, 257})
+      for (float range : {0.01f, 4.0f, 60.0f, 400.0f}) test_softmax_q8(kt, 3, n, range, seed++);
     test_threads(kt);
     test_f32_row_invariance(kt);
   }
