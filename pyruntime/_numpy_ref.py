@@ -18,8 +18,8 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from .bops import FP32_BITS
-from .modelfile import (check_graph, check_tensors, graph_layer_shapes, graph_reduced_layers, num_patches,
-                        num_prefix_tokens, unpack_int4)
+from .modelfile import (attention_bits, check_graph, check_tensors, graph_layer_shapes, graph_reduced_layers,
+                        num_patches, num_prefix_tokens, unpack_int4)
 from .policy import GATE_TENSORS
 
 __all__ = ["forward", "gate_path"]
@@ -166,6 +166,56 @@ def _linear(lin: _Linear, x: np.ndarray, quantized: bool, stat: Optional[np.floa
     return _linear_q(lin, q, s)
 
 
+# --- int8 attention (docs/model_format.md "attention") -------------------------------------
+
+# 2^f on [-1/2, 1/2], f = 0 exact: the kernels' exp2 polynomial for softmax_q8.
+_EXP2_POLY = (0.6931241750717163, 0.24024099111557007, 0.05590642988681793, 0.009582852944731712)
+
+
+def _fma32(a: np.ndarray, b, c) -> np.ndarray:
+    """float32 fused multiply-add: the product of two float32 is exact in float64, so only
+    the sum rounds (twice, float64 then float32: off by an ulp in rare ties)."""
+    return (a.astype(np.float64) * np.float64(b) + np.asarray(c, dtype=np.float64)).astype(_F32)
+
+
+def _quantize_rows_q8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(q int64, scale f32 [rows]): one dynamic scale per row, max |x| / 127."""
+    s = (np.abs(x).max(axis=-1) / _F32(127)).astype(_F32)
+    ok = (s > 0) & np.isfinite(s)
+    inv = np.where(ok, _F32(1) / np.where(ok, s, _F32(1)), _F32(0)).astype(_F32)
+    q = np.clip(np.rint(x.astype(_F32) * inv[..., None]), -127, 127).astype(np.int64)
+    return q, np.where(ok, s, _F32(0)).astype(_F32)
+
+
+def _softmax_q8(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows of scores to (probabilities as int64 in [0, 127], the scale of each row):
+    e = 2^y, y = (s - max) log2 e, by the kernels' polynomial; q = rint(127 e); the row's
+    scale is 1 / sum(q), so the dequantised row sums to 1."""
+    y = ((s - s.max(axis=-1, keepdims=True)).astype(_F32) * _F32(1.44269504088896341)).astype(_F32)
+    y = np.maximum(y, _F32(-126))
+    n = np.rint(y)
+    f = (y - n).astype(_F32)
+    p = np.full(f.shape, _F32(_EXP2_POLY[3]))
+    for c in _EXP2_POLY[2::-1]:
+        p = _fma32(p, f, _F32(c))
+    p = _fma32(p, f, _F32(1))
+    e = (p * np.ldexp(_F32(1), n.astype(np.int32))).astype(_F32)
+    q = np.minimum(np.rint(e * _F32(127)), 127).astype(np.int64)
+    return q, (_F32(1) / q.sum(axis=-1).astype(_F32)).astype(_F32)
+
+
+def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+    """One head's attention on int8 operands, [T, dh] each: q and k quantised per token (the
+    softmax scale folded into q's), s = q.k^T with the int8 GEMM's epilogue, probabilities
+    from softmax_q8, v quantised per channel, o = p.v likewise."""
+    qi, sq = _quantize_rows_q8(q)
+    ki, sk = _quantize_rows_q8(k)
+    s = (qi @ ki.T).astype(_F32) * ((sq * scale).astype(_F32)[:, None] * sk[None, :])
+    pi, sp = _softmax_q8(s.astype(_F32))
+    vi, sv = _quantize_rows_q8(v.T)
+    return (pi @ vi.T).astype(_F32) * (sp[:, None] * sv[None, :])
+
+
 # --- the model ----------------------------------------------------------------------------
 
 class _Model:
@@ -192,6 +242,7 @@ class _Model:
         pred = graph["predictor"]
         self.pred_block = pred["block"] if pred is not None else -1
         self.pred_chunk = pred["chunk"] if pred is not None else 0
+        self.attn_bits = attention_bits(graph)
 
     def norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
         return _layernorm(x, self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"], self.eps)
@@ -220,6 +271,8 @@ class _Model:
         dh = D // H
         q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
         scale = _F32(1) / np.sqrt(_F32(dh))
+        if self.attn_bits == 8:
+            return np.stack([_attention_q8(q[h], k[h], v[h], scale) for h in range(H)]).transpose(1, 0, 2).reshape(T, D)
         attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
         return _matmul(attn, v).transpose(1, 0, 2).reshape(T, D)
 
@@ -299,7 +352,7 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
         p = f"blocks.{i}"
         block_path[i] = precision
         h = lin(f"{p}.attn.proj", m.attention(lin(f"{p}.attn.qkv", m.norm(x, f"{p}.norm1"))))
-        bops += 2 * T * T * D * FP32_BITS
+        bops += 2 * T * T * D * m.attn_bits ** 2
         x = x + (m.t[f"{p}.ls1.gamma"] * h if a["layer_scale"] else h)
         h = lin(f"{p}.mlp.fc2", _gelu(lin(f"{p}.mlp.fc1", m.norm(x, f"{p}.norm2"))))
         x = x + (m.t[f"{p}.ls2.gamma"] * h if a["layer_scale"] else h)

@@ -2,7 +2,8 @@
 
 BOPs(linear) = MACs x b_w x b_a, with fp32 counting 32 x 32 (docs/model_format.md "BOPs").
 Per image: the patch embedding, each executed block's four linears and its two attention
-matmuls (q.k^T and attn.v, fp32 operands, T*T*D MACs each), every exit head evaluated, and
+matmuls (q.k^T and attn.v, T*T*D MACs each, at the graph's attention bits: 32 x 32 for fp32
+operands, 8 x 8 for int8), every exit head evaluated, and
 the final head (plus ``head_dist``), and each QuEE gate MLP that decides for the image (fp32,
 counted with its exit head). LayerNorm, softmax, GELU and residual adds are free.
 
@@ -32,8 +33,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .modelfile import (check_graph, graph_layer_names, graph_layer_shapes, layer_precision, num_patches, num_tokens,
-                        read_header)
+from .modelfile import (attention_bits, check_graph, graph_layer_names, graph_layer_shapes, layer_precision,
+                        num_patches, num_tokens, read_header)
 
 __all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "block_bops", "expected", "expected_by_precision",
            "per_image", "reach_from_exits", "reach_from_paths", "gate_bops"]
@@ -80,7 +81,9 @@ def layer_macs(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
 
 
 def _bits(graph: Mapping, name: str) -> int:
-    """b_w x b_a of a layer; attention matmuls and fp32 layers are 32 x 32."""
+    """b_w x b_a of a layer; attention matmuls at the graph's attention bits, fp32 32 x 32."""
+    if name.endswith((".attn.qk", ".attn.av")):
+        return attention_bits(graph) ** 2
     lp = layer_precision(graph, name) if name.endswith(":lo") or name in graph["layers"] else None
     if lp is None or lp["w_bits"] == 32:
         return FP32_BITS

@@ -67,13 +67,13 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     from . import bops
-    from .modelfile import FORMAT_VERSION, graph_layer_names, graph_layer_shapes, layer_precision, read_header
+    from .modelfile import attention_bits, graph_layer_names, graph_layer_shapes, layer_precision, read_header
 
     h = read_header(args.model)
     g, a = h.graph, h.graph["arch"]
     size = Path(args.model).stat().st_size
     print(f"file:        {args.model} ({size / 1e6:.2f} MB)")
-    print(f"format:      version {FORMAT_VERSION} (pyruntime safetensors container)")
+    print(f"format:      version {h.version} (pyruntime safetensors container)")
     print(f"arch:        ViT depth {a['depth']}, dim {a['embed_dim']}, heads {a['num_heads']}, mlp {a['mlp_hidden']}, "
           f"img {a['img_size']}, patch {a['patch_size']}, chans {a['in_chans']}, classes {a['num_classes']}, "
           f"pool {a['global_pool']}")
@@ -89,6 +89,8 @@ def cmd_inspect(args) -> int:
         costs = ", ".join(f"block {b}: {c}" for b, c in gt["cost"].items())
         print(f"gates:       lambda {gt['lambda']:g}, top-{gt['topk']} + entropy -> {gt['hidden']} -> 3; "
               f"costs (exit, full, reduced) {costs}; {len(gt['reduced'])} layers with reduced copies (':lo')")
+    ab = attention_bits(g)
+    print(f"attention:   q.k^T and attn.v on {'fp32' if ab == 32 else 'int8'} operands")
     shapes, lb = graph_layer_shapes(g, reduced=True), bops.layer_bops(g, reduced=True)
     print(f"{'layer':28s} {'N x K':>12s} {'w':>3s} {'a':>3s} {'scale':>9s} {'GBOPs':>9s}")
     for name in graph_layer_names(g, reduced=True):
@@ -197,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "included; --checkpoint: another checkpoint in its format)")
     c.add_argument("out", help="output model file")
     c.add_argument("--checkpoint", help=".pth/.safetensors state dict (may also hold exits.* heads)")
-    c.add_argument("--policy", default="fp32", help="fp32 | w8a8 | w4a8 | path to a policy JSON")
+    c.add_argument("--policy", default="fp32", help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
     c.add_argument("--exits", help="safetensors file of exit heads (exits.<b>.norm/fc.*)")
     c.set_defaults(func=cmd_convert)
 

@@ -467,7 +467,8 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         (which is put in eval mode, and into which ``checkpoint`` is loaded).
     checkpoint: ``.safetensors`` / ``.pth`` / ``.pt`` state dict loaded strictly into the model;
         ``exits.<b>.*`` keys in it are the exit heads unless ``exits`` is given.
-    policy: a Policy, a shorthand ("fp32" default, "w8a8", "w4a8") or a policy JSON path.
+    policy: a Policy, a shorthand ("fp32" default, "w8a8", "w4a8", "w8a8-attn8", "w4a8-attn8")
+        or a policy JSON path.
     exits: {block: {"norm.weight", "norm.bias", "fc.weight", "fc.bias"}} arrays or tensors, or a
         safetensors file with ``exits.<b>.*`` keys. Only the blocks the policy exits at are used.
     preprocess: override of {"mean", "std"} (per channel, or one value for all).
@@ -498,5 +499,7 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     if pol.gates is not None:
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
+    if pol.attn_bits != 32:
+        graph["attention"] = {"bits": pol.attn_bits}
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol))
     return Path(out)

@@ -173,6 +173,7 @@ def main(args) -> int:
         depth = load(fp32_path).depth
         policies = [("fp32", fp32_path),
                     ("w8a8", convert_reference(workdir / "w8a8.pyrt", "w8a8")),
+                    ("w8a8-attn8", convert_reference(workdir / "w8a8_attn8.pyrt", "w8a8-attn8")),
                     ("w4a8", convert_reference(workdir / "w4a8.pyrt", "w4a8")),
                     ("w8a8+exits", convert_reference(workdir / "w8a8_exits.pyrt", calibrate_exits(workdir, depth, threads)))]
         full_bops = bops.static(fp32_path)

@@ -1,4 +1,4 @@
-"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 1).
+"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 2).
 
 The container is safetensors; everything pyruntime-specific lives in its ``__metadata__``.
 The reader trusts nothing: it checks sizes before parsing, the magic and version before the
@@ -37,6 +37,8 @@ __all__ = [
     "graph_layer_names",
     "graph_layer_shapes",
     "graph_reduced_layers",
+    "attention_bits",
+    "format_version",
     "layer_precision",
     "linear_tensors",
     "num_patches",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 MAGIC = "pyruntime-vit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added graph.attention; a file is written with the oldest version that holds it
 
 KEY_MAGIC = "pyruntime.magic"
 KEY_VERSION = "pyruntime.format_version"
@@ -59,7 +61,8 @@ KEY_CHECKSUMS = "pyruntime.checksums"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 _GRAPH_KEYS = ("arch", "preprocess", "layers", "exits", "predictor")
-_OPTIONAL_GRAPH_KEYS = ("gates",)  # absent or null: none (files written before gates stay valid)
+# Absent or null: none (gates: files written before gates stay valid; attention: fp32).
+_OPTIONAL_GRAPH_KEYS = ("gates", "attention")
 _GRAPH_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced")
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _PREPROCESS_KEYS = ("mean", "std", "input_size")
@@ -261,7 +264,26 @@ def _graph_policy(graph: Mapping) -> Policy:
         exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
         predictor=None if pred is None else PredictorPolicy.from_dict(pred),
         gates=_graph_gates(graph.get("gates")),
+        attn_bits=attention_bits(graph),
     )
+
+
+def attention_bits(graph: Mapping) -> int:
+    """Operand bits of the graph's attention matmuls: 32 (fp32) unless ``attention`` says 8."""
+    att = graph.get("attention")
+    if att is None:
+        return 32
+    if not isinstance(att, Mapping) or set(att) != {"bits"}:
+        raise FormatError(f"graph.attention must be {{\"bits\": 8 | 32}}, got {att!r}")
+    bits = att["bits"]
+    if isinstance(bits, bool) or bits not in (8, 32):
+        raise FormatError(f"graph.attention bits must be 8 or 32, got {bits!r}")
+    return bits
+
+
+def format_version(graph: Mapping) -> int:
+    """The oldest format version that holds ``graph`` (older readers can still load it)."""
+    return 2 if attention_bits(graph) != 32 else 1
 
 
 def _graph_gates(gates: Any) -> Optional[GatePolicy]:
@@ -426,7 +448,7 @@ def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[
     json.loads(policy_json)  # must be JSON; the policy itself was validated by its producer
     metadata = {
         KEY_MAGIC: MAGIC,
-        KEY_VERSION: str(FORMAT_VERSION),
+        KEY_VERSION: str(format_version(graph)),
         KEY_GRAPH: json.dumps(graph, separators=(",", ":")),
         KEY_POLICY: policy_json,
         KEY_PROVENANCE: json.dumps(dict(provenance), separators=(",", ":")),
@@ -448,6 +470,7 @@ class Header:
     checksums: Dict[str, int]
     tensors: Dict[str, dict]  # safetensors' per-tensor entries: dtype, shape, data_offsets
     data_offset: int          # where tensor data starts in the file
+    version: int = FORMAT_VERSION  # the file's format version
 
 
 def _fail(path: Path, msg: str) -> FormatError:
@@ -477,7 +500,7 @@ def _read_raw_header(path: Path) -> Tuple[dict, int, int]:
     return header, n, size
 
 
-def _check_magic_and_version(path: Path, meta: Mapping) -> None:
+def _check_magic_and_version(path: Path, meta: Mapping) -> int:
     if meta.get(KEY_MAGIC) != MAGIC:
         raise _fail(path, f"not a pyruntime model (metadata {KEY_MAGIC!r} is {meta.get(KEY_MAGIC)!r}, expected {MAGIC!r})")
     raw = meta.get(KEY_VERSION)
@@ -489,6 +512,7 @@ def _check_magic_and_version(path: Path, meta: Mapping) -> None:
         raise _fail(path, f"format version {version} is newer than this pyruntime supports ({FORMAT_VERSION}); upgrade pyruntime")
     if version < 1:
         raise _fail(path, f"format version {version} is not a valid version")
+    return version
 
 
 def _json_meta(path: Path, meta: Mapping, key: str) -> Any:
@@ -518,7 +542,7 @@ def read_header(path: Union[str, os.PathLike]) -> Header:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise _fail(path, "__metadata__ is not an object")
-    _check_magic_and_version(path, meta)
+    version = _check_magic_and_version(path, meta)
     _check_data_extent(path, header, size - 8 - n)
     graph = _json_meta(path, meta, KEY_GRAPH)
     try:
@@ -533,7 +557,10 @@ def read_header(path: Union[str, os.PathLike]) -> Header:
         raise _fail(path, "provenance is not a JSON object")
     if not isinstance(checksums, dict) or set(checksums) != set(header):
         raise _fail(path, "checksums do not list exactly the file's tensors")
-    return Header(graph, policy_json, provenance, checksums, header, 8 + n)
+    if version < format_version(graph):
+        raise _fail(path, f"format version {version} cannot hold this graph (graph.attention needs version "
+                          f"{format_version(graph)})")
+    return Header(graph, policy_json, provenance, checksums, header, 8 + n, version)
 
 
 def _load_tensors(path: Path) -> Dict[str, np.ndarray]:

@@ -5,18 +5,24 @@ independent of any one model file (layer names may be ``fnmatch`` patterns), is 
 versioned JSON, and is resolved against a concrete model's layer names at conversion time,
 where every inconsistency is reported as a :class:`~pyruntime.errors.PolicyError`.
 
-JSON schema (version 1)::
+JSON schema (version 2)::
 
     {
-      "version": 1,                          # POLICY_VERSION; a newer one is rejected
+      "version": 2,                          # POLICY_VERSION; a newer one is rejected
       "name": "w8a8",                        # free text, recorded in the model's provenance
       "default": <layer>,                    # applied to every linear layer not named below
       "layers": {"<name or pattern>": <layer>, ...},
       "exits": [{"block": 3, "rule": "confidence", "threshold": 0.9}, ...],
       "predictor": null | {"block": 1, "chunk": 64, "coeffs": {"<layer>": [a0, a1, ...]}},
       "gates": <gates>,                      # optional (absent or null: no QuEE gates)
+      "attention": {"bits": 8 | 32},         # optional (absent: 32), since version 2
       "meta": {...}                          # free-form JSON (calibration summary, ...)
     }
+
+``attention.bits`` is the operand precision of every block's attention matmuls (q.k^T and
+attn.v): 32 keeps them fp32; 8 quantises q, k, the softmax probabilities and v to int8 per
+image at run time (docs/model_format.md "attention"). A policy that leaves it at 32 is
+written as version 1, which older pyruntime versions still read.
 
     <layer> = {"w_bits": 4 | 8 | 32,          # required
                "a_bits": 4..8,                # default 8; ignored when w_bits is 32
@@ -88,8 +94,9 @@ __all__ = [
     "layer_block",
 ]
 
-POLICY_VERSION = 1
-SHORTHANDS = ("fp32", "w8a8", "w4a8")
+POLICY_VERSION = 2
+SHORTHANDS = ("fp32", "w8a8", "w4a8", "w8a8-attn8", "w4a8-attn8")
+ATTN_BITS = (8, 32)
 
 W_BITS = (4, 8, 32)
 SCALE_MODES = ("dynamic", "static", "predicted")
@@ -101,7 +108,8 @@ _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _EXIT_KEYS = ("block", "rule", "threshold")
 _PREDICTOR_KEYS = ("block", "chunk", "coeffs")
 _GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced", "weights")
-_POLICY_KEYS = ("version", "name", "default", "layers", "exits", "predictor", "gates", "meta")
+_POLICY_KEYS = ("version", "name", "default", "layers", "exits", "predictor", "gates", "attention", "meta")
+_ATTENTION_KEYS = ("bits",)
 
 
 # --- small strict type checks (bool is not an int here: ``True`` bits is a bug) -----------
@@ -409,12 +417,17 @@ class Policy:
     name: str = "custom"
     meta: dict = field(default_factory=dict)
     gates: Optional[GatePolicy] = None
+    attn_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attn_bits, bool) or self.attn_bits not in ATTN_BITS:
+            raise PolicyError(f"attention bits must be one of {list(ATTN_BITS)}, got {self.attn_bits!r}")
 
     # -- serialisation ------------------------------------------------------------------
 
     def to_dict(self) -> dict:
         d = {
-            "version": POLICY_VERSION,
+            "version": POLICY_VERSION if self.attn_bits != 32 else 1,
             "name": self.name,
             "default": self.default.to_dict(),
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
@@ -423,6 +436,8 @@ class Policy:
         }
         if self.gates is not None:  # absent when unused: gate-free policies keep their JSON
             d["gates"] = self.gates.to_dict()
+        if self.attn_bits != 32:
+            d["attention"] = {"bits": self.attn_bits}
         d["meta"] = self.meta
         return d
 
@@ -448,6 +463,13 @@ class Policy:
         if not isinstance(name, str):
             raise PolicyError(f"policy 'name' must be a string, got {name!r}")
         pred, gates = d.get("predictor"), d.get("gates")
+        attention = d.get("attention")
+        if attention is not None and version < 2:
+            raise PolicyError("policy 'attention' needs version 2")
+        attn_bits = 32
+        if attention is not None:
+            attn_bits = _int(_mapping(attention, "policy 'attention'", _ATTENTION_KEYS, required=_ATTENTION_KEYS)["bits"],
+                             "attention bits")
         return cls(
             layers={str(k): LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
             exits=[ExitPolicy.from_dict(e, f"exit #{i}") for i, e in enumerate(exits)],
@@ -456,6 +478,7 @@ class Policy:
             name=name,
             meta=dict(meta),
             gates=None if gates is None else GatePolicy.from_dict(gates),
+            attn_bits=attn_bits,
         )
 
     def to_json(self) -> str:
@@ -483,13 +506,17 @@ class Policy:
     def shorthand(cls, name: str) -> "Policy":
         """``fp32``: everything fp32. ``w8a8`` / ``w4a8``: 8-/4-bit weights and 8-bit dynamic
         activations on every block linear (qkv, proj, fc1, fc2); patch embedding and heads
-        stay fp32, as is usual for ViT PTQ. No exits."""
-        if name == "fp32":
-            return cls(name="fp32")
-        if name in ("w8a8", "w4a8"):
-            bits = 8 if name == "w8a8" else 4
-            return cls(layers={"blocks.*": LayerPolicy(w_bits=bits, a_bits=8, scale="dynamic")}, name=name)
-        raise PolicyError(f"unknown policy shorthand {name!r}; choose one of {list(SHORTHANDS)}")
+        stay fp32, as is usual for ViT PTQ. A ``-attn8`` suffix also runs the attention
+        matmuls on int8 operands. No exits."""
+        if name not in SHORTHANDS:
+            raise PolicyError(f"unknown policy shorthand {name!r}; choose one of {list(SHORTHANDS)}")
+        base, _, attn = name.partition("-")
+        attn_bits = 8 if attn == "attn8" else 32
+        if base == "fp32":
+            return cls(name=name, attn_bits=attn_bits)
+        bits = 8 if base == "w8a8" else 4
+        return cls(layers={"blocks.*": LayerPolicy(w_bits=bits, a_bits=8, scale="dynamic")}, name=name,
+                   attn_bits=attn_bits)
 
     # -- resolution against a model --------------------------------------------------------
 

@@ -45,6 +45,13 @@ def test_static_w8a8_by_hand():
     assert bops.static(w8a8_blocks()) == EMBED * F + 2 * block + HEAD * F == 1695744
 
 
+def test_int8_attention_by_hand():
+    g = w8a8_blocks()
+    g["attention"] = {"bits": 8}
+    assert bops.layer_bops(g)["blocks.1.attn.qk"] == 200 * 64
+    assert bops.static(g) == EMBED * F + 2 * (BLOCK_LIN + ATTN) * 64 + HEAD * F == 927744
+
+
 def test_mixed_bits_by_hand():
     g = tiny_graph(layers={"blocks.0.mlp.fc1": dict(W8A8, w_bits=4, a_bits=6)})
     assert bops.layer_bops(g)["blocks.0.mlp.fc1"] == 640 * 4 * 6

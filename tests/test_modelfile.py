@@ -140,9 +140,33 @@ def test_flipped_byte_fails_checksum_naming_tensor(model):
 
 def test_newer_version(model):
     path = model[0]
-    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.format_version": "2"}))
-    with pytest.raises(FormatError, match=r"format version 2 is newer than this pyruntime supports \(1\); upgrade pyruntime"):
+    newer = FORMAT_VERSION + 1
+    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.format_version": str(newer)}))
+    with pytest.raises(FormatError, match=rf"format version {newer} is newer than this pyruntime supports "
+                                          rf"\({FORMAT_VERSION}\); upgrade pyruntime"):
         read_model(path)
+
+
+def test_int8_attention_is_written_as_version_2_and_only_then(tmp_path):
+    graph = tiny_graph()
+    tensors = random_tensors(graph)
+    graph["attention"] = {"bits": 8}
+    path = tmp_path / "a8.pyrt"
+    write_model(path, graph, tensors, POLICY, PROVENANCE)
+    h = read_header(path)
+    assert h.version == 2 and h.graph["attention"] == {"bits": 8}
+    graph["attention"] = {"bits": 32}  # explicit fp32 attention: readable by version-1 readers
+    write_model(tmp_path / "a32.pyrt", graph, tensors, POLICY, PROVENANCE)
+    assert read_header(tmp_path / "a32.pyrt").version == 1
+
+
+def test_version_1_file_cannot_claim_int8_attention(tmp_path):
+    graph = tiny_graph()
+    tensors = random_tensors(graph)
+    graph["attention"] = {"bits": 8}
+    write_raw(tmp_path / "m.pyrt", graph, tensors, **{"pyruntime.format_version": "1"})
+    with pytest.raises(FormatError, match="needs version 2"):
+        read_model(tmp_path / "m.pyrt")
 
 
 @pytest.mark.parametrize("magic", ["pyruntime-cnn", None])
@@ -293,6 +317,10 @@ def _edit(graph, fn):
     (lambda: tiny_graph(layers={"blocks.1.attn.qkv": dict(W8A8, scale="predicted")}), "no predictor"),
     (lambda: tiny_graph(layers={"head": dict(W8A8, scale="static")}), "static_scale"),
     (lambda: _edit(tiny_graph(), lambda g: g.update({"extra": 1})), "graph keys"),
+    (lambda: _edit(tiny_graph(), lambda g: g.update({"attention": {"bits": 4}})), "attention bits must be 8 or 32"),
+    (lambda: _edit(tiny_graph(), lambda g: g.update({"attention": {"bits": True}})), "attention bits must be 8 or 32"),
+    (lambda: _edit(tiny_graph(), lambda g: g.update({"attention": {"bits": 8, "mode": "x"}})), "graph.attention must be"),
+    (lambda: _edit(tiny_graph(), lambda g: g.update({"attention": 8})), "graph.attention must be"),
 ])
 def test_inconsistent_graph(tmp_path, make, match):
     graph = make()

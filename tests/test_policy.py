@@ -45,8 +45,10 @@ def test_json_round_trip():
     q = Policy.from_json(p.to_json())
     assert q == p
     d = json.loads(p.to_json())
-    assert d["version"] == POLICY_VERSION
+    assert d["version"] == 1  # the oldest version that holds it (no int8 attention)
     assert set(d) == {"version", "name", "default", "layers", "exits", "predictor", "meta"}
+    p.attn_bits = 8
+    assert json.loads(p.to_json())["version"] == POLICY_VERSION == 2
 
 
 def test_save_load_atomic(tmp_path):
@@ -84,6 +86,29 @@ def test_shorthand_uniform_block_linears(short, bits):
             assert (lp.w_bits, lp.a_bits, lp.scale) == (bits, 8, "dynamic")
         else:  # patch_embed, head, head_dist, exits.1.fc stay fp32
             assert lp.w_bits == 32, name
+
+
+@pytest.mark.parametrize("short, bits", [("w8a8-attn8", 8), ("w4a8-attn8", 4)])
+def test_attn8_shorthands_add_int8_attention(short, bits):
+    p = Policy.shorthand(short)
+    base = Policy.shorthand(short.split("-")[0])
+    assert p.attn_bits == 8 and base.attn_bits == 32
+    assert p.layers == base.layers and p.name == short
+
+
+def test_attention_bits_round_trip_and_version():
+    p = Policy.shorthand("w8a8-attn8")
+    d = p.to_dict()
+    assert d["version"] == 2 and d["attention"] == {"bits": 8}
+    assert Policy.from_json(p.to_json()) == p
+    plain = Policy.shorthand("w8a8").to_dict()
+    assert plain["version"] == 1 and "attention" not in plain  # still readable by version-1 readers
+
+
+@pytest.mark.parametrize("bits", [4, 16, True, "8"])
+def test_attention_bits_rejected(bits):
+    with pytest.raises(PolicyError, match="attention bits"):
+        Policy(attn_bits=bits)
 
 
 def test_unknown_shorthand():
@@ -195,7 +220,11 @@ def test_predictor_policy_rejects(kwargs, match):
 
 
 @pytest.mark.parametrize("doc, match", [
-    ({"version": 2}, "newer than this pyruntime supports"),
+    ({"version": 3}, "newer than this pyruntime supports"),
+    ({"version": 1, "attention": {"bits": 8}}, "needs version 2"),
+    ({"version": 2, "attention": {"bits": 4}}, "attention bits"),
+    ({"version": 2, "attention": {"bits": 8, "softmax": "int"}}, "unknown key"),
+    ({"version": 2, "attention": {}}, "missing"),
     ({"version": 0}, "version"),
     ({}, "version"),
     ({"version": 1, "bits": 8}, "unknown key"),

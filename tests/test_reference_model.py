@@ -38,6 +38,7 @@ def converted(tmp_path_factory):
     return {
         "fp32_exits": reference.convert_reference(d / "fp32_exits.pyrt", demo.exit_policy("fp32", depth, 1.0)),
         "w8a8": reference.convert_reference(d / "w8a8.pyrt", "w8a8"),
+        "w8a8-attn8": reference.convert_reference(d / "w8a8_attn8.pyrt", "w8a8-attn8"),
         "w4a8": reference.convert_reference(d / "w4a8.pyrt", "w4a8"),
     }
 
@@ -67,6 +68,7 @@ def test_quantised_policies_stay_close_to_fp32(card, test_set, converted):
     x, y = test_set
     fp32 = card["final_top1"]
     assert top1(converted["w8a8"], x, y) >= fp32 - 0.005
+    assert top1(converted["w8a8-attn8"], x, y) >= fp32 - 0.005
     assert top1(converted["w4a8"], x, y) >= fp32 - 0.02
 
 

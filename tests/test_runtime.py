@@ -46,13 +46,21 @@ def mixed_layers(graph):
     return {name: choices[i % len(choices)] for i, name in enumerate(sorted(graph["layers"]))}
 
 
+def int8_attention(graph):
+    graph["attention"] = {"bits": 8}
+    return graph
+
+
 @pytest.mark.parametrize("variant", sorted(ARCH_VARIANTS))
-@pytest.mark.parametrize("precision", ["fp32", "w8a8", "w4a8", "mixed"])
+@pytest.mark.parametrize("precision", ["fp32", "w8a8", "w4a8", "mixed", "fp32-attn8", "mixed-attn8"])
 def test_executor_matches_numpy_reference(variant, precision, tmp_path):
     graph = tiny_graph(**ARCH_VARIANTS[variant])
-    lp = {"fp32": FP32, "w8a8": W8A8, "w4a8": W4A8}.get(precision)
-    layers = mixed_layers(graph) if precision == "mixed" else {n: lp for n in graph["layers"]}
+    base, _, attn = precision.partition("-")
+    lp = {"fp32": FP32, "w8a8": W8A8, "w4a8": W4A8}.get(base)
+    layers = mixed_layers(graph) if base == "mixed" else {n: lp for n in graph["layers"]}
     graph = tiny_graph(layers=layers, **ARCH_VARIANTS[variant])
+    if attn:
+        int8_attention(graph)
     tensors = random_tensors(graph, seed=3)
     x = images(graph)
     r = pyruntime.load(save(tmp_path, graph, tensors)).run(x)
@@ -134,11 +142,13 @@ def test_threshold_extremes(tmp_path):
     assert (pyruntime.load(save(tmp_path, graph, tensors, "none.pyrt")).run(x).exit_block == 3).all()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+@pytest.mark.parametrize("precision", ["fp32", "mixed", "mixed-attn8"])
 def test_an_image_gets_the_same_bits_alone_or_in_a_batch(precision, tmp_path):
     graph = exit_graph(thresholds=(0.55, 0.5), depth=4)
-    if precision == "mixed":
+    if precision.startswith("mixed"):
         graph = tiny_graph(depth=4, exits=graph["exits"], layers=mixed_layers(graph))
+    if precision.endswith("attn8"):
+        int8_attention(graph)
     tensors = random_tensors(graph, seed=7)
     model = pyruntime.load(save(tmp_path, graph, tensors))
     x = images(graph, 16, seed=3)
@@ -155,9 +165,12 @@ def test_an_image_gets_the_same_bits_alone_or_in_a_batch(precision, tmp_path):
             assert one.bops[0] == batch.bops[i]
 
 
-def test_bops_match_the_analytic_count(tmp_path):
+@pytest.mark.parametrize("attn8", [False, True])
+def test_bops_match_the_analytic_count(attn8, tmp_path):
     graph = exit_graph(thresholds=(0.55, 0.5), depth=4)
     graph = tiny_graph(depth=4, exits=graph["exits"], layers=mixed_layers(graph))
+    if attn8:
+        int8_attention(graph)
     tensors = random_tensors(graph, seed=8)
     r = pyruntime.load(save(tmp_path, graph, tensors)).run(images(graph, 40, seed=4))
     assert np.array_equal(r.bops, bops.per_image(graph, r.exit_block))
@@ -165,14 +178,19 @@ def test_bops_match_the_analytic_count(tmp_path):
     assert r.bops.mean() == pytest.approx(bops.expected(graph, reach), rel=1e-12)
     full = exit_graph(thresholds=(1.0, 1.0), depth=4)
     full = tiny_graph(depth=4, exits=full["exits"], layers=mixed_layers(full))
+    if attn8:
+        int8_attention(full)
     rf = pyruntime.load(save(tmp_path, full, tensors, "full.pyrt")).run(images(graph, 3))
     assert (rf.bops == bops.static(full)).all()
 
 
+@pytest.mark.parametrize("attn8", [False, True])
 @pytest.mark.parametrize("isa", ISAS)
-def test_every_isa_gives_the_same_answers(isa, tmp_path):
+def test_every_isa_gives_the_same_answers(isa, attn8, tmp_path):
     graph = tiny_graph(depth=3)
     graph = tiny_graph(depth=3, layers=mixed_layers(graph))
+    if attn8:
+        int8_attention(graph)
     tensors = random_tensors(graph, seed=9)
     model = pyruntime.load(save(tmp_path, graph, tensors))
     x = images(graph, 4)

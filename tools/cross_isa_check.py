@@ -12,9 +12,9 @@ Two steps, normally driven by tools/arm64_python_test.sh:
 Models (all seeded: the same files on every run):
 
   mixed      random-tensor graph from tests/_graphs.py: 28x28 images, patch 7, embed 64,
-             depth 4, fp32 / W8A8 / W4A8 (a_bits 8, 6, 5) layers mixed, a confidence exit after
-             block 1 whose threshold is the median exit confidence (so half the images leave
-             early); 256 random float images.
+             depth 4, fp32 / W8A8 / W4A8 (a_bits 8, 6, 5) layers mixed, int8 attention, a
+             confidence exit after block 1 whose threshold is the median exit confidence (so
+             half the images leave early); 256 random float images.
   fp32       the same architecture, every layer fp32 (no activation quantisation at all).
   reference  only when pyruntime/data/reference/fmnist_vit.safetensors (or --reference CKPT)
              exists and torch + timm import on the host (``--mode auto``, the default): the
@@ -73,6 +73,8 @@ def _random_model(path: Path, n: int, mixed: bool) -> tuple:
         choices = [FP32, W8A8, W4A8, dict(W8A8, a_bits=6), dict(W4A8, a_bits=5)]
         layers = {name: choices[i % len(choices)] for i, name in enumerate(sorted(base["layers"]))}
     graph = tiny_graph(exits=exits, layers=layers, **ARCH)
+    if mixed:
+        graph["attention"] = {"bits": 8}
     tensors = random_tensors(graph, seed=1234)
     x = np.random.default_rng(4321).standard_normal((n, 1, 28, 28)).astype(np.float32)
     # The exit threshold: the median confidence of the exit head, measured on the scalar
@@ -84,7 +86,7 @@ def _random_model(path: Path, n: int, mixed: bool) -> tuple:
     threshold = float(np.median((p / p.sum(1, keepdims=True)).max(1)))
     graph["exits"][0]["threshold"] = threshold
     write_model(path, graph, tensors, "{}", prov)
-    kind = "mixed fp32/w8a8/w4a8" if mixed else "all fp32"
+    kind = "mixed fp32/w8a8/w4a8, int8 attention" if mixed else "all fp32"
     return x, f"random graph 28x28/7 D=64 depth 4, {kind}, exit after block 1 at {threshold:.4f}; {n} random images"
 
 

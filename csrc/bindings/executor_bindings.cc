@@ -238,6 +238,8 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
   if (a.dist_token) s.head_dist = linear(graph, t, "head_dist", a.num_classes, D);
   if (graph.contains("gates") && !graph["gates"].is_none())
     s.gate_lambda = get<float>(graph["gates"].cast<py::dict>(), "lambda", "gates");
+  if (graph.contains("attention") && !graph["attention"].is_none())
+    s.attn_bits = get<int>(graph["attention"].cast<py::dict>(), "bits", "attention");
   if (graph.contains("predictor") && !graph["predictor"].is_none()) {
     const py::dict p = graph["predictor"].cast<py::dict>();
     s.predictor.block = get<int>(p, "block", "predictor");

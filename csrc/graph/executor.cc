@@ -140,11 +140,129 @@ Path gate_decision(const Gate& g, float lambda, const float* logits, size_t n, s
   return best;
 }
 
+// Packed operands of one image's head in the attention matmuls.
+struct AttnGeometry {
+  size_t T, dh;
+  size_t kp, vp;             // fp32: floats of packed K^T [dh x T] and V [T x dh]
+  size_t kd, kt;             // int8: padded reduction lengths of q.k^T (dh) and attn.v (T)
+  size_t k_bytes, q8_bytes;  // int8: packed K [T x kd], then V^T [dh x kt]
+  size_t q8_scales;          // int8: K's per-token scales, then V's per-channel ones
+  AttnGeometry(size_t t, size_t d)
+      : T(t), dh(d), kp(num_panels(t) * kNR * d), vp(num_panels(d) * kNR * t),
+        kd(round_up(d, kKAlign)), kt(round_up(t, kKAlign)),
+        k_bytes(num_panels(t) * kNR * kd), q8_bytes(k_bytes + num_panels(d) * kNR * kt),
+        q8_scales(num_panels(t) * kNR + num_panels(d) * kNR) {}
+};
+
+struct AttnScratch {
+  AlignedBuffer<float> kv_pack;   // fp32 attention
+  AlignedBuffer<int8_t> kv_q8;    // int8 attention, with...
+  AlignedBuffer<float> kv_scales; // ...its scales
+};
+
+// Per-thread buffers of the int8 attention tasks.
+struct Q8Rows {
+  AlignedBuffer<int8_t> q;
+  AlignedBuffer<float> scale, inv;
+  AlignedBuffer<int32_t> bsum;
+  AlignedBuffer<float> f;  // float staging (V^T, scores)
+};
+
+// Quantises `rows` rows of K floats to int8 with one scale per row, max |x| / 127 (the
+// activation quantiser's dynamic rule; a zero or non-finite scale gives zeros), padded with
+// zeros to Kp. Writes the scales to `scale` (may be the caller's own array).
+void quantize_rows_q8(const KernelTable& kt, size_t rows, size_t K, size_t Kp, const float* x,
+                      size_t x_stride, float* scale, Q8Rows& buf) {
+  buf.inv.reserve_scratch(rows);
+  buf.q.reserve_scratch(rows * Kp);
+  buf.bsum.reserve_scratch(rows * (Kp / kKAlign));
+  for (size_t r = 0; r < rows; ++r) {
+    const float s = kt.absmax(K, x + r * x_stride) / 127.0f;
+    const bool ok = s > 0.0f && std::isfinite(s);
+    scale[r] = ok ? s : 0.0f;
+    buf.inv[r] = ok ? 1.0f / s : 0.0f;
+  }
+  kt.quantize_rows(rows, K, Kp, x, x_stride, buf.inv.data(), 127, buf.q.data(), Kp, buf.bsum.data(),
+                   Kp / kKAlign);
+}
+
+// One head's K [T x dh] (rows `stride` apart in qkv) as int8 qc8w "weights", a scale per
+// token: q.k^T then runs on the linear layers' integer GEMM. `scales`: num_panels(T)*16.
+void pack_k_q8(const KernelTable& kt, const AttnGeometry& g, const float* k, size_t stride, int8_t* out,
+               float* scales) {
+  thread_local Q8Rows buf;
+  std::fill(scales, scales + num_panels(g.T) * kNR, 0.0f);
+  quantize_rows_q8(kt, g.T, g.dh, g.kd, k, stride, scales, buf);
+  pack_qc8w_rows(buf.q.data(), g.kd, g.T, g.kd, out);
+}
+
+// One head's V [T x dh] as the int8 weights of attn.v: V^T [dh x T], a scale per channel.
+// The scales come from a vertical max; each value is scaled by its channel's 1/scale in float
+// (the product the quantiser forms) and rounded by quantize_rows with unit scales, keeping the
+// token-major order, so the pack transposes bytes rather than floats. `scales`:
+// num_panels(dh)*16.
+void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, size_t stride, int8_t* out,
+               float* scales) {
+  thread_local Q8Rows buf;
+  const size_t T = g.T, dh = g.dh, dp = round_up(dh, kKAlign);
+  buf.scale.reserve_scratch(dh);
+  float* inv = buf.scale.data();
+  std::fill(inv, inv + dh, 0.0f);
+  for (size_t t = 0; t < T; ++t)
+    for (size_t c = 0; c < dh; ++c) inv[c] = std::max(inv[c], std::fabs(v[t * stride + c]));
+  std::fill(scales, scales + num_panels(dh) * kNR, 0.0f);
+  for (size_t c = 0; c < dh; ++c) {
+    const float s = inv[c] / 127.0f;
+    const bool ok = s > 0.0f && std::isfinite(s);
+    scales[c] = ok ? s : 0.0f;
+    inv[c] = ok ? 1.0f / s : 0.0f;
+  }
+  buf.f.reserve_scratch(T * dh);
+  for (size_t t = 0; t < T; ++t)
+    for (size_t c = 0; c < dh; ++c) buf.f[t * dh + c] = v[t * stride + c] * inv[c];
+  buf.inv.reserve_scratch(T);
+  std::fill(buf.inv.data(), buf.inv.data() + T, 1.0f);
+  buf.q.reserve_scratch(g.kt * dp);
+  buf.bsum.reserve_scratch(T * (dp / kKAlign));
+  kt.quantize_rows(T, dh, dp, buf.f.data(), dh, buf.inv.data(), 127, buf.q.data(), dp, buf.bsum.data(),
+                   dp / kKAlign);
+  std::memset(buf.q.data() + T * dp, 0, (g.kt - T) * dp);  // padding tokens
+  // Packed: panel p, k-group gk (tokens 4gk..4gk+3), channel c, j holds V[4gk + j][16p + c];
+  // channels >= dh are zero already (quantize_rows pads each token's row to dp >= 16 panels).
+  const int8_t* vq = buf.q.data();
+  for (size_t p = 0; p < num_panels(dh); ++p)
+    for (size_t gk = 0; gk < g.kt / kKGroup; ++gk) {
+      int8_t* dst = out + p * g.kt * kNR + gk * kNR * kKGroup;
+      const int8_t* src = vq + gk * kKGroup * dp + p * kNR;
+      for (size_t c = 0; c < kNR; ++c)
+        for (size_t j = 0; j < kKGroup; ++j) dst[c * kKGroup + j] = src[j * dp + c];
+    }
+}
+
+// Attention of `rows` query rows of one head on int8 operands: q quantised per row (the
+// 1/sqrt(dh) folded into its scale), s = q.k^T, p = softmax_q8(s) (probabilities straight to
+// int8, each row's scale 1/sum), o = p.v.
+void attend_q8(const KernelTable& kt, const AttnGeometry& g, size_t rows, const float* q, size_t q_stride,
+               float scale, const int8_t* packed, const float* scales, float* o, size_t o_stride) {
+  thread_local Q8Rows buf;
+  thread_local AlignedBuffer<float> a_scale;
+  a_scale.reserve_scratch(rows);
+  quantize_rows_q8(kt, rows, g.dh, g.kd, q, q_stride, a_scale.data(), buf);
+  for (size_t r = 0; r < rows; ++r) a_scale[r] *= scale;
+  buf.f.reserve_scratch(rows * g.T);
+  float* s = buf.f.data();
+  kt.qd8_f32_qc8w_gemm(rows, g.T, g.kd, buf.q.data(), g.kd, a_scale.data(), packed, scales, nullptr, s, g.T);
+  buf.q.reserve_scratch(rows * g.kt);
+  kt.softmax_q8(rows, g.T, g.kt, s, g.T, buf.q.data(), g.kt, a_scale.data());
+  kt.qd8_f32_qc8w_gemm(rows, g.dh, g.kt, buf.q.data(), g.kt, a_scale.data(), packed + g.k_bytes,
+                       scales + num_panels(g.T) * kNR, nullptr, o, o_stride);
+}
+
 }  // namespace
 
 struct Executor::Workspace {
   AlignedBuffer<float> patches, x, h, qkv, attn, mlp, pooled, pooled2, logits, logits2;
-  AlignedBuffer<float> kv_pack;
+  AttnScratch attn_scratch;
   QuantizedActs qa;
   std::vector<float> row_scale;
 };
@@ -212,6 +330,7 @@ void Executor::validate() const {
     }
   }
   if (!(spec_.gate_lambda >= 0.0f) || !std::isfinite(spec_.gate_lambda)) fail("gate lambda must be finite and >= 0");
+  if (spec_.attn_bits != 8 && spec_.attn_bits != 32) fail("attention bits must be 8 or 32");
   expect_linear(spec_.head, a.num_classes, D);
   if (a.dist_token) expect_linear(spec_.head_dist, a.num_classes, D);
   const Predictor& p = spec_.predictor;
@@ -323,25 +442,39 @@ class Runner {
   }
 
   // Multi-head self-attention of `images` images: qkv [images*T x 3D] -> out [images*T x D].
-  // Images are processed in waves so the packed K/V buffers stay small for big batches.
-  void attention(const float* qkv, size_t images, float* out, AlignedBuffer<float>& kv_pack) {
+  // Images are processed in waves so the packed K/V buffers stay small for big batches; each
+  // wave packs K and V of every head (separate tasks: an odd head count balances better),
+  // then runs query rows in tasks. fp32 or int8 operands as the spec says.
+  void attention(const float* qkv, size_t images, float* out, AttnScratch& ws) {
     const size_t T = a_.tokens(), D = a_.embed_dim, H = a_.num_heads, dh = D / H;
-    const size_t kp = num_panels(T) * kNR * dh, vp = num_panels(dh) * kNR * T;
+    const bool q8 = s_.attn_bits == 8;
+    const AttnGeometry g(T, dh);
     const size_t threads = size_t(std::max(ctx_.threads, 1));
     const size_t wave = std::max<size_t>(1, std::min(images, (4 * threads + H - 1) / H));
-    kv_pack.reserve_scratch(wave * H * (kp + vp));
+    if (q8) {
+      ws.kv_q8.reserve_scratch(wave * H * g.q8_bytes);
+      ws.kv_scales.reserve_scratch(wave * H * g.q8_scales);
+    } else {
+      ws.kv_pack.reserve_scratch(wave * H * (g.kp + g.vp));
+    }
     const float scale = 1.0f / std::sqrt(float(dh));
     for (size_t i0 = 0; i0 < images; i0 += wave) {
       const size_t n = std::min(wave, images - i0);
-      // K and V of each head packed as separate tasks (an odd head count balances better).
       ThreadPool::global().run(2 * n * H, ctx_.threads, [&](size_t t) {
         const size_t ih = t / 2, img = i0 + ih / H, h = ih % H;
-        const float* base = qkv + img * T * 3 * D;
-        float* pk = kv_pack.data() + ih * (kp + vp);
-        if (t % 2 == 0)
-          pack_f32_b(base + D + h * dh, dh, T, 3 * D, /*b_is_nk=*/true, pk);
+        const float* k = qkv + img * T * 3 * D + D + h * dh;
+        const bool is_v = t % 2 == 1;
+        if (q8) {
+          int8_t* packed = ws.kv_q8.data() + ih * g.q8_bytes;
+          float* scales = ws.kv_scales.data() + ih * g.q8_scales;
+          if (is_v)
+            pack_v_q8(*ctx_.kt, g, k + D, 3 * D, packed + g.k_bytes, scales + num_panels(T) * kNR);
+          else
+            pack_k_q8(*ctx_.kt, g, k, 3 * D, packed, scales);
+        } else if (!is_v)
+          pack_f32_b(k, dh, T, 3 * D, /*b_is_nk=*/true, ws.kv_pack.data() + ih * (g.kp + g.vp));
         else
-          pack_f32_b(base + 2 * D + h * dh, T, dh, 3 * D, /*b_is_nk=*/false, pk + kp);
+          pack_f32_b(k + D, T, dh, 3 * D, /*b_is_nk=*/false, ws.kv_pack.data() + ih * (g.kp + g.vp) + g.kp);
       });
       // Split query rows too, so that batch 1 still has enough tasks per thread to balance
       // (3 heads on 2 threads: 9 tasks would leave one thread 5 to the other's 4).
@@ -351,13 +484,18 @@ class Runner {
         const size_t part = t % splits, ih = t / splits, img = i0 + ih / H, h = ih % H;
         const size_t r0 = part * rows, r1 = std::min(T, r0 + rows);
         if (r0 >= r1) return;
+        const float* q = qkv + (img * T + r0) * 3 * D + h * dh;
+        float* o = out + (img * T + r0) * D + h * dh;
+        if (q8) {
+          attend_q8(*ctx_.kt, g, r1 - r0, q, 3 * D, scale, ws.kv_q8.data() + ih * g.q8_bytes, ws.kv_scales.data() + ih * g.q8_scales, o, D);
+          return;
+        }
         thread_local std::vector<float> scores;
         scores.resize((r1 - r0) * T);
-        const float* q = qkv + (img * T + r0) * 3 * D + h * dh;
-        const float* pk = kv_pack.data() + ih * (kp + vp);
+        const float* pk = ws.kv_pack.data() + ih * (g.kp + g.vp);
         ctx_.kt->f32_gemm(r1 - r0, T, dh, q, 3 * D, pk, nullptr, scores.data(), T);
         ctx_.kt->softmax(r1 - r0, T, scale, scores.data(), T);
-        ctx_.kt->f32_gemm(r1 - r0, dh, T, scores.data(), T, pk + kp, nullptr, out + (img * T + r0) * D + h * dh, D);
+        ctx_.kt->f32_gemm(r1 - r0, dh, T, scores.data(), T, pk + g.kp, nullptr, o, D);
       });
     }
   }
@@ -460,7 +598,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   ws.pooled2.reserve_scratch(B * D);
   ws.logits.reserve_scratch(B * NC);
   ws.logits2.reserve_scratch(B * NC);
-  const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * 32 * 32;
+  const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * spec_.attn_bits * spec_.attn_bits;
   // Images per group of a block: its largest intermediate (qkv or MLP hidden) within ~L2.
   const size_t group = std::max<size_t>(1, kBlockGroupBytes / (T * std::max(F, 3 * D) * sizeof(float)));
   size_t next_exit = 0;
@@ -483,7 +621,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
       float* xg = x + g0 * T * D;
       run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, xg, grows, D, ws.h.data()); });
       run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale, g0, gi); });
-      run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), gi, ws.attn.data(), ws.kv_pack); });
+      run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), gi, ws.attn.data(), ws.attn_scratch); });
       run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
       run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), grows, D, xg); });
       run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, xg, grows, D, ws.h.data()); });

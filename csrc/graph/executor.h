@@ -102,6 +102,9 @@ struct ModelSpec {
   LinearLayer head, head_dist;  // head_dist used when arch.dist_token
   Predictor predictor;
   float gate_lambda = 0.0f;
+  // Operand bits of the attention matmuls (q.k^T and attn.v) in every block: 32 (fp32) or 8
+  // (q, k, the probabilities and v quantised to int8 per image, docs/model_format.md).
+  int attn_bits = 32;
 };
 
 struct RunResult {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -87,14 +88,28 @@ QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_
   const size_t panels = num_panels(N);
   w.q8.resize(panels * w.Kp * kNR);
   w.scales.resize(panels * kNR);
+  std::vector<int8_t> padded(N * w.Kp, 0);
   for (size_t n = 0; n < N; ++n) {
-    const size_t p = n / kNR, c = n % kNR;
     w.scales[n] = scales[n];
-    for (size_t k = 0; k < K; ++k)
-      w.q8[p * w.Kp * kNR + (k / kKGroup) * kNR * kKGroup + c * kKGroup + k % kKGroup] =
-          q[n * K + k];
+    std::memcpy(padded.data() + n * w.Kp, q + n * K, K);
   }
+  pack_qc8w_rows(padded.data(), w.Kp, N, w.Kp, w.q8.data());
   return w;
+}
+
+void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_t* out) {
+  const size_t panels = num_panels(N), groups = Kp / kKGroup;
+  for (size_t p = 0; p < panels; ++p) {
+    int8_t* panel = out + p * Kp * kNR;
+    const size_t c_end = std::min(kNR, N - p * kNR);
+    if (c_end < kNR) std::memset(panel, 0, Kp * kNR);
+    for (size_t c = 0; c < c_end; ++c) {
+      const int8_t* row = q + (p * kNR + c) * q_stride;
+      // One 4-byte k-group at a time: the layout interleaves the 16 channels' groups.
+      for (size_t g = 0; g < groups; ++g)
+        std::memcpy(panel + g * kNR * kKGroup + c * kKGroup, row + g * kKGroup, kKGroup);
+    }
+  }
 }
 
 QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_t K,

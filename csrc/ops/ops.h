@@ -38,6 +38,11 @@ QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_
                            size_t block);
 QuantizedWeights pack_f32(const float* w, size_t N, size_t K);
 
+// Pack N rows of int8 weights already padded with zeros to Kp (a multiple of kKAlign; row
+// stride q_stride) into the qc8w layout at `out` (num_panels(N)*kNR*Kp bytes, padding
+// channels zeroed). pack_qc8w uses it at load time; int8 attention packs K and V per image.
+void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_t* out);
+
 // Canonical values back from packed weights (for dequantize() and the file writer).
 void unpack_weights(const QuantizedWeights& w, int8_t* q, float* scales);
 void dequantize_weights(const QuantizedWeights& w, float* out);
