@@ -12,6 +12,7 @@ runtime            what runs
 =================  ==========================================================================
 pyruntime-fp32     ``pyruntime.convert(model, policy="fp32")`` + ``Model.run(x, num_threads=t)``
 pyruntime-w8a8     the same, ``policy="w8a8"`` (int8 weights, dynamic per-image int8 activations)
+pyruntime-w8a8-attn8  ``policy="w8a8-attn8"``: W8A8 plus int8 attention matmuls (q.k^T and attn.v)
 pyruntime-w4a8     the same, ``policy="w4a8"`` (int4 weights in blocks of 32)
 torch-fp32         eager PyTorch, ``torch.set_num_threads(t)``, ``torch.inference_mode()``
 torch-int8         ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=qint8)``
@@ -67,20 +68,23 @@ SEED = 0
 # Measurement order within one (model, batch, threads) configuration: the baselines first, so
 # that a pyruntime result can be put next to an already-measured peer (pytest ordering).
 RUNTIMES = ("ort-fp32", "ort-int8", "ort-int4", "torch-fp32", "torch-int8", "executorch",
-            "pyruntime-fp32", "pyruntime-w8a8", "pyruntime-w4a8")
+            "pyruntime-fp32", "pyruntime-w8a8", "pyruntime-w8a8-attn8", "pyruntime-w4a8")
 # Order for tables and plots.
-DISPLAY = ("pyruntime-fp32", "pyruntime-w8a8", "pyruntime-w4a8", "torch-fp32", "torch-int8",
+DISPLAY = ("pyruntime-fp32", "pyruntime-w8a8", "pyruntime-w8a8-attn8", "pyruntime-w4a8", "torch-fp32", "torch-int8",
            "ort-fp32", "ort-int8", "ort-int4", "executorch")
-PYRUNTIME_POLICY = {"pyruntime-fp32": "fp32", "pyruntime-w8a8": "w8a8", "pyruntime-w4a8": "w4a8"}
+PYRUNTIME_POLICY = {"pyruntime-fp32": "fp32", "pyruntime-w8a8": "w8a8", "pyruntime-w8a8-attn8": "w8a8-attn8",
+                    "pyruntime-w4a8": "w4a8"}
+# The W8A8 variants the int8 targets are checked for: ratio key prefix -> runtime.
+W8A8_RUNTIMES = {"w8a8": "pyruntime-w8a8", "w8a8_attn8": "pyruntime-w8a8-attn8"}
 
 ONNX_OPSET = 17
 ORT_INT4 = {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 4}
 
 # Shown next to the figures; nothing asserts on them (timings on a shared machine are noise).
 TARGETS = {
-    "w8a8_over_ort_int8_max": 0.5,        # pyruntime W8A8 latency / ORT int8 latency
+    "w8a8_over_ort_int8_max": 0.5,        # pyruntime W8A8 latency / ORT int8 latency (both variants)
     "fp32_over_ort_fp32_max": 1.0,        # pyruntime fp32 latency / ORT fp32 latency
-    "w8a8_frac_of_int8_peak_min": 0.65,   # W8A8 effective GOPS / measured int8 peak
+    "w8a8_frac_of_int8_peak_min": 0.65,   # W8A8 effective GOPS / measured int8 peak (both variants)
 }
 PEAK_SECONDS = 0.3
 
@@ -534,36 +538,40 @@ def ratios(cells: Mapping[str, Mapping[str, Any]], peak_gops: Optional[float]) -
     def div(a, b):
         return a / b if a is not None and b else None
 
-    gops = (cells.get("pyruntime-w8a8") or {}).get("effective_gops")
     out = {
-        "w8a8_over_ort_int8": div(med("pyruntime-w8a8"), med("ort-int8")),
         "fp32_over_ort_fp32": div(med("pyruntime-fp32"), med("ort-fp32")),
         "w4a8_over_ort_int4": div(med("pyruntime-w4a8"), med("ort-int4")),
-        "w8a8_over_torch_int8": div(med("pyruntime-w8a8"), med("torch-int8")),
         "fp32_over_torch_fp32": div(med("pyruntime-fp32"), med("torch-fp32")),
-        "w8a8_effective_gops": gops,
         "int8_peak_gops": peak_gops,
-        "w8a8_frac_of_int8_peak": div(gops, peak_gops),
     }
+    for key, rt in W8A8_RUNTIMES.items():
+        gops = (cells.get(rt) or {}).get("effective_gops")
+        out[f"{key}_over_ort_int8"] = div(med(rt), med("ort-int8"))
+        out[f"{key}_over_torch_int8"] = div(med(rt), med("torch-int8"))
+        out[f"{key}_effective_gops"] = gops
+        out[f"{key}_frac_of_int8_peak"] = div(gops, peak_gops)
     out["misses"] = misses(out)
     return out
 
 
 def misses(r: Mapping[str, Any]) -> List[str]:
     out = []
-    if r.get("w8a8_over_ort_int8") is not None and r["w8a8_over_ort_int8"] > TARGETS["w8a8_over_ort_int8_max"]:
-        out.append(f"w8a8/ort-i8>{TARGETS['w8a8_over_ort_int8_max']}")
+    for key in W8A8_RUNTIMES:
+        name = key.replace("_", "-")
+        if r.get(f"{key}_over_ort_int8") is not None and r[f"{key}_over_ort_int8"] > TARGETS["w8a8_over_ort_int8_max"]:
+            out.append(f"{name}/ort-i8>{TARGETS['w8a8_over_ort_int8_max']}")
+        if r.get(f"{key}_frac_of_int8_peak") is not None and \
+                r[f"{key}_frac_of_int8_peak"] < TARGETS["w8a8_frac_of_int8_peak_min"]:
+            out.append(f"{name} %pk8<{TARGETS['w8a8_frac_of_int8_peak_min']:.0%}")
     if r.get("fp32_over_ort_fp32") is not None and r["fp32_over_ort_fp32"] > TARGETS["fp32_over_ort_fp32_max"]:
         out.append(f"fp32/ort-fp32>{TARGETS['fp32_over_ort_fp32_max']}")
-    if r.get("w8a8_frac_of_int8_peak") is not None and \
-            r["w8a8_frac_of_int8_peak"] < TARGETS["w8a8_frac_of_int8_peak_min"]:
-        out.append(f"%pk8<{TARGETS['w8a8_frac_of_int8_peak_min']:.0%}")
     return out
 
 
 # ----------------------------------------------------------------------------- reporting
 
-ABBREV = {"pyruntime-fp32": "pr-fp32", "pyruntime-w8a8": "pr-w8a8", "pyruntime-w4a8": "pr-w4a8",
+ABBREV = {"pyruntime-fp32": "pr-fp32", "pyruntime-w8a8": "pr-w8a8", "pyruntime-w8a8-attn8": "pr-w8at8",
+          "pyruntime-w4a8": "pr-w4a8",
           "torch-fp32": "th-fp32", "torch-int8": "th-int8", "ort-fp32": "ort-fp32", "ort-int8": "ort-int8",
           "ort-int4": "ort-int4", "executorch": "et"}
 
@@ -575,16 +583,16 @@ def _f(v: Optional[float], spec: str, width: int) -> str:
 def format_latency_table(cells: Sequence[Mapping[str, Any]]) -> List[str]:
     """One line per measured cell: median / p90 batch latency, ms per image, runs (unavailable
     peers are left out; list them separately)."""
-    head = (f"{'model':10} {'B':>2} {'t':>2} {'runtime':15} {'median ms':>10} {'p90 ms':>9} {'ms/img':>8} "
+    head = (f"{'model':10} {'B':>2} {'t':>2} {'runtime':20} {'median ms':>10} {'p90 ms':>9} {'ms/img':>8} "
             f"{'runs':>4}  note")
     lines = [head, "-" * len(head)]
     for c in cells:
         if "unavailable" in c:
             continue
         model = SHORT.get(c["model"], c["model"])
-        gops = c.get("effective_gops") if c["runtime"] == "pyruntime-w8a8" else None
+        gops = c.get("effective_gops") if c["runtime"] in W8A8_RUNTIMES.values() else None
         note = f"{gops:.1f} effective GOPS" if gops else ""
-        lines.append(f"{model:10} {c['batch']:>2} {c['threads']:>2} {c['runtime']:15} {c['median_ms']:>10.2f} "
+        lines.append(f"{model:10} {c['batch']:>2} {c['threads']:>2} {c['runtime']:20} {c['median_ms']:>10.2f} "
                      f"{c['p90_ms']:>9.2f} {c['ms_per_image']:>8.2f} {c['runs']:>4}  {note}")
     return lines
 
@@ -593,7 +601,7 @@ def format_summary_table(configs: Sequence[Mapping[str, Any]]) -> List[str]:
     """One line per (model, batch, threads): ms/image per runtime (median), then the ratios."""
     rts = [rt for rt in DISPLAY if any(rt in c["cells"] and "ms_per_image" in c["cells"][rt] for c in configs)]
     head = (f"{'model':10} {'B':>2} {'t':>2} | " + " ".join(f"{ABBREV[rt]:>8}" for rt in rts)
-            + f" | {'w8/ort8':>7} {'fp/ortfp':>8} {'w8 GOPS':>7} {'pk8':>6} {'%pk8':>5} | misses")
+            + f" | {'w8/ort8':>7} {'w8at8/ort8':>10} {'fp/ortfp':>8} {'pk8':>6} {'%pk8':>5} {'%pk8at8':>7} | misses")
     lines = ["ms per image (median of batch latency / B); ratios of median latencies; "
              f"targets: w8/ort8 <= {TARGETS['w8a8_over_ort_int8_max']}, fp/ortfp <= "
              f"{TARGETS['fp32_over_ort_fp32_max']}, %pk8 >= {TARGETS['w8a8_frac_of_int8_peak_min']:.0%}",
@@ -601,11 +609,12 @@ def format_summary_table(configs: Sequence[Mapping[str, Any]]) -> List[str]:
     for c in configs:
         r = c["ratios"]
         vals = " ".join(_f((c["cells"].get(rt) or {}).get("ms_per_image"), ".2f", 8) for rt in rts)
-        frac = r.get("w8a8_frac_of_int8_peak")
+        frac, frac_at8 = r.get("w8a8_frac_of_int8_peak"), r.get("w8a8_attn8_frac_of_int8_peak")
         lines.append(f"{SHORT.get(c['model'], c['model']):10} {c['batch']:>2} {c['threads']:>2} | {vals} | "
-                     f"{_f(r.get('w8a8_over_ort_int8'), '.2f', 7)} {_f(r.get('fp32_over_ort_fp32'), '.2f', 8)} "
-                     f"{_f(r.get('w8a8_effective_gops'), '.1f', 7)} {_f(r.get('int8_peak_gops'), '.1f', 6)} "
-                     f"{_f(None if frac is None else 100 * frac, '.0f', 5)} | {', '.join(r.get('misses', []))}")
+                     f"{_f(r.get('w8a8_over_ort_int8'), '.2f', 7)} {_f(r.get('w8a8_attn8_over_ort_int8'), '.2f', 10)} "
+                     f"{_f(r.get('fp32_over_ort_fp32'), '.2f', 8)} {_f(r.get('int8_peak_gops'), '.1f', 6)} "
+                     f"{_f(None if frac is None else 100 * frac, '.0f', 5)} "
+                     f"{_f(None if frac_at8 is None else 100 * frac_at8, '.0f', 7)} | {', '.join(r.get('misses', []))}")
     return lines
 
 
@@ -638,7 +647,8 @@ def plot(configs: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> O
     models = [m for m in MODELS if any(c["model"] == m for c in configs)] or \
         sorted({c["model"] for c in configs})
     rts = [rt for rt in DISPLAY if any("ms_per_image" in (c["cells"].get(rt) or {}) for c in configs)]
-    colors = {"pyruntime-fp32": "#1f4e9c", "pyruntime-w8a8": "#3b82f6", "pyruntime-w4a8": "#93c5fd",
+    colors = {"pyruntime-fp32": "#1f4e9c", "pyruntime-w8a8": "#3b82f6", "pyruntime-w8a8-attn8": "#0ea5e9",
+              "pyruntime-w4a8": "#93c5fd",
               "torch-fp32": "#b45309", "torch-int8": "#fbbf24",
               "ort-fp32": "#166534", "ort-int8": "#22c55e", "ort-int4": "#a7f3d0", "executorch": "#7c3aed"}
     fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5.2), squeeze=False)

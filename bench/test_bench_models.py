@@ -183,6 +183,8 @@ def test_model_latency(request, benchmark, model_bench, model_name, runtime, bat
     wanted = {
         "pyruntime-w8a8": ("w8a8_over_ort_int8", "w8a8_over_torch_int8", "w8a8_effective_gops",
                            "w8a8_frac_of_int8_peak"),
+        "pyruntime-w8a8-attn8": ("w8a8_attn8_over_ort_int8", "w8a8_attn8_over_torch_int8",
+                                 "w8a8_attn8_effective_gops", "w8a8_attn8_frac_of_int8_peak"),
         "pyruntime-fp32": ("fp32_over_ort_fp32", "fp32_over_torch_fp32"),
         "pyruntime-w4a8": ("w4a8_over_ort_int4",),
     }.get(runtime, ())
