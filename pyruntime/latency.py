@@ -12,6 +12,9 @@ image at batch 1, measured by :func:`profile_latency` (``pyruntime bench MODEL -
   code at every bit-width, so averaged over the profiled precisions;
 * the embedding's non-linear ops (patch unfold, token assembly + position embedding).
 
+Attention is measured in fp32: a graph with int8 attention (``attention.bits`` 8) is refused
+by :meth:`LatencyTable.check` rather than predicted with the wrong attention time.
+
 Only the weight bits change the kernel: activations are stored as int8 whatever ``a_bits``
 (4..8) says, so ``a_bits`` changes values, not time, and the table is keyed by ``w_bits``
 alone. The int4 kernel is measured at block size 32 and activation scales are dynamic (a
@@ -54,7 +57,7 @@ import numpy as np
 
 from ._atomic import atomic_write_bytes
 from .bops import GraphOrPath, _check_reach, _graph
-from .modelfile import check_graph, graph_layer_names, linear_tensors, read_model
+from .modelfile import attention_bits, check_graph, graph_layer_names, linear_tensors, read_model
 from .policy import LayerPolicy, Policy
 
 __all__ = ["TABLE_VERSION", "PRECISIONS", "LatencyTable", "requantize", "profiling_model", "profile_latency",
@@ -247,6 +250,9 @@ class LatencyTable:
         """The validated graph, or ValueError if this table was profiled on another model:
         naming the first layer the table lacks, else the arch fields that differ."""
         graph = _graph(graph)
+        if attention_bits(graph) != 32:
+            raise ValueError("latency tables measure fp32 attention; a graph with int8 attention "
+                             "(attention.bits 8) is not covered")
         for name in graph_layer_names(graph):
             if name not in self.layers:
                 raise ValueError(f"latency table has no layer {name!r}: it was profiled on another model "

@@ -188,6 +188,15 @@ def test_table_of_another_model_is_refused():
         t.static(tiny_graph(mlp_hidden=32))
 
 
+def test_int8_attention_is_not_predicted_with_fp32_attention_times():
+    graph = tiny_graph(depth=2)
+    t = synthetic_table(graph["arch"])
+    t.static(graph)
+    graph["attention"] = {"bits": 8}
+    with pytest.raises(ValueError, match="int8 attention"):
+        t.static(graph)
+
+
 # --- JSON -------------------------------------------------------------------------------------------
 
 def test_save_load_round_trip(profiled, tmp_path):
