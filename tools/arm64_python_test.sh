@@ -243,7 +243,7 @@ phase_done "interpreter + ISA probe"
 # The torch-free Python tests. All of them import on arm64 (numpy, safetensors, pytest only;
 # test_numpy_ref falls back to math.erf without scipy), so no file is deselected.
 TESTS=(tests/test_kernels.py tests/test_runtime.py tests/test_modelfile.py tests/test_bops.py
-       tests/test_policy.py tests/test_numpy_ref.py tests/test_thresholds.py tests/test_latency.py)
+       tests/test_policy.py tests/test_numpy_ref.py tests/test_thresholds.py tests/test_latency.py tests/test_cli.py)
 CUTS=()
 if [ -z "${ARM64_PY_FULL:-}" ]; then
   CUTS=(--deselect "tests/test_kernels.py::test_integer_linear_vit_shapes_all_isas_and_threads[8-197-768-3072]"
