@@ -558,15 +558,20 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   // Patch embedding as a GEMM over unfolded patches, (c, i, j) order like the conv weight.
   ws.patches.reserve_scratch(B * P * PD);
   run.timed("patch_embed.unfold", [&] {
-    const size_t gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
-    parallel_rows(ctx, B * P, PD, [&](size_t r0, size_t r1) {
+    // Over the input's rows in memory order (one task row = one image row of patches): each
+    // image row is read once, sequentially, and scattered to its grid row's patches.
+    const size_t gh = a.grid_h(), gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
+    const size_t C = a.in_chans;
+    parallel_rows(ctx, B * gh, gw * PD, [&](size_t r0, size_t r1) {
       for (size_t r = r0; r < r1; ++r) {
-        const size_t img = r / P, p = r % P, gy = p / gw, gx = p % gw;
-        float* dst = ws.patches.data() + r * PD;
-        for (size_t c = 0; c < a.in_chans; ++c)
-          for (size_t i = 0; i < ph; ++i)
-            std::memcpy(dst + (c * ph + i) * pw, input + ((img * a.in_chans + c) * H + gy * ph + i) * W + gx * pw,
-                        pw * sizeof(float));
+        const size_t img = r / gh, gy = r % gh;
+        float* dst = ws.patches.data() + (img * P + gy * gw) * PD;
+        for (size_t c = 0; c < C; ++c)
+          for (size_t i = 0; i < ph; ++i) {
+            const float* src = input + ((img * C + c) * H + gy * ph + i) * W;
+            for (size_t gx = 0; gx < gw; ++gx)
+              std::memcpy(dst + gx * PD + (c * ph + i) * pw, src + gx * pw, pw * sizeof(float));
+          }
       }
     });
   });
