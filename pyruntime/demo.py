@@ -139,18 +139,16 @@ def plot(rows: List[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, r in enumerate(rows):
-        # Alternate label sides: neighbouring policies often sit at the same accuracy.
-        offset = (5, 6) if i % 2 == 0 else (5, -14)
-        axes[0].scatter(r.bops_ratio, 100 * r.top1, s=50)
-        axes[0].annotate(r.policy, (r.bops_ratio, 100 * r.top1), textcoords="offset points", xytext=offset)
-        axes[1].scatter(r.latency_ms, 100 * r.top1, s=50)
-        axes[1].annotate(r.policy, (r.latency_ms, 100 * r.top1), textcoords="offset points", xytext=offset)
+    # A legend, not labels at the points: several policies sit within 0.1 pt of each other.
+    for r in rows:
+        axes[0].scatter(r.bops_ratio, 100 * r.top1, s=50, label=r.policy)
+        axes[1].scatter(r.latency_ms, 100 * r.top1, s=50, label=r.policy)
     axes[1].axvline(rows[0].torch_latency_ms, color="gray", ls="--", label="PyTorch fp32")
+    axes[0].legend(loc="lower right", fontsize=8)
     axes[0].set(xlabel="BOPs relative to fp32, full depth", ylabel="top-1 (%)", title="Accuracy vs BOPs")
     axes[1].set(xlabel="latency per image, batch 1 (ms, log scale)", ylabel="top-1 (%)", title="Accuracy vs latency",
                 xscale="log")
-    axes[1].legend()
+    axes[1].legend(loc="lower right", fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle("pyruntime reference ViT, Fashion-MNIST test set (10,000 images)")
