@@ -761,9 +761,6 @@ void gelu_avx2(size_t n, float* x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// add
-
-// ---------------------------------------------------------------------------------------------
 // softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane, four vectors at a time.
 
 template <int V>
@@ -799,14 +796,9 @@ void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    __m256 vmx = _mm256_set1_ps(-INFINITY);
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(xr + i));
-    float mx = hmax_ps(vmx);
-    for (; i < n; ++i) mx = std::max(mx, xr[i]);
-    vmx = _mm256_set1_ps(mx);
+    const __m256 vmx = _mm256_set1_ps(extremum<false>(n, xr));
     __m256i acc = _mm256_setzero_si256();  // exact: the order of an integer sum is free
-    i = 0;
+    size_t i = 0;
     for (; i + 32 <= n; i += 32) {
       __m256 v[4];
       __m256i e[4];
@@ -842,6 +834,9 @@ void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
     scale[r] = 1.0f / static_cast<float>(sum);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// add
 
 void add_avx2(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;

@@ -568,14 +568,9 @@ void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    float32x4_t m = vdupq_n_f32(-INFINITY);
-    size_t i = 0;
-    for (; i + 4 <= n; i += 4) m = vmaxq_f32(m, vld1q_f32(xr + i));
-    float mx = vmaxvq_f32(m);
-    for (; i < n; ++i) mx = std::max(mx, xr[i]);
-    const float32x4_t vmx = vdupq_n_f32(mx);
+    const float32x4_t vmx = vdupq_n_f32(extremum<false>(n, xr));
     int32x4_t acc = vdupq_n_s32(0);
-    i = 0;
+    size_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const int32x4_t e0 = softmax_q8_f32(vld1q_f32(xr + i), vmx);
       const int32x4_t e1 = softmax_q8_f32(vld1q_f32(xr + i + 4), vmx);

@@ -276,8 +276,7 @@ void softmax_q8_ref(size_t rows, size_t n, size_t Kp, const float* x, size_t x_s
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    float mx = -INFINITY;
-    for (size_t i = 0; i < n; ++i) mx = std::max(mx, xr[i]);
+    const float mx = scaled_max(n, xr, 1.0f);  // exact: max * 1
     int32_t sum = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t e = softmax_q8_elem(xr[i], mx);
