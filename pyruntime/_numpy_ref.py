@@ -179,12 +179,10 @@ def _fma32(a: np.ndarray, b, c) -> np.ndarray:
 
 
 def _quantize_rows_q8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(q int64, scale f32 [rows]): one dynamic scale per row, max |x| / 127."""
-    s = (np.abs(x).max(axis=-1) / _F32(127)).astype(_F32)
-    ok = (s > 0) & np.isfinite(s)
-    inv = np.where(ok, _F32(1) / np.where(ok, s, _F32(1)), _F32(0)).astype(_F32)
-    q = np.clip(np.rint(x.astype(_F32) * inv[..., None]), -127, 127).astype(np.int64)
-    return q, np.where(ok, s, _F32(0)).astype(_F32)
+    """(q int64, scale f32 [rows]): each row quantised to 8 bits on its own dynamic scale,
+    max |x| / 127, by the activation quantiser's rule."""
+    rows = [_quantize_acts(r, _F32(np.abs(r).max()) / _F32(127), 8) for r in x]
+    return np.stack([q for q, _ in rows]), np.array([s for _, s in rows], dtype=_F32)
 
 
 def _softmax_q8(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:

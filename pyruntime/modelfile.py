@@ -22,7 +22,7 @@ import numpy as np
 
 from ._atomic import atomic_path
 from .errors import FormatError, PolicyError
-from .policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy
+from .policy import ATTN_BITS, GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy
 
 __all__ = [
     "MAGIC",
@@ -276,7 +276,7 @@ def attention_bits(graph: Mapping) -> int:
     if not isinstance(att, Mapping) or set(att) != {"bits"}:
         raise FormatError(f"graph.attention must be {{\"bits\": 8 | 32}}, got {att!r}")
     bits = att["bits"]
-    if isinstance(bits, bool) or bits not in (8, 32):
+    if isinstance(bits, bool) or bits not in ATTN_BITS:
         raise FormatError(f"graph.attention bits must be 8 or 32, got {bits!r}")
     return bits
 

@@ -146,12 +146,12 @@ struct AttnGeometry {
   size_t kp, vp;             // fp32: floats of packed K^T [dh x T] and V [T x dh]
   size_t kd, kt;             // int8: padded reduction lengths of q.k^T (dh) and attn.v (T)
   size_t k_bytes, q8_bytes;  // int8: packed K [T x kd], then V^T [dh x kt]
-  size_t q8_scales;          // int8: K's per-token scales, then V's per-channel ones
+  size_t k_scales, q8_scales; // int8: K's per-token scales, then V's per-channel ones
   AttnGeometry(size_t t, size_t d)
       : T(t), dh(d), kp(num_panels(t) * kNR * d), vp(num_panels(d) * kNR * t),
         kd(round_up(d, kKAlign)), kt(round_up(t, kKAlign)),
         k_bytes(num_panels(t) * kNR * kd), q8_bytes(k_bytes + num_panels(d) * kNR * kt),
-        q8_scales(num_panels(t) * kNR + num_panels(d) * kNR) {}
+        k_scales(num_panels(t) * kNR), q8_scales(k_scales + num_panels(d) * kNR) {}
 };
 
 struct AttnScratch {
@@ -177,21 +177,20 @@ void quantize_rows_q8(const KernelTable& kt, size_t rows, size_t K, size_t Kp, c
   buf.q.reserve_scratch(rows * Kp);
   buf.bsum.reserve_scratch(rows * (Kp / kKAlign));
   for (size_t r = 0; r < rows; ++r) {
-    const float s = kt.absmax(K, x + r * x_stride) / 127.0f;
-    const bool ok = s > 0.0f && std::isfinite(s);
-    scale[r] = ok ? s : 0.0f;
-    buf.inv[r] = ok ? 1.0f / s : 0.0f;
+    const ScalePair s = usable_scale(kt.absmax(K, x + r * x_stride) / 127.0f);
+    scale[r] = s.scale;
+    buf.inv[r] = s.inv;
   }
   kt.quantize_rows(rows, K, Kp, x, x_stride, buf.inv.data(), 127, buf.q.data(), Kp, buf.bsum.data(),
                    Kp / kKAlign);
 }
 
 // One head's K [T x dh] (rows `stride` apart in qkv) as int8 qc8w "weights", a scale per
-// token: q.k^T then runs on the linear layers' integer GEMM. `scales`: num_panels(T)*16.
+// token: q.k^T then runs on the linear layers' integer GEMM. `scales`: g.k_scales floats.
 void pack_k_q8(const KernelTable& kt, const AttnGeometry& g, const float* k, size_t stride, int8_t* out,
                float* scales) {
   thread_local Q8Rows buf;
-  std::fill(scales, scales + num_panels(g.T) * kNR, 0.0f);
+  std::fill(scales, scales + g.k_scales, 0.0f);
   quantize_rows_q8(kt, g.T, g.dh, g.kd, k, stride, scales, buf);
   pack_qc8w_rows(buf.q.data(), g.kd, g.T, g.kd, out);
 }
@@ -200,7 +199,7 @@ void pack_k_q8(const KernelTable& kt, const AttnGeometry& g, const float* k, siz
 // The scales come from a vertical max; each value is scaled by its channel's 1/scale in float
 // (the product the quantiser forms) and rounded by quantize_rows with unit scales, keeping the
 // token-major order, so the pack transposes bytes rather than floats. `scales`:
-// num_panels(dh)*16.
+// g.q8_scales - g.k_scales floats.
 void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, size_t stride, int8_t* out,
                float* scales) {
   thread_local Q8Rows buf;
@@ -210,12 +209,11 @@ void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, siz
   std::fill(inv, inv + dh, 0.0f);
   for (size_t t = 0; t < T; ++t)
     for (size_t c = 0; c < dh; ++c) inv[c] = std::max(inv[c], std::fabs(v[t * stride + c]));
-  std::fill(scales, scales + num_panels(dh) * kNR, 0.0f);
+  std::fill(scales, scales + (g.q8_scales - g.k_scales), 0.0f);
   for (size_t c = 0; c < dh; ++c) {
-    const float s = inv[c] / 127.0f;
-    const bool ok = s > 0.0f && std::isfinite(s);
-    scales[c] = ok ? s : 0.0f;
-    inv[c] = ok ? 1.0f / s : 0.0f;
+    const ScalePair s = usable_scale(inv[c] / 127.0f);
+    scales[c] = s.scale;
+    inv[c] = s.inv;
   }
   buf.f.reserve_scratch(T * dh);
   for (size_t t = 0; t < T; ++t)
@@ -255,7 +253,7 @@ void attend_q8(const KernelTable& kt, const AttnGeometry& g, size_t rows, const 
   buf.q.reserve_scratch(rows * g.kt);
   kt.softmax_q8(rows, g.T, g.kt, s, g.T, buf.q.data(), g.kt, a_scale.data());
   kt.qd8_f32_qc8w_gemm(rows, g.dh, g.kt, buf.q.data(), g.kt, a_scale.data(), packed + g.k_bytes,
-                       scales + num_panels(g.T) * kNR, nullptr, o, o_stride);
+                       scales + g.k_scales, nullptr, o, o_stride);
 }
 
 }  // namespace
@@ -468,7 +466,7 @@ class Runner {
           int8_t* packed = ws.kv_q8.data() + ih * g.q8_bytes;
           float* scales = ws.kv_scales.data() + ih * g.q8_scales;
           if (is_v)
-            pack_v_q8(*ctx_.kt, g, k + D, 3 * D, packed + g.k_bytes, scales + num_panels(T) * kNR);
+            pack_v_q8(*ctx_.kt, g, k + D, 3 * D, packed + g.k_bytes, scales + g.k_scales);
           else
             pack_k_q8(*ctx_.kt, g, k, 3 * D, packed, scales);
         } else if (!is_v)

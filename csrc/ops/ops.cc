@@ -220,10 +220,9 @@ void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, si
     for (size_t r = 0; r < M; ++r) out.scale[r] = scales[r];
   }
   for (size_t r = 0; r < M; ++r) {
-    const float s = out.scale[r];
-    const bool ok = s > 0.0f && std::isfinite(s);
-    out.scale[r] = ok ? s : 0.0f;
-    out.inv_scale[r] = ok ? 1.0f / s : 0.0f;
+    const ScalePair s = usable_scale(out.scale[r]);
+    out.scale[r] = s.scale;
+    out.inv_scale[r] = s.inv;
   }
   const size_t rows_per_task = ceil_div(M, task_count(M * K, kMinTaskElems, ctx.threads));
   ThreadPool::global().run(ceil_div(M, rows_per_task), ctx.threads, [&](size_t t) {

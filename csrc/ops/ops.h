@@ -3,6 +3,7 @@
 // call these; nothing here depends on Python.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -57,6 +58,16 @@ struct QuantizedActs {
 };
 
 enum class ScaleMode { kDynamicTensor, kDynamicRow, kGiven };
+
+// The quantiser's scale rule: a scale that is not positive and finite becomes 0, and so does
+// its inverse, so that it quantises to 0 (quantize_acts; int8 attention's operands too).
+struct ScalePair {
+  float scale, inv;
+};
+inline ScalePair usable_scale(float s) {
+  const bool ok = s > 0.0f && std::isfinite(s);
+  return {ok ? s : 0.0f, ok ? 1.0f / s : 0.0f};
+}
 
 struct RunContext {
   const KernelTable* kt;
