@@ -187,6 +187,7 @@ def test_model_latency(request, benchmark, model_bench, model_name, runtime, bat
                                  "w8a8_attn8_effective_gops", "w8a8_attn8_frac_of_int8_peak"),
         "pyruntime-fp32": ("fp32_over_ort_fp32", "fp32_over_torch_fp32"),
         "pyruntime-w4a8": ("w4a8_over_ort_int4",),
+        "ort-int8": ("ort_int8_frac_of_int8_peak", "half_ort_int8_needs_frac_of_int8_peak"),
     }.get(runtime, ())
     for k in wanted:
         info[k] = r[k]
