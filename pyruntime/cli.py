@@ -123,10 +123,17 @@ def _print_latency_table(table) -> None:
         print(f"  {name:28s}{ms}" + "".join(f"{per[b] / per[32]:9.2f}" if per[32] else f"{'-':>9s}" for b in ratios))
     print(f"  fixed (non-linear ops): embed {table.embed * 1e3:.4f} ms; blocks "
           + " ".join(f"{s * 1e3:.4f}" for s in table.blocks) + " ms")
+    for a, per in table.attention.items():
+        print(f"  attention ({'fp32' if a == 32 else f'int{a}'}) per block: " + " ".join(f"{s * 1e3:.4f}" for s in per)
+              + " ms")
     exits = range(table.arch["depth"] - 1)
-    for b in bits:
-        print(f"  total w{b}: {table.static(uniform_graph(table.arch, b, exits)) * 1e3:.4f} ms/image with every exit "
-              f"head, {table.static(uniform_graph(table.arch, b)) * 1e3:.4f} ms without exits")
+    for a in table.attention:
+        for b in bits:
+            full, bare = uniform_graph(table.arch, b, exits), uniform_graph(table.arch, b)
+            if a != 32:
+                full["attention"] = bare["attention"] = {"bits": a}
+            print(f"  total w{b}{'' if a == 32 else f' + int{a} attention'}: {table.static(full) * 1e3:.4f} ms/image "
+                  f"with every exit head, {table.static(bare) * 1e3:.4f} ms without exits")
 
 
 def _write_latency_table(args, x: np.ndarray, model) -> None:
@@ -135,7 +142,7 @@ def _write_latency_table(args, x: np.ndarray, model) -> None:
     images = x if x.dtype == np.float32 else model.preprocess(x)
     table = profile_latency(args.model, [p.strip() for p in args.precisions.split(",")], runs=args.runs,
                             warmup=args.warmup, num_threads=args.threads, isa=args.isa,
-                            images=images if args.images else None)
+                            images=images if args.images else None, int8_attention=args.int8_attention)
     table.save(args.latency_table)
     _print_latency_table(table)
     print(f"wrote {args.latency_table}")
@@ -229,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and write the table calibrators use for cost 'latency'")
     b.add_argument("--precisions", default="fp32,w8a8,w4a8", help="for --latency-table: comma-separated of "
                                                                    "fp32, w8a8, w4a8")
+    b.add_argument("--no-int8-attention", dest="int8_attention", action="store_false",
+                   help="for --latency-table: time attention in fp32 only (by default int8 attention is timed "
+                        "too, in one more interleaved W8A8 run)")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the README's main job on the shipped reference model")

@@ -8,12 +8,17 @@ image at batch 1, measured by :func:`profile_latency` (``pyruntime bench MODEL -
 
 * every linear layer (``patch_embed``, each block's qkv/proj/fc1/fc2, the exit heads
   ``exits.<b>.fc``, ``head`` and ``head_dist``) at each profiled weight bit-width (32, 8, 4);
-* per block, its non-linear ops (norm1, attention core, residual adds, norm2, GELU), the same
-  code at every bit-width, so averaged over the profiled precisions;
+* per block, its attention core (q.k^T, softmax, attn.v) at each profiled attention precision:
+  fp32 (averaged over the weight precisions' runs, the same code in each) and, unless left out,
+  int8 (``attention.bits`` 8, timed in a W8A8 run with int8 attention);
+* per block, its other non-linear ops (norm1, residual adds, norm2, GELU), the same code at
+  every bit-width, so averaged over the profiled precisions;
 * the embedding's non-linear ops (patch unfold, token assembly + position embedding).
 
-Attention is measured in fp32: a graph with int8 attention (``attention.bits`` 8) is refused
-by :meth:`LatencyTable.check` rather than predicted with the wrong attention time.
+A graph whose attention precision the table did not profile is refused by
+:meth:`LatencyTable.check` rather than predicted with the wrong attention time. A version-1
+table (before attention was kept apart) reads with its fp32 attention inside ``blocks`` and
+``attention`` {32: zeros}: the same sums for fp32 attention, and int8 attention refused.
 
 Only the weight bits change the kernel: activations are stored as int8 whatever ``a_bits``
 (4..8) says, so ``a_bits`` changes values, not time, and the table is keyed by ``w_bits``
@@ -58,17 +63,19 @@ import numpy as np
 from ._atomic import atomic_write_bytes
 from .bops import GraphOrPath, _check_reach, _graph
 from .modelfile import attention_bits, check_graph, graph_layer_names, linear_tensors, read_model
-from .policy import LayerPolicy, Policy
+from .policy import ATTN_BITS, LayerPolicy, Policy
 
 __all__ = ["TABLE_VERSION", "PRECISIONS", "LatencyTable", "requantize", "profiling_model", "profile_latency",
            "uniform_graph", "cpu_model"]
 
 TABLE_FORMAT = "pyruntime-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: attention kept apart from blocks, per attention precision; 1 still reads
 PRECISIONS = {"fp32": 32, "w8a8": 8, "w4a8": 4}  # profiled precision -> the weight bits it measures
+ATTN8_RUN = "w8a8-attn8"  # the extra profiled run whose attention cores give attention[8]
 TICK = 2.0 ** -40  # seconds; see the module docstring
 EMBED_OPS = ("patch_embed.unfold", "embed")
-BLOCK_OPS = ("norm1", "attn.core", "residual1", "norm2", "mlp.gelu", "residual2")
+ATTENTION_OP = "attn.core"
+BLOCK_OPS = ("norm1", "residual1", "norm2", "mlp.gelu", "residual2")
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 HEAD_LINEARS = ("head", "head_dist")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -110,8 +117,8 @@ def _require_fp32(graph: Mapping) -> None:
 
 def requantize(graph: Mapping, tensors: Mapping[str, np.ndarray], policy) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(graph, tensors) of an fp32 model with every linear re-quantised to ``policy``'s bits
-    (a Policy, shorthand or JSON path), identical to what ``pyruntime.convert`` writes for that
-    policy. Only bits change: a policy with exits, a predictor or gates needs the converter,
+    and its attention at the policy's precision (a Policy, shorthand or JSON path), identical
+    to what ``pyruntime.convert`` writes for that policy. Only bits change: a policy with exits, a predictor or gates needs the converter,
     and so does a model with QuEE gates."""
     from .convert import as_policy
 
@@ -130,6 +137,9 @@ def requantize(graph: Mapping, tensors: Mapping[str, np.ndarray], policy) -> Tup
         out.update(linear_tensors(name, w, bias, layers[name]))
     g = copy.deepcopy(dict(graph))
     g["layers"] = {name: layers[name].to_dict() for name in names}
+    g.pop("attention", None)
+    if pol.attn_bits != 32:  # as the converter writes it
+        g["attention"] = {"bits": pol.attn_bits}
     return g, out
 
 
@@ -176,9 +186,12 @@ class LatencyTable:
 
     ``arch``: the model's graph arch; ``w_bits``: the weight bit-widths profiled;
     ``layers[name][w_bits]``: every linear of ``arch`` with an exit head after every block
-    0..depth-2; ``blocks[i]``: block i's non-linear ops; ``embed``: the embedding's non-linear
-    ops; ``meta``: how it was measured (ISA, threads, runs, CPU, date, ...). Validated on
-    construction (ValueError naming the problem); values are put on the 2**-40 s grid.
+    0..depth-2; ``blocks[i]``: block i's non-linear ops but attention; ``embed``: the
+    embedding's non-linear ops; ``meta``: how it was measured (ISA, threads, runs, CPU, date,
+    ...); ``attention[bits][i]``: block i's attention core at each profiled attention precision
+    (32 required; None: {32: zeros}, i.e. ``blocks`` include fp32 attention, as a version-1 table
+    does). Validated on construction (ValueError naming the problem); values are put on the
+    2**-40 s grid.
     """
 
     arch: dict
@@ -187,6 +200,7 @@ class LatencyTable:
     blocks: List[float]
     embed: float
     meta: dict = field(default_factory=dict)
+    attention: Optional[Dict[int, List[float]]] = None
 
     def __post_init__(self) -> None:
         try:
@@ -200,6 +214,7 @@ class LatencyTable:
         if not isinstance(self.blocks, (list, tuple)) or len(self.blocks) != depth:
             raise ValueError(f"latency table: blocks must list one value per block ({depth})")
         self.blocks = [_seconds(v, f"block {i}") for i, v in enumerate(self.blocks)]
+        self.attention = self._check_attention(self.attention, depth)
         self.embed = _seconds(self.embed, "embed")
         if not isinstance(self.meta, Mapping):
             raise ValueError("latency table: meta must be an object")
@@ -213,6 +228,23 @@ class LatencyTable:
             raise ValueError(f"latency table: w_bits must be distinct values of {sorted(PRECISIONS.values())}, "
                              f"got {w_bits!r}")
         return tuple(int(b) for b in bits)
+
+    @staticmethod
+    def _check_attention(attention, depth: int) -> Dict[int, List[float]]:
+        if attention is None:
+            return {32: [0.0] * depth}
+        if not isinstance(attention, Mapping):
+            raise ValueError("latency table: attention must be an object {bits: [seconds per block]}")
+        out: Dict[int, List[float]] = {}
+        for b, per in attention.items():
+            if isinstance(b, bool) or b not in ATTN_BITS:
+                raise ValueError(f"latency table: attention bits must be some of {list(ATTN_BITS)}, got {b!r}")
+            if not isinstance(per, (list, tuple)) or len(per) != depth:
+                raise ValueError(f"latency table: attention at {b} bits must list one value per block ({depth})")
+            out[int(b)] = [_seconds(v, f"attention at {b} bits, block {i}") for i, v in enumerate(per)]
+        if 32 not in out:
+            raise ValueError("latency table: attention must include fp32 (32), which every profile times")
+        return dict(sorted(out.items(), reverse=True))
 
     def _check_layers(self, layers, names: Sequence[str]) -> Dict[str, Dict[int, float]]:
         if not isinstance(layers, Mapping):
@@ -250,9 +282,10 @@ class LatencyTable:
         """The validated graph, or ValueError if this table was profiled on another model:
         naming the first layer the table lacks, else the arch fields that differ."""
         graph = _graph(graph)
-        if attention_bits(graph) != 32:
-            raise ValueError("latency tables measure fp32 attention; a graph with int8 attention "
-                             "(attention.bits 8) is not covered")
+        bits = attention_bits(graph)
+        if bits not in self.attention:
+            raise ValueError(f"latency table has no {bits}-bit attention (it profiled attention at "
+                             f"{list(self.attention)} bits); profile with int8 attention too")
         for name in graph_layer_names(graph):
             if name not in self.layers:
                 raise ValueError(f"latency table has no layer {name!r}: it was profiled on another model "
@@ -267,7 +300,7 @@ class LatencyTable:
         """(embed, per-block [depth], per-exit-block {b}, final heads) seconds at ``graph``'s bits."""
         graph = self.check(graph)
         embed, head = self.embed, 0.0
-        blocks = np.asarray(self.blocks, dtype=np.float64)
+        blocks = np.asarray(self.blocks, dtype=np.float64) + np.asarray(self.attention[attention_bits(graph)])
         exits: Dict[int, float] = {}
         for name in graph_layer_names(graph):
             s = self.layer(name, graph["layers"][name]["w_bits"])
@@ -282,8 +315,8 @@ class LatencyTable:
         return embed, blocks, exits, head
 
     def block_latency(self, graph: GraphOrPath) -> np.ndarray:
-        """Seconds of one image through each block (its linears and non-linear ops; no exit
-        heads) at ``graph``'s bits, [depth]."""
+        """Seconds of one image through each block (its linears, attention and other non-linear
+        ops; no exit heads) at ``graph``'s bits, [depth]."""
         return self._buckets(graph)[1]
 
     def static(self, graph: GraphOrPath) -> float:
@@ -304,6 +337,7 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "unit": "s", "arch": self.arch,
                 "w_bits": list(self.w_bits), "embed": self.embed, "blocks": list(self.blocks),
+                "attention": {str(b): list(per) for b, per in self.attention.items()},
                 "layers": {n: {str(b): s for b, s in per.items()} for n, per in self.layers.items()},
                 "meta": self.meta}
 
@@ -312,9 +346,13 @@ class LatencyTable:
         if not isinstance(d, Mapping) or d.get("format") != TABLE_FORMAT:
             raise ValueError(f"not a pyruntime latency table (no \"format\": \"{TABLE_FORMAT}\")")
         version = d.get("version")
-        if version != TABLE_VERSION or isinstance(version, bool):
+        if version not in (1, TABLE_VERSION) or isinstance(version, bool):
             raise ValueError(f"latency table version {version!r} is not supported (this pyruntime reads "
-                             f"version {TABLE_VERSION})")
+                             f"versions 1..{TABLE_VERSION})")
+        if version == 1 and "attention" in d:
+            raise ValueError("latency table version 1 has no 'attention' (its blocks include fp32 attention)")
+        if version >= 2 and "attention" not in d:
+            raise ValueError(f"latency table lacks ['attention'] (version {version})")
         missing = [k for k in ("arch", "w_bits", "embed", "blocks", "layers") if k not in d]
         if missing:
             raise ValueError(f"latency table lacks {missing}")
@@ -326,8 +364,14 @@ class LatencyTable:
                 layers = {n: {int(b): s for b, s in per.items()} for n, per in layers.items()}
             except (AttributeError, TypeError, ValueError):
                 raise ValueError("latency table: layers must be {layer: {w_bits: seconds}}") from None
+        attention = d.get("attention")
+        if isinstance(attention, Mapping):
+            try:
+                attention = {int(b): per for b, per in attention.items()}
+            except (TypeError, ValueError):
+                raise ValueError("latency table: attention must be {bits: [seconds per block]}") from None
         return cls(arch=d["arch"], w_bits=d["w_bits"], layers=layers, blocks=d["blocks"], embed=d["embed"],
-                   meta=d.get("meta", {}))
+                   meta=d.get("meta", {}), attention=attention)
 
     def save(self, path: PathLike) -> None:
         """Write the versioned JSON atomically (temporary file + fsync + rename)."""
@@ -373,12 +417,14 @@ def _profile_images(graph: Mapping, images: Optional[np.ndarray]) -> np.ndarray:
 
 
 def _op_owner(graph: Mapping) -> Dict[str, Tuple[str, object]]:
-    """Where each timed op's seconds go: ("embed", None), ("block", i) or ("layers", [names])."""
+    """Where each timed op's seconds go: ("embed", None), ("block", i), ("attention", i) or
+    ("layers", [names])."""
     depth = graph["arch"]["depth"]
     owner: Dict[str, Tuple[str, object]] = {op: ("embed", None) for op in EMBED_OPS}
     owner["patch_embed"] = ("layers", ["patch_embed"])
     for i in range(depth):
         owner.update({f"blocks.{i}.{op}": ("block", i) for op in BLOCK_OPS})
+        owner[f"blocks.{i}.{ATTENTION_OP}"] = ("attention", i)
         owner.update({f"blocks.{i}.{op}": ("layers", [f"blocks.{i}.{op}"]) for op in BLOCK_LINEARS})
     for e in graph["exits"]:
         owner[f"exits.{e['block']}"] = ("layers", [f"exits.{e['block']}.fc"])
@@ -426,16 +472,20 @@ def cpu_model() -> str:
 
 
 def _table(graph: Mapping, medians: Mapping[str, Mapping[str, float]], bits: Mapping[str, int],
-           meta: dict) -> LatencyTable:
+           meta: dict, attn8: Optional[Mapping[str, float]] = None) -> LatencyTable:
     """Median per-op seconds per precision -> a table: each linear op charged to its
-    layer(s), the other ops averaged over the precisions into their block or the embedding."""
+    layer(s), the other ops averaged over the precisions into their block, attention or the
+    embedding. ``attn8``: the median per-op seconds of a run with int8 attention, of which only
+    the attention cores are kept."""
     owner = _op_owner(graph)
-    for p, ops in medians.items():
+    for p, ops in [*medians.items(), *([("int8 attention", attn8)] if attn8 is not None else [])]:
         if set(ops) != set(owner):
             raise ValueError(f"the executor timed ops {sorted(set(ops) ^ set(owner))} that the latency table does "
                              f"not expect (precision {p})")
+    depth = graph["arch"]["depth"]
     layers: Dict[str, Dict[int, float]] = {}
-    blocks = [0.0] * graph["arch"]["depth"]
+    blocks = [0.0] * depth
+    attention = {32: [0.0] * depth, **({8: [0.0] * depth} if attn8 is not None else {})}
     embed = 0.0
     for op, (kind, where) in owner.items():
         if kind == "layers":
@@ -445,9 +495,13 @@ def _table(graph: Mapping, medians: Mapping[str, Mapping[str, float]], bits: Map
         s = float(np.mean([medians[p][op] for p in medians]))
         if kind == "block":
             blocks[where] += s
+        elif kind == "attention":
+            attention[32][where] = s
+            if attn8 is not None:
+                attention[8][where] = attn8[op]
         else:
             embed += s
-    return LatencyTable(graph["arch"], tuple(bits.values()), layers, blocks, embed, meta)
+    return LatencyTable(graph["arch"], tuple(bits.values()), layers, blocks, embed, meta, attention)
 
 
 def _read(source) -> Tuple[dict, Dict[str, np.ndarray], str]:
@@ -462,14 +516,16 @@ def _read(source) -> Tuple[dict, Dict[str, np.ndarray], str]:
 
 def profile_latency(source, precisions: Sequence[str] = ("fp32", "w8a8", "w4a8"), runs: int = 100,
                     warmup: int = 5, num_threads: Optional[int] = None, isa: Optional[str] = None,
-                    images: Optional[np.ndarray] = None) -> LatencyTable:
+                    images: Optional[np.ndarray] = None, int8_attention: bool = True) -> LatencyTable:
     """Measure a :class:`LatencyTable` of an fp32 model (a file path or ``(graph, tensors)``).
 
     For each precision every linear -- patch embedding and heads included, so scope ``all``
     allocations are covered -- is re-quantised to its weight bits; batch-1 images (``images``:
     normalised float32 [N, C, H, W], taken in turn; default 8 random ones) run with every exit
-    head evaluated and the executor's per-op timers on. Each value is the median over
-    ``runs`` runs (after ``warmup``) of that op, precisions interleaved run by run.
+    head evaluated and the executor's per-op timers on. ``int8_attention``: also time the
+    attention cores with int8 attention (a W8A8 run with ``attention.bits`` 8, interleaved with
+    the others). Each value is the median over ``runs`` runs (after ``warmup``) of that op,
+    precisions interleaved run by run.
     """
     from . import _core
 
@@ -480,17 +536,24 @@ def profile_latency(source, precisions: Sequence[str] = ("fp32", "w8a8", "w4a8")
     graph, tensors, name = _read(source)
     base_graph, base_tensors, synthesised = profiling_model(graph, tensors)
     x = _profile_images(base_graph, images)
+    if not isinstance(int8_attention, (bool, np.bool_)):
+        raise ValueError(f"int8_attention must be a bool, got {int8_attention!r}")
     executors = {}
     for p, b in bits.items():
         g, t = requantize(base_graph, base_tensors, Policy(default=LayerPolicy(w_bits=b), name=p))
         executors[p] = _core.Executor(g, t)
+    if int8_attention:
+        g, t = requantize(base_graph, base_tensors, Policy(default=LayerPolicy(w_bits=8), attn_bits=8, name=ATTN8_RUN))
+        executors[ATTN8_RUN] = _core.Executor(g, t)
     samples, ran_isa = _timed_runs(executors, x, int(runs), int(warmup), num_threads, isa)
     medians = {p: {op: float(np.median(v)) for op, v in ops.items()} for p, ops in samples.items()}
+    attn8 = medians.pop(ATTN8_RUN, None)
     from . import __version__
 
     meta = {"model": name, "isa": ran_isa, "threads": num_threads if num_threads is not None else "default",
             "physical_cores": int(_core.physical_cores()), "batch": 1, "runs": int(runs), "warmup": int(warmup),
-            "statistic": "median per op", "precisions": list(bits), "cpu": cpu_model(),
+            "statistic": "median per op", "precisions": list(bits),
+            "attention_bits": [32, 8] if int8_attention else [32], "cpu": cpu_model(),
             "machine": platform.machine(), "synthesised_exits": synthesised, "pyruntime_version": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    return _table(base_graph, medians, bits, meta)
+    return _table(base_graph, medians, bits, meta, attn8)

@@ -20,13 +20,15 @@ from pyruntime.policy import ExitPolicy, LayerPolicy, Policy
 EXIT = {"block": 0, "rule": "confidence", "threshold": 0.9}
 
 
-def synthetic_table(arch, seed=0, w_bits=(32, 8, 4)):
+def synthetic_table(arch, seed=0, w_bits=(32, 8, 4), attention_bits=(32, 8)):
     """A table with made-up, non-round seconds for every layer of ``arch``."""
     rng = np.random.default_rng(seed)
     names = graph_layer_names(uniform_graph(arch, 32, range(arch["depth"] - 1)))
     layers = {n: {b: float(rng.random() * 1e-4) for b in w_bits} for n in names}
     blocks = [float(v) for v in rng.random(arch["depth"]) * 1e-4]
-    return LatencyTable(arch, tuple(w_bits), layers, blocks, float(rng.random() * 1e-5), {"source": "synthetic"})
+    attention = {b: [float(v) for v in rng.random(arch["depth"]) * 1e-4] for b in attention_bits}
+    return LatencyTable(arch, tuple(w_bits), layers, blocks, float(rng.random() * 1e-5), {"source": "synthetic"},
+                        attention)
 
 
 def write_file(path, graph, seed=0):
@@ -52,19 +54,26 @@ def test_profile_covers_every_layer_and_precision(profiled):
         for b in (32, 8, 4):
             assert table.layer(name, b) > 0, (name, b)
     assert table.embed > 0 and all(s > 0 for s in table.blocks)
+    assert list(table.attention) == [32, 8] and all(s > 0 for b in (32, 8) for s in table.attention[b])
     assert table.meta["synthesised_exits"] == [1]  # the graph has its own head at block 0 only
     assert table.meta["batch"] == 1 and table.meta["runs"] == 3 and table.meta["precisions"] == ["fp32", "w8a8", "w4a8"]
+    assert table.meta["attention_bits"] == [32, 8]
     assert table.check(graph) is not None
     assert table.static(graph) > 0
 
 
 def test_profile_of_a_file_at_one_precision_with_a_distilled_head(tmp_path):
     path = write_file(tmp_path / "m.pyrt", tiny_graph(dist_token=True))
-    table = profile_latency(path, precisions=["w4a8"], runs=2, warmup=0, num_threads=1)
+    table = profile_latency(path, precisions=["w4a8"], runs=2, warmup=0, num_threads=1, int8_attention=False)
     assert table.w_bits == (4,) and table.meta["model"] == "m.pyrt" and table.meta["threads"] == 1
     assert table.layer("head", 4) == table.layer("head_dist", 4) > 0  # one timed op, split evenly
     with pytest.raises(ValueError, match="no 8-bit weights"):
         table.layer("head", 8)
+    assert list(table.attention) == [32] and table.meta["attention_bits"] == [32]
+    w4 = uniform_graph(table.arch, 4)
+    table.static(w4)
+    with pytest.raises(ValueError, match="no 8-bit attention"):
+        table.static(dict(w4, attention={"bits": 8}))
 
 
 def test_quantised_model_file_cannot_be_profiled(tmp_path):
@@ -76,7 +85,8 @@ def test_quantised_model_file_cannot_be_profiled(tmp_path):
 @pytest.mark.parametrize("kw, match", [({"precisions": ["w2a8"]}, "precisions"),
                                        ({"precisions": ["fp32", "fp32"]}, "repeat"),
                                        ({"runs": 0}, "runs"),
-                                       ({"images": np.zeros((2, 1, 4, 4), np.float32)}, "float32")])
+                                       ({"images": np.zeros((2, 1, 4, 4), np.float32)}, "float32"),
+                                       ({"int8_attention": "yes"}, "int8_attention")])
 def test_profile_arguments_are_checked(kw, match):
     graph = tiny_graph()
     with pytest.raises(ValueError, match=match):
@@ -103,6 +113,10 @@ def test_requantize_changes_only_the_linears():
     assert "blocks.0.attn.qkv.weight.q4" in t and "blocks.0.attn.qkv.weight" not in t
     assert t["blocks.0.norm1.weight"] is tensors["blocks.0.norm1.weight"]
     assert graph["layers"]["blocks.0.attn.qkv"]["w_bits"] == 32  # the input is left alone
+    assert "attention" not in g
+    g8, _ = requantize(graph, tensors, "w4a8-attn8")
+    assert g8["attention"] == {"bits": 8} and "attention" not in graph
+    assert "attention" not in requantize(dict(graph, attention={"bits": 8}), tensors, "w8a8")[0]
 
 
 def test_requantize_refuses_what_it_cannot_do():
@@ -132,7 +146,7 @@ def test_requantized_tensors_equal_what_convert_writes(tmp_path):
     bits = Policy(layers={"patch_embed": LayerPolicy(8), "blocks.0.*": LayerPolicy(4, 6),
                           "blocks.1.mlp.fc2": LayerPolicy(4, block_size=64),
                           "blocks.2.attn.qkv": LayerPolicy(8, scale="static", static_scale=0.05),
-                          "exits.1.fc": LayerPolicy(4), "head": LayerPolicy(8)}, name="mixed")
+                          "exits.1.fc": LayerPolicy(4), "head": LayerPolicy(8)}, name="mixed", attn_bits=8)
     with_exit = copy.deepcopy(bits)
     with_exit.exits = [ExitPolicy(1)]
     fp32 = Policy(exits=[ExitPolicy(1)], name="fp32")
@@ -159,7 +173,7 @@ def test_expected_matches_a_hand_sum_and_falls_with_reach():
     t = synthetic_table(graph["arch"])
 
     def block(i):
-        return t.blocks[i] + sum(t.layer(f"blocks.{i}.{k}", 4 if (i, k) == (2, "attn.proj") else 32)
+        return t.blocks[i] + t.attention[32][i] + sum(t.layer(f"blocks.{i}.{k}", 4 if (i, k) == (2, "attn.proj") else 32)
                                  for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
 
     reach = [1.0, 0.5, 0.25]
@@ -173,10 +187,13 @@ def test_expected_matches_a_hand_sum_and_falls_with_reach():
         t.expected(graph, [0.5, 0.5, 0.5])
 
 
-def test_static_is_an_exact_sum():
+@pytest.mark.parametrize("attn_bits", [32, 8])
+def test_static_is_an_exact_sum(attn_bits):
     graph = tiny_graph(depth=3, exits=[EXIT])
+    if attn_bits == 8:
+        graph["attention"] = {"bits": 8}
     t = synthetic_table(graph["arch"])
-    parts = [t.embed, *t.blocks] + [t.layer(n, 32) for n in graph_layer_names(graph)]
+    parts = [t.embed, *t.blocks, *t.attention[attn_bits]] + [t.layer(n, 32) for n in graph_layer_names(graph)]
     assert t.static(graph) == math.fsum(parts) == sum(parts) == sum(reversed(parts))
 
 
@@ -188,13 +205,17 @@ def test_table_of_another_model_is_refused():
         t.static(tiny_graph(mlp_hidden=32))
 
 
-def test_int8_attention_is_not_predicted_with_fp32_attention_times():
+def test_int8_attention_takes_its_own_times_and_is_refused_where_not_profiled():
     graph = tiny_graph(depth=2)
     t = synthetic_table(graph["arch"])
-    t.static(graph)
+    fp32_attention = t.static(graph)
     graph["attention"] = {"bits": 8}
-    with pytest.raises(ValueError, match="int8 attention"):
-        t.static(graph)
+    d = [a8 - a32 for a8, a32 in zip(t.attention[8], t.attention[32])]
+    assert t.static(graph) == pytest.approx(fp32_attention + sum(d), rel=1e-12)
+    assert np.allclose(t.block_latency(graph) - t.block_latency(tiny_graph(depth=2)), d, rtol=0, atol=1e-15)
+    t32 = synthetic_table(graph["arch"], attention_bits=(32,))
+    with pytest.raises(ValueError, match="no 8-bit attention"):
+        t32.static(graph)
 
 
 # --- JSON -------------------------------------------------------------------------------------------
@@ -214,7 +235,13 @@ def _broken(table, edit):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.update(version=3), "version 3 is not supported"),
+    (lambda d: d.pop("attention"), r"lacks \['attention'\]"),
+    (lambda d: d["attention"].pop("32"), "must include fp32"),
+    (lambda d: d["attention"].update({"16": d["attention"]["8"]}), "attention bits must be"),
+    (lambda d: d["attention"]["8"].pop(), "attention at 8 bits must list one value per block"),
+    (lambda d: d["attention"]["8"].__setitem__(0, float("nan")), "attention at 8 bits, block 0 must be finite"),
+    (lambda d: d.update(version=1), "version 1 has no 'attention'"),
     (lambda d: d.update(format="something"), "not a pyruntime latency table"),
     (lambda d: d.pop("blocks"), r"lacks \['blocks'\]"),
     (lambda d: d["layers"].pop("blocks.1.mlp.fc2"), "missing layer 'blocks.1.mlp.fc2'"),
@@ -233,6 +260,37 @@ def test_invalid_tables_are_named(profiled, tmp_path, edit, match):
     path.write_text(json.dumps(_broken(table, edit)))
     with pytest.raises(ValueError, match=match):
         LatencyTable.load(path)
+
+
+def _as_version_1(table):
+    """``table`` as a version-1 file has it: fp32 attention folded into blocks."""
+    d = json.loads(json.dumps(table.to_dict()))
+    d["version"] = 1
+    d["blocks"] = [b + a for b, a in zip(d["blocks"], d.pop("attention")["32"])]
+    return d
+
+
+def test_version_1_tables_still_read(tmp_path):
+    graph = tiny_graph(depth=3, exits=[EXIT])
+    t = synthetic_table(graph["arch"])
+    (tmp_path / "v1.json").write_text(json.dumps(_as_version_1(t)))
+    v1 = LatencyTable.load(tmp_path / "v1.json")
+    assert list(v1.attention) == [32] and v1.attention[32] == [0.0] * 3
+    assert v1.static(graph) == pytest.approx(t.static(graph), rel=1e-12)
+    graph["attention"] = {"bits": 8}
+    with pytest.raises(ValueError, match="no 8-bit attention"):
+        v1.static(graph)
+    assert LatencyTable.from_dict(v1.to_dict()) == v1 and v1.to_dict()["version"] == 2
+
+
+def test_the_committed_version_1_table_reads():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "results" / "exits" / "latency_table.json"
+    if json.loads(path.read_text())["version"] != 1:
+        pytest.skip("results/exits/latency_table.json has been re-profiled since version 1")
+    table = LatencyTable.load(path)
+    assert table.static(uniform_graph(table.arch, 8)) > 0
 
 
 def test_not_json(tmp_path):
@@ -298,9 +356,15 @@ def test_cli_writes_a_loadable_table(tmp_path, capsys):
     assert main(["bench", str(path), "--profile", "--runs", "3", "--warmup", "0", "--latency-table", str(out)]) == 0
     text = capsys.readouterr().out
     assert "per-op time" in text and "w8/fp32" in text and "total w4" in text and f"wrote {out}" in text
+    assert "attention (int8) per block" in text and "total w8 + int8 attention" in text
     table = LatencyTable.load(out)
-    assert table.meta["runs"] == 3 and table.static(graph) > 0
+    assert table.meta["runs"] == 3 and table.static(graph) > 0 and list(table.attention) == [32, 8]
     assert table.static(path) == table.static(graph)
+    assert table.static(dict(graph, attention={"bits": 8})) > 0
+    assert main(["bench", str(path), "--profile", "--runs", "2", "--warmup", "0", "--no-int8-attention",
+                 "--latency-table", str(out)]) == 0
+    assert "int8" not in capsys.readouterr().out.split("latency table (")[1]
+    assert list(LatencyTable.load(out).attention) == [32]
 
 
 def test_cli_latency_table_needs_profile_and_an_fp32_model(tmp_path, capsys):
