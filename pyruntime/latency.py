@@ -118,8 +118,8 @@ def _require_fp32(graph: Mapping) -> None:
 def requantize(graph: Mapping, tensors: Mapping[str, np.ndarray], policy) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(graph, tensors) of an fp32 model with every linear re-quantised to ``policy``'s bits
     and its attention at the policy's precision (a Policy, shorthand or JSON path), identical
-    to what ``pyruntime.convert`` writes for that policy. Only bits change: a policy with exits, a predictor or gates needs the converter,
-    and so does a model with QuEE gates."""
+    to what ``pyruntime.convert`` writes for that policy. Only bits change: a policy with
+    exits, a predictor or gates needs the converter, and so does a model with QuEE gates."""
     from .convert import as_policy
 
     pol = as_policy(policy)
