@@ -92,6 +92,7 @@ __all__ = [
     "GATE_TENSORS",
     "Policy",
     "layer_block",
+    "check_attn_bits",
 ]
 
 POLICY_VERSION = 2
@@ -167,6 +168,14 @@ def _match(table: Mapping[str, Any], name: str, what: str) -> Any:
 
 _BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 _EXIT_LAYER = re.compile(r"^exits\.(\d+)\.fc$")
+
+
+def check_attn_bits(bits: Any) -> int:
+    """``bits`` if it is an attention precision the runtime has (8 or 32), else PolicyError
+    (a ValueError) naming it."""
+    if isinstance(bits, bool) or bits not in ATTN_BITS:
+        raise PolicyError(f"attention bits must be one of {list(ATTN_BITS)} (32: fp32, 8: int8), got {bits!r}")
+    return int(bits)
 
 
 def layer_block(name: str, depth: int) -> int:
@@ -420,8 +429,7 @@ class Policy:
     attn_bits: int = 32
 
     def __post_init__(self) -> None:
-        if isinstance(self.attn_bits, bool) or self.attn_bits not in ATTN_BITS:
-            raise PolicyError(f"attention bits must be one of {list(ATTN_BITS)}, got {self.attn_bits!r}")
+        check_attn_bits(self.attn_bits)
 
     # -- serialisation ------------------------------------------------------------------
 

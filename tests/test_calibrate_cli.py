@@ -212,3 +212,53 @@ def test_convert_reference_with_a_calibrated_policy(exit_checkpoint, tmp_path, c
     capsys.readouterr()
     assert main(["convert", "reference", str(out), "--checkpoint", str(exit_checkpoint), "--exits", "x.safetensors"]) == 2
     assert "--exits does not apply" in capsys.readouterr().err
+
+
+# --- --attention ---------------------------------------------------------------------------------------
+
+def test_attention_flag_end_to_end(checkpoint, tmp_path, capsys):
+    """``--attention 8``: the policy has int8 attention, ``1x`` is W8A8's cost at int8
+    attention, and the printed BOPs are the converted file's."""
+    src = reference_source(checkpoint)
+    out = tmp_path / "u8.json"
+    assert calibrate(checkpoint, out, "--method", "uniform", "--budget-bops", "1x", "--attention", "8") == 0
+    text = capsys.readouterr().out
+    policy = Policy.load(out)
+    assert policy.attn_bits == 8 and policy.name == "w8a8-attn8"
+    static = bops.static(src.convert(tmp_path / "u8.pyrt", policy))
+    assert policy.meta["cost"] == policy.meta["budget"] == static
+    assert f"{static} BOPs per image" in text and "int8 attention" in text
+    out = tmp_path / "lampq8.json"
+    assert calibrate(checkpoint, out, "--method", "lampq", "--budget-bops", "0.9x", "--rounds", "1",
+                     "--attention", "8") == 0
+    policy = Policy.load(out)
+    assert policy.attn_bits == 8
+    assert bops.static(src.convert(tmp_path / "lampq8.pyrt", policy)) == policy.meta["cost"] <= policy.meta["budget"]
+    # the default stays fp32 attention, and its JSON has no attention
+    out = tmp_path / "u32.json"
+    capsys.readouterr()
+    assert calibrate(checkpoint, out, "--method", "uniform") == 0
+    assert "int8 attention" not in capsys.readouterr().out
+    assert Policy.load(out).attn_bits == 32 and "attention" not in json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("bad", ["16", "int8", "8.0"])
+def test_bad_attention_values_are_named(checkpoint, tmp_path, capsys, bad):
+    with pytest.raises(SystemExit):
+        calibrate(checkpoint, tmp_path / "p.json", "--method", "uniform", "--attention", bad)
+    assert "expected 32 (fp32 attention) or 8 (int8 attention)" in capsys.readouterr().err
+
+
+def test_attention_conflicting_with_the_base_is_an_error(checkpoint, exit_checkpoint, tmp_path, capsys):
+    assert calibrate(exit_checkpoint, tmp_path / "q.json", "--method", "quee", "--base", "w8a8-attn8",
+                     "--attention", "32", "--threads", "1") == 2
+    err = capsys.readouterr().err
+    assert "attention bits 32 conflict" in err and "'w8a8-attn8'" in err
+    base = tmp_path / "base.json"
+    assert calibrate(checkpoint, base, "--method", "uniform", "--attention", "8") == 0
+    assert calibrate(checkpoint, tmp_path / "p.json", "--method", "scalepredictor", "--base", str(base),
+                     "--attention", "32") == 2
+    assert "attention bits 32 conflict" in capsys.readouterr().err
+    pred = tmp_path / "pred.json"
+    assert calibrate(checkpoint, pred, "--method", "scalepredictor", "--base", str(base)) == 0
+    assert Policy.load(pred).attn_bits == 8

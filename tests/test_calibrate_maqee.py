@@ -243,3 +243,61 @@ def test_impossible_budget_is_named(setup, calibrated):
         calibrate_maqee(source, data, 1000.0, cfg, exits=exit_heads(model), traces=calibrated[0].traces)
     with pytest.raises(ValueError, match="budget"):
         calibrate_maqee(source, data, -5.0, cfg, exits=exit_heads(model))
+
+
+# --- int8 attention ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def calibrated_attn8(setup, calibrated):
+    model, source, data = setup
+    cfg = MaqeeConfig(**{**calibrated[2].__dict__, "attention": 8})
+    budget = 0.95 * policy_cost(source, uniform_policy(8, 8, attn_bits=8), "bops")
+    return calibrate_maqee(source, data, budget, cfg, exits=exit_heads(model), traces=calibrated[0].traces), budget, cfg
+
+
+def test_int8_attention_is_in_the_policy_and_its_expected_cost(setup, calibrated_attn8, tmp_path):
+    """The expected BOPs MAQEE reports on the fit and held-out images are the runtime's own
+    mean per-image BOPs, which count the attention matmuls at 8 x 8."""
+    model, source, data = setup
+    res, budget, cfg = calibrated_attn8
+    assert res.policy.attn_bits == 8 and res.fit_cost <= budget
+    assert res.held_cost == pytest.approx(res.held_bops, rel=1e-12)
+    path = convert(model, tmp_path / "maqee8.pyrt", policy=res.policy, exits=exit_heads(model), preprocess=PRE)
+    m = pyruntime.load(path)
+    assert m.graph["attention"] == {"bits": 8}
+    fit, _ = data.split(cfg.holdout, cfg.seed)
+    r = m.run(fit.images)
+    assert res.fit_cost == pytest.approx(r.bops.mean(), rel=1e-12)
+    assert res.fit_cost == pytest.approx(bops.expected(path, bops.reach_from_exits(path, r.exit_block)), rel=1e-12)
+
+
+def test_int8_attention_reaches_the_latency_table(setup, calibrated):
+    """Latency budgets ask the table for the graph with int8 attention: a table without it
+    refuses (its ValueError as is), one with it prices the int8 attention cores."""
+    from test_latency import synthetic_table
+
+    model, source, data = setup
+    arch = model_graph(source, Policy())["arch"]
+    cfg = MaqeeConfig(**{**calibrated[2].__dict__, "cost": "latency", "rounds": 1, "attention": 8})
+    fp32_only = synthetic_table(arch, seed=3, attention_bits=(32,))
+    with pytest.raises(ValueError, match="no 8-bit attention"):
+        calibrate_maqee(source, data, 1.0, cfg, costs=CostModel(source, "latency", table=fp32_only),
+                        exits=exit_heads(model), traces=calibrated[0].traces)
+    table = synthetic_table(arch, seed=3)
+    budget = 1.1 * policy_cost(source, uniform_policy(8, 8, attn_bits=8), "latency", table=table)
+    res = calibrate_maqee(source, data, budget, cfg, costs=CostModel(source, "latency", table=table),
+                          exits=exit_heads(model), traces=calibrated[0].traces)
+    assert res.policy.attn_bits == 8 and res.fit_cost <= budget
+    _, held = data.split(cfg.holdout, cfg.seed)
+    g, t = materialise(source, res.policy, exit_heads(model))
+    reach = bops.reach_from_exits(g, run(executor(g, t), held.images)["exit_block"])
+    assert g["attention"] == {"bits": 8}
+    assert res.held_cost == pytest.approx(table.expected(g, reach), rel=1e-12)
+    assert res.held_cost != pytest.approx(table.expected({k: v for k, v in g.items() if k != "attention"}, reach))
+
+
+def test_bad_attention_bits_are_named(setup):
+    model, source, data = setup
+    with pytest.raises(ValueError, match="attention bits"):
+        calibrate_maqee(source, data, 1e9, MaqeeConfig(exit_blocks=EXITS, show_progress=False, attention=16),
+                        exits=exit_heads(model))

@@ -316,3 +316,38 @@ def test_bad_arguments(setup, kw, match):
     model, source, data, _, _ = setup
     with pytest.raises(ValueError, match=match):
         fit_quee(source, data, **dict(dict(gate_blocks=GATES, exits=exit_heads(model)), **kw))
+
+
+# --- int8 attention ---------------------------------------------------------------------------------
+
+def test_int8_attention_from_the_base_policy(setup):
+    """A base with int8 attention (or attention=8) runs and costs every path with it: each
+    continuing path saves the attention matmuls of the blocks it commits to (32x32 -> 8x8);
+    the fp32 normaliser stays the fp32 model's. A conflicting explicit value is refused."""
+    model, source, data, _, _ = setup
+    small = CalibrationData(data.images[:64], data.labels[:64], data.summary)
+    kw = dict(gate_blocks=GATES, reduced=LayerPolicy(4, a_bits=6), topk=2, hidden=4, clusters=4, steps=50,
+              exits=exit_heads(model), num_threads=1)
+    q32, q8 = fit_quee(source, small, **kw), fit_quee(source, small, base="w8a8-attn8", **kw)
+    assert q32.base.attn_bits == 32 and "attention" not in q32.graph
+    assert q8.base.attn_bits == 8 and q8.graph["attention"] == {"bits": 8} and q8.policy(0.1).attn_bits == 8
+    assert q8.fp32_bops == q32.fp32_bops
+    a = source.arch
+    T = (a["img_size"][0] // a["patch_size"][0]) * (a["img_size"][1] // a["patch_size"][1]) + 1
+    per_block = 2 * T * T * a["embed_dim"] * (32 * 32 - 8 * 8)
+    for g32, g8, blocks in zip(q32.gates, q8.gates, (3, 1)):  # gate 1: blocks 2..4 to the end; gate 3: block 4
+        for path in (1, 2):
+            assert g32.cost[path] - g8.cost[path] == pytest.approx(blocks * per_block / q32.fp32_bops, rel=1e-9)
+    # the policy's BOPs are the converted file's
+    from pyruntime.calibrate.common import policy_cost
+    from pyruntime.calibrate.probe import materialise
+
+    pol = q8.policy(0.1)
+    assert policy_cost(source, pol, "bops") == bops.static(materialise(source, pol, exit_heads(model))[0])
+    # attention=8 on an fp32-attention base is the same model
+    q8b = fit_quee(source, small, attention=8, **kw)
+    assert q8b.base.name == "w8a8-attn8" and [g.cost for g in q8b.gates] == [g.cost for g in q8.gates]
+    with pytest.raises(ValueError, match=r"attention bits 32 conflict .*'w8a8-attn8'.*8-bit"):
+        fit_quee(source, small, base="w8a8-attn8", attention=32, **kw)
+    with pytest.raises(ValueError, match="attention bits must be one of"):
+        fit_quee(source, small, attention=4, **kw)

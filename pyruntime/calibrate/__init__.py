@@ -15,4 +15,8 @@ inside their functions; the exit-threshold tools work from the runtime alone.
 * :mod:`.common` -- calibration images, the model source, BOPs/bytes cost model;
   :mod:`.emulate` -- the runtime's quantisation emulated on the torch model.
 * :mod:`.cli` -- ``pyruntime calibrate``.
+
+Every method takes the attention precision (``attention`` / ``--attention``: 32 fp32, the
+default, or 8 int8): it is emulated while measuring, written into the policy and costed
+(:mod:`.common`).
 """

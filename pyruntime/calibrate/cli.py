@@ -6,6 +6,7 @@
     pyruntime calibrate --method maqee --budget-bops 0.5x --max-drop 0.5 --out maqee.json --report
     pyruntime calibrate --method maqee --budget-latency 0.6x --latency-table T.json --out maqee-lat.json
     pyruntime calibrate --method quee --reduced w4a8 --every 3 --lam 0.5 --out quee.json --report
+    pyruntime calibrate --method lampq --budget-bops 0.5x --attention 8 --out lampq-attn8.json
 
 Methods: ``uniform`` (one bit-width everywhere; with a budget, the most expensive uniform
 setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP), ``naive`` (bits by
@@ -18,8 +19,10 @@ precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percenti
 the result's activation scales static (calibrated; uniform/lampq/naive). A budget is a
 number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per image from
 ``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
-or ``<f>x``, a multiple of the W8A8 policy's cost at full depth. For maqee the budget is the
-expected cost per image with its exits; quee takes no budget.
+or ``<f>x``, a multiple of the W8A8 policy's cost at full depth (with the run's attention
+precision). For maqee the budget is the expected cost per image with its exits; quee takes
+no budget. ``--attention 8`` runs every block's attention matmuls (q.k^T, attn.v) on int8
+operands: measured so while calibrating, written into the policy, costed at 8 x 8 BOPs.
 
 The model is the shipped reference ViT unless ``--checkpoint`` names another file in its
 format (e.g. one from ``tools/train_reference.py --tiny``); calibration images are at most
@@ -43,6 +46,16 @@ def _bits(text: str) -> List[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _attention(text: str) -> int:
+    """``--attention``: 32 or 8."""
+    from ..policy import check_attn_bits
+
+    try:
+        return check_attn_bits(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 32 (fp32 attention) or 8 (int8 attention), got {text!r}") from None
 
 
 def _precision(text: str):
@@ -119,6 +132,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--reduced", type=_precision, default=None,
                    help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
     c.add_argument("--every", type=int, default=3, help="quee: a gate after every N-th block (default 3)")
+    c.add_argument("--attention", type=_attention, default=None, metavar="{32,8}",
+                   help="bits of the attention matmuls' operands (q.k^T, attn.v) in the result: 32 fp32 (default), "
+                        "8 int8 -- emulated while calibrating, written into the policy, counted at 8x8 BOPs in costs "
+                        "and budgets. scalepredictor/quee: default the --base policy's; an int8-attention base "
+                        "and --attention 32 conflict")
     c.add_argument("--threads", type=int, help="torch threads (maqee/quee: also the runtime's)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
@@ -140,7 +158,7 @@ def _budget(args, source, table=None):
     t = text.strip().lower()
     try:
         if t.endswith("x"):
-            w8a8 = uniform_policy(8, 8, scope=args.scope)
+            w8a8 = uniform_policy(8, 8, scope=args.scope, attn_bits=_attention_bits(args))
             return kind, float(t[:-1]) * policy_cost(source, w8a8, kind, table if kind == "latency" else None)
         return kind, float(t)
     except ValueError:
@@ -170,6 +188,11 @@ def _check_options(args) -> None:
         raise ValueError("quee takes no budget: its gates trade predicted error for BOPs by --lam")
 
 
+def _attention_bits(args) -> int:
+    """--attention for methods without a base policy (absent: 32)."""
+    return 32 if args.attention is None else args.attention
+
+
 def _one(values: Optional[List[int]], default: int, what: str) -> int:
     if values is None:
         return default
@@ -192,10 +215,10 @@ def _uniform(args, source, data, kind, budget):
     from .uniform import uniform_policy, uniform_under_budget
 
     if budget is not None:
-        policy = uniform_under_budget(source, budget, kind, args.scope)
+        policy = uniform_under_budget(source, budget, kind, args.scope, attention=_attention_bits(args))
     else:
         w, a = _one(args.w_bits, 8, "--w-bits"), _one(args.a_bits, 8, "--a-bits")
-        policy = uniform_policy(w, a, scope=args.scope)
+        policy = uniform_policy(w, a, scope=args.scope, attn_bits=_attention_bits(args))
     policy.meta = dict(policy.meta, calibration=dict(data.summary))
     policy = _with_scales(policy, args, source, data)
     report = f"uniform policy {policy.name}: {format_amount(policy_cost(source, policy, kind))} {kind}"
@@ -207,7 +230,7 @@ def _lampq_config(args, kind):
 
     return LampQConfig(w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)), scope=args.scope,
                        cost=kind, rounds=3 if args.rounds is None else args.rounds, initial=args.initial, type_aware=not args.no_type_aware,
-                       show_progress=not args.no_progress)
+                       attention=_attention_bits(args), show_progress=not args.no_progress)
 
 
 def _lampq(args, source, data, kind, budget):
@@ -243,11 +266,12 @@ def _scalepredictor(args, source, data, kind, budget):
         base = Policy.load(args.base)
     else:
         a = _one(args.a_bits, 8, "--a-bits")
-        base = static_policy(source, data, uniform_policy(8, a, scope=args.scope), "percentile", args.percentile,
-                             name=f"w8a{a}-percentile", show_progress=not args.no_progress)
+        w8 = uniform_policy(8, a, scope=args.scope, attn_bits=_attention_bits(args))
+        base = static_policy(source, data, w8, "percentile", args.percentile, name=f"{w8.name}-percentile",
+                             show_progress=not args.no_progress)
     res = calibrate_scalepredictor(source, data, base, args.block, args.chunk, tuple(range(1, args.max_degree + 1)),
                                    0.25 if args.holdout is None else args.holdout,
-                                   show_progress=not args.no_progress)
+                                   show_progress=not args.no_progress, attention=args.attention)
     return res.policy, res.report()
 
 
@@ -259,7 +283,8 @@ def _maqee(args, source, data, kind, budget, table=None):
                       bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)),
                       scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
                       sweeps=2 if args.per_head else 0, holdout=0.25 if args.holdout is None else args.holdout,
-                      seed=args.seed, num_threads=args.threads, show_progress=not args.no_progress)
+                      seed=args.seed, attention=_attention_bits(args), num_threads=args.threads,
+                      show_progress=not args.no_progress)
     costs = CostModel(source, kind, table=table)
     try:
         res = calibrate_maqee(source, data, budget, cfg, costs=costs)
@@ -276,7 +301,7 @@ def _quee(args, source, data, kind, budget):
 
     reduced = args.reduced or LayerPolicy(4, 8)
     fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                   every=args.every, seed=args.seed, num_threads=args.threads)
+                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
     policy = fit.policy(args.lam)
     r = fit.run(data.images, args.lam, num_threads=args.threads)
     top1 = float((r["logits"].argmax(-1) == np.asarray(data.labels)).mean())
@@ -327,6 +352,8 @@ def cmd_calibrate(args) -> int:
         line += " at full depth, every exit head (and gate) evaluated"
     if policy.gates is not None:
         line += f"; gates after blocks {policy.gate_blocks()} at lambda {policy.gates.lam:g}"
+    if policy.attn_bits != 32:
+        line += f"; int{policy.attn_bits} attention"
     if "expected_cost_fit" in policy.meta:
         unit = COST_UNITS[policy.meta["cost_kind"]]
         line += (f"; expected {format_amount(policy.meta['expected_cost_fit'])} {unit} per image on the fit "

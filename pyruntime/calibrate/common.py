@@ -14,6 +14,10 @@ of a policy.
   :class:`pyruntime.latency.LatencyTable` measured on the device (seconds per image at
   batch 1, ``pyruntime bench MODEL --profile --latency-table T.json``); a method's per-layer
   costs plus the fixed rest add up exactly to :func:`policy_cost` of the resulting policy.
+* Attention precision: every method takes ``attention`` (32, the default: fp32 attention
+  matmuls; 8: int8, docs/model_format.md "attention"), emulates it while it measures, writes
+  it into the policy (``Policy.attn_bits``) and costs the graph with it: the attention
+  matmuls are part of the fixed cost, counted at 8 x 8 BOPs instead of 32 x 32.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import numpy as np
 
 from .. import bops
 from ..modelfile import expected_tensors, graph_layer_names, graph_layer_shapes
-from ..policy import Policy
+from ..policy import Policy, check_attn_bits
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..latency import LatencyTable
@@ -36,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "MAX_CALIBRATION_IMAGES", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
     "normalize", "Source", "reference_source", "torch_source", "layer_type", "scope_layers",
-    "model_graph", "policy_cost", "CostModel", "progress", "run_batches",
+    "model_graph", "policy_cost", "CostModel", "progress", "run_batches", "resolve_attention",
 ]
 
 MAX_CALIBRATION_IMAGES = 1024
@@ -220,7 +224,22 @@ def model_graph(source: Source, policy: Policy) -> dict:
         from ..convert import gates_graph
 
         graph["gates"] = gates_graph(policy, graph_layer_names(graph), arch)
+    if policy.attn_bits != 32:  # as the converter writes it: absent means fp32 attention
+        graph["attention"] = {"bits": policy.attn_bits}
     return graph
+
+
+def resolve_attention(base: Policy, attention: Optional[int], what: str = "base policy") -> int:
+    """The attention bits of a method that starts from ``base``: ``attention`` when given
+    (8 or 32), else the base's. A base with int8 attention and an explicit 32 conflict (a base
+    at fp32 attention, the policy default, takes an explicit 8): ValueError naming both."""
+    if attention is None:
+        return base.attn_bits
+    attention = check_attn_bits(attention)
+    if base.attn_bits != 32 and attention != base.attn_bits:
+        raise ValueError(f"attention bits {attention} conflict with the {what} {base.name!r}, whose attention is "
+                         f"{base.attn_bits}-bit; pass attention {base.attn_bits} or leave it out")
+    return attention
 
 
 def _has_bias(source: Source, name: str) -> bool:

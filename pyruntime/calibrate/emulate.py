@@ -8,6 +8,16 @@ order: its weights are the runtime's own quantised-then-dequantised weights
 computed after block ``b`` as the executor does). The model's own modules are used, with
 forward pre-hooks and weight swaps that are undone on exit.
 
+With ``attn_bits=8`` every block's attention core also computes what the executor's int8
+attention computes (docs/model_format.md "attention"): per image and head, q and k quantised
+per token (1/sqrt(dh) folded into q's scale), the scores as exact integer products times the
+int8 GEMM's epilogue, ``softmax_q8``'s int8 probabilities (the kernels' exp2 polynomial,
+evaluated like ``pyruntime._numpy_ref``), v quantised per channel, and attn.v likewise. The
+timm ``Attention`` modules get an instance ``forward`` that follows timm's own (q/k norms,
+attention dropout, output norm, gate, projection and its dropout, so the linear layers' hooks
+still fire) with only the attention core replaced; it is removed on exit. Integer products
+are taken in float64, so they are exact whatever the head width.
+
 ``taps``: callables ``tap(name, x)`` that see each quantised layer's *input before it is
 quantised*; this is how the methods collect activations with other layers' bits in place.
 Torch is imported by the caller; this module imports it lazily too.
@@ -19,10 +29,11 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..policy import LayerPolicy, PredictorPolicy
+from .._numpy_ref import _EXP2_POLY  # the kernels' exp2 coefficients: one definition for both emulations
+from ..policy import LayerPolicy, PredictorPolicy, check_attn_bits
 
 __all__ = ["QuantModel", "layer_module", "fake_quant", "dynamic_scale", "range_statistic", "predicted_scale",
-           "apply_layer"]
+           "apply_layer", "quantize_rows_q8", "softmax_q8", "attention_q8"]
 
 Tap = Callable[[str, "object"], None]
 
@@ -85,6 +96,107 @@ def apply_layer(module, x, weight):
     return F.linear(x, weight, module.bias)
 
 
+# --- int8 attention (docs/model_format.md "attention") ----------------------------------------
+
+LOG2E = 1.44269504088896341
+
+
+def quantize_rows_q8(x):
+    """(integers as float64, float32 scale [..., 1]): each row of the last axis on its own
+    dynamic scale float32(max |x|) / 127, ``clip(rint(x * float32(1/s)), -127, 127)``; a zero
+    or non-finite scale gives zeros and scale 0, like the runtime."""
+    import torch
+
+    x = x.float()
+    s = x.abs().amax(-1, keepdim=True) / 127.0
+    ok = torch.isfinite(s) & (s > 0)
+    inv = 1.0 / torch.where(ok, s, torch.ones_like(s))
+    q = torch.clamp(torch.round(x * inv), -127.0, 127.0)
+    return torch.where(ok, q, torch.zeros_like(q)).double(), torch.where(ok, s, torch.zeros_like(s))
+
+
+def _fma32(a, b, c):
+    """float32 a * b + c with one rounding of the sum (the product of two float32 is exact in
+    float64), as the numpy reference evaluates the kernels' fma."""
+    return (a.double() * b.double() + c).float()
+
+
+def softmax_q8(s):
+    """Rows of float32 scores to (int8 probabilities as float64 in [0, 127], float32 row scale
+    [..., 1]): y = max((s - max s) * log2 e, -126), e = P(y - rint y) * 2^rint(y) with the
+    kernels' degree-4 polynomial, p = min(rint(127 e), 127), scale 1 / float32(sum p)."""
+    import torch
+
+    s = s.float()
+    y = (s - s.amax(-1, keepdim=True)) * torch.tensor(LOG2E, dtype=torch.float32)
+    y = torch.clamp_min(y, -126.0)
+    n = torch.round(y)
+    f = y - n
+    p = torch.full_like(f, _EXP2_POLY[3])
+    for c in _EXP2_POLY[2::-1]:
+        p = _fma32(p, f, float(torch.tensor(c, dtype=torch.float32)))
+    p = _fma32(p, f, 1.0)
+    e = (p.double() * torch.pow(2.0, n.double())).float()  # times 2^n: exact, rounded once if subnormal
+    q = torch.clamp_max(torch.round(e * 127.0), 127.0).double()
+    return q, 1.0 / q.sum(-1, keepdim=True).float()
+
+
+def attention_q8(q, k, v, attn_drop=None):
+    """The executor's int8 attention on [B, H, T, dh] q, k, v (before any softmax scale):
+    [B, H, T, dh] float32. ``attn_drop`` (timm's dropout module, identity in eval mode) is
+    applied to the integer probabilities, where timm applies it to the softmax."""
+    import torch
+
+    dh = q.shape[-1]
+    scale = 1.0 / torch.sqrt(torch.tensor(float(dh), dtype=torch.float32))  # float32(1/sqrt(float32(dh)))
+    qi, sq = quantize_rows_q8(q)
+    ki, sk = quantize_rows_q8(k)
+    a = sq * scale                                                    # [B, H, T, 1] float32
+    scores = (qi @ ki.transpose(-2, -1)).float() * (a * sk.transpose(-2, -1))
+    p, sp = softmax_q8(scores)
+    if attn_drop is not None:
+        p = attn_drop(p)
+    vi, sv = quantize_rows_q8(v.transpose(-2, -1))                    # per channel: rows of v^T
+    return (p @ vi.transpose(-2, -1)).float() * (sp * sv.transpose(-2, -1))
+
+
+def _int8_attention_forward(attn):
+    """An instance ``forward`` for a timm ``Attention``: timm's own forward (installed
+    version) with the fused or manual softmax core replaced by :func:`attention_q8`."""
+
+    def forward(x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("int8 attention emulation has no attention mask or causal attention "
+                             "(the runtime's ViTs attend over every token)")
+        B, N, _ = x.shape
+        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        o = attention_q8(q, k, v, attn.attn_drop).to(x.dtype)
+        o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
+        if gate is not None:
+            o = o * gate
+        return attn.proj_drop(attn.proj(o))
+
+    return forward
+
+
+def _attention_modules(model):
+    """Every block's timm ``Attention``; ValueError for a block whose attention is another
+    class (its forward is not the one :func:`_int8_attention_forward` reproduces)."""
+    from timm.layers import Attention
+
+    mods = []
+    for i, blk in enumerate(model.blocks):
+        attn = getattr(blk, "attn", None)
+        if type(attn) is not Attention:
+            raise ValueError(f"int8 attention emulation supports timm's Attention only; blocks.{i}.attn is "
+                             f"{type(attn).__name__}")
+        mods.append(attn)
+    return mods
+
+
 class QuantModel:
     """A torch ViT plus a cache of its runtime-quantised weights."""
 
@@ -113,12 +225,20 @@ class QuantModel:
 
     @contextmanager
     def emulate(self, layers: Mapping[str, LayerPolicy], predictor: Optional[PredictorPolicy] = None,
-                taps: Tuple[Tap, ...] = ()):
+                taps: Tuple[Tap, ...] = (), attn_bits: int = 32):
         """Run the model as the runtime would under ``layers`` (a resolved {name: LayerPolicy}
-        of every linear layer; exits are not emulated) and ``predictor``."""
+        of every linear layer; exits are not emulated), ``predictor`` and attention at
+        ``attn_bits`` (32: the model's own fp32 attention; 8: int8, see the module docstring)."""
+        check_attn_bits(attn_bits)
         state = {"r": None}
-        handles, saved = [], []
+        handles, saved, patched = [], [], []
         try:
+            if attn_bits == 8:
+                for attn in _attention_modules(self.model):
+                    if "forward" in vars(attn):
+                        raise ValueError("the model's attention forward is already replaced (nested int8 emulation?)")
+                    attn.forward = _int8_attention_forward(attn)
+                    patched.append(attn)
             if predictor is not None:
                 blk = self.model.blocks[predictor.block]
                 handles.append(blk.register_forward_hook(self._stat_hook(state, predictor.chunk)))
@@ -135,6 +255,8 @@ class QuantModel:
                 handles.append(mod.register_forward_pre_hook(self._input_hook(name, lp, coeffs, state, taps)))
             yield state
         finally:
+            for attn in patched:
+                del attn.forward  # back to the class's forward
             for h in handles:
                 h.remove()
             for name, mod, w in saved:

@@ -27,7 +27,11 @@ Steps, with what the paper states and what we chose:
    re-solve, stop when the allocation repeats or after ``rounds`` rounds.
 
 Scales stay dynamic (``scale="dynamic"``); compose with :mod:`.static` or
-:mod:`.scalepredictor` for other scale modes.
+:mod:`.scalepredictor` for other scale modes. ``attention`` 8 [ours] measures every E_i
+with int8 attention emulated (against the fp32 model's outputs, so the drift the attention
+adds upstream counts), writes it into the policy and costs the attention matmuls at 8 x 8 in
+the fixed part of the budget; the Fisher traces stay those of the fp32 model (rint has no
+useful gradient).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from .ilp import format_amount
 from .common import COST_UNITS, CalibrationData, CostModel, Source, batches, layer_type, progress, scope_layers
 from .emulate import QuantModel, apply_layer, dynamic_scale, fake_quant, layer_module
 
-__all__ = ["LampQConfig", "LampQResult", "bits_policy", "type_aware_sensitivity", "options", "measure_errors",
+__all__ = ["LampQConfig", "LampQResult", "bits_policy", "fp32_base", "type_aware_sensitivity", "options", "measure_errors",
            "model_errors", "allocate", "feasible_range", "calibrate_lampq"]
 
 Bits = Tuple[int, int]  # (w_bits, a_bits)
@@ -63,6 +67,7 @@ class LampQConfig:
     error_images: int = 256         # calibration images the layer errors are measured on
     error_batch: int = 128
     block_size: int = 32            # int4 weight block
+    attention: int = 32             # attention matmuls: 32 fp32, 8 int8 (emulated, costed, in the policy)
     show_progress: bool = True
 
 
@@ -150,9 +155,10 @@ def _fp_outputs(model, names: Sequence[str], x) -> Dict[str, "object"]:
 
 def measure_errors(qm: QuantModel, names: Sequence[str], opts: Sequence[Bits], data: CalibrationData,
                    alloc: Mapping[str, Bits], all_layers: Sequence[str], block_size: int = 32,
-                   batch: int = 128, show_progress: bool = True) -> Dict[str, List[float]]:
+                   batch: int = 128, show_progress: bool = True, attn_bits: int = 32) -> Dict[str, List[float]]:
     """E_i(w, a) = ||y_q - y_fp||^2 / ||y_fp||^2 per layer and option, with the layers in
-    ``alloc`` quantised as allocated upstream (others fp32)."""
+    ``alloc`` quantised as allocated upstream (others fp32) and attention at ``attn_bits``;
+    y_fp is the fp32 model's (fp32 attention)."""
     import torch
 
     err = {n: np.zeros(len(opts)) for n in names}
@@ -174,7 +180,7 @@ def measure_errors(qm: QuantModel, names: Sequence[str], opts: Sequence[Bits], d
                     y = apply_layer(mod, fake_quant(inp, dynamic_scale(inp, a), a), qm.weight(name, w, block_size))
                     err[name][j] += float((y - y_fp[name]).pow(2).sum(dtype=torch.float64))
 
-            with qm.emulate(layers, taps=(tap,)):
+            with qm.emulate(layers, taps=(tap,), attn_bits=attn_bits):
                 qm.model(x)
     return {n: list(err[n] / max(ref[n], 1e-300)) for n in names}
 
@@ -225,17 +231,24 @@ def _choices_bounds(names, opts, costs: CostModel, fixed, block_size) -> Tuple[f
 
 
 def bits_policy(pick: Mapping[str, Bits], block_size: int, name: str, meta: Optional[dict] = None,
-                exits: Sequence = ()) -> Policy:
-    """The policy of an allocation: each layer at its (w, a) with dynamic activation scales."""
+                exits: Sequence = (), attn_bits: int = 32) -> Policy:
+    """The policy of an allocation: each layer at its (w, a) with dynamic activation scales,
+    attention at ``attn_bits``."""
     layers = {n: LayerPolicy(w_bits=w, a_bits=a, scale="dynamic", block_size=block_size) for n, (w, a) in pick.items()}
-    return Policy(layers=layers, exits=list(exits), name=name, meta=dict(meta or {}))
+    return Policy(layers=layers, exits=list(exits), name=name, meta=dict(meta or {}), attn_bits=attn_bits)
+
+
+def fp32_base(attention: int = 32) -> Policy:
+    """Every layer fp32, attention at ``attention`` bits: what the allocated layers' fixed
+    cost is taken from (the attention matmuls are part of it)."""
+    return Policy(name="fp32", attn_bits=attention)
 
 
 def feasible_range(source: Source, cfg: LampQConfig, costs: Optional[CostModel] = None) -> Tuple[float, float]:
     """(smallest, largest) whole-model cost any allocation of ``cfg`` can have."""
     costs = costs or CostModel(source, cfg.cost)
     names = scope_layers(source.layer_names(), cfg.scope)
-    fixed = costs.fixed(names, Policy(name="fp32"))
+    fixed = costs.fixed(names, fp32_base(cfg.attention))
     return _choices_bounds(names, options(cfg), costs, fixed, cfg.block_size)
 
 
@@ -256,7 +269,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
     all_layers = source.layer_names()
     names = scope_layers(all_layers, cfg.scope)
     costs = costs or CostModel(source, cfg.cost)
-    fixed = costs.fixed(names, Policy(name="fp32"))
+    fixed = costs.fixed(names, fp32_base(cfg.attention))
     lo, hi = _choices_bounds(names, opts, costs, fixed, cfg.block_size)
     if not budget >= lo:  # fail before any expensive step
         raise ilp.InfeasibleBudget(budget, lo, costs.unit())
@@ -269,7 +282,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
 
     def measured(alloc):
         return measure_errors(qm, names, opts, err_data, alloc, all_layers, cfg.block_size, cfg.error_batch,
-                              cfg.show_progress)
+                              cfg.show_progress, cfg.attention)
 
     if initial_errors is None:
         initial_errors = measured({}) if cfg.initial == "measured" else model_errors(qm, names, opts, cfg.block_size)
@@ -288,7 +301,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
             "cost": _amount(cost, costs.kind), "rounds": len(history), "options": [list(o) for o in opts],
             "type_aware": cfg.type_aware, "initial": cfg.initial,
             "sensitivity": {n: float(omega[n]) for n in names}}
-    policy = bits_policy({n: pick[n] for n in names}, cfg.block_size, "lampq", meta)
+    policy = bits_policy({n: pick[n] for n in names}, cfg.block_size, "lampq", meta, attn_bits=cfg.attention)
     return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), _amount(cost, costs.kind),
                        costs.kind, (lo, hi), dict(initial_errors))
 

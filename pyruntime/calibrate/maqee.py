@@ -59,6 +59,11 @@ What we built [ours]:
   allowed fit drop is lowered by the excess and the thresholds searched again (up to
   ``holdout_retries`` times). ``MaqeeResult.promise_kept`` is the outcome, with the held-out
   drop and its standard error beside it; the 10,000 test images are the real judge.
+* **Attention** (``attention``, default 32): with 8, every quantised state runs its attention
+  matmuls on int8 operands -- in the runtime that measures the exits, in the emulation that
+  measures the layer errors -- and the expected cost counts them at 8 x 8 BOPs (or asks the
+  latency table for a graph with int8 attention, which a table that does not cover it
+  refuses). The promise's reference stays the fp32 model, attention included.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..policy import ExitPolicy, Policy
+from ..policy import ExitPolicy, Policy, check_attn_bits
 from . import ilp
 from .common import COST_UNITS, CalibrationData, CostModel, Source, model_graph, scope_layers
 from .emulate import QuantModel
@@ -113,6 +118,7 @@ class MaqeeConfig:
     error_images: int = 256
     error_batch: int = 128
     block_size: int = 32
+    attention: int = 32                  # attention matmuls of the quantised states: 32 fp32, 8 int8
     batch: int = 256                     # runtime batch
     num_threads: Optional[int] = None    # runtime threads
     show_progress: bool = True
@@ -255,8 +261,8 @@ def allocate_bits(costs: CostModel, graph: Mapping, names: Sequence[str], opts: 
 
 
 def _policy(names: Sequence[str], pick: Mapping[str, Bits], exits: Sequence[ExitPolicy], block_size: int,
-            name: str = "maqee", meta: Optional[dict] = None) -> Policy:
-    return bits_policy({n: pick[n] for n in names}, block_size, name, meta, exits)
+            name: str = "maqee", meta: Optional[dict] = None, attn_bits: int = 32) -> Policy:
+    return bits_policy({n: pick[n] for n in names}, block_size, name, meta, exits, attn_bits)
 
 
 def _exits(blocks: Sequence[int], rule: str, thresholds: Sequence[float]) -> List[ExitPolicy]:
@@ -348,6 +354,7 @@ def _check(cfg: MaqeeConfig, depth: int, budget: float) -> List[int]:
         raise ValueError(f"bsr_quantile must lie in (0, 1], got {cfg.bsr_quantile}")
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a positive expected cost per image, got {budget}")
+    check_attn_bits(cfg.attention)
     blocks = sorted(set(range(depth - 1) if cfg.exit_blocks is None else (int(b) for b in cfg.exit_blocks)))
     if not blocks or blocks[0] < 0 or blocks[-1] > depth - 2:
         raise ValueError(f"exit blocks {blocks} must be non-empty and lie in 0..{depth - 2}")
@@ -394,9 +401,13 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     err_data = CalibrationData(fit.images[:cfg.error_images], fit.labels[:cfg.error_images], fit.summary)
     pick: Dict[str, Bits] = {n: (max(cfg.w_bits), max(cfg.a_bits)) for n in names}
 
+    def quantised(pick: Mapping[str, Bits], exits_: Sequence[ExitPolicy], meta: Optional[dict] = None) -> Policy:
+        """A state's policy: ``pick``'s bits, the exits, attention at ``cfg.attention``."""
+        return _policy(names, pick, exits_, cfg.block_size, "maqee", meta, cfg.attention)
+
     def evaluate(pick: Mapping[str, Bits], allowed: float) -> Operating:
         """Convert with ``pick``, collect every head on the fit images, search thresholds."""
-        policy = _policy(names, pick, closed, cfg.block_size)
+        policy = quantised(pick, closed)
         r = run(executor(*materialise(source, policy, exits)), fit.images, True, cfg.batch, cfg.num_threads)
         replay = Replay(r["exit_logits"], r["logits"], fit.labels, cfg.rule, blocks, depth,
                         _step_costs(costs, model_graph(source, policy)), _deltas(cfg, r["exit_logits"], fp_fit["exit_logits"]), fp_right, cfg.z)
@@ -404,8 +415,8 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
 
     def reallocate(pick: Mapping[str, Bits], reach: np.ndarray) -> Dict[str, Bits]:
         errors = measure_errors(qm, names, opts, err_data, pick, all_layers, cfg.block_size, cfg.error_batch,
-                                cfg.show_progress)
-        graph = model_graph(source, _policy(names, pick, closed, cfg.block_size))
+                                cfg.show_progress, cfg.attention)
+        graph = model_graph(source, quantised(pick, closed))
         return allocate_bits(costs, graph, names, opts, pick, omega, errors, reach, budget, 1.0 / len(fit), cfg.block_size)
 
     with torch.no_grad():
@@ -438,7 +449,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     # held-out check: evidence that the promise is broken tightens the fit and searches again
     allowed = cfg.max_drop
     for attempt in range(cfg.holdout_retries + 1):
-        policy = _policy(names, pick, _exits(blocks, cfg.rule, op.thresholds), cfg.block_size)
+        policy = quantised(pick, _exits(blocks, cfg.rule, op.thresholds))
         g, t = materialise(source, policy, exits)
         h = run(executor(g, t), held.images, False, cfg.batch, cfg.num_threads)
         held_right = h["logits"].argmax(-1) == held.labels
@@ -459,7 +470,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
             "rule": cfg.rule, "options": [list(o) for o in opts], "fit_top1": op.top1, "fp32_fit_top1": ref_fit,
             "held_top1": float(held_right.mean()), "fp32_held_top1": float(fp_held_right.mean()),
             "held_drop": drop, "held_drop_se": se, "rounds": [s.summary() for s in states]}
-    policy = _policy(names, pick, _exits(blocks, cfg.rule, op.thresholds), cfg.block_size, "maqee", meta)
+    policy = quantised(pick, _exits(blocks, cfg.rule, op.thresholds), meta)
     return MaqeeResult(policy, dict(pick), list(op.thresholds), blocks, float(budget), costs.kind, op.cost, op.top1,
                        ref_fit, op.bsr, float(held_right.mean()), float(fp_held_right.mean()), drop, se,
                        float(held_cost), float(h["bops"].mean()), not broken, [s.summary() for s in states], omega, traces)

@@ -17,7 +17,7 @@ from ..policy import LayerPolicy, Policy
 from . import ilp
 from .common import CostModel, Source, scope_layers
 from .emulate import layer_module
-from .lampq import LampQConfig, options
+from .lampq import LampQConfig, fp32_base, options
 
 __all__ = ["range_errors", "calibrate_naive"]
 
@@ -34,12 +34,13 @@ def range_errors(source: Source, names, opts) -> Dict[str, List[float]]:
 
 
 def calibrate_naive(source: Source, budget: float, cfg: Optional[LampQConfig] = None) -> Tuple[Policy, Dict[str, Tuple[int, int]]]:
-    """(policy, {layer: (w, a)}) allocated by weight range under ``budget``."""
+    """(policy, {layer: (w, a)}) allocated by weight range under ``budget``, attention at
+    ``cfg.attention`` bits (costed so; the range errors do not depend on it)."""
     cfg = cfg or LampQConfig()
     opts = options(cfg)
     names = scope_layers(source.layer_names(), cfg.scope)
     costs = CostModel(source, cfg.cost)
-    fixed = costs.fixed(names, Policy(name="fp32"))
+    fixed = costs.fixed(names, fp32_base(cfg.attention))  # attention matmuls at cfg.attention bits
     errs = range_errors(source, names, opts)
     choices = [[(costs.cost(n, w, a, cfg.block_size), errs[n][j]) for j, (w, a) in enumerate(opts)] for n in names]
     pick = ilp.solve(choices, budget, fixed_cost=fixed, unit=costs.unit())
@@ -47,4 +48,4 @@ def calibrate_naive(source: Source, budget: float, cfg: Optional[LampQConfig] = 
     cost = fixed + sum(costs.cost(n, *alloc[n], cfg.block_size) for n in names)
     layers = {n: LayerPolicy(w, a, "dynamic", None, cfg.block_size) for n, (w, a) in alloc.items()}
     meta = {"method": "naive-range", "cost_kind": cfg.cost, "budget": float(budget), "cost": int(cost)}
-    return Policy(layers=layers, name="naive-range", meta=meta), alloc
+    return Policy(layers=layers, name="naive-range", meta=meta, attn_bits=cfg.attention), alloc

@@ -63,6 +63,11 @@ lambda = 0 spends whatever lowers the predicted error; larger lambda trades erro
 calibration images flip) and measures top-1 and mean BOPs *with the runtime* on held-out
 images; :func:`calibrate_quee` returns the policy for one lambda. The gate MLPs do not
 depend on lambda, so one :func:`fit_quee` serves the whole curve.
+
+Attention [ours]: the base policy's precision (``w8a8-attn8``, or a policy JSON with
+``attention``), or ``attention`` 8 on a base at fp32 attention; both paths share it (the
+reduced copies change only the linears). Every run above and the path costs use it; the
+normaliser stays the fp32 model's, attention included.
 """
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ import numpy as np
 from .. import bops
 from ..modelfile import check_graph, check_tensors
 from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
-from .common import MAX_CALIBRATION_IMAGES, CalibrationData, CostModel, Source
+from .common import MAX_CALIBRATION_IMAGES, CalibrationData, CostModel, Source, resolve_attention
 from .probe import executor, materialise
 from .probe import run as _probe_run
 
@@ -357,6 +362,7 @@ def _cost_terms(graph: Mapping, costs: Optional[CostModel]) -> Tuple[np.ndarray,
     exits): BOPs (default), or seconds from ``costs``' latency table."""
     fp32 = copy.deepcopy(dict(graph))
     fp32.pop("gates", None)
+    fp32.pop("attention", None)  # the normaliser is the fp32 model, attention matmuls included
     fp32["exits"] = []
     fp32["predictor"] = None
     fp32["layers"] = {n: {"w_bits": 32, "a_bits": 8, "scale": "dynamic", "static_scale": None, "block_size": 32}
@@ -400,12 +406,17 @@ def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final",
     return out, norm
 
 
-def _base_policy(base: Any) -> Policy:
+def _base_policy(base: Any, attention: Optional[int] = None) -> Policy:
+    """A copy of ``base`` (no exits, no gates) with its attention bits resolved against
+    ``attention`` (:func:`.common.resolve_attention`); turned to int8 attention, its name says so."""
     from ..convert import as_policy
 
     p = copy.deepcopy(as_policy(base))
     if p.exits or p.gates is not None:
         raise ValueError("the base policy must have no exits and no gates (QuEE places its own gate exits)")
+    bits = resolve_attention(p, attention, "QuEE base policy")
+    if bits != p.attn_bits:
+        p.attn_bits, p.name = bits, f"{p.name}-attn{bits}"
     return p
 
 
@@ -414,7 +425,7 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
              every: int = 3, topk: int = 3, hidden: int = 12, clusters: int = 32, prior: float = 2.0,
              targets: str = "segment", horizon: str = "final", steps: int = 2000, lr: float = 0.02, seed: int = 0, exits: Any = None,
              batch: int = 256, num_threads: Optional[int] = None, workdir: Optional[Path] = None,
-             costs: Optional[CostModel] = None) -> QueeFit:
+             costs: Optional[CostModel] = None, attention: Optional[int] = None) -> QueeFit:
     """Calibrate QuEE gates (module docstring) on ``data`` (normalised images + labels).
 
     source: the model (:mod:`.common`); its exit heads come from its checkpoint, or from
@@ -429,6 +440,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     steps, lr, seed: MLP training (Adam, full batch) and every random choice.
     costs: what a path costs -- BOPs (default) or, with a cost model built on a device's
         :class:`~pyruntime.latency.LatencyTable`, its seconds (normalised by the fp32 model's).
+    attention: attention bits, 8 or 32 (default: the base's); ValueError if the base has int8
+        attention and this says 32.
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
@@ -443,7 +456,7 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     n_classes = source.arch["num_classes"]
     if not 1 <= topk <= n_classes:
         raise ValueError(f"topk must lie in 1..{n_classes}, got {topk}")
-    base_pol = _base_policy(base)
+    base_pol = _base_policy(base, attention)
     base_pol.exits = [ExitPolicy(b, "gate") for b in gates]
     zeros = {"fc1.weight": np.zeros((hidden, topk + 1)), "fc1.bias": np.zeros(hidden),
              "fc2.weight": np.zeros((3, hidden)), "fc2.bias": np.zeros(3)}

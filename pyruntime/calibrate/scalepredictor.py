@@ -33,6 +33,10 @@ What we do [ours]:
    (``PredictorPolicy(block, chunk, coeffs)``, layers with ``scale: "predicted"``).
 
 Layers at or before ``block`` keep the base policy's scales (static or dynamic).
+
+Attention precision: the base policy's (``attention`` 8 turns a base at fp32 attention to
+int8; a base with int8 attention and ``attention=32`` conflict). The runtime statistic and
+the targets are both taken with it (int8 attention emulated), and the result keeps it.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..policy import LayerPolicy, Policy, PredictorPolicy, layer_block
-from .common import CalibrationData, Source, batches, progress, run_batches
+from .common import CalibrationData, Source, batches, progress, resolve_attention, run_batches
 from .emulate import QuantModel, dynamic_scale
 
 __all__ = ["DEFAULT_RATIOS", "best_scales", "fit_polynomial", "evaluate_polynomial", "choose_degree",
@@ -172,8 +176,10 @@ def predicted_layers(layers: Mapping[str, LayerPolicy], block: int, depth: int) 
 
 
 def collect_targets(source: Source, layers: Mapping[str, LayerPolicy], names: Sequence[str], data: CalibrationData,
-                    ratios: Sequence[float], batch: int = 128, show_progress: bool = True) -> Dict[str, np.ndarray]:
-    """{layer: [N] best per-image scale} with the base layers quantised as given."""
+                    ratios: Sequence[float], batch: int = 128, show_progress: bool = True,
+                    attn_bits: int = 32) -> Dict[str, np.ndarray]:
+    """{layer: [N] best per-image scale} with the base layers quantised as given and
+    attention at ``attn_bits``."""
     import torch
 
     want = set(names)
@@ -185,7 +191,7 @@ def collect_targets(source: Source, layers: Mapping[str, LayerPolicy], names: Se
 
     qm = QuantModel(source.model.eval())
     spans = batches(len(data), batch)
-    with torch.no_grad(), qm.emulate(layers, taps=(tap,)):
+    with torch.no_grad(), qm.emulate(layers, taps=(tap,), attn_bits=attn_bits):
         for lo, hi in progress(spans, "target scales", len(spans), show_progress):
             qm.model(torch.from_numpy(data.images[lo:hi]))
     return {n: np.concatenate(v) for n, v in out.items()}
@@ -236,21 +242,23 @@ def _fit_layer(name: str, r: np.ndarray, s: np.ndarray, fit_idx, held_idx, degre
 def calibrate_scalepredictor(source: Source, data: CalibrationData, base: Policy, block: int = 0, chunk: int = 64,
                              degrees: Sequence[int] = (1, 2, 3), holdout: float = 0.25,
                              ratios: Sequence[float] = DEFAULT_RATIOS, show_progress: bool = True,
-                             name: Optional[str] = None) -> ScalePredictorResult:
-    """``base`` with the scales of its quantised layers after ``block`` predicted per image."""
+                             name: Optional[str] = None, attention: Optional[int] = None) -> ScalePredictorResult:
+    """``base`` with the scales of its quantised layers after ``block`` predicted per image;
+    attention at ``attention`` bits (default: the base's; see the module docstring)."""
     depth = source.depth
     if not 0 <= block < depth - 1:
         raise ValueError(f"predictor block must lie in 0..{depth - 2} (a later layer must follow), got {block}")
     if any(not 1 <= d <= 3 for d in degrees):
         raise ValueError(f"polynomial degrees lie in 1..3, got {list(degrees)}")
+    attn_bits = resolve_attention(base, attention)
     layers = base.resolve(source.layer_names(), depth)
     names = predicted_layers(layers, block, depth)
     if not names:
         raise ValueError(f"the base policy quantises no layer after block {block}: nothing to predict")
     probe = Policy(layers=dict(layers), exits=list(base.exits), name="probe",
-                   predictor=PredictorPolicy(block=block, chunk=chunk, coeffs={}))
+                   predictor=PredictorPolicy(block=block, chunk=chunk, coeffs={}), attn_bits=attn_bits)
     r = runtime_statistic(source, probe, data, show_progress=show_progress).astype(np.float64)
-    targets = collect_targets(source, layers, names, data, ratios, show_progress=show_progress)
+    targets = collect_targets(source, layers, names, data, ratios, show_progress=show_progress, attn_bits=attn_bits)
     n = len(data)
     perm = np.random.default_rng(0).permutation(n)
     k = max(1, int(round(holdout * n)))
@@ -264,5 +272,5 @@ def calibrate_scalepredictor(source: Source, data: CalibrationData, base: Policy
                 scalepredictor={"block": block, "chunk": chunk, "holdout": holdout, "degrees": list(degrees),
                                 "chosen_degrees": {nm: fits[nm].degree for nm in names}})
     policy = Policy(layers=out_layers, exits=list(base.exits), predictor=pred,
-                    name=name or f"{base.name}-predicted", meta=meta)
+                    name=name or f"{base.name}-predicted", meta=meta, attn_bits=attn_bits)
     return ScalePredictorResult(policy, r.astype(np.float32), targets, fits)

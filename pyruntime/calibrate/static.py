@@ -9,8 +9,9 @@ standard PTQ baselines the ScalePredictor paper compares against, stated only as
 
 Activations are collected in one pass with the base policy's weight bits in place and every
 quantised layer's activations at *dynamic* scales [ours: one pass rather than layer-by-layer
-sequential calibration]. Dynamic scales need no calibration: ``scale="dynamic"`` in
-:func:`.uniform.uniform_policy`.
+sequential calibration], and with the base's attention precision (int8 attention emulated
+when ``base.attn_bits`` is 8; the result keeps it). Dynamic scales need no calibration:
+``scale="dynamic"`` in :func:`.uniform.uniform_policy`.
 """
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def collect_ranges(source: Source, data: CalibrationData, base: Policy, method: 
 
     qm = QuantModel(source.model.eval())
     spans = batches(len(data), batch)
-    with torch.no_grad(), qm.emulate(layers, taps=(tap,)):
+    with torch.no_grad(), qm.emulate(layers, taps=(tap,), attn_bits=base.attn_bits):
         for lo, hi in progress(spans, f"static scales ({method})", len(spans), show_progress):
             qm.model(torch.from_numpy(data.images[lo:hi]))
     return {n: (acc[n] if method == "minmax" else acc[n].kth()) for n in quantised}
@@ -103,4 +104,5 @@ def static_policy(source: Source, data: CalibrationData, base: Policy, method: s
     out = {n: (replace(lp, scale="static", static_scale=scales[n]) if n in scales else lp) for n, lp in layers.items()}
     meta = dict(base.meta, static={"method": method, "percentile": percentile if method == "percentile" else None},
                 calibration=dict(data.summary))
-    return Policy(layers=out, exits=list(base.exits), name=name or f"{base.name}-{method}", meta=meta)
+    return Policy(layers=out, exits=list(base.exits), name=name or f"{base.name}-{method}", meta=meta,
+                  attn_bits=base.attn_bits)
