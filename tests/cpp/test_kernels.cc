@@ -517,6 +517,8 @@ int main() {
     test_elementwise(kt, 4, 197, -1e-3f, 1e-3f, 0, seed++);  // tiny values
     test_elementwise(kt, 4, 384, -2, 2, 1000, seed++);     // a large common offset
     test_elementwise(kt, 2, 768, -300, 300, 0, seed++);
+    // Row counts around the AVX2 LayerNorm's groups of 4 rows (a group, then single rows).
+    for (size_t rows : {5, 8, 9, 13}) test_elementwise(kt, rows, 33, -3, 3, 7, seed++);
     for (size_t n : {1, 2, 3, 7, 8, 9, 17, 31, 32, 33, 64, 65, 197, 257})
       for (float range : {0.01f, 4.0f, 60.0f, 400.0f}) test_softmax_q8(kt, 3, n, range, seed++);
     test_threads(kt);
