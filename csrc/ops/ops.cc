@@ -17,6 +17,8 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 // Rows are blocked so one tile's activations stay in L2 while its weight panels stream by;
 // panels are split so that there are a few tasks per thread for balance (fewer for a GEMM too
 // small to be worth it). K is the reduction length; min_macs the smallest task (threadpool.h).
+// Tasks are numbered row block by row block, so the pool's front/back split keeps each
+// thread on the same rows as the element-wise ops before and after (threadpool.h).
 template <typename F>
 void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, size_t K, size_t min_macs, F&& f) {
   const size_t m_tiles = ceil_div(M, 64);
@@ -27,7 +29,7 @@ void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, size_t K, si
   const size_t pc = ceil_div(panels, n_chunks);
   const size_t p_count = ceil_div(panels, pc);
   ThreadPool::global().run(m_count * p_count, ctx.threads, [&](size_t t) {
-    const size_t mi = t % m_count, pi = t / m_count;
+    const size_t mi = t / p_count, pi = t % p_count;
     const size_t m0 = mi * mb, m1 = std::min(M, m0 + mb);
     const size_t p0 = pi * pc, p1 = std::min(panels, p0 + pc);
     f(m0, m1, p0, p1);

@@ -63,13 +63,13 @@ void ThreadPool::ensure_workers(int n) {
 }
 
 // Takes tasks until none are left. Called with mu_ unlocked.
-void ThreadPool::drain() {
+void ThreadPool::drain(bool from_front) {
   for (;;) {
     size_t i;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (next_ >= n_tasks_) return;
-      i = next_++;
+      if (next_ >= end_) return;
+      i = from_front ? next_++ : --end_;
     }
     try {
       (*fn_)(i);
@@ -92,7 +92,7 @@ void ThreadPool::worker_loop(int index) {
     }
     if (stop_) return;
     seen = generation_;
-    drain();
+    drain(false);
   }
 }
 
@@ -110,12 +110,13 @@ void ThreadPool::run(size_t n_tasks, int threads, const std::function<void(size_
     fn_ = &fn;
     n_tasks_ = n_tasks;
     next_ = finished_ = 0;
+    end_ = n_tasks;
     active_workers_ = helpers;
     error_ = nullptr;
     ++generation_;
   }
   wake_.notify_all();
-  drain();
+  drain(true);
   std::exception_ptr err;
   {
     const auto all_done = [&] { return finished_ == n_tasks_; };

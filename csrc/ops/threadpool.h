@@ -1,5 +1,11 @@
 // A small fork-join pool; the calling thread takes a share of the tasks itself.
 //
+// The caller takes tasks from the front of the range and the helpers from the back, so with
+// ops that number their tasks in row order (parallel_tiles: all of a row block's panels
+// before the next block) each thread keeps working on the same rows from op to op, and finds
+// them in its own cache. Measured on deit_tiny at two threads: 3% faster in quiet phases of
+// this host, ~12% when its second CPU is slowed. Balancing stays dynamic.
+//
 // Waiting is spin-then-sleep. A forward pass is a chain of ~100 short parallel ops a few
 // microseconds apart, and waking a thread sleeping on a condition variable costs tens of
 // microseconds (more in a VM): sleeping between ops cost ~20% of a deit_tiny forward at two
@@ -42,14 +48,14 @@ class ThreadPool {
  private:
   void ensure_workers(int n);
   void worker_loop(int index);
-  void drain();
+  void drain(bool from_front);  // the caller: true, helpers: false
 
   std::mutex call_mu_;  // one run() at a time
   std::mutex mu_;
   std::condition_variable wake_, done_;
   std::vector<std::thread> workers_;
   const std::function<void(size_t)>* fn_ = nullptr;
-  size_t n_tasks_ = 0, next_ = 0;
+  size_t n_tasks_ = 0, next_ = 0, end_ = 0;  // untaken tasks: [next_, end_)
   // Written under mu_; atomic so that the spinning reads outside it are well defined.
   std::atomic<size_t> finished_{0};
   std::atomic<int> active_workers_{0};  // workers allowed to take part in the current call
