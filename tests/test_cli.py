@@ -93,3 +93,4 @@ def test_python_dash_m_runs_the_same_cli(model_file):
     out = subprocess.run([sys.executable, "-m", "pyruntime", "inspect", str(model_file[0])],
                          capture_output=True, text=True, check=True).stdout
     assert "attention:" in out and "static BOPs:" in out
+
