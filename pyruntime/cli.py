@@ -112,6 +112,7 @@ def _print_latency_table(table) -> None:
     """Per-layer ms at each profiled precision (and the ratio to fp32), the fixed parts, and
     the totals of a uniform model at each precision."""
     from .latency import uniform_graph
+    from .modelfile import set_attention_bits
 
     bits = table.w_bits
     ratios = [b for b in bits if b != 32] if 32 in bits else []
@@ -129,9 +130,8 @@ def _print_latency_table(table) -> None:
     exits = range(table.arch["depth"] - 1)
     for a in table.attention:
         for b in bits:
-            full, bare = uniform_graph(table.arch, b, exits), uniform_graph(table.arch, b)
-            if a != 32:
-                full["attention"] = bare["attention"] = {"bits": a}
+            full = set_attention_bits(uniform_graph(table.arch, b, exits), a)
+            bare = set_attention_bits(uniform_graph(table.arch, b), a)
             print(f"  total w{b}{'' if a == 32 else f' + int{a} attention'}: {table.static(full) * 1e3:.4f} ms/image "
                   f"with every exit head, {table.static(bare) * 1e3:.4f} ms without exits")
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .errors import PolicyError
-from .modelfile import graph_layer_names, linear_tensors, write_model
+from .modelfile import graph_layer_names, linear_tensors, set_attention_bits, write_model
 from .policy import SHORTHANDS, LayerPolicy, Policy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -499,7 +499,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     if pol.gates is not None:
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
-    if pol.attn_bits != 32:
-        graph["attention"] = {"bits": pol.attn_bits}
+    set_attention_bits(graph, pol.attn_bits)
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol))
     return Path(out)

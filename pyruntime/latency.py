@@ -62,7 +62,7 @@ import numpy as np
 
 from ._atomic import atomic_write_bytes
 from .bops import GraphOrPath, _check_reach, _graph
-from .modelfile import attention_bits, check_graph, graph_layer_names, linear_tensors, read_model
+from .modelfile import attention_bits, check_graph, graph_layer_names, linear_tensors, read_model, set_attention_bits
 from .policy import ATTN_BITS, LayerPolicy, Policy
 
 __all__ = ["TABLE_VERSION", "PRECISIONS", "LatencyTable", "requantize", "profiling_model", "profile_latency",
@@ -137,10 +137,7 @@ def requantize(graph: Mapping, tensors: Mapping[str, np.ndarray], policy) -> Tup
         out.update(linear_tensors(name, w, bias, layers[name]))
     g = copy.deepcopy(dict(graph))
     g["layers"] = {name: layers[name].to_dict() for name in names}
-    g.pop("attention", None)
-    if pol.attn_bits != 32:  # as the converter writes it
-        g["attention"] = {"bits": pol.attn_bits}
-    return g, out
+    return set_attention_bits(g, pol.attn_bits), out
 
 
 def _synthetic_exit(arch: Mapping, block: int) -> Dict[str, np.ndarray]:

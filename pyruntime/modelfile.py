@@ -22,7 +22,7 @@ import numpy as np
 
 from ._atomic import atomic_path
 from .errors import FormatError, PolicyError
-from .policy import ATTN_BITS, GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy
+from .policy import ATTN_BITS, GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy, check_attn_bits
 
 __all__ = [
     "MAGIC",
@@ -38,6 +38,7 @@ __all__ = [
     "graph_layer_shapes",
     "graph_reduced_layers",
     "attention_bits",
+    "set_attention_bits",
     "format_version",
     "layer_precision",
     "linear_tensors",
@@ -279,6 +280,15 @@ def attention_bits(graph: Mapping) -> int:
     if isinstance(bits, bool) or bits not in ATTN_BITS:
         raise FormatError(f"graph.attention bits must be 8 or 32, got {bits!r}")
     return bits
+
+
+def set_attention_bits(graph: dict, bits: int) -> dict:
+    """``graph`` with its attention at ``bits``, as the converter writes it: no ``attention``
+    key for fp32 (32), so that such a graph stays a version-1 file; ``{"bits": 8}`` for int8."""
+    graph.pop("attention", None)
+    if check_attn_bits(bits) != 32:
+        graph["attention"] = {"bits": bits}
+    return graph
 
 
 def format_version(graph: Mapping) -> int:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from .. import bops
-from ..modelfile import expected_tensors, graph_layer_names, graph_layer_shapes
+from ..modelfile import expected_tensors, graph_layer_names, graph_layer_shapes, set_attention_bits
 from ..policy import Policy, check_attn_bits
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,9 +224,7 @@ def model_graph(source: Source, policy: Policy) -> dict:
         from ..convert import gates_graph
 
         graph["gates"] = gates_graph(policy, graph_layer_names(graph), arch)
-    if policy.attn_bits != 32:  # as the converter writes it: absent means fp32 attention
-        graph["attention"] = {"bits": policy.attn_bits}
-    return graph
+    return set_attention_bits(graph, policy.attn_bits)
 
 
 def resolve_attention(base: Policy, attention: Optional[int], what: str = "base policy") -> int:

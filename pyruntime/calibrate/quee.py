@@ -79,7 +79,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import bops
-from ..modelfile import check_graph, check_tensors
+from ..modelfile import check_graph, check_tensors, set_attention_bits
 from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
 from .common import MAX_CALIBRATION_IMAGES, CalibrationData, CostModel, Source, resolve_attention
 from .probe import executor, materialise
@@ -362,7 +362,7 @@ def _cost_terms(graph: Mapping, costs: Optional[CostModel]) -> Tuple[np.ndarray,
     exits): BOPs (default), or seconds from ``costs``' latency table."""
     fp32 = copy.deepcopy(dict(graph))
     fp32.pop("gates", None)
-    fp32.pop("attention", None)  # the normaliser is the fp32 model, attention matmuls included
+    set_attention_bits(fp32, 32)  # the normaliser is the fp32 model, attention matmuls included
     fp32["exits"] = []
     fp32["predictor"] = None
     fp32["layers"] = {n: {"w_bits": 32, "a_bits": 8, "scale": "dynamic", "static_scale": None, "block_size": 32}
