@@ -25,5 +25,11 @@ bash tools/arm64_test.sh
 echo "== Python tests on arm64 under qemu, and arm64 vs x86 agreement"
 bash tools/arm64_python_test.sh
 
+echo "== x86 without AVX-512: static ISA-symbol check, Python tests under qemu Haswell and Nehalem"
+bash tools/x86_compat_test.sh
+
+echo "== Wheels (x86_64 and aarch64 manylinux, sdist) and their install checks"
+bash tools/build_wheels.sh
+
 echo "== Python tests"
 python3 -m pytest tests -q -p no:cacheprovider

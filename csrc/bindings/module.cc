@@ -12,6 +12,7 @@
 
 #include "bench/peak.h"
 #include "cpu/cpu.h"
+#include "limits.h"
 #include "ops/ops.h"
 
 namespace py = pybind11;
@@ -217,6 +218,16 @@ PYBIND11_MODULE(_core, m) {
         "Name of the ISA used when none is named (PYRUNTIME_ISA, else the best available).");
   m.def("available_isas", &available_isas, "ISAs compiled in and supported by this CPU, best last.");
   m.def("physical_cores", &physical_cores);
+  m.def("limits", [] {
+    py::dict d;
+    d["max_k"] = kMaxK;
+    d["max_tokens"] = kMaxTokens;
+    d["max_threads"] = kMaxThreads;
+    d["max_image_side"] = kMaxImageSide;
+    d["max_depth"] = kMaxDepth;
+    d["max_dim"] = kMaxDim;
+    return d;
+  }, "The size limits the runtime enforces (csrc/limits.h).");
   m.def("int8_peak_gops", [](int threads, double seconds) {
     py::gil_scoped_release nogil;
     return int8_peak_gops(threads, seconds);
