@@ -12,7 +12,7 @@
 
 #include "bench/peak.h"
 #include "cpu/cpu.h"
-#include "limits.h"
+#include "runtime_limits.h"
 #include "ops/ops.h"
 
 namespace py = pybind11;
@@ -227,7 +227,7 @@ PYBIND11_MODULE(_core, m) {
     d["max_depth"] = kMaxDepth;
     d["max_dim"] = kMaxDim;
     return d;
-  }, "The size limits the runtime enforces (csrc/limits.h).");
+  }, "The size limits the runtime enforces (csrc/runtime_limits.h).");
   m.def("int8_peak_gops", [](int threads, double seconds) {
     py::gil_scoped_release nogil;
     return int8_peak_gops(threads, seconds);
