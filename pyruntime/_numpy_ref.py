@@ -348,7 +348,8 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
         x = m.norm(x, "norm_pre")
     for i in range(depth):
         p = f"blocks.{i}"
-        block_path[i] = precision
+        # Reduced only where the block has a reduced copy of some layer (else it ran full weights).
+        block_path[i] = 2 if precision == 2 and any(n.startswith(f"{p}.") for n in m.lo) else 1
         h = lin(f"{p}.attn.proj", m.attention(lin(f"{p}.attn.qkv", m.norm(x, f"{p}.norm1"))))
         bops += 2 * T * T * D * m.attn_bits ** 2
         x = x + (m.t[f"{p}.ls1.gamma"] * h if a["layer_scale"] else h)

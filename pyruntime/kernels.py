@@ -20,6 +20,7 @@ import numpy as np
 from . import _core
 
 QuantizedWeights = _core.QuantizedWeights
+_LIMITS = _core.limits()
 
 
 def _as_f32_matrix(name: str, a, ndim: int = 2) -> np.ndarray:
@@ -47,8 +48,8 @@ def _check_threads(num_threads: Optional[int]) -> Optional[int]:
         return None
     if not isinstance(num_threads, (int, np.integer)) or isinstance(num_threads, bool):
         raise TypeError("num_threads must be an int")
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if not 1 <= num_threads <= _LIMITS["max_threads"]:
+        raise ValueError(f"num_threads must be in 1..{_LIMITS['max_threads']}, got {num_threads}")
     return int(num_threads)
 
 
@@ -64,8 +65,14 @@ def quantize_weights(w: np.ndarray, bits: int, block_size: Optional[int] = None)
         block_size = 32
     elif bits != 4:
         raise ValueError("block_size applies to 4-bit weights only")
-    if not isinstance(block_size, (int, np.integer)) or block_size <= 0 or block_size % 32:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0 or block_size % 32:
         raise ValueError(f"block_size must be a positive multiple of 32, got {block_size}")
+    K = w.shape[1]
+    if bits != 32 and K > _LIMITS["max_k"]:
+        raise ValueError(f"integer weights need K <= {_LIMITS['max_k']} (exact int32 accumulation), got K={K}")
+    if block_size > -(-K // 32) * 32:
+        # A larger block only pads: one block per row either way, and its padded size can overflow.
+        raise ValueError(f"block_size {block_size} exceeds K={K} rounded up to 32 ({-(-K // 32) * 32})")
     return _core.quantize_weights(w, int(bits), int(block_size))
 
 

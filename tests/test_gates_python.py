@@ -490,7 +490,7 @@ def random_gated_graph(rng):
         if b not in gates and rng.random() < 0.3:
             exits.append({"block": b, "rule": "margin", "threshold": float(rng.random() * 0.5)})
     exits.sort(key=lambda e: e["block"])
-    precisions = [FP32, W8A8, W4A8, dict(W8A8, a_bits=5), dict(W4A8, a_bits=4, block_size=64)]
+    precisions = [FP32, W8A8, W4A8, dict(W8A8, a_bits=5), dict(W4A8, a_bits=4)]  # blocks above K rounded up to 32 are refused
     layers = {n: dict(precisions[rng.integers(len(precisions))]) for n in blocks}
     g = tiny_graph(depth=depth, exits=exits, layers=layers, num_classes=int(rng.integers(2, 6)))
     eligible = [n for n in blocks if int(n.split(".")[1]) > gates[0]]

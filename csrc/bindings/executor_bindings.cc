@@ -11,9 +11,12 @@
 
 #include "cpu/cpu.h"
 #include "graph/executor.h"
+#include "runtime_limits.h"
 
 namespace py = pybind11;
 using namespace pyrt;
+
+int pick_threads(std::optional<long long> t);  // module.cc
 
 namespace {
 
@@ -21,9 +24,13 @@ namespace {
 
 py::array tensor(const py::dict& t, const std::string& name) {
   if (!t.contains(name)) bad("missing tensor '" + name + "'");
-  return py::reinterpret_borrow<py::array>(t[py::str(name)]);
+  py::object v = t[py::str(name)];
+  if (!py::isinstance<py::array>(v)) bad("tensor '" + name + "' is a " + std::string(py::str(v.get_type().attr("__name__"))) + ", not a numpy array");
+  return py::reinterpret_borrow<py::array>(v);
 }
 
+// `shape` holds sizes already bounded by the limits (build_spec checks them first), so the
+// casts to ssize_t are exact.
 template <typename T>
 py::array_t<T, py::array::c_style> typed(const py::dict& t, const std::string& name, std::vector<ssize_t> shape) {
   py::array a = tensor(t, name);
@@ -102,8 +109,12 @@ LinearLayer linear_from(const py::dict& graph, const py::dict& p, const py::dict
       if (q.data()[i] == -128) bad("tensor '" + prefix + ".weight.q8' holds -128 (outside [-127, 127])");
     l.w = pack_qc8w(q.data(), s.data(), N, K);
   } else if (bits == 4) {
-    const size_t block = p.contains("block_size") ? p["block_size"].cast<size_t>() : 32;
-    if (block == 0 || block % kKAlign) bad(name + ": block_size must be a positive multiple of 32");
+    const size_t block = p.contains("block_size") ? get<size_t>(p, "block_size", name) : 32;
+    try {
+      check_integer_weights(4, K, block);
+    } catch (const std::invalid_argument& e) {
+      bad(name + ": " + e.what());
+    }
     auto q4 = typed<uint8_t>(t, prefix + ".weight.q4", {ssize_t(N), ssize_t((K + 1) / 2)});
     std::vector<float> s = floats(t, prefix + ".weight.scale");
     if (s.size() != N * ((K + block - 1) / block)) bad("tensor '" + prefix + ".weight.scale' has the wrong size");
@@ -133,6 +144,8 @@ LinearLayer linear_from(const py::dict& graph, const py::dict& p, const py::dict
         const py::dict pred = graph["predictor"].cast<py::dict>();
         const py::dict coeffs = get<py::dict>(pred, "coeffs", "predictor");
         if (coeffs.contains(prefix)) l.coeffs = coeffs[py::str(prefix)].cast<std::vector<float>>();
+        for (float c : l.coeffs)
+          if (!std::isfinite(c)) bad(name + ": predictor coefficients must be finite float32 values");
       }
     } else {
       bad(name + ": unknown scale mode '" + scale + "'");
@@ -148,6 +161,8 @@ Gate gate(const py::dict& graph, const py::dict& t, int block) {
   Gate g;
   g.topk = get<size_t>(gd, "topk", "gates");
   g.hidden = get<size_t>(gd, "hidden", "gates");
+  if (g.topk < 1 || g.topk > kMaxDim || g.hidden < 1 || g.hidden > kMaxDim)
+    bad("gates: topk and hidden must be in 1.." + std::to_string(kMaxDim));
   const py::dict costs = get<py::dict>(gd, "cost", "gates");
   const std::string key = std::to_string(block);
   if (!costs.contains(key)) bad("gates.cost has no entry for block " + key);
@@ -189,8 +204,11 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
   a.final_norm = get<bool>(ad, "final_norm", "arch");
   a.norm_pre = get<bool>(ad, "norm_pre", "arch");
   a.eps = get<float>(ad, "eps", "arch");
-  if (a.patch_h == 0 || a.patch_w == 0 || a.num_heads == 0) bad("arch: zero patch size or heads");
-  if (a.depth > 4096 || a.embed_dim > 65536 || a.img_h > 65536 || a.img_w > 65536) bad("arch: implausible size");
+  try {
+    check_arch_limits(a);
+  } catch (const std::invalid_argument& e) {
+    bad(e.what());
+  }
 
   const size_t D = a.embed_dim;
   s.patch_embed = linear(graph, t, "patch_embed", D, a.patch_dim());
@@ -248,16 +266,18 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
   return s;
 }
 
-py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::optional<int> threads,
+py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::optional<long long> threads,
              std::optional<std::string> isa, bool collect_exits) {
   const Arch& a = ex.spec().arch;
   if (x.ndim() != 4 || size_t(x.shape(1)) != a.in_chans || size_t(x.shape(2)) != a.img_h ||
       size_t(x.shape(3)) != a.img_w)
     bad("input must be float32 [B, " + std::to_string(a.in_chans) + ", " + std::to_string(a.img_h) + ", " +
         std::to_string(a.img_w) + "]");
-  if (threads && *threads < 1) bad("num_threads must be >= 1");
-  RunContext ctx{isa ? kernels_for(*isa) : default_kernels(), threads ? *threads : physical_cores()};
+  RunContext ctx{isa ? kernels_for(*isa) : default_kernels(), pick_threads(threads)};
   const size_t B = x.shape(0);
+  // The backstop of pyruntime.Model's own check (a masked array can hide a NaN from it).
+  for (ssize_t i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x.data()[i])) bad("images contain NaN or Inf");
   RunResult r;
   {
     py::gil_scoped_release nogil;
@@ -287,7 +307,15 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
 void register_executor(py::module_& m) {
   py::class_<Executor>(m, "Executor")
       .def(py::init([](const py::dict& graph, const py::dict& tensors) {
-             return new Executor(build_spec(graph, tensors));
+             try {
+               return new Executor(build_spec(graph, tensors));
+             } catch (const py::cast_error& e) {
+               // A value of the wrong type deep in the graph (a list where an object belongs).
+               bad(std::string("graph has a value of the wrong type: ") + e.what());
+             } catch (py::error_already_set& e) {
+               if (!e.matches(PyExc_TypeError)) throw;
+               bad(std::string("graph has a value of the wrong type: ") + e.what());
+             }
            }),
            py::arg("graph"), py::arg("tensors"))
       .def("run", &run, py::arg("x"), py::arg("num_threads") = py::none(), py::arg("isa") = py::none(),
@@ -295,6 +323,7 @@ void register_executor(py::module_& m) {
       .def("set_profiling", &Executor::set_profiling)
       .def("profile", &Executor::profile)
       .def("reset_profile", &Executor::reset_profile)
+      .def_property_readonly("scratch_bytes", &Executor::scratch_bytes)
       .def_property_readonly("weight_bytes", [](const Executor& e) {
         size_t n = e.spec().patch_embed.w.bytes() + e.spec().head.w.bytes();
         for (const Block& b : e.spec().blocks)

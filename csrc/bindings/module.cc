@@ -29,11 +29,17 @@ const KernelTable* pick_isa(const std::optional<std::string>& isa) {
   return isa ? kernels_for(*isa) : default_kernels();
 }
 
-int pick_threads(std::optional<int> t) {
+}  // namespace
+
+// Shared with executor_bindings.cc: the one check of a thread count handed in from Python.
+int pick_threads(std::optional<long long> t) {
   if (!t) return physical_cores();
-  if (*t < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(*t));
-  return *t;
+  if (*t < 1 || *t > kMaxThreads)
+    throw py::value_error("num_threads must be in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(*t));
+  return int(*t);
 }
+
+namespace {
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error(msg);
@@ -41,6 +47,11 @@ void require(bool ok, const std::string& msg) {
 
 void require_2d(const py::array& a, const char* name) {
   require(a.ndim() == 2, std::string(name) + " must be 2-D, got " + std::to_string(a.ndim()) + "-D");
+}
+
+// The peak loops run for `seconds`: a typo must not hold the process for hours.
+void check_peak_seconds(double seconds) {
+  require(seconds > 0 && seconds <= 60, "seconds must be in (0, 60], got " + std::to_string(seconds));
 }
 
 size_t n_scales(int bits, size_t N, size_t K, size_t block) {
@@ -53,8 +64,7 @@ std::shared_ptr<QuantizedWeights> quantize_weights(F32 w, int bits, size_t block
   require(N > 0 && K > 0, "w must not be empty");
   require(bits == 4 || bits == 8 || bits == 32, "weight bits must be 4, 8 or 32, got " + std::to_string(bits));
   if (bits == 32) return std::make_shared<QuantizedWeights>(pack_f32(w.data(), N, K));
-  require(bits == 8 || (block > 0 && block % kKAlign == 0),
-          "block_size must be a positive multiple of 32, got " + std::to_string(block));
+  check_integer_weights(bits, K, block);
   std::vector<int8_t> q(N * K);
   std::vector<float> s(n_scales(bits, N, K, block));
   {
@@ -69,8 +79,7 @@ std::shared_ptr<QuantizedWeights> from_canonical(I8 q, F32 scales, int bits, siz
   require_2d(q, "q");
   const size_t N = q.shape(0), K = q.shape(1);
   require(N > 0 && K > 0, "q must not be empty");
-  require(bits == 4 || bits == 8, "integer weight bits must be 4 or 8");
-  require(bits == 8 || (block > 0 && block % kKAlign == 0), "block_size must be a positive multiple of 32");
+  check_integer_weights(bits, K, block);
   require(static_cast<size_t>(scales.size()) == n_scales(bits, N, K, block),
           "scales has " + std::to_string(scales.size()) + " values, expected " +
               std::to_string(n_scales(bits, N, K, block)));
@@ -107,7 +116,7 @@ F32 dequantize(const QuantizedWeights& w) {
 }
 
 F32 linear_py(F32 x, const QuantizedWeights& w, std::optional<F32> bias, std::optional<float> act_scale,
-           int act_bits, std::optional<int> num_threads, std::optional<std::string> isa) {
+           int act_bits, std::optional<long long> num_threads, std::optional<std::string> isa) {
   require_2d(x, "x");
   const size_t M = x.shape(0), K = x.shape(1);
   require(K == w.K, "x has K=" + std::to_string(K) + " but the weights expect K=" + std::to_string(w.K));
@@ -151,7 +160,7 @@ py::tuple quantize_acts_py(F32 x, int bits, std::optional<float> scale, bool per
   return py::make_tuple(q, sc, bs);
 }
 
-F32 gemm_f32_py(F32 a, F32 b, std::optional<F32> bias, std::optional<int> num_threads,
+F32 gemm_f32_py(F32 a, F32 b, std::optional<F32> bias, std::optional<long long> num_threads,
                 std::optional<std::string> isa) {
   require_2d(a, "a");
   require_2d(b, "b");
@@ -228,13 +237,17 @@ PYBIND11_MODULE(_core, m) {
     d["max_dim"] = kMaxDim;
     return d;
   }, "The size limits the runtime enforces (csrc/runtime_limits.h).");
-  m.def("int8_peak_gops", [](int threads, double seconds) {
+  m.def("int8_peak_gops", [](long long threads, double seconds) {
+    const int t = pick_threads(threads);
+    check_peak_seconds(seconds);
     py::gil_scoped_release nogil;
-    return int8_peak_gops(threads, seconds);
+    return int8_peak_gops(t, seconds);
   }, py::arg("threads") = 1, py::arg("seconds") = 0.3);
-  m.def("fp32_peak_gflops", [](int threads, double seconds) {
+  m.def("fp32_peak_gflops", [](long long threads, double seconds) {
+    const int t = pick_threads(threads);
+    check_peak_seconds(seconds);
     py::gil_scoped_release nogil;
-    return fp32_peak_gflops(threads, seconds);
+    return fp32_peak_gflops(t, seconds);
   }, py::arg("threads") = 1, py::arg("seconds") = 0.3);
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();

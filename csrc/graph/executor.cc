@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "../ops/threadpool.h"
+#include "../runtime_limits.h"
 
 namespace pyrt {
 
@@ -23,8 +24,18 @@ using Clock = std::chrono::steady_clock;
 
 // Working-set budget of one image group of a block (about a core's L2 on the CPUs targeted).
 constexpr size_t kBlockGroupBytes = size_t(1) << 20;
+// Query rows per attention tile: bounds the per-thread scores scratch to kAttnRows x T.
+constexpr size_t kAttnRows = 64;
+// Scratch larger than this is released when a run ends, so one huge batch does not keep its
+// workspace for the life of the model; below it, buffers are kept to spare small runs the
+// allocation.
+constexpr size_t kKeepScratchBytes = size_t(32) << 20;
 
 void fail(const std::string& what) { throw std::invalid_argument(what); }
+
+bool all_finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+}
 
 void expect_size(const std::vector<float>& v, size_t n, const std::string& name) {
   if (v.size() != n)
@@ -45,8 +56,8 @@ void expect_linear(const LinearLayer& l, size_t N, size_t K) {
   if (l.w.bits != 32 && (l.a_bits < 4 || l.a_bits > 8)) fail(l.name + ": activation bits must be 4..8");
   if (l.w.bits != 32 && l.scale == ScaleSource::kStatic && !(l.static_scale > 0 && std::isfinite(l.static_scale)))
     fail(l.name + ": static activation scale must be positive");
-  if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && l.coeffs.empty())
-    fail(l.name + ": predicted scale without polynomial coefficients");
+  if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && (l.coeffs.empty() || !all_finite(l.coeffs)))
+    fail(l.name + ": predicted scale needs finite polynomial coefficients");
 }
 
 // Rows [0, rows) of `row_elems` elements each, in chunks over the pool.
@@ -258,19 +269,74 @@ void attend_q8(const KernelTable& kt, const AttnGeometry& g, size_t rows, const 
 
 }  // namespace
 
-struct Executor::Workspace {
+// Every size the graph declares, against runtime_limits.h, before anything is computed from
+// them: products of unchecked sizes can wrap, and a small file must not ask for a huge buffer.
+void check_arch_limits(const Arch& a) {
+  auto within = [](size_t v, size_t most, const char* what) {
+    if (v == 0 || v > most) fail(std::string("arch: ") + what + " must be in 1.." + std::to_string(most) + ", got " + std::to_string(v));
+  };
+  within(a.img_h, kMaxImageSide, "image height");
+  within(a.img_w, kMaxImageSide, "image width");
+  within(a.patch_h, a.img_h, "patch height");
+  within(a.patch_w, a.img_w, "patch width");
+  within(a.in_chans, kMaxDim, "in_chans");
+  within(a.embed_dim, kMaxDim, "embed_dim");
+  within(a.depth, kMaxDepth, "depth");
+  within(a.num_heads, a.embed_dim, "num_heads");
+  within(a.mlp_hidden, kMaxDim, "mlp_hidden");
+  within(a.num_classes, kMaxDim, "num_classes");
+  if (a.reg_tokens > kMaxTokens) fail("arch: reg_tokens exceeds " + std::to_string(kMaxTokens));
+  // in_chans * patch area is the patch embedding's K; the patch sides are bounded by the image's.
+  if (a.patch_dim() > kMaxK) fail("arch: a patch holds " + std::to_string(a.patch_dim()) + " values, more than " + std::to_string(kMaxK));
+  if (a.tokens() > kMaxTokens)
+    fail("arch: " + std::to_string(a.tokens()) + " tokens per image exceed the limit of " + std::to_string(kMaxTokens));
+  if (!(a.eps > 0.0f) || !std::isfinite(a.eps)) fail("arch: eps must be a positive finite float32");
+}
+
+struct ExecWorkspace {
   AlignedBuffer<float> patches, x, h, qkv, attn, mlp, pooled, pooled2, logits, logits2;
   AttnScratch attn_scratch;
   QuantizedActs qa;
   std::vector<float> row_scale;
+
+  // Calls f on every buffer.
+  template <typename F>
+  void each(F&& f) {
+    for (auto* b : {&patches, &x, &h, &qkv, &attn, &mlp, &pooled, &pooled2, &logits, &logits2, &attn_scratch.kv_pack,
+                    &attn_scratch.kv_scales, &qa.scale, &qa.inv_scale})
+      f(*b);
+    f(attn_scratch.kv_q8);
+    f(qa.q);
+    f(qa.bsum);
+  }
+
+  size_t bytes() {
+    size_t n = row_scale.capacity() * sizeof(float);
+    each([&](auto& buf) { n += buf.size() * sizeof(*buf.data()); });
+    return n;
+  }
+
+  // Frees every buffer above kKeepScratchBytes (the next run allocates what it needs again).
+  void release_large() {
+    each([](auto& buf) {
+      if (buf.size() * sizeof(*buf.data()) > kKeepScratchBytes) buf.resize(0);
+    });
+    if (row_scale.capacity() * sizeof(float) > kKeepScratchBytes) std::vector<float>().swap(row_scale);
+  }
 };
 
-void Executor::WorkspaceDeleter::operator()(Workspace* w) const { delete w; }
+size_t Executor::scratch_bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return ws_->bytes();
+}
 
-Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new Workspace) { validate(); }
+void Executor::WorkspaceDeleter::operator()(ExecWorkspace* w) const { delete w; }
+
+Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new ExecWorkspace) { validate(); }
 
 void Executor::validate() const {
   const Arch& a = spec_.arch;
+  check_arch_limits(a);
   if (!a.img_h || !a.img_w || !a.patch_h || !a.patch_w || !a.in_chans || !a.embed_dim || !a.depth ||
       !a.num_heads || !a.mlp_hidden || !a.num_classes)
     fail("architecture has a zero dimension");
@@ -371,12 +437,26 @@ struct Batch {
   std::vector<float> stat;     // predictor statistic per original image
   size_t n_full = 0;           // active[0, n_full) run full precision, the rest reduced
   RunResult* res;
+  // Per original image: a non-finite value met its forward pass. Its answer becomes NaN at the
+  // end, on every ISA alike: quantising a non-finite row would otherwise give plausible logits
+  // (a NaN or Inf scale quantises to zeros) that differ between kernels.
+  std::vector<uint8_t> nonfinite;
+
+  void mark_nonfinite(size_t i) { nonfinite[active[i]] = 1; }
+
+  // Marks each of `images` active images from `first` whose `per_image` values at x are not
+  // all finite (absmax is NaN or Inf then, on every ISA).
+  void check_finite(const KernelTable& kt, const float* x, size_t first, size_t images, size_t per_image) {
+    for (size_t i = 0; i < images; ++i)
+      if (!std::isfinite(kt.absmax(per_image, x + i * per_image))) mark_nonfinite(first + i);
+  }
 };
 
 class Runner {
  public:
-  Runner(const ModelSpec& s, const RunContext& ctx, bool profiling, std::map<std::string, double>& prof)
-      : s_(s), a_(s.arch), ctx_(ctx), profiling_(profiling), prof_(prof) {}
+  Runner(const ModelSpec& s, const RunContext& ctx, ExecWorkspace& workspace, bool profiling,
+         std::map<std::string, double>& prof)
+      : s_(s), a_(s.arch), ctx_(ctx), ws(workspace), profiling_(profiling), prof_(prof) {}
 
   template <typename F>
   void timed(const std::string& name, F&& f) {
@@ -403,23 +483,20 @@ class Runner {
     }
     const float qmax = float((1 << (l.a_bits - 1)) - 1);
     row_scale.resize(rows);
-    if (l.scale == ScaleSource::kDynamic) {
-      // Per-row max |x| on the pool (max is exact in any order), reduced per image below.
-      parallel_rows(ctx_, rows, K, [&](size_t r0, size_t r1) {
-        for (size_t r = r0; r < r1; ++r) row_scale[r] = ctx_.kt->absmax(K, x + r * K);
-      });
-    }
+    // Per-row max |x| on the pool (max is exact in any order), reduced per image below: the
+    // dynamic scale, and for every scale source the check that the rows are finite (absmax
+    // returns NaN or Inf for a row holding one, on every ISA).
+    parallel_rows(ctx_, rows, K, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; ++r) row_scale[r] = ctx_.kt->absmax(K, x + r * K);
+    });
     for (size_t i = 0; i < images; ++i) {
-      float s = 0.0f;
-      if (l.scale == ScaleSource::kStatic) {
-        s = l.static_scale;
-      } else if (l.scale == ScaleSource::kPredicted) {
-        s = eval_poly(l.coeffs, b.stat[active[i]]);
-      } else {
-        const auto first = row_scale.begin() + i * rows_per_image;
-        s = *std::max_element(first, first + rows_per_image) / qmax;
-      }
-      std::fill(row_scale.begin() + i * rows_per_image, row_scale.begin() + (i + 1) * rows_per_image, s);
+      const auto first = row_scale.begin() + i * rows_per_image, last = first + rows_per_image;
+      const bool finite = std::all_of(first, last, [](float v) { return std::isfinite(v); });
+      float s = finite ? *std::max_element(first, last) / qmax : 0.0f;
+      if (l.scale == ScaleSource::kStatic) s = l.static_scale;
+      if (l.scale == ScaleSource::kPredicted) s = eval_poly(l.coeffs, b.stat[active[i]]);
+      if (!finite || !std::isfinite(s)) b.mark_nonfinite(first_image + i);
+      std::fill(first, last, s);
     }
     quantize_acts(ctx_, x, rows, K, K, l.w.Kp, l.a_bits, ScaleMode::kGiven, row_scale.data(), qa);
     gemm_q(ctx_, qa, l.w, l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
@@ -482,18 +559,24 @@ class Runner {
         const size_t part = t % splits, ih = t / splits, img = i0 + ih / H, h = ih % H;
         const size_t r0 = part * rows, r1 = std::min(T, r0 + rows);
         if (r0 >= r1) return;
-        const float* q = qkv + (img * T + r0) * 3 * D + h * dh;
-        float* o = out + (img * T + r0) * D + h * dh;
-        if (q8) {
-          attend_q8(*ctx_.kt, g, r1 - r0, q, 3 * D, scale, ws.kv_q8.data() + ih * g.q8_bytes, ws.kv_scales.data() + ih * g.q8_scales, o, D);
-          return;
+        // Row tiles of at most kAttnRows: the scores' scratch is O(kAttnRows x T) per thread,
+        // not T^2, whatever the token count and thread count.
+        for (size_t t0 = r0; t0 < r1; t0 += kAttnRows) {
+          const size_t n_rows = std::min(kAttnRows, r1 - t0);
+          const float* q = qkv + (img * T + t0) * 3 * D + h * dh;
+          float* o = out + (img * T + t0) * D + h * dh;
+          if (q8) {
+            attend_q8(*ctx_.kt, g, n_rows, q, 3 * D, scale, ws.kv_q8.data() + ih * g.q8_bytes,
+                      ws.kv_scales.data() + ih * g.q8_scales, o, D);
+            continue;
+          }
+          thread_local AlignedBuffer<float> scores;
+          scores.reserve_scratch(kAttnRows * T);
+          const float* pk = ws.kv_pack.data() + ih * (g.kp + g.vp);
+          ctx_.kt->f32_gemm(n_rows, T, dh, q, 3 * D, pk, nullptr, scores.data(), T);
+          ctx_.kt->softmax(n_rows, T, scale, scores.data(), T);
+          ctx_.kt->f32_gemm(n_rows, dh, T, scores.data(), T, pk + g.kp, nullptr, o, D);
         }
-        thread_local std::vector<float> scores;
-        scores.resize((r1 - r0) * T);
-        const float* pk = ws.kv_pack.data() + ih * (g.kp + g.vp);
-        ctx_.kt->f32_gemm(r1 - r0, T, dh, q, 3 * D, pk, nullptr, scores.data(), T);
-        ctx_.kt->softmax(r1 - r0, T, scale, scores.data(), T);
-        ctx_.kt->f32_gemm(r1 - r0, dh, T, scores.data(), T, pk + g.kp, nullptr, o, D);
       });
     }
   }
@@ -515,10 +598,163 @@ class Runner {
     }
   }
 
+  // Patch embedding and token assembly, a group of images at a time: each group's patches are
+  // unfolded, embedded by one GEMM, then written with the prefix tokens and position
+  // embeddings into the residual stream ws.x.
+  void embed(const float* input, size_t B, Batch& batch) {
+    const Arch& a = a_;
+    const size_t T = a.tokens(), D = a.embed_dim, P = a.num_patches(), PD = a.patch_dim(), P0 = a.num_prefix();
+    const size_t group = std::min(B, std::max<size_t>(1, kBlockGroupBytes / (P * std::max(PD, D) * sizeof(float))));
+    ws.patches.reserve_scratch(group * P * PD);
+    ws.h.reserve_scratch(group * P * D);
+    for (size_t g0 = 0; g0 < B; g0 += group) {
+      const size_t gi = std::min(group, B - g0);
+      timed("patch_embed.unfold", [&] {
+        // Over the input's rows in memory order (one task row = one image row of patches): each
+        // image row is read once, sequentially, and scattered to its grid row's patches; (c, i, j)
+        // order within a patch, like the conv weight.
+        const size_t gh = a.grid_h(), gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
+        const size_t C = a.in_chans;
+        const float* in = input + g0 * C * H * W;
+        parallel_rows(ctx_, gi * gh, gw * PD, [&](size_t r0, size_t r1) {
+          for (size_t r = r0; r < r1; ++r) {
+            const size_t img = r / gh, gy = r % gh;
+            float* dst = ws.patches.data() + (img * P + gy * gw) * PD;
+            for (size_t c = 0; c < C; ++c)
+              for (size_t i = 0; i < ph; ++i) {
+                const float* src = in + ((img * C + c) * H + gy * ph + i) * W;
+                for (size_t gx = 0; gx < gw; ++gx)
+                  std::memcpy(dst + gx * PD + (c * ph + i) * pw, src + gx * pw, pw * sizeof(float));
+              }
+          }
+        });
+      });
+      timed("patch_embed", [&] {
+        linear_rows(s_.patch_embed, ws.patches.data(), gi * P, P, ws.h.data(), batch, ws.qa, ws.row_scale, g0);
+      });
+      // Tokens: [cls, dist, reg..., patches] plus position embeddings.
+      timed("embed", [&] {
+        for (size_t img = 0; img < gi; ++img) {
+          float* xi = ws.x.data() + (g0 + img) * T * D;
+          size_t t = 0;
+          if (a.cls_token) std::memcpy(xi + (t++) * D, s_.cls_token.data(), D * sizeof(float));
+          if (a.dist_token) std::memcpy(xi + (t++) * D, s_.dist_token.data(), D * sizeof(float));
+          for (size_t r = 0; r < a.reg_tokens; ++r) std::memcpy(xi + (t++) * D, s_.reg_token.data() + r * D, D * sizeof(float));
+          std::memcpy(xi + P0 * D, ws.h.data() + img * P * D, P * D * sizeof(float));
+          const size_t first = a.no_embed_class ? P0 : 0;
+          for (size_t i = 0; i < (T - first) * D; ++i) xi[first * D + i] += s_.pos_embed[i];
+        }
+        float* xg = ws.x.data() + g0 * T * D;
+        if (a.norm_pre) layernorm_rows(ctx_, s_.norm_pre, a.eps, xg, gi * T, D, xg);
+      });
+    }
+  }
+
+  // An exit head after block l: every active image's logits; with collect_exits they are only
+  // recorded, else each image exits, continues at full precision or (a gate) at reduced
+  // precision, and the images that go on are compacted to the front of the residual stream.
+  void exit_head(const ExitHead& e, size_t exit_index, size_t l, Batch& batch, bool collect_exits,
+                   std::vector<double>& probs) {
+    const Arch& a = a_;
+    const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, B = batch.stat.size();
+    RunResult& res = *batch.res;
+    const size_t imgs = batch.active.size();
+    float* x = ws.x.data();
+    pool(x, imgs, ws.pooled.data());
+    ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), a.eps, ws.pooled2.data(), D);
+    linear_rows(e.fc, ws.pooled2.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
+    if (collect_exits) {
+      for (size_t i = 0; i < imgs; ++i)
+        std::memcpy(res.exit_logits.data() + (exit_index * B + batch.active[i]) * NC, ws.logits.data() + i * NC, NC * sizeof(float));
+      return;
+    }
+    std::vector<Path> path(imgs);
+    for (size_t i = 0; i < imgs; ++i) {
+      const float* li = ws.logits.data() + i * NC;
+      if (e.rule == ExitRule::kGate) {
+        path[i] = gate_decision(e.gate, s_.gate_lambda, li, NC, probs);
+        res.bops[batch.active[i]] += e.gate.bops();
+      } else {
+        path[i] = exits_here(e, li, NC, probs) ? kPathExit : (i < batch.n_full ? kPathFull : kPathReduced);
+      }
+      if (path[i] == kPathExit) {
+        const size_t orig = batch.active[i];
+        std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
+        res.exit_block[orig] = int32_t(l);
+      }
+    }
+    compact(path, T * D, batch);
+  }
+
+  // Images that exit leave; the rest move up so later blocks run on fewer rows, full-precision
+  // images first (a gate may switch an image either way).
+  void compact(const std::vector<Path>& path, size_t image_floats, Batch& batch) {
+    float* x = ws.x.data();
+    const size_t imgs = path.size(), bytes = image_floats * sizeof(float);
+    std::vector<size_t> full, reduced;
+    for (size_t i = 0; i < imgs; ++i) {
+      if (path[i] == kPathFull) full.push_back(i);
+      if (path[i] == kPathReduced) reduced.push_back(i);
+    }
+    // A reduced image that precedes a full one would be overwritten by moving the full images up:
+    // those few are set aside first (they are the only ones that can move backwards).
+    std::vector<float> aside;
+    std::vector<size_t> aside_of;
+    for (size_t k = 0; k < reduced.size(); ++k)
+      if (!full.empty() && reduced[k] < full.back()) aside_of.push_back(k);
+    aside.resize(aside_of.size() * image_floats);
+    for (size_t j = 0; j < aside_of.size(); ++j) std::memcpy(aside.data() + j * image_floats, x + reduced[aside_of[j]] * image_floats, bytes);
+    std::vector<size_t> active;
+    for (size_t i : full) {
+      if (i != active.size()) std::memmove(x + active.size() * image_floats, x + i * image_floats, bytes);
+      active.push_back(batch.active[i]);
+    }
+    size_t next_aside = 0;
+    for (size_t k = 0; k < reduced.size(); ++k) {
+      float* dst = x + active.size() * image_floats;
+      if (next_aside < aside_of.size() && aside_of[next_aside] == k) {
+        std::memcpy(dst, aside.data() + next_aside++ * image_floats, bytes);
+      } else if (reduced[k] != active.size()) {
+        std::memmove(dst, x + reduced[k] * image_floats, bytes);
+      }
+      active.push_back(batch.active[reduced[k]]);
+    }
+    batch.active = std::move(active);
+    batch.n_full = full.size();
+  }
+
+  // The final norm, pooling and classifier of the images still running.
+  void final_head(Batch& batch) {
+    const Arch& a = a_;
+    const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, imgs = batch.active.size();
+    float* x = ws.x.data();
+    // Only the rows that pooling reads need the final norm.
+    if (a.final_norm) {
+      if (a.avg_pool) {
+        layernorm_rows(ctx_, s_.norm, a.eps, x, imgs * T, D, x);
+      } else {
+        for (size_t i = 0; i < imgs; ++i)
+          ctx_.kt->layernorm(a.dist_token ? 2 : 1, D, x + i * T * D, D, s_.norm.weight.data(), s_.norm.bias.data(), a.eps, x + i * T * D, D);
+      }
+    }
+    pool(x, imgs, ws.pooled.data());
+    if (a.fc_norm)
+      ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, s_.fc_norm.weight.data(), s_.fc_norm.bias.data(), a.eps, ws.pooled.data(), D);
+    linear_rows(s_.head, ws.pooled.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
+    if (a.dist_token) {
+      for (size_t i = 0; i < imgs; ++i) std::memcpy(ws.pooled2.data() + i * D, x + (i * T + 1) * D, D * sizeof(float));
+      linear_rows(s_.head_dist, ws.pooled2.data(), imgs, 1, ws.logits2.data(), batch, ws.qa, ws.row_scale);
+      for (size_t i = 0; i < imgs * NC; ++i) ws.logits[i] = (ws.logits[i] + ws.logits2[i]) * 0.5f;
+    }
+    for (size_t i = 0; i < imgs; ++i)
+      std::memcpy(batch.res->logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
+  }
+
  private:
   const ModelSpec& s_;
   const Arch& a_;
   const RunContext& ctx_;
+  ExecWorkspace& ws;
   bool profiling_;
   std::map<std::string, double>& prof_;
 };
@@ -537,8 +773,7 @@ float range_statistic(const KernelTable& kt, const float* x, size_t n, size_t ch
 RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, bool collect_exits) {
   std::lock_guard<std::mutex> lk(mu_);
   const Arch& a = spec_.arch;
-  const size_t T = a.tokens(), D = a.embed_dim, P = a.num_patches(), PD = a.patch_dim();
-  const size_t F = a.mlp_hidden, NC = a.num_classes, P0 = a.num_prefix();
+  const size_t T = a.tokens(), D = a.embed_dim, F = a.mlp_hidden, NC = a.num_classes;
   RunResult res;
   res.logits.assign(B * NC, 0.0f);
   res.exit_block.assign(B, int32_t(a.depth) - 1);
@@ -548,62 +783,34 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   res.block_path.assign(B * a.depth, 0);
   if (B == 0) return res;
 
-  Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), B, &res};
+  Batch batch{std::vector<size_t>(B), std::vector<float>(B, std::numeric_limits<float>::quiet_NaN()), B, &res,
+              std::vector<uint8_t>(B, 0)};
   std::iota(batch.active.begin(), batch.active.end(), size_t{0});
-  Workspace& ws = *ws_;
-  Runner run(spec_, ctx, profiling_, profile_);
+  ExecWorkspace& ws = *ws_;
+  // Whatever happens, a run leaves no oversized scratch behind.
+  struct Trim {
+    ExecWorkspace& ws;
+    ~Trim() { ws.release_large(); }
+  } trim{ws};
+  Runner run(spec_, ctx, ws, profiling_, profile_);
 
-  // Patch embedding as a GEMM over unfolded patches, (c, i, j) order like the conv weight.
-  ws.patches.reserve_scratch(B * P * PD);
-  run.timed("patch_embed.unfold", [&] {
-    // Over the input's rows in memory order (one task row = one image row of patches): each
-    // image row is read once, sequentially, and scattered to its grid row's patches.
-    const size_t gh = a.grid_h(), gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
-    const size_t C = a.in_chans;
-    parallel_rows(ctx, B * gh, gw * PD, [&](size_t r0, size_t r1) {
-      for (size_t r = r0; r < r1; ++r) {
-        const size_t img = r / gh, gy = r % gh;
-        float* dst = ws.patches.data() + (img * P + gy * gw) * PD;
-        for (size_t c = 0; c < C; ++c)
-          for (size_t i = 0; i < ph; ++i) {
-            const float* src = input + ((img * C + c) * H + gy * ph + i) * W;
-            for (size_t gx = 0; gx < gw; ++gx)
-              std::memcpy(dst + gx * PD + (c * ph + i) * pw, src + gx * pw, pw * sizeof(float));
-          }
-      }
-    });
-  });
-  ws.h.reserve_scratch(B * T * std::max(D, PD));
-  run.timed("patch_embed", [&] {
-    run.linear_rows(spec_.patch_embed, ws.patches.data(), B * P, P, ws.h.data(), batch, ws.qa, ws.row_scale);
-  });
-
-  // Tokens: [cls, dist, reg..., patches] plus position embeddings.
+  // The residual stream of the whole batch is the one buffer that must hold every image; the
+  // rest of the scratch is sized to one group of images (patch embedding or block), so its
+  // size does not grow with the batch.
   ws.x.reserve_scratch(B * T * D);
-  run.timed("embed", [&] {
-    for (size_t img = 0; img < B; ++img) {
-      float* xi = ws.x.data() + img * T * D;
-      size_t t = 0;
-      if (a.cls_token) std::memcpy(xi + (t++) * D, spec_.cls_token.data(), D * sizeof(float));
-      if (a.dist_token) std::memcpy(xi + (t++) * D, spec_.dist_token.data(), D * sizeof(float));
-      for (size_t r = 0; r < a.reg_tokens; ++r) std::memcpy(xi + (t++) * D, spec_.reg_token.data() + r * D, D * sizeof(float));
-      std::memcpy(xi + P0 * D, ws.h.data() + img * P * D, P * D * sizeof(float));
-      const size_t first = a.no_embed_class ? P0 : 0;
-      for (size_t i = 0; i < (T - first) * D; ++i) xi[first * D + i] += spec_.pos_embed[i];
-    }
-    if (a.norm_pre) layernorm_rows(ctx, spec_.norm_pre, a.eps, ws.x.data(), B * T, D, ws.x.data());
-  });
+  run.embed(input, B, batch);
 
-  ws.qkv.reserve_scratch(B * T * 3 * D);
-  ws.attn.reserve_scratch(B * T * D);
-  ws.mlp.reserve_scratch(B * T * F);
+  // Images per group of a block: its largest intermediate (qkv or MLP hidden) within ~L2.
+  const size_t group = std::max<size_t>(1, kBlockGroupBytes / (T * std::max(F, 3 * D) * sizeof(float)));
+  ws.h.reserve_scratch(std::min(group, B) * T * D);
+  ws.qkv.reserve_scratch(std::min(group, B) * T * 3 * D);
+  ws.attn.reserve_scratch(std::min(group, B) * T * D);
+  ws.mlp.reserve_scratch(std::min(group, B) * T * F);
   ws.pooled.reserve_scratch(B * D);
   ws.pooled2.reserve_scratch(B * D);
   ws.logits.reserve_scratch(B * NC);
   ws.logits2.reserve_scratch(B * NC);
   const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * spec_.attn_bits * spec_.attn_bits;
-  // Images per group of a block: its largest intermediate (qkv or MLP hidden) within ~L2.
-  const size_t group = std::max<size_t>(1, kBlockGroupBytes / (T * std::max(F, 3 * D) * sizeof(float)));
   size_t next_exit = 0;
   std::vector<double> probs;
 
@@ -612,9 +819,12 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
     const std::string bn = "blocks." + std::to_string(l);
     const size_t imgs = batch.active.size();
     float* x = ws.x.data();
+    // An image past a gate's "reduced" decision runs reduced only where the block has a
+    // reduced copy of some layer; otherwise it ran the block's full weights, and says so.
+    const bool has_reduced = blk.qkv_lo.w.bits || blk.proj_lo.w.bits || blk.fc1_lo.w.bits || blk.fc2_lo.w.bits;
     for (size_t i = 0; i < imgs; ++i) {
       res.bops[batch.active[i]] += attn_bops;
-      res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full ? kPathFull : kPathReduced;
+      res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full || !has_reduced ? kPathFull : kPathReduced;
     }
     // The block runs on groups of `group` images at a time, reusing the start of the scratch
     // buffers, so that each op's output is still in L2 when the next op reads it (at batch 8
@@ -624,6 +834,9 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
       float* xg = x + g0 * T * D;
       run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, xg, grows, D, ws.h.data()); });
       run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale, g0, gi); });
+      // Int8 attention quantises q, k and v with scales from their maxima: a non-finite value
+      // there would quietly become zeros, so it is caught here.
+      if (spec_.attn_bits == 8) batch.check_finite(*ctx.kt, ws.qkv.data(), g0, gi, T * 3 * D);
       run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), gi, ws.attn.data(), ws.attn_scratch); });
       run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
       run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), grows, D, xg); });
@@ -634,6 +847,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
       });
       run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
       run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), grows, D, xg); });
+      batch.check_finite(*ctx.kt, xg, g0, gi, T * D);
     }
 
     if (spec_.predictor.block == int(l)) {
@@ -646,82 +860,22 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
 
     if (next_exit < spec_.exits.size() && spec_.exits[next_exit].block == int(l)) {
       const size_t exit_index = next_exit++;
-      const ExitHead& e = spec_.exits[exit_index];
-      run.timed("exits." + std::to_string(l), [&] {
-        run.pool(x, imgs, ws.pooled.data());
-        ctx.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), a.eps, ws.pooled2.data(), D);
-        run.linear_rows(e.fc, ws.pooled2.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
-        if (collect_exits) {
-          for (size_t i = 0; i < imgs; ++i)
-            std::memcpy(res.exit_logits.data() + (exit_index * B + batch.active[i]) * NC, ws.logits.data() + i * NC, NC * sizeof(float));
-          return;
-        }
-        // Compaction: images that exit leave; the rest move up so later blocks run on fewer
-        // rows, full-precision images first (a gate may switch an image either way).
-        std::vector<Path> path(imgs);
-        for (size_t i = 0; i < imgs; ++i) {
-          const float* li = ws.logits.data() + i * NC;
-          if (e.rule == ExitRule::kGate) {
-            path[i] = gate_decision(e.gate, spec_.gate_lambda, li, NC, probs);
-            res.bops[batch.active[i]] += e.gate.bops();
-          } else {
-            path[i] = exits_here(e, li, NC, probs) ? kPathExit : (i < batch.n_full ? kPathFull : kPathReduced);
-          }
-          if (path[i] == kPathExit) {
-            const size_t orig = batch.active[i];
-            std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
-            res.exit_block[orig] = int32_t(l);
-          }
-        }
-        std::vector<size_t> order;
-        for (Path want : {kPathFull, kPathReduced})
-          for (size_t i = 0; i < imgs; ++i)
-            if (path[i] == want) order.push_back(i);
-        size_t n_full = 0;
-        for (size_t i : order) n_full += path[i] == kPathFull;
-        bool in_place = true;  // nobody moves backwards: compact with memmove
-        for (size_t k = 0; k < order.size(); ++k) in_place = in_place && (k == 0 || order[k] > order[k - 1]);
-        std::vector<size_t> active(order.size());
-        if (in_place) {
-          for (size_t k = 0; k < order.size(); ++k)
-            if (order[k] != k) std::memmove(x + k * T * D, x + order[k] * T * D, T * D * sizeof(float));
-        } else {
-          for (size_t k = 0; k < order.size(); ++k)
-            std::memcpy(ws.attn.data() + k * T * D, x + order[k] * T * D, T * D * sizeof(float));
-          std::memcpy(x, ws.attn.data(), order.size() * T * D * sizeof(float));
-        }
-        for (size_t k = 0; k < order.size(); ++k) active[k] = batch.active[order[k]];
-        batch.active = std::move(active);
-        batch.n_full = n_full;
-      });
+      run.timed("exits." + std::to_string(l), [&] { run.exit_head(spec_.exits[exit_index], exit_index, l, batch, collect_exits, probs); });
     }
   }
 
-  const size_t imgs = batch.active.size();
-  if (imgs == 0) return res;
-  run.timed("head", [&] {
-    float* x = ws.x.data();
-    // Only the rows that pooling reads need the final norm.
-    if (a.final_norm) {
-      if (a.avg_pool) {
-        layernorm_rows(ctx, spec_.norm, a.eps, x, imgs * T, D, x);
-      } else {
-        for (size_t i = 0; i < imgs; ++i)
-          ctx.kt->layernorm(a.dist_token ? 2 : 1, D, x + i * T * D, D, spec_.norm.weight.data(), spec_.norm.bias.data(), a.eps, x + i * T * D, D);
-      }
-    }
-    run.pool(x, imgs, ws.pooled.data());
-    if (a.fc_norm)
-      ctx.kt->layernorm(imgs, D, ws.pooled.data(), D, spec_.fc_norm.weight.data(), spec_.fc_norm.bias.data(), a.eps, ws.pooled.data(), D);
-    run.linear_rows(spec_.head, ws.pooled.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
-    if (a.dist_token) {
-      for (size_t i = 0; i < imgs; ++i) std::memcpy(ws.pooled2.data() + i * D, x + (i * T + 1) * D, D * sizeof(float));
-      run.linear_rows(spec_.head_dist, ws.pooled2.data(), imgs, 1, ws.logits2.data(), batch, ws.qa, ws.row_scale);
-      for (size_t i = 0; i < imgs * NC; ++i) ws.logits[i] = (ws.logits[i] + ws.logits2[i]) * 0.5f;
-    }
-    for (size_t i = 0; i < imgs; ++i)
-      std::memcpy(res.logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
-  });
+  if (!batch.active.empty()) run.timed("head", [&] { run.final_head(batch); });
+
+  // Images that met a non-finite value answer NaN (every head's logits, with collect_exits).
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (size_t img = 0; img < B; ++img) {
+    const float* li = res.logits.data() + img * NC;
+    if (!std::all_of(li, li + NC, [](float v) { return std::isfinite(v); })) batch.nonfinite[img] = 1;
+    if (!batch.nonfinite[img]) continue;
+    std::fill(res.logits.begin() + img * NC, res.logits.begin() + (img + 1) * NC, nan);
+    for (size_t e = 0; collect_exits && e < spec_.exits.size(); ++e)
+      std::fill_n(res.exit_logits.begin() + (e * B + img) * NC, NC, nan);
+  }
   return res;
 }
 

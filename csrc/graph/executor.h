@@ -87,6 +87,12 @@ struct Arch {
   size_t patch_dim() const { return in_chans * patch_h * patch_w; }
 };
 
+// Throws std::invalid_argument unless every size `a` declares lies within runtime_limits.h
+// (image sides, dimensions, depth, tokens per image, the patch embedding's K) and eps is a
+// positive finite float. The bindings call it before computing any shape from the sizes; the
+// Executor's own validation calls it again.
+void check_arch_limits(const Arch& a);
+
 struct Predictor {
   int block = -1;  // -1: none
   size_t chunk = 0;
@@ -116,6 +122,8 @@ struct RunResult {
   std::vector<uint8_t> block_path; // [B x depth]: 0 not run, 1 full, 2 reduced precision
 };
 
+struct ExecWorkspace;  // scratch kept between runs (executor.cc)
+
 class Executor {
  public:
   // Validates the spec (shapes, tokens, exits) and throws std::invalid_argument naming the
@@ -134,16 +142,18 @@ class Executor {
 
   const ModelSpec& spec() const { return spec_; }
 
+  // Bytes of scratch kept between runs (sized to one image group, except the residual stream).
+  size_t scratch_bytes() const;
+
  private:
-  struct Workspace;
   struct WorkspaceDeleter {
-    void operator()(Workspace* w) const;
+    void operator()(ExecWorkspace* w) const;
   };
   void validate() const;
 
   ModelSpec spec_;
   // Scratch kept between runs (guarded by mu_) so small models do not pay for allocation.
-  std::unique_ptr<Workspace, WorkspaceDeleter> ws_;
+  std::unique_ptr<ExecWorkspace, WorkspaceDeleter> ws_;
   mutable std::mutex mu_;
   bool profiling_ = false;
   std::map<std::string, double> profile_;

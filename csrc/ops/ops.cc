@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../runtime_limits.h"
 #include "threadpool.h"
 
 namespace pyrt {
@@ -21,6 +22,7 @@ size_t ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
 // thread on the same rows as the element-wise ops before and after (threadpool.h).
 template <typename F>
 void parallel_tiles(const RunContext& ctx, size_t M, size_t panels, size_t K, size_t min_macs, F&& f) {
+  if (M == 0 || panels == 0) return;  // an empty output: no tile to size (and no division by 0)
   const size_t m_tiles = ceil_div(M, 64);
   const size_t mb = std::min(M, round_up(ceil_div(M, m_tiles), 4));
   const size_t m_count = ceil_div(M, mb);
@@ -40,7 +42,19 @@ void check(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
+
 }  // namespace
+
+void check_integer_weights(int bits, size_t K, size_t block) {
+  check(bits == 4 || bits == 8, "integer weight bits must be 4 or 8, got " + std::to_string(bits));
+  check(K <= kMaxK, "integer layers need K <= " + std::to_string(kMaxK) + " (exact int32 accumulation), got K=" +
+                        std::to_string(K));
+  if (bits == 8) return;
+  const size_t most = round_up(std::max<size_t>(K, 1), kKAlign);
+  check(block > 0 && block % kKAlign == 0 && block <= most,
+        "int4 block size must be a positive multiple of 32 and at most K rounded up to 32 (" + std::to_string(most) +
+            "), got " + std::to_string(block));
+}
 
 size_t QuantizedWeights::bytes() const {
   return q8.size() + q4.size() + f32.size() * sizeof(float) + scales.size() * sizeof(float);
@@ -48,6 +62,7 @@ size_t QuantizedWeights::bytes() const {
 
 void quantize_weights_canonical(const float* w, size_t N, size_t K, int bits, size_t block,
                                 int8_t* q, float* scales) {
+  check_integer_weights(bits, K, block);
   if (bits == 8) {
     for (size_t n = 0; n < N; ++n) {
       const float* wr = w + n * K;
@@ -62,8 +77,7 @@ void quantize_weights_canonical(const float* w, size_t N, size_t K, int bits, si
     }
     return;
   }
-  check(bits == 4, "weight bits must be 4 or 8, got " + std::to_string(bits));
-  check(block > 0 && block % kKAlign == 0, "int4 block size must be a positive multiple of 32");
+  check_integer_weights(bits, K, block);
   const size_t nb = ceil_div(K, block);
   for (size_t n = 0; n < N; ++n) {
     for (size_t b = 0; b < nb; ++b) {
@@ -82,6 +96,7 @@ void quantize_weights_canonical(const float* w, size_t N, size_t K, int bits, si
 }
 
 QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_t K) {
+  check_integer_weights(8, K, 0);
   QuantizedWeights w;
   w.bits = 8;
   w.N = N;
@@ -116,7 +131,7 @@ void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_
 
 QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_t K,
                            size_t block) {
-  check(block > 0 && block % kKAlign == 0, "int4 block size must be a positive multiple of 32");
+  check_integer_weights(4, K, block);
   QuantizedWeights w;
   w.bits = 4;
   w.N = N;
@@ -210,7 +225,9 @@ void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, si
                    size_t Kp, int bits, ScaleMode mode, const float* scales, QuantizedActs& out) {
   check(bits >= 2 && bits <= 8, "activation bits must be in 2..8, got " + std::to_string(bits));
   check(Kp % kKAlign == 0 && Kp >= K, "quantize_acts: bad padded width");
+  check(K <= kMaxK, "quantize_acts: K=" + std::to_string(K) + " exceeds " + std::to_string(kMaxK));
   out.reshape(M, K, Kp);
+  if (M == 0) return;
   const int qmax = (1 << (bits - 1)) - 1;
   if (mode == ScaleMode::kDynamicTensor) {
     float amax = 0.0f;

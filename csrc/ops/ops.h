@@ -25,6 +25,12 @@ struct QuantizedWeights {
   size_t bytes() const;
 };
 
+// Throws std::invalid_argument unless integer weights of K inputs can be packed at `bits` (4 or
+// 8): K <= kMaxK (runtime_limits.h: exact int32 accumulation), and for int4 a block that is a
+// positive multiple of 32 no larger than K rounded up to 32 (a larger block only pads, and its
+// padded size can wrap around size_t). Every packer calls it; the bindings call it first.
+void check_integer_weights(int bits, size_t K, size_t block);
+
 // Quantise fp32 weights [N x K] to canonical integers and scales.
 //   bits 8: scale[n] = max|w[n]| / 127, q in [-127, 127].
 //   bits 4: per block of `block` K values, the value of largest magnitude maps to -8
