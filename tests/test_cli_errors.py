@@ -287,3 +287,29 @@ def test_convert_reference_checkpoint_that_does_not_fit(tmp_path):
     save_file(tensors, str(bad), metadata=meta)
     assert_one_line_error(cli("convert", "reference", tmp_path / "o.pyrt", "--checkpoint", bad),
                           r"bad\.safetensors", "does not fit the model", "head.bias")
+
+
+# --- main()'s handler: Ctrl-C, and bugs that must keep their traceback -------------------------------
+
+def test_ctrl_c_is_status_130_in_one_line(files, monkeypatch, capsys):
+    import pyruntime.cli as cli_module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "cmd_inspect", interrupted)
+    assert main(["inspect", str(files["model"])]) == 130
+    assert capsys.readouterr().err.strip() == "pyruntime inspect: interrupted"
+
+
+def test_an_unexpected_exception_is_not_swallowed(files, monkeypatch):
+    """A RuntimeError/KeyError/TypeError out of a command is a pyruntime bug, not bad input: it
+    keeps its traceback instead of becoming a vague one-line 'error'."""
+    import pyruntime.cli as cli_module
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli_module, "cmd_inspect", bug)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["inspect", str(files["model"])])
