@@ -1,13 +1,18 @@
 """The ``pyruntime`` command line: convert, run, inspect, bench, demo, calibrate.
 
 Every sub-command is a function ``cmd_<name>(args) -> int``; :func:`main` parses and
-dispatches, turning the library's ValueError/FileNotFoundError into a one-line message and
-exit status 2 instead of a traceback.
+dispatches. Bad input of any kind -- an option out of range, a path that is missing, a
+directory or unreadable, a file that is not what it should be, a missing optional extra --
+ends as one line ``pyruntime <command>: error: <problem>`` on stderr and exit status 2, never
+a traceback: argparse types (below) check what can be checked before anything loads, and
+:func:`main` turns the library's exceptions for bad input into that line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,37 +20,268 @@ from typing import List, Optional
 
 import numpy as np
 
+from .errors import MissingDependency, require_extra
+
+# --- argument types: each names the problem in argparse's one-line error ----------------------
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts of runs, images, batch, top-k ...)."""
+    v = _integer(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (warm-up runs, seeds, block indices, rounds ...)."""
+    v = _integer(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """1 .. the runtime's cap on threads (``_core.limits()['max_threads']``)."""
+    from . import _core
+
+    v, cap = positive_int(text), int(_core.limits()["max_threads"])
+    if v > cap:
+        raise argparse.ArgumentTypeError(f"{v} threads exceed pyruntime's cap of {cap} (max_threads)")
+    return v
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    v = _finite(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (held-out fractions)."""
+    v = _finite(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {v:g}")
+    return v
+
+
+def percentile(text: str) -> float:
+    v = _finite(text)
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 100], got {v:g}")
+    return v
+
+
+def input_file(text: str) -> str:
+    """An existing, readable file (not a directory)."""
+    p = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file")
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    if not p.is_file():  # a FIFO or device: opening one can block or read forever
+        raise argparse.ArgumentTypeError(f"{text} is not a regular file")
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror}") from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """A path a file can be written to: not empty, not a directory, in a writable directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty output path")
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, expected a file path")
+    parent = p.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: directory {parent} is not writable")
+    return text
+
+
+def optional_output_file(text: str) -> Optional[str]:
+    """:func:`output_file`, or '' for none."""
+    return output_file(text) if text else None
+
+
+def work_directory(text: str) -> str:
+    """A directory, or a path where one can be made (not an existing file)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return text
+
+
+def _require(option: str, check, text: str):
+    """An argument type applied after parsing (where its check must wait for another one)."""
+    try:
+        return check(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"argument {option}: {e}") from None
+
+
+def image_source(text: str) -> str:
+    """A ``.npy`` file or a folder of images."""
+    if Path(text).is_dir():
+        return text
+    input_file(text)
+    if Path(text).suffix.lower() != ".npy":
+        raise argparse.ArgumentTypeError(f"{text}: expected a .npy file or a folder of images")
+    return text
+
+
+def policy_spec(text: str) -> str:
+    """A policy shorthand (fp32, w8a8, ...) or a policy JSON file."""
+    from .policy import SHORTHANDS
+
+    if text in SHORTHANDS:
+        return text
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a policy shorthand {list(SHORTHANDS)} nor an "
+                                         f"existing file")
+    return input_file(text)
+
+
+# --- checks of files that need more than their existence -----------------------------------------
+
+def safetensors_metadata(path: str) -> dict:
+    """``__metadata__`` of a safetensors file, after checking that it is one. The reads are
+    bounded: a foreign file's first 8 bytes are an arbitrary header length."""
+    from .modelfile import MAX_HEADER_BYTES
+
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path} is not a safetensors file (no valid header length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def check_reference_checkpoint(path: Optional[str]) -> None:
+    """A checkpoint in the reference model's format (what ``convert reference`` and
+    ``calibrate`` read); None is the shipped one."""
+    if path is None:
+        return
+    from .reference import FORMAT, read_metadata
+
+    fmt = safetensors_metadata(path).get("format")
+    if fmt != FORMAT:
+        raise ValueError(f"{path} is not a reference-format checkpoint (metadata 'format' is {fmt!r}, expected "
+                         f"{FORMAT!r}); a timm state dict converts with: pyruntime convert <timm-model> OUT "
+                         f"--checkpoint {path}")
+    try:
+        meta = read_metadata(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupt reference metadata ({e})") from None
+    missing = [k for k in ("timm_kwargs", "mean", "std") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: reference checkpoint metadata misses {missing}")
+
+
+def check_state_dict_file(path: Optional[str]) -> None:
+    """What convert's checkpoint loader reads: .safetensors (checked here) or .pth/.pt/.bin
+    (checked by torch.load, after torch is imported)."""
+    if path is None:
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        safetensors_metadata(path)
+    elif suffix not in (".pth", ".pt", ".bin"):
+        raise ValueError(f"checkpoint {path} must be .safetensors, .pth, .pt or .bin")
+
 
 def _load_images(path: str) -> np.ndarray:
     """A ``.npy`` array (uint8 [B, H, W(, C)] or normalised float32 [B, C, H, W]) or a folder of
     image files (decoded with Pillow, if installed)."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".npy":
+    x = _load_npy(p) if p.is_file() else _load_image_folder(p)
+    if x.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"{path}: images must be uint8 [B, H, W(, C)] or float32 [B, C, H, W], got {x.dtype}")
+    return x
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    try:
         return np.load(p, allow_pickle=False)
-    if p.is_dir():
+    except (ValueError, EOFError) as e:  # numpy's errors for a corrupt or empty file
+        raise ValueError(f"{p}: not a readable .npy array ({e or type(e).__name__})") from None
+
+
+def _load_image_folder(p: Path) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError("reading an image folder needs Pillow (pip install pillow); or pass a .npy array") from None
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm"})
+    if not files:
+        raise ValueError(f"no image files in {p}")
+    images = []
+    for f in files:
         try:
-            from PIL import Image
-        except ImportError:
-            raise ValueError("reading an image folder needs Pillow (pip install pillow); or pass a .npy array") from None
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm"})
-        if not files:
-            raise ValueError(f"no image files in {p}")
-        return np.stack([np.asarray(Image.open(f)) for f in files])
-    raise ValueError(f"{path}: expected a .npy file or a folder of images")
+            with Image.open(f) as im:
+                images.append(np.asarray(im))
+        except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ValueError(f"{f}: cannot decode image ({e})") from None
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise ValueError(f"images in {p} differ in shape ({sorted(shapes)}); one folder must hold one size")
+    return np.stack(images)
 
 
 def cmd_convert(args) -> int:
+    from .convert import as_policy
+
+    if args.source == "reference" and args.exits:  # the reference checkpoint carries its own exit heads
+        raise ValueError("the reference checkpoint carries its own exit heads; --exits does not apply")
+    if args.source == "reference":
+        check_reference_checkpoint(args.checkpoint)
+    else:
+        check_state_dict_file(args.checkpoint)
+    if args.exits:
+        safetensors_metadata(_require("--exits", input_file, args.exits))
+    policy = as_policy(args.policy)  # a bad policy is named before torch is needed
+    require_extra("convert", "pyruntime convert")
     if args.source == "reference":  # the shipped reference ViT (or --checkpoint in its format), exits included
         from .reference import convert_reference
 
-        if args.exits:
-            raise ValueError("the reference checkpoint carries its own exit heads; --exits does not apply")
-        out = convert_reference(args.out, args.policy, path=args.checkpoint)
-        print(f"wrote {out}")
-        return 0
-    from .convert import convert
+        out = convert_reference(args.out, policy, path=args.checkpoint)
+    else:
+        from .convert import convert
 
-    out = convert(args.source, args.out, checkpoint=args.checkpoint, policy=args.policy, exits=args.exits)
+        out = convert(args.source, args.out, checkpoint=args.checkpoint, policy=policy, exits=args.exits)
     print(f"wrote {out}")
     return 0
 
@@ -192,46 +428,62 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    require_extra("convert", "pyruntime demo")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MissingDependency("pyruntime demo --plot needs matplotlib, which is not installed: "
+                                    "pip install matplotlib, or pass --plot '' for no plot") from None
     from .demo import main as demo_main
 
     return demo_main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line (the usage is one ``--help`` away); sub-parsers inherit this."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyruntime", description=__doc__.splitlines()[0])
+    p = _Parser(prog="pyruntime", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a timm ViT (+ checkpoint, exits, policy) to a model file")
     c.add_argument("source", help="timm model name, or 'reference' for the shipped reference ViT (exit heads "
                                   "included; --checkpoint: another checkpoint in its format)")
-    c.add_argument("out", help="output model file")
-    c.add_argument("--checkpoint", help=".pth/.safetensors state dict (may also hold exits.* heads)")
-    c.add_argument("--policy", default="fp32", help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
+    c.add_argument("out", type=output_file, help="output model file")
+    c.add_argument("--checkpoint", type=input_file,
+                   help=".pth/.safetensors state dict (may also hold exits.* heads)")
+    c.add_argument("--policy", type=policy_spec, default="fp32",
+                   help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
     c.add_argument("--exits", help="safetensors file of exit heads (exits.<b>.norm/fc.*)")
     c.set_defaults(func=cmd_convert)
 
     r = sub.add_parser("run", help="run images (a .npy or a folder) and print predictions")
-    r.add_argument("model")
-    r.add_argument("images")
-    r.add_argument("--threads", type=int)
-    r.add_argument("--top-k", type=int, default=3)
+    r.add_argument("model", type=input_file)
+    r.add_argument("images", type=image_source)
+    r.add_argument("--threads", type=thread_count)
+    r.add_argument("--top-k", type=positive_int, default=3)
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="print a model file's version, layers, bits, exits, size, BOPs")
-    i.add_argument("model")
+    i.add_argument("model", type=input_file)
     i.set_defaults(func=cmd_inspect)
 
     b = sub.add_parser("bench", help="latency percentiles, per-op time, exit histogram, load time")
-    b.add_argument("model")
-    b.add_argument("--images", help=".npy or folder; default random inputs")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--threads", type=int)
+    b.add_argument("model", type=input_file)
+    b.add_argument("--images", type=image_source, help=".npy or folder; default random inputs")
+    b.add_argument("--batch", type=positive_int, default=1)
+    b.add_argument("--threads", type=thread_count)
     b.add_argument("--isa")
-    b.add_argument("--runs", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--runs", type=positive_int, default=20)
+    b.add_argument("--warmup", type=non_negative_int, default=3)
     b.add_argument("--profile", action="store_true", help="per-op times naming the ISA")
-    b.add_argument("--top", type=int, default=25, help="ops listed by --profile")
-    b.add_argument("--latency-table", metavar="OUT.json",
+    b.add_argument("--top", type=positive_int, default=25, help="ops listed by --profile")
+    b.add_argument("--latency-table", type=output_file, metavar="OUT.json",
                    help="with --profile: measure per-layer latency at each of --precisions (MODEL must be fp32) "
                         "and write the table calibrators use for cost 'latency'")
     b.add_argument("--precisions", default="fp32,w8a8,w4a8", help="for --latency-table: comma-separated of "
@@ -242,11 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="the README's main job on the shipped reference model")
-    d.add_argument("--json", help="also write the table as JSON to this path")
-    d.add_argument("--plot", default="demo.png", help="PNG of accuracy against BOPs and latency")
-    d.add_argument("--limit", type=int, help="use only the first N test images")
-    d.add_argument("--threads", type=int)
-    d.add_argument("--workdir", help="where converted files go (default: a temporary directory)")
+    d.add_argument("--json", type=output_file, help="also write the table as JSON to this path")
+    d.add_argument("--plot", type=optional_output_file, default="demo.png",
+                   help="PNG of accuracy against BOPs and latency ('' for none)")
+    d.add_argument("--limit", type=positive_int, help="use only the first N test images")
+    d.add_argument("--threads", type=thread_count)
+    d.add_argument("--workdir", type=work_directory, help="where converted files go (default: a temporary directory)")
     d.set_defaults(func=cmd_demo)
 
     from .calibrate.cli import add_parser as add_calibrate_parser
@@ -255,12 +508,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The exception's message on one line; an OSError as 'path: reason'."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Parse and dispatch. Bad input reaches here as ValueError (FormatError and PolicyError
+    included), OSError (a file that cannot be read or written) or MissingDependency, and ends
+    as one line and status 2; Ctrl-C as status 130. Any other exception type is a bug in
+    pyruntime, not bad input, and keeps its traceback so that it can be reported and fixed."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"pyruntime {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"pyruntime {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, MissingDependency) as e:
+        print(f"pyruntime {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

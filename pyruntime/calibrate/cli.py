@@ -31,9 +31,13 @@ format (e.g. one from ``tools/train_reference.py --tiny``); calibration images a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
+from ..cli import (check_reference_checkpoint, fraction, input_file, non_negative_float, non_negative_int,
+                   output_file, percentile, policy_spec, positive_int, thread_count)
+from ..errors import require_extra
 from .ilp import format_amount
 
 __all__ = ["add_parser", "cmd_calibrate", "main"]
@@ -79,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--method", choices=METHODS, required=True)
-    c.add_argument("--out", required=True, help="policy JSON to write")
+    c.add_argument("--out", type=output_file, required=True, help="policy JSON to write")
     c.add_argument("--report", action="store_true",
                    help="print each layer's sensitivity / fit and chosen setting (maqee: the rounds, thresholds and "
                         "held-out check; quee: the gates and lambda)")
@@ -88,11 +92,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     budget.add_argument("--budget-bytes", help="model-file tensor bytes, or <f>x of W8A8's (not maqee)")
     budget.add_argument("--budget-latency", help="maqee: expected seconds per image from --latency-table, or <f>x of "
                                                  "W8A8's full-depth latency there")
-    c.add_argument("--latency-table", help="maqee: latency table JSON for --budget-latency "
+    c.add_argument("--latency-table", type=input_file, help="maqee: latency table JSON for --budget-latency "
                                            "(pyruntime bench MODEL --profile --latency-table T.json)")
-    c.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
-    c.add_argument("--images", type=int, default=1024, help="calibration images (at most 1024)")
-    c.add_argument("--seed", type=int, default=0, help="which training images calibrate (maqee: also the held-out "
+    c.add_argument("--checkpoint", type=input_file, help="reference-format checkpoint (default: the shipped reference model)")
+    c.add_argument("--images", type=positive_int, default=1024, help="calibration images (at most 1024)")
+    c.add_argument("--seed", type=non_negative_int, default=0, help="which training images calibrate (maqee: also the held-out "
                                                        "split; quee: also k-means and gate training)")
     c.add_argument("--w-bits", type=_bits, default=None,
                    help="weight bits: candidates for lampq/naive/maqee (default 4,8); uniform: one value (default 8)")
@@ -103,19 +107,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="blocks: qkv/proj/fc1/fc2 (embedding and head stay fp32); all: every linear layer")
     c.add_argument("--scale", choices=("dynamic", "minmax", "percentile"), default="dynamic",
                    help="activation scales of the result (minmax/percentile: static, calibrated; uniform/lampq/naive)")
-    c.add_argument("--percentile", type=float, default=99.99)
-    c.add_argument("--rounds", type=int, default=None,
+    c.add_argument("--percentile", type=percentile, default=99.99)
+    c.add_argument("--rounds", type=non_negative_int, default=None,
                    help="lampq: refinement rounds (default 3); maqee: bit re-allocations at most (default 6)")
     c.add_argument("--initial", choices=("measured", "model"), default="measured",
                    help="lampq: first-round layer error measured, or the Delta^2/12 model")
     c.add_argument("--no-type-aware", action="store_true", help="lampq: alpha_t = 1 (ablation)")
-    c.add_argument("--base", help="scalepredictor: policy JSON whose scales to predict (default: W8 with --a-bits, "
+    c.add_argument("--base", type=policy_spec, help="scalepredictor: policy JSON whose scales to predict (default: W8 with --a-bits, "
                                   "static percentile scales); quee: full-precision policy, shorthand (w8a8, w4a8) "
                                   "or policy JSON without exits (default w8a8)")
-    c.add_argument("--block", type=int, default=0, help="scalepredictor: block whose output gives the statistic")
-    c.add_argument("--chunk", type=int, default=64, help="scalepredictor: values per chunk of the statistic")
+    c.add_argument("--block", type=non_negative_int, default=0, help="scalepredictor: block whose output gives the statistic")
+    c.add_argument("--chunk", type=positive_int, default=64, help="scalepredictor: values per chunk of the statistic")
     c.add_argument("--max-degree", type=int, default=3, choices=(1, 2, 3), help="scalepredictor: highest degree tried")
-    c.add_argument("--holdout", type=float, default=None,
+    c.add_argument("--holdout", type=fraction, default=None,
                    help="held-out fraction: scalepredictor's for the degree, maqee's for checking the promise "
                         "(default 0.25 for both)")
     c.add_argument("--max-drop", type=float, default=0.5,
@@ -124,20 +128,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--exit-blocks", type=_bits, default=None,
                    help="maqee: blocks with exit heads (default every block but the last); quee: gate blocks "
                         "(default from --every)")
-    c.add_argument("--bsr-max", type=float, default=0.25,
+    c.add_argument("--bsr-max", type=non_negative_float, default=0.25,
                    help="maqee: at-risk exit decisions per image (boundary sensitivity risk) at most")
     c.add_argument("--per-head", action="store_true",
                    help="maqee: per-head thresholds (2 coordinate-descent sweeps) instead of one shared threshold")
-    c.add_argument("--lam", type=float, default=0.0, help="quee: lambda, predicted error traded per unit of cost")
+    c.add_argument("--lam", type=non_negative_float, default=0.0, help="quee: lambda, predicted error traded per unit of cost")
     c.add_argument("--reduced", type=_precision, default=None,
                    help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
-    c.add_argument("--every", type=int, default=3, help="quee: a gate after every N-th block (default 3)")
+    c.add_argument("--every", type=positive_int, default=3, help="quee: a gate after every N-th block (default 3)")
     c.add_argument("--attention", type=_attention, default=None, metavar="{32,8}",
                    help="bits of the attention matmuls' operands (q.k^T, attn.v) in the result: 32 fp32 (default), "
                         "8 int8 -- emulated while calibrating, written into the policy, counted at 8x8 BOPs in costs "
                         "and budgets. scalepredictor/quee: default the --base policy's; an int8-attention base "
                         "and --attention 32 conflict")
-    c.add_argument("--threads", type=int, help="torch threads (maqee/quee: also the runtime's)")
+    c.add_argument("--threads", type=thread_count, help="torch threads (maqee/quee: also the runtime's)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_calibrate)
     return c
@@ -145,28 +149,50 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 # --- pieces of the command ----------------------------------------------------------------------------
 
+def _budget_text(args):
+    """(the budget option's text, its kind), or (None, "bops") without one."""
+    for text, kind in ((args.budget_bops, "bops"), (args.budget_bytes, "bytes"), (args.budget_latency, "latency")):
+        if text is not None:
+            return text, kind
+    return None, "bops"
+
+
+def _budget_number(text: str):
+    """(value, is a multiple of W8A8's cost) of a budget ``X`` or ``<f>x``; positive, finite."""
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1] if t.endswith("x") else t)
+    except ValueError:
+        raise ValueError(f"budget must be a number or <f>x, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"budget must be positive and finite, got {text!r}")
+    return value, t.endswith("x")
+
+
 def _budget(args, source, table=None):
     """(kind, budget) from --budget-bops/--budget-bytes/--budget-latency, or (kind, None)."""
     from .common import policy_cost
     from .uniform import uniform_policy
 
-    for text, kind in ((args.budget_bops, "bops"), (args.budget_bytes, "bytes"), (args.budget_latency, "latency")):
-        if text is not None:
-            break
-    else:
-        return "bops", None
-    t = text.strip().lower()
-    try:
-        if t.endswith("x"):
-            w8a8 = uniform_policy(8, 8, scope=args.scope, attn_bits=_attention_bits(args))
-            return kind, float(t[:-1]) * policy_cost(source, w8a8, kind, table if kind == "latency" else None)
-        return kind, float(t)
-    except ValueError:
-        raise ValueError(f"budget must be a number or <f>x, got {text!r}") from None
+    text, kind = _budget_text(args)
+    if text is None:
+        return kind, None
+    value, multiple = _budget_number(text)
+    if multiple:
+        w8a8 = uniform_policy(8, 8, scope=args.scope, attn_bits=_attention_bits(args))
+        return kind, value * policy_cost(source, w8a8, kind, table if kind == "latency" else None)
+    return kind, value
 
 
 def _check_options(args) -> None:
     """Combinations that make no sense, as one-line errors before anything is loaded."""
+    from .common import MAX_CALIBRATION_IMAGES
+
+    if args.images > MAX_CALIBRATION_IMAGES:
+        raise ValueError(f"--images: calibration uses at most {MAX_CALIBRATION_IMAGES} images, got {args.images}")
+    text, _ = _budget_text(args)
+    if text is not None:
+        _budget_number(text)
     if args.budget_latency is not None and args.method != "maqee":
         raise ValueError("--budget-latency applies to --method maqee only")
     if args.budget_latency is not None and not args.latency_table:
@@ -323,6 +349,8 @@ def _quee(args, source, data, kind, budget):
 def cmd_calibrate(args) -> int:
     """The ``calibrate`` handler: build the source and data, run the method, save the policy."""
     _check_options(args)
+    check_reference_checkpoint(args.checkpoint)
+    require_extra("calibrate", "pyruntime calibrate")
     if args.threads:
         import torch
 
