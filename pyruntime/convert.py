@@ -74,15 +74,22 @@ def _sha256(path: Path) -> str:
 def _read_state_dict(path: Path) -> Dict[str, Any]:
     """A flat {name: tensor} from .safetensors or .pth/.pt (``model``/``state_dict`` wrappers ok)."""
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(path)))
-    if suffix not in (".pth", ".pt", ".bin"):
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"checkpoint {path} must be .safetensors, .pth or .pt")
-    import torch
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            return dict(load_file(str(path)))
+        import torch
+
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (ImportError, MemoryError):
+        raise
+    except Exception as e:  # torch's UnpicklingError/RuntimeError, safetensors' own errors
+        raise ValueError(f"checkpoint {path}: cannot read it ({type(e).__name__}: {e})".replace("\n", " ")) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
             sd = sd[wrapper]
@@ -325,7 +332,11 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
 def _read_exit_file(path: PathLike) -> Dict[int, Dict[str, Any]]:
     from safetensors.numpy import load_file
 
-    return _split_exits({k: v for k, v in load_file(str(path)).items() if k.startswith("exits.")})[1]
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors' own error types, OSError
+        raise ValueError(f"exit heads {path}: cannot read them ({type(e).__name__}: {e})") from None
+    return _split_exits({k: v for k, v in tensors.items() if k.startswith("exits.")})[1]
 
 
 def _exit_heads(exits: Any, arch: Mapping) -> Dict[int, Dict[str, np.ndarray]]:

@@ -258,8 +258,6 @@ def test_calibrate_bad_options(files, args, words):
 # --- paths that fail only once torch is imported ---------------------------------------------------
 
 @pytest.mark.torch
-@pytest.mark.xfail(strict=True, reason="convert._read_state_dict lets torch.load's UnpicklingError (not a "
-                                       "ValueError) escape for a corrupt .pth; the lead is to wrap it")
 def test_convert_garbage_pth_checkpoint(files, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("timm")
