@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from _graphs import W4A8, W8A8, random_tensors, tiny_graph
 from pyruntime import modelfile
 from pyruntime.errors import FormatError
-from pyruntime.modelfile import (FORMAT_VERSION, MAGIC, graph_layer_names, graph_layer_shapes, pack_int4,
+from pyruntime.modelfile import (FORMAT_VERSION, KEY_HEADER_SHA256, MAGIC, graph_layer_names, graph_layer_shapes, pack_int4,
                                  read_header, read_model, unpack_int4, write_model)
 
 POLICY = json.dumps({"version": 1, "name": "test"})
@@ -42,16 +42,26 @@ def header_of(path):
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def rewrite_header(path, edit):
-    """Apply ``edit(header)`` and write the file back with the new header length."""
+def seal(header):
+    """Give an edited header a valid checksum, so the reader's later checks are reached."""
+    meta = header["__metadata__"]
+    meta[KEY_HEADER_SHA256] = modelfile.header_digest(meta, {k: v for k, v in header.items() if k != "__metadata__"})
+
+
+def rewrite_header(path, edit, sealed=True):
+    """Apply ``edit(header)`` (then, unless ``sealed`` is False, re-seal it) and write the file
+    back with the new header length."""
     header, data = header_of(path)
     edit(header)
+    if sealed:
+        seal(header)
     blob = json.dumps(header).encode()
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
 
 
 def write_raw(path, graph, tensors, **meta_overrides):
-    """A safetensors file with pyruntime metadata but none of write_model's checks."""
+    """A safetensors file with pyruntime metadata but none of write_model's checks: sealed
+    (format version 3) unless the overrides name an older version, which has no checksum."""
     meta = {
         "pyruntime.magic": MAGIC,
         "pyruntime.format_version": str(FORMAT_VERSION),
@@ -62,6 +72,8 @@ def write_raw(path, graph, tensors, **meta_overrides):
     }
     meta.update(meta_overrides)
     save_file(tensors, str(path), metadata=meta)
+    if int(meta["pyruntime.format_version"]) >= 3:
+        rewrite_header(path, lambda h: None)
 
 
 # --- round trip -------------------------------------------------------------------------------
@@ -82,7 +94,8 @@ def test_metadata_keys(model):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
     assert meta["pyruntime.magic"] == "pyruntime-vit"
-    assert meta["pyruntime.format_version"] == "1"
+    assert meta["pyruntime.format_version"] == "3"
+    assert len(meta[KEY_HEADER_SHA256]) == 64 and int(meta[KEY_HEADER_SHA256], 16) >= 0
     checksums = json.loads(meta["pyruntime.checksums"])
     assert set(checksums) == set(tensors)
     assert all(isinstance(v, int) and 0 <= v < 2 ** 32 for v in checksums.values())
@@ -147,17 +160,17 @@ def test_newer_version(model):
         read_model(path)
 
 
-def test_int8_attention_is_written_as_version_2_and_only_then(tmp_path):
+def test_every_file_is_written_as_version_3(tmp_path):
     graph = tiny_graph()
     tensors = random_tensors(graph)
     graph["attention"] = {"bits": 8}
     path = tmp_path / "a8.pyrt"
     write_model(path, graph, tensors, POLICY, PROVENANCE)
     h = read_header(path)
-    assert h.version == 2 and h.graph["attention"] == {"bits": 8}
-    graph["attention"] = {"bits": 32}  # explicit fp32 attention: readable by version-1 readers
+    assert h.version == 3 and h.graph["attention"] == {"bits": 8}
+    graph["attention"] = {"bits": 32}
     write_model(tmp_path / "a32.pyrt", graph, tensors, POLICY, PROVENANCE)
-    assert read_header(tmp_path / "a32.pyrt").version == 1
+    assert read_header(tmp_path / "a32.pyrt").version == 3
 
 
 def test_version_1_file_cannot_claim_int8_attention(tmp_path):
@@ -303,7 +316,7 @@ def _edit(graph, fn):
     (lambda: _edit(tiny_graph(), lambda g: g["layers"].update({"blocks.7.mlp.fc2": g["layers"].pop("head")})),
      r"misses \['head'\] / has unknown \['blocks.7.mlp.fc2'\]"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 3})), "linear layers"),
-    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 10 ** 12})), "linear layers"),  # fails fast
+    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 10 ** 12})), "max_depth"),  # fails fast
     (lambda: _edit(tiny_graph(), lambda g: g["layers"]["head"].pop("block_size")), "exactly the keys"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"act": "gelu"})), "unknown keys"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].pop("eps")), "eps"),
