@@ -86,10 +86,10 @@ class Model:
         if images.ndim != 4 or images.shape[1:] != (H, W, C):
             raise ValueError(f"uint8 images must have shape [B, {H}, {W}, {C}], got {list(images.shape)}")
         pre = self.graph.get("preprocess", {})
-        mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
-        std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
         x = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported just below
+            mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
+            std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
             x = np.ascontiguousarray((x - mean) / std, dtype=np.float32)
         if not np.isfinite(x).all():
             raise ValueError(f"preprocessing with the file's mean {pre.get('mean')} and std {pre.get('std')} "

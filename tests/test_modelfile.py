@@ -403,3 +403,160 @@ def test_policy_json_must_be_json(tmp_path):
     with pytest.raises(ValueError):
         write_model(tmp_path / "m.pyrt", graph, random_tensors(graph), "{", PROVENANCE)
     assert not (tmp_path / "m.pyrt").exists()
+
+
+# --- header checksum (format version 3) ---------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", [
+    (b'"num_heads\\":2', b'"num_heads\\":1'),          # two bits: the attention splits differently
+    (b'"eps\\":1e-06', b'"eps\\":1e-04'),              # LayerNorm changes silently
+    (b'\\"threshold\\":0.7', b'\\"threshold\\":0.3'),    # exits fire on other images
+    (b'"pyruntime.format_version":"3"', b'"pyruntime.format_version":"1"'),  # no skipping the check
+    (b'"dtype":"F32"', b'"dtype":"I32"'),              # the tensor table is covered too
+])
+def test_flipped_header_bytes_fail_the_header_checksum(model, old, new):
+    path = model[0]
+    raw = path.read_bytes()
+    assert raw.count(old) >= 1 and len(old) == len(new)
+    path.write_bytes(raw.replace(old, new, 1))
+    with pytest.raises(FormatError, match="header checksum mismatch"):
+        read_model(path)
+
+
+def test_version_3_without_header_checksum_is_rejected(model):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].pop(KEY_HEADER_SHA256), sealed=False)
+    with pytest.raises(FormatError, match="header_sha256' is missing"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("version, attention", [("1", None), ("2", None), ("2", {"bits": 8})])
+def test_old_versions_without_header_checksum_still_load(tmp_path, version, attention):
+    graph = mixed_graph()
+    if attention:
+        graph["attention"] = attention
+    tensors = random_tensors(graph)
+    path = tmp_path / f"v{version}.pyrt"
+    write_raw(path, graph, tensors, **{"pyruntime.format_version": version})  # the old layout, by hand
+    assert KEY_HEADER_SHA256 not in header_of(path)[0]["__metadata__"]
+    g, t, _, _ = read_model(path)
+    assert g == graph and read_header(path).version == int(version)
+
+
+# --- deeply nested JSON ---------------------------------------------------------------------------
+
+def test_deeply_nested_header_is_a_format_error(tmp_path):
+    path = tmp_path / "deep.pyrt"
+    blob = b"[" * 100_000
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob)
+    with pytest.raises(FormatError, match="nested too deeply"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("key", ["pyruntime.graph", "pyruntime.policy", "pyruntime.provenance", "pyruntime.checksums"])
+def test_deeply_nested_metadata_is_a_format_error(model, key):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({key: "[" * 100_000 + "]" * 100_000}))
+    with pytest.raises(FormatError, match="nested too deeply"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("depth", [500, 990])  # parses, but is deep enough to trip a later walk
+def test_nested_just_parseable_is_never_a_recursion_error(model, depth):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.provenance": "[" * depth + "]" * depth}))
+    with pytest.raises(FormatError):
+        read_model(path)
+
+
+def test_non_integer_version_and_offsets_are_format_errors(model):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.format_version": 1e400}))
+    with pytest.raises(FormatError, match="not an integer"):
+        read_model(path)
+    def huge_offset(h):
+        h["__metadata__"]["pyruntime.format_version"] = "3"
+        h["head.weight"]["data_offsets"][1] = float("inf")  # JSON Infinity
+
+    rewrite_header(path, huge_offset)
+    with pytest.raises(FormatError, match="data_offsets"):
+        read_model(path)
+
+
+# --- float32-sane values -----------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda g: g["preprocess"].update({"mean": [1e300]}), "preprocess.mean"),
+    (lambda g: g["preprocess"].update({"mean": [NAN]}), "preprocess.mean"),
+    (lambda g: g["preprocess"].update({"mean": [1e5]}), "preprocess.mean"),      # pixels would merge in float32
+    (lambda g: g["preprocess"].update({"std": [1e-50]}), "preprocess.std"),      # 0 in float32
+    (lambda g: g["preprocess"].update({"std": [1e-40]}), "preprocess.std"),      # 1/std is Inf in float32
+    (lambda g: g["preprocess"].update({"std": [1e300]}), "preprocess.std"),
+    (lambda g: g["preprocess"].update({"std": [NAN]}), "preprocess.std"),
+    (lambda g: g["preprocess"].update({"std": [0]}), "preprocess.std"),
+    (lambda g: g["arch"].update({"eps": 1e300}), "eps"),
+    (lambda g: g["arch"].update({"eps": 2.0}), "eps"),                            # flattens every LayerNorm
+    (lambda g: g["arch"].update({"eps": 1e-50}), "eps"),                          # 0 in float32
+    (lambda g: g["arch"].update({"eps": NAN}), "eps"),
+    (lambda g: g["layers"]["head"].update({"w_bits": 8, "scale": "static", "static_scale": 1e-40}), "static_scale"),
+    (lambda g: g["layers"]["head"].update({"static_scale": 1e300}), "static_scale"),
+    (lambda g: g.update({"predictor": {"block": 0, "chunk": 4, "coeffs": {"head": [1e300]}}}), "predictor coeff"),
+])
+def test_values_must_be_sane_in_float32(tmp_path, edit, match):
+    graph = tiny_graph()
+    edit(graph)
+    with pytest.raises(FormatError, match=match):
+        modelfile.check_graph(graph)
+    path = tmp_path / "m.pyrt"  # and a sealed file holding it is refused by the reader
+    modelfile._save(path, graph, random_tensors(tiny_graph()), POLICY, PROVENANCE)
+    with pytest.raises(FormatError, match=match):
+        read_model(path)
+
+
+def test_preprocess_bounds_are_inclusive():
+    graph = tiny_graph()
+    graph["preprocess"].update({"mean": [-1e4], "std": [1e-6]})
+    graph["arch"]["eps"] = 1.0
+    modelfile.check_graph(graph)
+
+
+# --- the runtime's size limits, before any allocation -----------------------------------------------
+
+LIM = modelfile.limits()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc1": dict(W4A8, block_size=2 ** 20)}), "block_size 1048576 exceeds K=8"),
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc1": dict(W4A8, block_size=2 ** 62)}), "block_size"),
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc2": dict(W4A8, block_size=64)}), "exceeds K=16 rounded up to 32"),
+    (lambda: tiny_graph(layers={"head": dict(W8A8, block_size=2 ** 70)}), "max_k"),  # unused, but must fit C++
+    (lambda: tiny_graph(img_size=[64, 64], patch_size=[1, 1]), "4097 tokens"),        # 64 * 64 + cls
+    (lambda: tiny_graph(img_size=[LIM["max_image_side"] * 2] * 2, patch_size=[2 ** 12] * 2), "max_image_side"),
+    (lambda: tiny_graph(depth=LIM["max_depth"] + 1), "max_depth"),
+    (lambda: tiny_graph(embed_dim=LIM["max_dim"] + 2, num_heads=2), "max_dim"),
+    (lambda: tiny_graph(mlp_hidden=LIM["max_dim"] + 1), "max_dim"),
+    (lambda: tiny_graph(img_size=[512, 512], patch_size=[512, 512], in_chans=1), "K=262144"),  # patch_dim
+])
+def test_size_limits(tmp_path, make, match):
+    graph = make()
+    with pytest.raises(FormatError, match=match):
+        modelfile.check_graph(graph)
+    path = tmp_path / "m.pyrt"
+    modelfile._save(path, graph, {}, POLICY, PROVENANCE)  # no tensors: the graph check comes first
+    with pytest.raises(FormatError, match=match):
+        read_header(path)
+
+
+def test_a_block_as_big_as_k_is_allowed(tmp_path):
+    graph = tiny_graph(layers={"blocks.0.mlp.fc2": dict(W4A8, block_size=32)})  # K = 16, rounded up to 32
+    write_model(tmp_path / "m.pyrt", graph, random_tensors(graph), POLICY, PROVENANCE)
+
+
+def test_linear_tensors_refuses_a_huge_block_before_quantising():
+    w = np.ones((4, 40), np.float32)
+    with pytest.raises(FormatError, match="block_size 1152921504606846976 exceeds K=40 rounded up to 32"):
+        modelfile.linear_tensors("blocks.0.mlp.fc1", w, None, modelfile.LayerPolicy(4, block_size=2 ** 60))
+    assert modelfile.linear_tensors("x", w, None, modelfile.LayerPolicy(4, block_size=64))["x.weight.scale"].shape == (4, 1)
