@@ -527,7 +527,8 @@ def check_tensors(graph: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
 # --- writing ---------------------------------------------------------------------------------
 
 def _crc32(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+    # Flat bytes without a copy; a view, unlike memoryview.cast, also takes zero-size tensors.
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) & 0xFFFFFFFF
 
 
 def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[str, np.ndarray],

@@ -560,3 +560,13 @@ def test_linear_tensors_refuses_a_huge_block_before_quantising():
     with pytest.raises(FormatError, match="block_size 1152921504606846976 exceeds K=40 rounded up to 32"):
         modelfile.linear_tensors("blocks.0.mlp.fc1", w, None, modelfile.LayerPolicy(4, block_size=2 ** 60))
     assert modelfile.linear_tensors("x", w, None, modelfile.LayerPolicy(4, block_size=64))["x.weight.scale"].shape == (4, 1)
+
+
+def test_zero_size_tensor_is_a_format_error_not_a_type_error(tmp_path):
+    graph = mixed_graph()
+    tensors = random_tensors(graph)
+    tensors["blocks.0.empty"] = np.zeros((0, 3), np.float32)  # memoryview.cast used to raise TypeError here
+    path = tmp_path / "m.pyrt"
+    write_raw(path, graph, tensors)
+    with pytest.raises(FormatError, match="does not use"):
+        read_model(path)
