@@ -474,11 +474,11 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         safetensors file with ``exits.<b>.*`` keys. Only the blocks the policy exits at are used.
     preprocess: override of {"mean", "std"} (per channel, or one value for all).
     """
+    # Before any work: the output must not replace a device/symlink or a file it is made from.
+    inputs = [p for p in (checkpoint, policy, exits) if isinstance(p, (str, os.PathLike))]
+    check_target(out, inputs)
     import torch
 
-    # Before any work: the output must not replace a device/symlink or a file it is made from.
-    inputs = [p for p in (checkpoint, policy, exits) if isinstance(p, (str, os.PathLike)) and Path(p).exists()]
-    check_target(out, inputs)
     model, source_name = _source_model(source)
     ckpt_exits = _load_checkpoint(model, checkpoint) if checkpoint is not None else {}
     model.eval()

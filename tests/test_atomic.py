@@ -165,3 +165,17 @@ def test_sigterm_defers_to_the_programs_own_handler(tmp_path):
     setup = "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(7))"
     assert _kill_mid_write(tmp_path, SLOW_ATOMIC.format(setup=setup)) == 7  # its exit, its code
     assert temps(tmp_path) == []
+
+
+def test_convert_refuses_to_overwrite_its_checkpoint_before_any_work(tmp_path):
+    import pyruntime
+
+    ck = tmp_path / "ck.safetensors"
+    ck.write_bytes(b"checkpoint")
+    with pytest.raises(ValueError, match="is the input"):  # raised before torch is even imported
+        pyruntime.convert("vit_tiny_patch16_224", ck, checkpoint=ck)
+    policy = tmp_path / "p.json"
+    policy.write_bytes(b"{}")
+    with pytest.raises(ValueError, match="is the input"):
+        pyruntime.convert("vit_tiny_patch16_224", str(policy), policy=str(policy))
+    assert ck.read_bytes() == b"checkpoint" and policy.read_bytes() == b"{}"
