@@ -508,6 +508,8 @@ class Policy:
             d = json.loads(text)
         except (TypeError, ValueError) as e:
             raise PolicyError(f"policy is not valid JSON: {e}") from None
+        except RecursionError:
+            raise PolicyError("policy JSON is nested too deeply") from None
         return cls.from_dict(d)
 
     def save(self, path: Union[str, Path]) -> None:

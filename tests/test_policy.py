@@ -271,6 +271,8 @@ def test_static_scale_at_the_float32_bounds_is_valid():
 def test_from_json_rejects_bad_json():
     with pytest.raises(PolicyError, match="not valid JSON"):
         Policy.from_json("{version: 1")
+    with pytest.raises(PolicyError, match="nested too deeply"):  # was a RecursionError
+        Policy.from_json("[" * 100_000)
 
 
 def test_errors_are_value_errors():
