@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -98,7 +97,6 @@ _F32, _I8, _U8 = np.dtype("<f4"), np.dtype("i1"), np.dtype("u1")
 MAX_ABS_MEAN = 1e4
 STD_RANGE = (1e-6, 1e6)
 EPS_RANGE = (1e-30, 1.0)
-_F32_MAX = 3.4028234663852886e38
 
 
 @functools.lru_cache(maxsize=1)
