@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from ._atomic import check_target
 from .errors import PolicyError
 from .modelfile import graph_layer_names, linear_tensors, set_attention_bits, write_model
 from .policy import SHORTHANDS, LayerPolicy, Policy
@@ -484,6 +485,9 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         safetensors file with ``exits.<b>.*`` keys. Only the blocks the policy exits at are used.
     preprocess: override of {"mean", "std"} (per channel, or one value for all).
     """
+    # Before any work: the output must not replace a device/symlink or a file it is made from.
+    inputs = [p for p in (checkpoint, policy, exits) if isinstance(p, (str, os.PathLike))]
+    check_target(out, inputs)
     import torch
 
     model, source_name = _source_model(source)
@@ -511,5 +515,5 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol))
+    write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

@@ -1,22 +1,25 @@
-"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 2).
+"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 3).
 
 The container is safetensors; everything pyruntime-specific lives in its ``__metadata__``.
 The reader trusts nothing: it checks sizes before parsing, the magic and version before the
-graph, every tensor's CRC-32, and that the graph and the tensors agree exactly (names,
-dtypes, shapes), so that the C++ executor is only ever handed a consistent model. Every
-problem is a :class:`~pyruntime.errors.FormatError` naming the file and what is wrong.
+graph, the header's SHA-256 (version 3), every tensor's CRC-32, the runtime's size limits,
+and that the graph and the tensors agree exactly (names, dtypes, shapes), so that the C++
+executor is only ever handed a consistent model. Every problem is a
+:class:`~pyruntime.errors.FormatError` naming the file and what is wrong.
 
-NumPy and safetensors only: no torch, no compiled extension.
+NumPy and safetensors, plus the compiled extension's ``limits()`` (the one source of the size
+limits); no torch.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-import math
 import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,6 +40,9 @@ __all__ = [
     "graph_layer_names",
     "graph_layer_shapes",
     "graph_reduced_layers",
+    "header_digest",
+    "check_block_size",
+    "limits",
     "attention_bits",
     "set_attention_bits",
     "format_version",
@@ -50,7 +56,10 @@ __all__ = [
 ]
 
 MAGIC = "pyruntime-vit"
-FORMAT_VERSION = 2  # 2 added graph.attention; a file is written with the oldest version that holds it
+# 2 added graph.attention; 3 added the header checksum (KEY_HEADER_SHA256). Every file is
+# written as 3: a corrupt header must never load silently, and only 3 can say so.
+FORMAT_VERSION = 3
+HEADER_CHECKSUM_VERSION = 3
 
 KEY_MAGIC = "pyruntime.magic"
 KEY_VERSION = "pyruntime.format_version"
@@ -58,6 +67,8 @@ KEY_GRAPH = "pyruntime.graph"
 KEY_POLICY = "pyruntime.policy"
 KEY_PROVENANCE = "pyruntime.provenance"
 KEY_CHECKSUMS = "pyruntime.checksums"
+KEY_HEADER_SHA256 = "pyruntime.header_sha256"
+_DIGEST_PLACEHOLDER = "0" * 64  # same length as the hex digest, so sealing shifts no byte
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -73,10 +84,27 @@ ARCH_KEYS = {
     "depth": _POS_INT, "num_heads": _POS_INT, "mlp_hidden": _POS_INT, "num_classes": _POS_INT,
     "cls_token": _BOOL, "dist_token": _BOOL, "reg_tokens": _NONNEG_INT, "no_embed_class": _BOOL,
     "global_pool": "token|avg", "fc_norm": _BOOL, "final_norm": _BOOL, "norm_pre": _BOOL,
-    "layer_scale": _BOOL, "qkv_bias": _BOOL, "eps": "positive float",
+    "layer_scale": _BOOL, "qkv_bias": _BOOL, "eps": "float in [1e-30, 1]",
 }
 
 _F32, _I8, _U8 = np.dtype("<f4"), np.dtype("i1"), np.dtype("u1")
+
+# Preprocessing and LayerNorm bounds (docs/model_format.md). Within them every pixel value
+# 0..255 maps to a distinct finite float32 (the float32 spacing at 1e4 is 2^-10, finer than a
+# pixel step 1/255; |x| <= (1e4 + 1) / 1e-6 stays far below float32's max), so a file cannot
+# make every image look the same to the network; eps <= 1 keeps LayerNorm from flattening
+# its input and eps >= 1e-30 keeps it a non-zero float32.
+MAX_ABS_MEAN = 1e4
+STD_RANGE = (1e-6, 1e6)
+EPS_RANGE = (1e-30, 1.0)
+
+
+@functools.lru_cache(maxsize=1)
+def limits() -> Dict[str, int]:
+    """The runtime's size limits (csrc/runtime_limits.h), as the compiled extension reports them."""
+    from . import _core
+
+    return dict(_core.limits())
 
 
 # --- graph arithmetic shared by bops, the numpy reference and the converter ---------------
@@ -185,6 +213,7 @@ def linear_tensors(name: str, w: np.ndarray, bias: Optional[np.ndarray], lp: Lay
         return out
     from . import kernels
 
+    check_block_size(name, w.shape[1], lp)
     block = lp.block_size if lp.w_bits == 4 else None
     q, scales = kernels.quantize_weights(w, lp.w_bits, block).canonical()
     q, scales = np.asarray(q), np.asarray(scales, dtype=np.float32)
@@ -207,7 +236,7 @@ def _check_arch_value(key: str, kind: str, v: Any) -> None:
         _NONNEG_INT: is_int and v >= 0,
         _PAIR: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
         "token|avg": v in ("token", "avg"),
-        "positive float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+        "float in [1e-30, 1]": isinstance(v, (int, float)) and not isinstance(v, bool) and EPS_RANGE[0] <= v <= EPS_RANGE[1],
     }[kind]
     if not ok:
         raise FormatError(f"arch.{key} must be a {kind}, got {v!r}")
@@ -231,6 +260,45 @@ def _check_arch(arch: Any) -> None:
         raise FormatError("global_pool 'token' needs a class token")
     if arch["dist_token"] and not (arch["cls_token"] and arch["global_pool"] == "token"):
         raise FormatError("a distillation token needs a class token and global_pool 'token'")
+    _check_arch_limits(arch)
+
+
+def _check_arch_limits(arch: Mapping) -> None:
+    """The runtime's size limits, checked on the graph before any tensor is read or allocated."""
+    lim = limits()
+    for side in (*arch["img_size"], *arch["patch_size"]):
+        if side > lim["max_image_side"]:
+            raise FormatError(f"image/patch side {side} exceeds the runtime's limit max_image_side={lim['max_image_side']}")
+    if arch["depth"] > lim["max_depth"]:
+        raise FormatError(f"depth {arch['depth']} exceeds the runtime's limit max_depth={lim['max_depth']}")
+    for key in ("embed_dim", "mlp_hidden", "num_classes", "in_chans", "reg_tokens"):
+        if arch[key] > lim["max_dim"]:
+            raise FormatError(f"arch.{key} {arch[key]} exceeds the runtime's limit max_dim={lim['max_dim']}")
+    T = num_tokens(arch)
+    if T > lim["max_tokens"]:
+        raise FormatError(f"{T} tokens per image (patches + prefix tokens) exceed the runtime's limit "
+                          f"max_tokens={lim['max_tokens']}")
+
+
+def check_block_size(name: str, K: int, lp: Any) -> None:
+    """An int4 layer's block along K must fit in K rounded up to 32 (the kernels pad K to a
+    whole block: a larger block only allocates padding); any layer's must fit a C++ size."""
+    bits, bs = (lp["w_bits"], lp["block_size"]) if isinstance(lp, Mapping) else (lp.w_bits, lp.block_size)
+    cap = -(-K // 32) * 32 if bits == 4 else limits()["max_k"]
+    if bs > cap:
+        what = f"K={K} rounded up to 32" if bits == 4 else f"the runtime's limit max_k={cap}"
+        raise FormatError(f"layer {name!r}: block_size {bs} exceeds {what}")
+
+
+def _check_layer_limits(graph: Mapping) -> None:
+    lim = limits()
+    for name, (N, K) in graph_layer_shapes(graph, reduced=True).items():
+        lp = layer_precision(graph, name)
+        if K > lim["max_dim"]:
+            raise FormatError(f"layer {name!r}: K={K} exceeds the runtime's limit max_dim={lim['max_dim']}")
+        if lp["w_bits"] != 32 and K > lim["max_k"]:
+            raise FormatError(f"layer {name!r}: K={K} exceeds the runtime's limit max_k={lim['max_k']} for integer layers")
+        check_block_size(name, K, lp)
 
 
 def _check_preprocess(pre: Any, arch: Mapping) -> None:
@@ -240,9 +308,13 @@ def _check_preprocess(pre: Any, arch: Mapping) -> None:
     for key in ("mean", "std"):
         v = pre[key]
         if not (isinstance(v, list) and len(v) == C and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
-            raise FormatError(f"preprocess.{key} must be a list of {C} numbers, got {v!r}")
-    if not all(x > 0 for x in pre["std"]):
-        raise FormatError(f"preprocess.std must be positive, got {pre['std']}")
+            raise FormatError(f"preprocess.{key} must be a list of {C} numbers, got {v!r:.200}")
+    # Comparisons are False for NaN, so each test is written to pass only for good values.
+    if not all(abs(x) <= MAX_ABS_MEAN for x in pre["mean"]):
+        raise FormatError(f"preprocess.mean must lie in [-{MAX_ABS_MEAN:g}, {MAX_ABS_MEAN:g}], got {pre['mean']}")
+    lo, hi = STD_RANGE
+    if not all(lo <= x <= hi for x in pre["std"]):
+        raise FormatError(f"preprocess.std must lie in [{lo:g}, {hi:g}], got {pre['std']}")
     expect = [C, *arch["img_size"]]
     if pre["input_size"] != expect:
         raise FormatError(f"preprocess.input_size {pre['input_size']} disagrees with arch {expect}")
@@ -284,16 +356,22 @@ def attention_bits(graph: Mapping) -> int:
 
 def set_attention_bits(graph: dict, bits: int) -> dict:
     """``graph`` with its attention at ``bits``, as the converter writes it: no ``attention``
-    key for fp32 (32), so that such a graph stays a version-1 file; ``{"bits": 8}`` for int8."""
+    key for fp32 (32), the form every format version reads; ``{"bits": 8}`` for int8."""
     graph.pop("attention", None)
     if check_attn_bits(bits) != 32:
         graph["attention"] = {"bits": bits}
     return graph
 
 
-def format_version(graph: Mapping) -> int:
-    """The oldest format version that holds ``graph`` (older readers can still load it)."""
+def _feature_version(graph: Mapping) -> int:
+    """The oldest format version whose features hold ``graph`` (int8 attention came in 2)."""
     return 2 if attention_bits(graph) != 32 else 1
+
+
+def format_version(graph: Mapping) -> int:
+    """The format version :func:`write_model` writes ``graph`` as: the oldest that holds it
+    and carries the header checksum."""
+    return max(HEADER_CHECKSUM_VERSION, _feature_version(graph))
 
 
 def _graph_gates(gates: Any) -> Optional[GatePolicy]:
@@ -347,8 +425,11 @@ def check_graph(graph: Any) -> None:
         pol.validate(names, arch["depth"])
         if pol.gates is not None and pol.gates.topk > arch["num_classes"]:
             raise FormatError(f"gates topk {pol.gates.topk} exceeds num_classes {arch['num_classes']}")
+        if pol.gates is not None and pol.gates.hidden > limits()["max_dim"]:
+            raise FormatError(f"gates hidden {pol.gates.hidden} exceeds the runtime's limit max_dim={limits()['max_dim']}")
     except PolicyError as e:
         raise FormatError(f"inconsistent graph: {e}") from None
+    _check_layer_limits(graph)
 
 
 # --- tensor specification ------------------------------------------------------------------
@@ -444,18 +525,30 @@ def check_tensors(graph: Mapping, tensors: Mapping[str, np.ndarray]) -> None:
 # --- writing ---------------------------------------------------------------------------------
 
 def _crc32(a: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B")) & 0xFFFFFFFF
+    # Flat bytes without a copy; a view, unlike memoryview.cast, also takes zero-size tensors.
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) & 0xFFFFFFFF
 
 
 def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[str, np.ndarray],
-                policy_json: str, provenance: Mapping) -> None:
-    """Validate, then write one model file atomically (a failure leaves ``path`` untouched)."""
-    from safetensors.numpy import save_file
+                policy_json: str, provenance: Mapping, *, inputs: Sequence[Union[str, os.PathLike]] = ()) -> None:
+    """Validate, then write one model file atomically (a failure leaves ``path`` untouched).
 
+    ``inputs``: files the model was made from (checkpoint, policy, ...); ``path`` must not be
+    one of them (ValueError), nor an existing non-regular file such as a device or a symlink."""
     check_graph(graph)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     check_tensors(graph, tensors)
     json.loads(policy_json)  # must be JSON; the policy itself was validated by its producer
+    _save(path, graph, tensors, policy_json, provenance, inputs=inputs)
+
+
+def _save(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[str, np.ndarray], policy_json: str,
+          provenance: Mapping, *, inputs: Sequence[Union[str, os.PathLike]] = ()) -> None:
+    """Write without validating (write_model validates first; the fuzzer and tests need files
+    that are sealed but wrong, to reach the reader's checks behind the checksums)."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {
         KEY_MAGIC: MAGIC,
         KEY_VERSION: str(format_version(graph)),
@@ -463,9 +556,37 @@ def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[
         KEY_POLICY: policy_json,
         KEY_PROVENANCE: json.dumps(dict(provenance), separators=(",", ":")),
         KEY_CHECKSUMS: json.dumps({k: _crc32(v) for k, v in sorted(tensors.items())}, separators=(",", ":")),
+        KEY_HEADER_SHA256: _DIGEST_PLACEHOLDER,
     }
-    with atomic_path(path) as tmp:
+    with atomic_path(path, inputs=inputs) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _seal(tmp)
+
+
+def header_digest(meta: Mapping[str, Any], entries: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a header: every ``pyruntime.*`` metadata entry but the digest itself,
+    and every tensor entry (dtype, shape, data_offsets), as canonical JSON
+    (docs/model_format.md "Header checksum")."""
+    covered = {k: v for k, v in meta.items() if k.startswith("pyruntime.") and k != KEY_HEADER_SHA256}
+    blob = json.dumps({"metadata": covered, "tensors": entries}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True)
+    return hashlib.sha256(blob.encode("ascii")).hexdigest()
+
+
+def _seal(path: Path) -> None:
+    """Replace the digest placeholder in the header safetensors just wrote by the digest of
+    that header. The data offsets are safetensors' to choose, so they can only be hashed once
+    written; the placeholder has the digest's length, so no byte moves."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__")
+        slot = json.dumps(KEY_HEADER_SHA256).encode() + b":" + json.dumps(_DIGEST_PLACEHOLDER).encode()
+        if raw.count(slot) != 1:
+            raise RuntimeError(f"{path}: cannot find the header checksum slot in the header safetensors wrote")
+        f.seek(8 + raw.index(slot) + len(slot) - 1 - len(_DIGEST_PLACEHOLDER))
+        f.write(header_digest(meta, header).encode("ascii"))
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -505,6 +626,8 @@ def _read_raw_header(path: Path) -> Tuple[dict, int, int]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise _fail(path, f"header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     return header, n, size
@@ -514,10 +637,9 @@ def _check_magic_and_version(path: Path, meta: Mapping) -> int:
     if meta.get(KEY_MAGIC) != MAGIC:
         raise _fail(path, f"not a pyruntime model (metadata {KEY_MAGIC!r} is {meta.get(KEY_MAGIC)!r}, expected {MAGIC!r})")
     raw = meta.get(KEY_VERSION)
-    try:
-        version = int(raw)
-    except (TypeError, ValueError):
-        raise _fail(path, f"format version {raw!r} is not an integer") from None
+    if not (isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise _fail(path, f"format version {raw!r:.40} is not an integer")
+    version = int(raw)
     if version > FORMAT_VERSION:
         raise _fail(path, f"format version {version} is newer than this pyruntime supports ({FORMAT_VERSION}); upgrade pyruntime")
     if version < 1:
@@ -532,6 +654,20 @@ def _json_meta(path: Path, meta: Mapping, key: str) -> Any:
         return json.loads(meta[key])
     except (TypeError, ValueError) as e:
         raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise _fail(path, f"metadata {key!r} is nested too deeply") from None
+
+
+def _check_header_digest(path: Path, meta: Mapping, entries: Mapping, version: int) -> None:
+    """Version 3 files must carry the header checksum; any file that carries one is checked
+    (so a flipped version digit cannot skip it)."""
+    stored = meta.get(KEY_HEADER_SHA256)
+    if stored is None:
+        if version >= HEADER_CHECKSUM_VERSION:
+            raise _fail(path, f"metadata {KEY_HEADER_SHA256!r} is missing (format version {version} requires it)")
+        return
+    if stored != header_digest(meta, entries):
+        raise _fail(path, "header checksum mismatch: the file's metadata or tensor table is corrupt")
 
 
 def _check_data_extent(path: Path, entries: Mapping[str, Any], available: int) -> None:
@@ -539,20 +675,29 @@ def _check_data_extent(path: Path, entries: Mapping[str, Any], available: int) -
     for name, e in entries.items():
         try:
             end = max(end, int(e["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
+        except (TypeError, KeyError, IndexError, ValueError, OverflowError):
             raise _fail(path, f"tensor {name!r} has no valid data_offsets") from None
     if end > available:
         raise _fail(path, f"truncated: tensor data needs {end} bytes but the file holds {available}")
 
 
 def read_header(path: Union[str, os.PathLike]) -> Header:
-    """Read and validate everything but the tensor data: sizes, magic, version, graph."""
+    """Read and validate everything but the tensor data: sizes, magic, version, header
+    checksum, graph."""
     path = Path(path)
+    try:
+        return _read_header(path)
+    except RecursionError:  # a value nested just shallowly enough to parse, too deep to walk
+        raise _fail(path, "header JSON is nested too deeply") from None
+
+
+def _read_header(path: Path) -> Header:
     header, n, size = _read_raw_header(path)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise _fail(path, "__metadata__ is not an object")
     version = _check_magic_and_version(path, meta)
+    _check_header_digest(path, meta, header, version)
     _check_data_extent(path, header, size - 8 - n)
     graph = _json_meta(path, meta, KEY_GRAPH)
     try:
@@ -567,9 +712,9 @@ def read_header(path: Union[str, os.PathLike]) -> Header:
         raise _fail(path, "provenance is not a JSON object")
     if not isinstance(checksums, dict) or set(checksums) != set(header):
         raise _fail(path, "checksums do not list exactly the file's tensors")
-    if version < format_version(graph):
+    if version < _feature_version(graph):
         raise _fail(path, f"format version {version} cannot hold this graph (graph.attention needs version "
-                          f"{format_version(graph)})")
+                          f"{_feature_version(graph)})")
     return Header(graph, policy_json, provenance, checksums, header, 8 + n, version)
 
 

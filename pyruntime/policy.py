@@ -27,7 +27,8 @@ written as version 1, which older pyruntime versions still read.
     <layer> = {"w_bits": 4 | 8 | 32,          # required
                "a_bits": 4..8,                # default 8; ignored when w_bits is 32
                "scale": "dynamic" | "static" | "predicted",   # default "dynamic"
-               "static_scale": float > 0 | null,              # required for "static"
+               "static_scale": float | null,  # required for "static": >= 1/FLT_MAX (finite
+                                              # float32 reciprocal); any value finite in float32
                "block_size": 32 * k}          # int4 block along K, default 32
 
 Layer names are timm's (``patch_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
@@ -38,6 +39,8 @@ and named by none is an error (no precedence rules to remember). Every key must 
 least one layer of the model. Unknown keys anywhere are errors, so a typo never silently
 falls back to a default.
 
+Every number must be finite as a float32 (the executor holds them so): predictor
+coefficients, static scales, gate lambda, costs (and lambda times each cost) and weights.
 Exit blocks lie in ``0 .. depth-2`` (after the last block the final head answers anyway);
 thresholds lie in [0, 1] for both rules (``margin`` is top-1 minus top-2 probability); an
 exit with rule ``gate`` is decided by a QuEE gate and its threshold must be 0 (unused). A
@@ -130,6 +133,21 @@ def _float(v: Any, what: str) -> float:
     return v
 
 
+_F32_MAX = 3.4028234663852886e38
+# The smallest scale whose float32 reciprocal is finite: the quantiser multiplies by
+# float32(1/s), and an infinite one would saturate every activation.
+_MIN_SCALE = 1 / _F32_MAX
+
+
+def _float32(v: Any, what: str) -> float:
+    """A number the executor can hold as a finite float32 (it stores every policy value so:
+    a float64-only value would become Inf there and silently flatten the output)."""
+    x = _float(v, what)
+    if abs(x) > _F32_MAX:
+        raise PolicyError(f"{what} must be finite as a float32 (|x| <= {_F32_MAX:.7g}), got {x!r}")
+    return x
+
+
 def _mapping(v: Any, what: str, allowed: Sequence[str], required: Sequence[str] = ()) -> Mapping:
     if not isinstance(v, Mapping):
         raise PolicyError(f"{what} must be a JSON object, got {type(v).__name__}")
@@ -212,9 +230,10 @@ class LayerPolicy:
         if self.scale not in SCALE_MODES:
             raise PolicyError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
         if self.static_scale is not None:
-            object.__setattr__(self, "static_scale", _float(self.static_scale, "static_scale"))
-        if self.scale == "static" and (self.static_scale is None or self.static_scale <= 0):
-            raise PolicyError(f"scale 'static' needs a positive static_scale, got {self.static_scale!r}")
+            object.__setattr__(self, "static_scale", _float32(self.static_scale, "static_scale"))
+        if self.scale == "static" and (self.static_scale is None or self.static_scale < _MIN_SCALE):
+            raise PolicyError(f"scale 'static' needs a positive static_scale with a finite float32 reciprocal "
+                              f"(>= {_MIN_SCALE:.3g}), got {self.static_scale!r}")
         bs = _int(self.block_size, "block_size")
         if bs <= 0 or bs % 32:
             raise PolicyError(f"block_size must be a positive multiple of 32, got {bs}")
@@ -291,7 +310,7 @@ class PredictorPolicy:
         for name, cs in self.coeffs.items():
             if not isinstance(cs, (list, tuple)) or not cs:
                 raise PolicyError(f"predictor coeffs for {name!r} must be a non-empty list")
-            clean[str(name)] = [_float(c, f"predictor coeff of {name!r}") for c in cs]
+            clean[str(name)] = [_float32(c, f"predictor coeff of {name!r}") for c in cs]
         object.__setattr__(self, "coeffs", clean)
 
     def to_dict(self) -> dict:
@@ -304,17 +323,6 @@ class PredictorPolicy:
             return cls(**d)
         except PolicyError as e:
             raise PolicyError(f"{what}: {e}") from None
-
-
-_F32_MAX = 3.4028234663852886e38
-
-
-def _float32(v: Any, what: str) -> float:
-    """A number the executor can hold as a finite float32 (it stores gate values so)."""
-    x = _float(v, what)
-    if abs(x) > _F32_MAX:
-        raise PolicyError(f"{what} must be finite as a float32, got {x!r}")
-    return x
 
 
 def _vector(v: Any, n: int, what: str) -> tuple:
@@ -363,6 +371,8 @@ class GatePolicy:
             c = _vector(v, GATE_PATHS, f"gates cost of block {b} (exit, full, reduced)")
             if min(c) < 0:
                 raise PolicyError(f"gates cost of block {b} must be >= 0, got {list(c)}")
+            if lam * max(c) > _F32_MAX:  # the executor adds lambda * cost in float32
+                raise PolicyError(f"gate lambda {lam} times the cost {max(c)} of block {b} is not finite as a float32")
             cost[b] = c
         object.__setattr__(self, "cost", cost)
         if not isinstance(self.reduced, Mapping):
@@ -498,6 +508,8 @@ class Policy:
             d = json.loads(text)
         except (TypeError, ValueError) as e:
             raise PolicyError(f"policy is not valid JSON: {e}") from None
+        except RecursionError:
+            raise PolicyError("policy JSON is nested too deeply") from None
         return cls.from_dict(d)
 
     def save(self, path: Union[str, Path]) -> None:

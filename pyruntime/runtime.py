@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _core
 from .errors import FormatError
-from .modelfile import read_model
+from .modelfile import limits, read_model
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -86,10 +86,15 @@ class Model:
         if images.ndim != 4 or images.shape[1:] != (H, W, C):
             raise ValueError(f"uint8 images must have shape [B, {H}, {W}, {C}], got {list(images.shape)}")
         pre = self.graph.get("preprocess", {})
-        mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
-        std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
         x = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
-        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported just below
+            mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
+            std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
+            x = np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(f"preprocessing with the file's mean {pre.get('mean')} and std {pre.get('std')} "
+                             "gives NaN or Inf")
+        return x
 
     def _check_input(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):
@@ -115,8 +120,7 @@ class Model:
         """
         x = self._check_input(x)
         threads = num_threads if num_threads is not None else self.num_threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-            raise ValueError(f"num_threads must be a positive int, got {threads!r}")
+        _check_threads(threads)
         out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa, bool(collect_exits))
         return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"],
                          out["block_path"], out.get("exit_logits"))
@@ -131,14 +135,24 @@ class Model:
         return dict(self._executor.profile())
 
 
+def _check_threads(n) -> None:
+    """``None`` (the pool's default) or a thread count within the runtime's limit."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    cap = limits()["max_threads"]
+    if n > cap:
+        raise ValueError(f"num_threads {n} exceeds the runtime's limit max_threads={cap}")
+
+
 def load(path: PathLike, num_threads: Optional[int] = None, isa: Optional[str] = None) -> Model:
     """Load a model file (memory-mapped, validated) and pack its weights for this CPU.
 
     Raises :class:`pyruntime.FormatError` naming the problem for a file that is not a valid
     pyruntime model (truncated, corrupt, newer format version, inconsistent graph).
     """
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    _check_threads(num_threads)
     if isa is not None and isa not in _core.available_isas():
         raise ValueError(f"ISA '{isa}' is not available here (available: {', '.join(_core.available_isas())})")
     path = Path(path)

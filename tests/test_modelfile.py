@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from _graphs import W4A8, W8A8, random_tensors, tiny_graph
 from pyruntime import modelfile
 from pyruntime.errors import FormatError
-from pyruntime.modelfile import (FORMAT_VERSION, MAGIC, graph_layer_names, graph_layer_shapes, pack_int4,
+from pyruntime.modelfile import (FORMAT_VERSION, KEY_HEADER_SHA256, MAGIC, graph_layer_names, graph_layer_shapes, pack_int4,
                                  read_header, read_model, unpack_int4, write_model)
 
 POLICY = json.dumps({"version": 1, "name": "test"})
@@ -42,16 +42,26 @@ def header_of(path):
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-def rewrite_header(path, edit):
-    """Apply ``edit(header)`` and write the file back with the new header length."""
+def seal(header):
+    """Give an edited header a valid checksum, so the reader's later checks are reached."""
+    meta = header["__metadata__"]
+    meta[KEY_HEADER_SHA256] = modelfile.header_digest(meta, {k: v for k, v in header.items() if k != "__metadata__"})
+
+
+def rewrite_header(path, edit, sealed=True):
+    """Apply ``edit(header)`` (then, unless ``sealed`` is False, re-seal it) and write the file
+    back with the new header length."""
     header, data = header_of(path)
     edit(header)
+    if sealed:
+        seal(header)
     blob = json.dumps(header).encode()
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
 
 
 def write_raw(path, graph, tensors, **meta_overrides):
-    """A safetensors file with pyruntime metadata but none of write_model's checks."""
+    """A safetensors file with pyruntime metadata but none of write_model's checks: sealed
+    (format version 3) unless the overrides name an older version, which has no checksum."""
     meta = {
         "pyruntime.magic": MAGIC,
         "pyruntime.format_version": str(FORMAT_VERSION),
@@ -62,6 +72,8 @@ def write_raw(path, graph, tensors, **meta_overrides):
     }
     meta.update(meta_overrides)
     save_file(tensors, str(path), metadata=meta)
+    if int(meta["pyruntime.format_version"]) >= 3:
+        rewrite_header(path, lambda h: None)
 
 
 # --- round trip -------------------------------------------------------------------------------
@@ -82,7 +94,8 @@ def test_metadata_keys(model):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
     assert meta["pyruntime.magic"] == "pyruntime-vit"
-    assert meta["pyruntime.format_version"] == "1"
+    assert meta["pyruntime.format_version"] == "3"
+    assert len(meta[KEY_HEADER_SHA256]) == 64 and int(meta[KEY_HEADER_SHA256], 16) >= 0
     checksums = json.loads(meta["pyruntime.checksums"])
     assert set(checksums) == set(tensors)
     assert all(isinstance(v, int) and 0 <= v < 2 ** 32 for v in checksums.values())
@@ -147,17 +160,17 @@ def test_newer_version(model):
         read_model(path)
 
 
-def test_int8_attention_is_written_as_version_2_and_only_then(tmp_path):
+def test_every_file_is_written_as_version_3(tmp_path):
     graph = tiny_graph()
     tensors = random_tensors(graph)
     graph["attention"] = {"bits": 8}
     path = tmp_path / "a8.pyrt"
     write_model(path, graph, tensors, POLICY, PROVENANCE)
     h = read_header(path)
-    assert h.version == 2 and h.graph["attention"] == {"bits": 8}
-    graph["attention"] = {"bits": 32}  # explicit fp32 attention: readable by version-1 readers
+    assert h.version == 3 and h.graph["attention"] == {"bits": 8}
+    graph["attention"] = {"bits": 32}
     write_model(tmp_path / "a32.pyrt", graph, tensors, POLICY, PROVENANCE)
-    assert read_header(tmp_path / "a32.pyrt").version == 1
+    assert read_header(tmp_path / "a32.pyrt").version == 3
 
 
 def test_version_1_file_cannot_claim_int8_attention(tmp_path):
@@ -303,7 +316,7 @@ def _edit(graph, fn):
     (lambda: _edit(tiny_graph(), lambda g: g["layers"].update({"blocks.7.mlp.fc2": g["layers"].pop("head")})),
      r"misses \['head'\] / has unknown \['blocks.7.mlp.fc2'\]"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 3})), "linear layers"),
-    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 10 ** 12})), "linear layers"),  # fails fast
+    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"depth": 10 ** 12})), "max_depth"),  # fails fast
     (lambda: _edit(tiny_graph(), lambda g: g["layers"]["head"].pop("block_size")), "exactly the keys"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"act": "gelu"})), "unknown keys"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].pop("eps")), "eps"),
@@ -390,3 +403,170 @@ def test_policy_json_must_be_json(tmp_path):
     with pytest.raises(ValueError):
         write_model(tmp_path / "m.pyrt", graph, random_tensors(graph), "{", PROVENANCE)
     assert not (tmp_path / "m.pyrt").exists()
+
+
+# --- header checksum (format version 3) ---------------------------------------------------------
+
+@pytest.mark.parametrize("old, new", [
+    (b'"num_heads\\":2', b'"num_heads\\":1'),          # two bits: the attention splits differently
+    (b'"eps\\":1e-06', b'"eps\\":1e-04'),              # LayerNorm changes silently
+    (b'\\"threshold\\":0.7', b'\\"threshold\\":0.3'),    # exits fire on other images
+    (b'"pyruntime.format_version":"3"', b'"pyruntime.format_version":"1"'),  # no skipping the check
+    (b'"dtype":"F32"', b'"dtype":"I32"'),              # the tensor table is covered too
+])
+def test_flipped_header_bytes_fail_the_header_checksum(model, old, new):
+    path = model[0]
+    raw = path.read_bytes()
+    assert raw.count(old) >= 1 and len(old) == len(new)
+    path.write_bytes(raw.replace(old, new, 1))
+    with pytest.raises(FormatError, match="header checksum mismatch"):
+        read_model(path)
+
+
+def test_version_3_without_header_checksum_is_rejected(model):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].pop(KEY_HEADER_SHA256), sealed=False)
+    with pytest.raises(FormatError, match="header_sha256' is missing"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("version, attention", [("1", None), ("2", None), ("2", {"bits": 8})])
+def test_old_versions_without_header_checksum_still_load(tmp_path, version, attention):
+    graph = mixed_graph()
+    if attention:
+        graph["attention"] = attention
+    tensors = random_tensors(graph)
+    path = tmp_path / f"v{version}.pyrt"
+    write_raw(path, graph, tensors, **{"pyruntime.format_version": version})  # the old layout, by hand
+    assert KEY_HEADER_SHA256 not in header_of(path)[0]["__metadata__"]
+    g, t, _, _ = read_model(path)
+    assert g == graph and read_header(path).version == int(version)
+
+
+# --- deeply nested JSON ---------------------------------------------------------------------------
+
+def test_deeply_nested_header_is_a_format_error(tmp_path):
+    path = tmp_path / "deep.pyrt"
+    blob = b"[" * 100_000
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob)
+    with pytest.raises(FormatError, match="nested too deeply"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("key", ["pyruntime.graph", "pyruntime.policy", "pyruntime.provenance", "pyruntime.checksums"])
+def test_deeply_nested_metadata_is_a_format_error(model, key):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({key: "[" * 100_000 + "]" * 100_000}))
+    with pytest.raises(FormatError, match="nested too deeply"):
+        read_model(path)
+
+
+@pytest.mark.parametrize("depth", [500, 990])  # parses, but is deep enough to trip a later walk
+def test_nested_just_parseable_is_never_a_recursion_error(model, depth):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.provenance": "[" * depth + "]" * depth}))
+    with pytest.raises(FormatError):
+        read_model(path)
+
+
+def test_non_integer_version_and_offsets_are_format_errors(model):
+    path = model[0]
+    rewrite_header(path, lambda h: h["__metadata__"].update({"pyruntime.format_version": 1e400}))
+    with pytest.raises(FormatError, match="not an integer"):
+        read_model(path)
+    def huge_offset(h):
+        h["__metadata__"]["pyruntime.format_version"] = "3"
+        h["head.weight"]["data_offsets"][1] = float("inf")  # JSON Infinity
+
+    rewrite_header(path, huge_offset)
+    with pytest.raises(FormatError, match="data_offsets"):
+        read_model(path)
+
+
+# --- float32-sane values -----------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda g: g["preprocess"].update({"mean": [1e300]}), "preprocess.mean"),
+    (lambda g: g["preprocess"].update({"mean": [NAN]}), "preprocess.mean"),
+    (lambda g: g["preprocess"].update({"mean": [1e5]}), "preprocess.mean"),      # pixels would merge in float32
+    (lambda g: g["preprocess"].update({"std": [1e-50]}), "preprocess.std"),      # 0 in float32
+    (lambda g: g["preprocess"].update({"std": [1e-40]}), "preprocess.std"),      # 1/std is Inf in float32
+    (lambda g: g["preprocess"].update({"std": [1e300]}), "preprocess.std"),
+    (lambda g: g["preprocess"].update({"std": [NAN]}), "preprocess.std"),
+    (lambda g: g["preprocess"].update({"std": [0]}), "preprocess.std"),
+    (lambda g: g["arch"].update({"eps": 1e300}), "eps"),
+    (lambda g: g["arch"].update({"eps": 2.0}), "eps"),                            # flattens every LayerNorm
+    (lambda g: g["arch"].update({"eps": 1e-50}), "eps"),                          # 0 in float32
+    (lambda g: g["arch"].update({"eps": NAN}), "eps"),
+    (lambda g: g["layers"]["head"].update({"w_bits": 8, "scale": "static", "static_scale": 1e-40}), "static_scale"),
+    (lambda g: g["layers"]["head"].update({"static_scale": 1e300}), "static_scale"),
+    (lambda g: g.update({"predictor": {"block": 0, "chunk": 4, "coeffs": {"head": [1e300]}}}), "predictor coeff"),
+])
+def test_values_must_be_sane_in_float32(tmp_path, edit, match):
+    graph = tiny_graph()
+    edit(graph)
+    with pytest.raises(FormatError, match=match):
+        modelfile.check_graph(graph)
+    path = tmp_path / "m.pyrt"  # and a sealed file holding it is refused by the reader
+    modelfile._save(path, graph, random_tensors(tiny_graph()), POLICY, PROVENANCE)
+    with pytest.raises(FormatError, match=match):
+        read_model(path)
+
+
+def test_preprocess_bounds_are_inclusive():
+    graph = tiny_graph()
+    graph["preprocess"].update({"mean": [-1e4], "std": [1e-6]})
+    graph["arch"]["eps"] = 1.0
+    modelfile.check_graph(graph)
+
+
+# --- the runtime's size limits, before any allocation -----------------------------------------------
+
+LIM = modelfile.limits()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc1": dict(W4A8, block_size=2 ** 20)}), "block_size 1048576 exceeds K=8"),
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc1": dict(W4A8, block_size=2 ** 62)}), "block_size"),
+    (lambda: tiny_graph(layers={"blocks.0.mlp.fc2": dict(W4A8, block_size=64)}), "exceeds K=16 rounded up to 32"),
+    (lambda: tiny_graph(layers={"head": dict(W8A8, block_size=2 ** 70)}), "max_k"),  # unused, but must fit C++
+    (lambda: tiny_graph(img_size=[64, 64], patch_size=[1, 1]), "4097 tokens"),        # 64 * 64 + cls
+    (lambda: tiny_graph(img_size=[LIM["max_image_side"] * 2] * 2, patch_size=[2 ** 12] * 2), "max_image_side"),
+    (lambda: tiny_graph(depth=LIM["max_depth"] + 1), "max_depth"),
+    (lambda: tiny_graph(embed_dim=LIM["max_dim"] + 2, num_heads=2), "max_dim"),
+    (lambda: tiny_graph(mlp_hidden=LIM["max_dim"] + 1), "max_dim"),
+    (lambda: tiny_graph(img_size=[512, 512], patch_size=[512, 512], in_chans=1), "K=262144"),  # patch_dim
+])
+def test_size_limits(tmp_path, make, match):
+    graph = make()
+    with pytest.raises(FormatError, match=match):
+        modelfile.check_graph(graph)
+    path = tmp_path / "m.pyrt"
+    modelfile._save(path, graph, {}, POLICY, PROVENANCE)  # no tensors: the graph check comes first
+    with pytest.raises(FormatError, match=match):
+        read_header(path)
+
+
+def test_a_block_as_big_as_k_is_allowed(tmp_path):
+    graph = tiny_graph(layers={"blocks.0.mlp.fc2": dict(W4A8, block_size=32)})  # K = 16, rounded up to 32
+    write_model(tmp_path / "m.pyrt", graph, random_tensors(graph), POLICY, PROVENANCE)
+
+
+def test_linear_tensors_refuses_a_huge_block_before_quantising():
+    w = np.ones((4, 40), np.float32)
+    with pytest.raises(FormatError, match="block_size 1152921504606846976 exceeds K=40 rounded up to 32"):
+        modelfile.linear_tensors("blocks.0.mlp.fc1", w, None, modelfile.LayerPolicy(4, block_size=2 ** 60))
+    assert modelfile.linear_tensors("x", w, None, modelfile.LayerPolicy(4, block_size=64))["x.weight.scale"].shape == (4, 1)
+
+
+def test_zero_size_tensor_is_a_format_error_not_a_type_error(tmp_path):
+    graph = mixed_graph()
+    tensors = random_tensors(graph)
+    tensors["blocks.0.empty"] = np.zeros((0, 3), np.float32)  # memoryview.cast used to raise TypeError here
+    path = tmp_path / "m.pyrt"
+    write_raw(path, graph, tensors)
+    with pytest.raises(FormatError, match="does not use"):
+        read_model(path)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pyruntime.errors import PolicyError
-from pyruntime.policy import (POLICY_VERSION, ExitPolicy, LayerPolicy, Policy, PredictorPolicy,
+from pyruntime.policy import (POLICY_VERSION, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy,
                               layer_block)
 
 DEPTH = 4
@@ -191,6 +191,10 @@ def test_predicted_layer_after_predictor_is_valid():
     (dict(w_bits=8, scale="static", static_scale=float("nan")), "finite"),
     (dict(w_bits=4, block_size=48), "block_size"),
     (dict(w_bits=4, block_size=0), "block_size"),
+    # finite in float64, not in float32: the quantiser's float32(1/s) would be Inf or 0
+    (dict(w_bits=8, scale="static", static_scale=1e-40), "finite float32 reciprocal"),
+    (dict(w_bits=8, scale="static", static_scale=1e300), "finite as a float32"),
+    (dict(w_bits=8, static_scale=1e39), "finite as a float32"),
 ])
 def test_layer_policy_rejects(kwargs, match):
     with pytest.raises(PolicyError, match=match):
@@ -213,6 +217,8 @@ def test_exit_policy_rejects(kwargs, match):
     (dict(block=0, chunk=0, coeffs={}), "chunk"),
     (dict(block=0, chunk=8, coeffs={"head": []}), "non-empty"),
     (dict(block=0, chunk=8, coeffs={"head": [float("inf")]}), "finite"),
+    (dict(block=0, chunk=8, coeffs={"head": [0.1, 1e300]}), "finite as a float32"),
+    (dict(block=0, chunk=8, coeffs={"head": [-3.5e38]}), "finite as a float32"),
 ])
 def test_predictor_policy_rejects(kwargs, match):
     with pytest.raises(PolicyError, match=match):
@@ -240,9 +246,33 @@ def test_from_json_rejects(doc, match):
         Policy.from_json(json.dumps(doc))
 
 
+def test_exit_thresholds_beyond_float32_are_out_of_range():
+    with pytest.raises(PolicyError, match=r"\[0, 1\]"):
+        ExitPolicy(block=0, threshold=1e300)
+    with pytest.raises(PolicyError, match="finite"):
+        ExitPolicy(block=0, threshold=float("nan"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lam=1e39), "finite as a float32"),
+    (dict(lam=1e30, cost={"0": [0.0, 1e10, 0.0]}), "times the cost"),  # each finite, the product not
+    (dict(cost={"0": [0.0, 1e300, 0.0]}), "finite as a float32"),
+])
+def test_gate_values_must_be_finite_in_float32(kw, match):
+    with pytest.raises(PolicyError, match=match):
+        GatePolicy(**kw)
+
+
+def test_static_scale_at_the_float32_bounds_is_valid():
+    LayerPolicy(w_bits=8, scale="static", static_scale=3e-39)
+    LayerPolicy(w_bits=8, scale="static", static_scale=3.4e38)
+
+
 def test_from_json_rejects_bad_json():
     with pytest.raises(PolicyError, match="not valid JSON"):
         Policy.from_json("{version: 1")
+    with pytest.raises(PolicyError, match="nested too deeply"):  # was a RecursionError
+        Policy.from_json("[" * 100_000)
 
 
 def test_errors_are_value_errors():

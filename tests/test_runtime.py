@@ -248,7 +248,7 @@ def test_bad_files_raise_format_error(tmp_path):
         "truncated": raw[: len(raw) - 100],
         "tiny": raw[:5],
         "flipped": raw[:-40] + bytes([raw[-40] ^ 0x10]) + raw[-39:],
-        "newer": raw.replace(b'"pyruntime.format_version":"1"', b'"pyruntime.format_version":"9"'),
+        "newer": raw.replace(b'"pyruntime.format_version":"3"', b'"pyruntime.format_version":"9"'),
         "magic": raw.replace(b"pyruntime-vit", b"pyruntime-xyz"),
         "garbage": b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"{not json at all}" + b"\x00" * 40,
     }
@@ -283,3 +283,27 @@ print(r.logits.shape, r.exit_block.tolist())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert "(2, 3)" in out.stdout
+
+
+def test_num_threads_over_the_limit_is_refused_in_load_and_run(tmp_path):
+    graph = tiny_graph()
+    path = save(tmp_path, graph, random_tensors(graph))
+    cap = pyruntime._core.limits()["max_threads"]
+    for n in (cap + 1, 2 ** 31, 2 ** 64):
+        with pytest.raises(ValueError, match=f"max_threads={cap}"):
+            pyruntime.load(path, num_threads=n)
+    model = pyruntime.load(path, num_threads=1)
+    with pytest.raises(ValueError, match=f"num_threads {cap + 1} exceeds the runtime's limit max_threads={cap}"):
+        model.run(images(graph, 1), num_threads=cap + 1)
+    with pytest.raises(ValueError, match="max_threads"):
+        model.run(images(graph, 1), num_threads=np.int64(2 ** 40))
+
+
+@pytest.mark.parametrize("pre", [{"std": [1e-45]}, {"mean": [3.5e38]}, {"mean": [float("nan")]}])
+def test_uint8_preprocessing_that_overflows_float32_is_named(tmp_path, pre):
+    graph = tiny_graph()
+    model = pyruntime.load(save(tmp_path, graph, random_tensors(graph)))
+    model.graph["preprocess"].update(pre)  # the file's values are bounded; an edited in-memory graph is not
+    u8 = np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.run(u8)
