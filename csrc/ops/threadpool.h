@@ -14,13 +14,8 @@
 // nothing spins for longer than that.
 #pragma once
 
-#include <atomic>
-#include <condition_variable>
 #include <cstddef>
 #include <functional>
-#include <mutex>
-#include <thread>
-#include <vector>
 
 namespace pyrt {
 
@@ -35,33 +30,33 @@ constexpr size_t kMinTaskMacsInt = size_t(1) << 19;
 // none smaller than `min_work`, at least one.
 size_t task_count(size_t work, size_t min_work, int threads);
 
+// The global pool is created on first use and never destroyed; see threadpool.cc for why, and
+// for what happens to it at interpreter exit and in a fork()ed child.
 class ThreadPool {
  public:
   static ThreadPool& global();
   ~ThreadPool();
 
-  // Calls fn(i) for every i in [0, n_tasks) on at most `threads` threads (the caller included)
-  // and returns when all have finished. Concurrent callers are serialised. An exception
-  // thrown by a task is rethrown here after the others finish.
+  // Calls fn(i) for every i in [0, n_tasks) on at most `threads` threads (the caller included,
+  // at most kMaxThreads) and returns when all have finished. Concurrent callers are
+  // serialised. An exception thrown by a task is rethrown here after the others finish; a
+  // worker thread the OS refuses to start is a std::runtime_error, and the pool stays usable.
   void run(size_t n_tasks, int threads, const std::function<void(size_t)>& fn);
 
  private:
-  void ensure_workers(int n);
-  void worker_loop(int index);
-  void drain(bool from_front);  // the caller: true, helpers: false
+  struct Worker;
+  struct State;
 
-  std::mutex call_mu_;  // one run() at a time
-  std::mutex mu_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;
-  const std::function<void(size_t)>* fn_ = nullptr;
-  size_t n_tasks_ = 0, next_ = 0, end_ = 0;  // untaken tasks: [next_, end_)
-  // Written under mu_; atomic so that the spinning reads outside it are well defined.
-  std::atomic<size_t> finished_{0};
-  std::atomic<int> active_workers_{0};  // workers allowed to take part in the current call
-  std::atomic<unsigned long> generation_{0};
-  std::atomic<bool> stop_{false};
-  std::exception_ptr error_;
+  ThreadPool();
+  static void shutdown(State& s);
+  static void at_exit();
+  static void in_forked_child();
+  static void ensure_workers(State& s, int n);
+  static void worker_loop(State& s, Worker& w, int index);
+  static void drain(State& s, bool from_front);  // the caller: true, helpers: false
+
+  // Replaced, never freed, in a fork()ed child: its locks may have been copied held.
+  State* state_;
 };
 
 }  // namespace pyrt
