@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "bindings/gil.h"
 #include "cpu/cpu.h"
 #include "graph/executor.h"
 #include "runtime_limits.h"
@@ -278,11 +279,8 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   // The backstop of pyruntime.Model's own check (a masked array can hide a NaN from it).
   for (ssize_t i = 0; i < x.size(); ++i)
     if (!std::isfinite(x.data()[i])) bad("images contain NaN or Inf");
-  RunResult r;
-  {
-    py::gil_scoped_release nogil;
-    r = ex.run(x.data(), B, ctx, collect_exits);
-  }
+  const float* xp = x.data();
+  RunResult r = without_gil([&] { return ex.run(xp, B, ctx, collect_exits); });
   py::dict out;
   py::array_t<float> logits({B, a.num_classes});
   std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());

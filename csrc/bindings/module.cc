@@ -11,6 +11,7 @@
 #include <string>
 
 #include "bench/peak.h"
+#include "bindings/gil.h"
 #include "cpu/cpu.h"
 #include "runtime_limits.h"
 #include "ops/ops.h"
@@ -67,10 +68,7 @@ std::shared_ptr<QuantizedWeights> quantize_weights(F32 w, int bits, size_t block
   check_integer_weights(bits, K, block);
   std::vector<int8_t> q(N * K);
   std::vector<float> s(n_scales(bits, N, K, block));
-  {
-    py::gil_scoped_release nogil;
-    quantize_weights_canonical(w.data(), N, K, bits, block, q.data(), s.data());
-  }
+  without_gil([&] { quantize_weights_canonical(w.data(), N, K, bits, block, q.data(), s.data()); });
   return std::make_shared<QuantizedWeights>(
       bits == 8 ? pack_qc8w(q.data(), s.data(), N, K) : pack_qb4w(q.data(), s.data(), N, K, block));
 }
@@ -129,12 +127,11 @@ F32 linear_py(F32 x, const QuantizedWeights& w, std::optional<F32> bias, std::op
   float* yp = y.mutable_data();
   const float* xp = x.data();
   std::vector<float> scales(act_scale ? M : 0, act_scale ? *act_scale : 0.0f);
-  {
-    py::gil_scoped_release nogil;
+  without_gil([&] {
     QuantizedActs scratch;
     linear(ctx, xp, M, K, w, b, act_bits, act_scale ? ScaleMode::kGiven : ScaleMode::kDynamicTensor,
            scales.data(), scratch, yp, w.N);
-  }
+  });
   return y;
 }
 
@@ -173,11 +170,11 @@ F32 gemm_f32_py(F32 a, F32 b, std::optional<F32> bias, std::optional<long long> 
   const float* ap = a.data();
   const float* bb = bias ? bias->data() : nullptr;
   float* yp = y.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    pack_f32_b(b.data(), K, N, N, false, bp.data());
+  const float* bsrc = b.data();
+  without_gil([&] {
+    pack_f32_b(bsrc, K, N, N, false, bp.data());
     gemm_f32(ctx, M, N, K, ap, K, bp.data(), bb, yp, N);
-  }
+  });
   return y;
 }
 
@@ -240,14 +237,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("int8_peak_gops", [](long long threads, double seconds) {
     const int t = pick_threads(threads);
     check_peak_seconds(seconds);
-    py::gil_scoped_release nogil;
-    return int8_peak_gops(t, seconds);
+    return without_gil([&] { return int8_peak_gops(t, seconds); });
   }, py::arg("threads") = 1, py::arg("seconds") = 0.3);
   m.def("fp32_peak_gflops", [](long long threads, double seconds) {
     const int t = pick_threads(threads);
     check_peak_seconds(seconds);
-    py::gil_scoped_release nogil;
-    return fp32_peak_gflops(t, seconds);
+    return without_gil([&] { return fp32_peak_gflops(t, seconds); });
   }, py::arg("threads") = 1, py::arg("seconds") = 0.3);
   m.def("cpu_features", [] {
     const CpuFeatures& f = cpu_features();

@@ -5,7 +5,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <numeric>
+#include <set>
+
+#include <pthread.h>
 #include <stdexcept>
 
 #include "../ops/threadpool.h"
@@ -332,7 +336,40 @@ size_t Executor::scratch_bytes() const {
 
 void Executor::WorkspaceDeleter::operator()(ExecWorkspace* w) const { delete w; }
 
-Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new ExecWorkspace) { validate(); }
+// Every live executor, so that a child of fork() can reset their locks: a lock held by another
+// thread of the parent at the fork (inside run()) is copied held, and that thread does not exist
+// in the child, so its first run() on the model would wait forever. Heap-allocated and never
+// destroyed, like the thread pool, so that nothing here runs at exit.
+namespace {
+std::mutex& registry_mutex() {
+  static auto* m = new std::mutex;
+  return *m;
+}
+std::set<Executor*>& registry() {
+  static auto* s = new std::set<Executor*>;
+  return *s;
+}
+}  // namespace
+
+// In the child, one thread: the parent's lock states mean nothing, so fresh locks replace them
+// (never unlocked or destroyed: they may be held by a thread that is not here).
+void reset_executor_locks_in_child() {
+  new (&registry_mutex()) std::mutex;
+  for (Executor* e : registry()) new (&e->mu_) std::mutex;
+}
+
+Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new ExecWorkspace) {
+  validate();
+  static std::once_flag at_fork;
+  std::call_once(at_fork, [] { pthread_atfork(nullptr, nullptr, reset_executor_locks_in_child); });
+  std::lock_guard<std::mutex> lk(registry_mutex());
+  registry().insert(this);
+}
+
+Executor::~Executor() {
+  std::lock_guard<std::mutex> lk(registry_mutex());
+  registry().erase(this);
+}
 
 void Executor::validate() const {
   const Arch& a = spec_.arch;

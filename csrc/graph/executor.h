@@ -129,6 +129,9 @@ class Executor {
   // Validates the spec (shapes, tokens, exits) and throws std::invalid_argument naming the
   // first problem.
   explicit Executor(ModelSpec spec);
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
 
   // x: [B x C x H x W] normalised float32. Thread-safe (one run at a time per executor).
   // collect_exits: evaluate every exit head but let no image leave, and return each head's
@@ -150,6 +153,7 @@ class Executor {
     void operator()(ExecWorkspace* w) const;
   };
   void validate() const;
+  friend void reset_executor_locks_in_child();
 
   ModelSpec spec_;
   // Scratch kept between runs (guarded by mu_) so small models do not pay for allocation.
