@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -41,27 +41,57 @@ DEFAULT_MEAN_STD = 0.5  # per channel, when the model carries no pretrained_cfg 
 
 # --- the source model -----------------------------------------------------------------------
 
-def _create_timm_model(name: str) -> "nn.Module":
+def create_timm_model(name: str, model_kwargs: Optional[Mapping[str, Any]] = None) -> "nn.Module":
+    """``timm.create_model(name, pretrained=False, **model_kwargs)`` in eval mode; an unknown
+    name or arguments timm refuses are a ValueError naming them."""
     import timm
 
-    if not timm.is_model(name):
+    if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(f"unknown timm model name {name!r} (see timm.list_models())")
+    kwargs = dict(model_kwargs or {})
+    if "pretrained" in kwargs:
+        raise ValueError("model kwargs may not set 'pretrained': weights come from --checkpoint (no hub here)")
     try:
-        return timm.create_model(name, pretrained=False)
-    except RuntimeError as e:  # timm's "Unknown model" and friends
-        raise ValueError(f"cannot create timm model {name!r}: {e}") from None
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as e:  # timm's refusals
+        raise ValueError(f"cannot create timm model {name!r} with {kwargs}: {type(e).__name__}: {e}"
+                         .replace("\n", " ")) from None
+    return model.eval()
 
 
-def _source_model(source: Any) -> Tuple["nn.Module", str]:
+def _source_model(source: Any, model_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple["nn.Module", str]:
     """(model, a name for the provenance) from a timm model name or a module."""
     if isinstance(source, str):
-        return _create_timm_model(source), source
+        return create_timm_model(source, model_kwargs), source
     import torch.nn as nn
 
     if not isinstance(source, nn.Module):
         raise TypeError(f"source must be a timm model name or a torch module, got {type(source).__name__}")
+    if model_kwargs:
+        raise ValueError("model kwargs apply to a timm model name, not to a module already built")
     cfg = getattr(source, "pretrained_cfg", None) or {}
     return source, cfg.get("architecture") or type(source).__name__
+
+
+def load_timm(name: str, model_kwargs: Optional[Mapping[str, Any]] = None, checkpoint: Optional[PathLike] = None,
+              random_weights: bool = False) -> Tuple["nn.Module", Dict[int, Dict[str, Any]], List[str]]:
+    """A user's timm model: ``(model, exit heads found in the checkpoint, notes)``.
+
+    ``checkpoint`` (.safetensors / .pth state dict) is loaded strictly, its position
+    embeddings resampled to the model's grid when they differ (timm's
+    ``resample_abs_pos_embed``; each resampling is a note). Without a checkpoint the model
+    keeps timm's random initialisation, which must be asked for (``random_weights=True``):
+    a random model is never made silently."""
+    if checkpoint is None and not random_weights:
+        raise ValueError(f"no checkpoint for {name!r}: pass a checkpoint (.safetensors / .pth state dict), or "
+                         f"random_weights=True (--random-weights) for timm's random initialisation")
+    if checkpoint is not None and random_weights:
+        raise ValueError("a checkpoint and random weights exclude each other")
+    model = create_timm_model(name, model_kwargs)
+    if checkpoint is None:
+        return model, {}, [f"{name}: random weights (timm's initialisation), no checkpoint"]
+    exits, notes = _load_checkpoint(model, checkpoint)
+    return model, exits, notes
 
 
 def _sha256(path: Path) -> str:
@@ -113,17 +143,40 @@ def _split_exits(sd: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[int, Dict[
     return backbone, exits
 
 
-def _load_checkpoint(model: "nn.Module", path: PathLike) -> Dict[int, Dict[str, Any]]:
-    """Load the backbone weights into ``model`` (strictly); return the exit heads found."""
+def _resample_pos_embed(model: "nn.Module", backbone: Dict[str, Any]) -> List[str]:
+    """Resample the checkpoint's ``pos_embed`` in place when its grid differs from the model's
+    (a checkpoint trained at another image size); the notes say what was resampled."""
+    pe = backbone.get("pos_embed")
+    own = getattr(model, "pos_embed", None)
+    if pe is None or own is None or tuple(pe.shape) == tuple(own.shape) or pe.ndim != 3 or pe.shape[2] != own.shape[2]:
+        return []  # the same grid, or another width: nothing to resample (a width the strict load names)
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    old_len = pe.shape[1] - prefix
+    side = int(round(old_len ** 0.5))
+    if side * side != old_len:
+        raise ValueError(f"checkpoint pos_embed {list(pe.shape)} cannot be resampled to the model's {list(own.shape)}")
+    grid = tuple(int(v) for v in model.patch_embed.grid_size)
+    backbone["pos_embed"] = resample_abs_pos_embed(pe.float(), new_size=list(grid), old_size=[side, side],
+                                                   num_prefix_tokens=prefix, verbose=False).to(pe.dtype)
+    return [f"pos_embed resampled from a {side}x{side} grid to {grid[0]}x{grid[1]} (timm resample_abs_pos_embed, "
+            f"bicubic)"]
+
+
+def _load_checkpoint(model: "nn.Module", path: PathLike) -> Tuple[Dict[int, Dict[str, Any]], List[str]]:
+    """Load the backbone weights into ``model`` (strictly); return the exit heads found and
+    notes on what was adapted (position-embedding resampling)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     backbone, exits = _split_exits(_read_state_dict(path))
+    notes = _resample_pos_embed(model, backbone)
     try:
         model.load_state_dict(backbone, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from None
-    return exits
+        raise ValueError(f"checkpoint {path} does not fit the model: {e}".replace("\n", " ")) from None
+    return exits, notes
 
 
 # --- what the executor supports ------------------------------------------------------------
@@ -387,23 +440,32 @@ def _channels(v: Any, C: int, what: str) -> list:
 
 
 def _preprocess(model: "nn.Module", arch: Mapping, override: Optional[Mapping]) -> dict:
-    """mean/std from ``override``, else timm's pretrained_cfg (when it fits the channels),
-    else 0.5; input_size is always the model's own [C, H, W]."""
+    """timm's eval data config for the model (mean/std when they fit the channels, else 0.5;
+    crop_pct, interpolation, crop_mode), with ``override``; input_size is always the model's
+    own [C, H, W]."""
+    from .imagedata import Preprocess
+
     C = arch["in_chans"]
     input_size = [C, *arch["img_size"]]
+    try:
+        timm_pre = Preprocess.from_timm(model).to_dict()
+    except Exception:  # a module without a timm data config: timm's defaults without pretrained_cfg
+        timm_pre = {"mean": [DEFAULT_MEAN_STD] * C, "std": [DEFAULT_MEAN_STD] * C, "crop_pct": 0.875,
+                    "interpolation": "bilinear", "crop_mode": "center"}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None or len(mean) != C or len(std) != C:
         mean, std = [DEFAULT_MEAN_STD] * C, [DEFAULT_MEAN_STD] * C
+    out = dict(timm_pre, mean=list(mean), std=list(std))
     if override:
-        unknown = set(override) - {"mean", "std", "input_size"}
+        unknown = set(override) - {"mean", "std", "input_size", "crop_pct", "interpolation", "crop_mode"}
         if unknown:
             raise ValueError(f"preprocess has unknown keys {sorted(unknown)}")
         if "input_size" in override and list(override["input_size"]) != input_size:
             raise ValueError(f"preprocess input_size {list(override['input_size'])} differs from the model's {input_size}")
-        mean = override.get("mean", mean)
-        std = override.get("std", std)
-    return {"mean": _channels(mean, C, "mean"), "std": _channels(std, C, "std"), "input_size": input_size}
+        out.update({k: v for k, v in override.items() if k != "input_size"})
+    out.update(mean=_channels(out["mean"], C, "mean"), std=_channels(out["std"], C, "std"), input_size=input_size)
+    return Preprocess.from_dict(out).to_dict()  # validated
 
 
 def _provenance(source_name: str, model: Any, checkpoint: Optional[PathLike], policy: Policy) -> dict:
@@ -472,28 +534,38 @@ def _gates(pol: Policy, names: list, arch: Mapping, linears: Mapping) -> Tuple[d
 
 
 def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None, policy: Any = None,
-            exits: Any = None, preprocess: Optional[Mapping] = None) -> Path:
+            exits: Any = None, preprocess: Optional[Mapping] = None, model_kwargs: Optional[Mapping] = None,
+            random_weights: bool = False) -> Path:
     """Write the pyruntime model file ``out`` for a timm ViT and return its path.
 
-    source: a timm model name (created with ``pretrained=False``) or a timm VisionTransformer
-        (which is put in eval mode, and into which ``checkpoint`` is loaded).
+    source: a timm model name (created with ``pretrained=False`` and ``model_kwargs``, what
+        ``timm.create_model`` takes: ``img_size``, ``num_classes``, ``global_pool``, ...,
+        ``pretrained_cfg_overlay``) or a timm VisionTransformer (which is put in eval mode, and
+        into which ``checkpoint`` is loaded). A name needs ``checkpoint`` or, for timm's random
+        initialisation, ``random_weights=True``.
     checkpoint: ``.safetensors`` / ``.pth`` / ``.pt`` state dict loaded strictly into the model;
         ``exits.<b>.*`` keys in it are the exit heads unless ``exits`` is given.
     policy: a Policy, a shorthand ("fp32" default, "w8a8", "w4a8", "w8a8-attn8", "w4a8-attn8")
         or a policy JSON path.
     exits: {block: {"norm.weight", "norm.bias", "fc.weight", "fc.bias"}} arrays or tensors, or a
         safetensors file with ``exits.<b>.*`` keys. Only the blocks the policy exits at are used.
-    preprocess: override of {"mean", "std"} (per channel, or one value for all).
+    preprocess: override of {"mean", "std"} (per channel, or one value for all) and of timm's
+        eval transform for images of another size ({"crop_pct", "interpolation", "crop_mode"});
+        by default all of it is timm's data config for the model (``pretrained_cfg_overlay`` is
+        timm's own way to set it), at the model's real input size.
     """
     # Before any work: the output must not replace a device/symlink or a file it is made from.
     inputs = [p for p in (checkpoint, policy, exits) if isinstance(p, (str, os.PathLike))]
     check_target(out, inputs)
     import torch
 
-    model, source_name = _source_model(source)
-    ckpt_exits = _load_checkpoint(model, checkpoint) if checkpoint is not None else {}
+    model, source_name = _source_model(source, model_kwargs)
+    arch = model_arch(model)  # an unsupported family is named before anything else
+    if isinstance(source, str) and checkpoint is None and not random_weights:
+        raise ValueError(f"no checkpoint for {source!r}: pass checkpoint=... (--checkpoint), or random_weights=True "
+                         f"(--random-weights) to convert timm's random initialisation")
+    ckpt_exits = _load_checkpoint(model, checkpoint)[0] if checkpoint is not None else {}
     model.eval()
-    arch = model_arch(model)
     pol = as_policy(policy)
     heads = _exit_heads(ckpt_exits if exits is None else exits, arch)
     exit_blocks = sorted(e.block for e in pol.exits)

@@ -16,7 +16,7 @@ __all__ = ["FormatError", "PolicyError", "MissingDependency", "DISTRIBUTION", "E
 DISTRIBUTION = "pyruntime-vit"
 
 # What each optional extra brings that pyruntime imports without a fallback (tqdm has one).
-EXTRAS = {"convert": ("torch", "timm"), "calibrate": ("torch", "timm", "scipy")}
+EXTRAS = {"convert": ("torch", "timm", "PIL"), "calibrate": ("torch", "timm", "scipy", "PIL"), "images": ("PIL",)}
 
 
 class FormatError(ValueError):

@@ -78,6 +78,9 @@ _OPTIONAL_GRAPH_KEYS = ("gates", "attention")
 _GRAPH_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced")
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _PREPROCESS_KEYS = ("mean", "std", "input_size")
+# timm's eval transform for images of another size (pyruntime.imagedata.Preprocess); files
+# written before it have none of these keys and resize nothing differently: bilinear, crop 1.
+_PREPROCESS_RESIZE_KEYS = ("crop_pct", "interpolation", "crop_mode")
 _BOOL, _POS_INT, _NONNEG_INT, _PAIR = "bool", "positive int", "non-negative int", "pair"
 ARCH_KEYS = {
     "img_size": _PAIR, "patch_size": _PAIR, "in_chans": _POS_INT, "embed_dim": _POS_INT,
@@ -302,8 +305,22 @@ def _check_layer_limits(graph: Mapping) -> None:
 
 
 def _check_preprocess(pre: Any, arch: Mapping) -> None:
-    if not isinstance(pre, Mapping) or set(pre) != set(_PREPROCESS_KEYS):
-        raise FormatError(f"graph.preprocess must be an object with keys {list(_PREPROCESS_KEYS)}")
+    if not isinstance(pre, Mapping) or not set(_PREPROCESS_KEYS) <= set(pre) <= set(_PREPROCESS_KEYS + _PREPROCESS_RESIZE_KEYS):
+        raise FormatError(f"graph.preprocess must be an object with keys {list(_PREPROCESS_KEYS)} "
+                          f"(and optionally {list(_PREPROCESS_RESIZE_KEYS)})")
+    resize = {k: pre[k] for k in _PREPROCESS_RESIZE_KEYS if k in pre}
+    if resize:
+        from .imagedata import Preprocess
+
+        crop = resize.get("crop_pct", 1.0)
+        if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not all(
+                isinstance(resize.get(k, "x"), str) for k in ("interpolation", "crop_mode")):
+            raise FormatError(f"preprocess resize keys have the wrong types: {resize!r:.200}")
+        try:
+            Preprocess((arch["in_chans"], *arch["img_size"]), (0.0,) * arch["in_chans"], (1.0,) * arch["in_chans"],
+                       float(crop), resize.get("interpolation", "bilinear"), resize.get("crop_mode", "center"))
+        except ValueError as e:
+            raise FormatError(f"preprocess: {e}") from None
     C = arch["in_chans"]
     for key in ("mean", "std"):
         v = pre[key]

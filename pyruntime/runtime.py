@@ -8,7 +8,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .imagedata import Preprocess
 
 import numpy as np
 
@@ -77,21 +80,23 @@ class Model:
     def weight_bytes(self) -> int:
         return int(self._executor.weight_bytes)
 
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images [B, H, W, C] (or [B, H, W] for one channel) to the normalised float32
-        [B, C, H, W] the network takes, with the file's mean and std."""
-        C, H, W = self.input_shape
-        if images.ndim == 3 and C == 1:
-            images = images[..., None]
-        if images.ndim != 4 or images.shape[1:] != (H, W, C):
-            raise ValueError(f"uint8 images must have shape [B, {H}, {W}, {C}], got {list(images.shape)}")
-        pre = self.graph.get("preprocess", {})
-        x = images.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
+    @property
+    def preprocessing(self) -> "Preprocess":
+        """The file's :class:`pyruntime.imagedata.Preprocess`: input size, mean/std, and timm's
+        eval resize and crop for images of another size."""
+        from .imagedata import Preprocess
+
+        return Preprocess.from_dict(self.graph["preprocess"])
+
+    def preprocess(self, images) -> np.ndarray:
+        """uint8 images -- [B, H, W, C] (or [B, H, W] for one channel), at the model's input
+        size or any other (resized and centre-cropped as timm's eval transform does, the file's
+        ``crop_pct`` and interpolation; needs Pillow), or a list of such images of mixed
+        sizes -- to the normalised float32 [B, C, H, W] the network takes."""
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported just below
-            mean = np.asarray(pre.get("mean", [0.0] * C), np.float32).reshape(1, C, 1, 1)
-            std = np.asarray(pre.get("std", [1.0] * C), np.float32).reshape(1, C, 1, 1)
-            x = np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+            x = self.preprocessing(images)
         if not np.isfinite(x).all():
+            pre = self.graph["preprocess"]
             raise ValueError(f"preprocessing with the file's mean {pre.get('mean')} and std {pre.get('std')} "
                              "gives NaN or Inf")
         return x
@@ -99,6 +104,7 @@ class Model:
     def _check_input(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise TypeError(f"images must be a numpy.ndarray, got {type(x).__name__}")
+        x = np.asarray(x)  # the data of a masked array: its mask must not hide a NaN
         if x.dtype == np.uint8:
             return self.preprocess(x)
         if x.dtype != np.float32:
@@ -112,7 +118,8 @@ class Model:
 
     def run(self, x: np.ndarray, *, num_threads: Optional[int] = None, isa: Optional[str] = None,
             collect_exits: bool = False) -> RunResult:
-        """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C].
+        """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C]
+        (any H, W: see :meth:`preprocess`).
 
         ``collect_exits=True`` evaluates every exit head without letting any image leave and
         returns their logits in ``exit_logits`` (for calibrating thresholds); QuEE gates then

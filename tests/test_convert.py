@@ -284,10 +284,15 @@ def test_checkpoint_that_does_not_fit(tmp_path):
 def test_timm_name_and_preprocess(tmp_path):
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    graph, tensors, _, prov = read_model(convert("deit_tiny_distilled_patch16_224", tmp_path / "m.pyrt"))
+    with pytest.raises(ValueError, match="random_weights=True"):  # never a random model silently
+        convert("deit_tiny_distilled_patch16_224", tmp_path / "m.pyrt")
+    graph, tensors, _, prov = read_model(convert("deit_tiny_distilled_patch16_224", tmp_path / "m.pyrt",
+                                                 random_weights=True))
     assert graph["arch"]["dist_token"] and graph["arch"]["depth"] == 12
+    # timm's data config: its eval resize and crop are recorded with the mean and std.
     assert graph["preprocess"] == {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
-                                   "input_size": [3, 224, 224]}
+                                   "input_size": [3, 224, 224], "crop_pct": 0.9, "interpolation": "bicubic",
+                                   "crop_mode": "center"}
     assert prov["source"] == "deit_tiny_distilled_patch16_224" and prov["checkpoint_sha256"] is None
     assert prov["timm_version"] == timm.__version__
 
@@ -295,7 +300,8 @@ def test_timm_name_and_preprocess(tmp_path):
 def test_preprocess_default_and_override(tmp_path):
     model = VARIANTS["gray_nonsquare"]()
     graph = read_model(convert(model, tmp_path / "a.pyrt"))[0]
-    assert graph["preprocess"] == {"mean": [0.5], "std": [0.5], "input_size": [1, 32, 24]}
+    assert {k: graph["preprocess"][k] for k in ("mean", "std", "input_size")} == \
+        {"mean": [0.5], "std": [0.5], "input_size": [1, 32, 24]}
     graph = read_model(convert(model, tmp_path / "b.pyrt", preprocess={"mean": 0.286, "std": [0.353]}))[0]
     assert graph["preprocess"]["mean"] == [0.286] and graph["preprocess"]["std"] == [0.353]
     with pytest.raises(ValueError, match="input_size"):

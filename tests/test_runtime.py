@@ -221,8 +221,12 @@ def test_bad_inputs_are_named(tmp_path):
         model.run(x.tolist())
     with pytest.raises(ValueError, match=r"\[B, 1, 8, 8\]"):
         model.run(x[:, :, :4])
-    with pytest.raises(ValueError, match=r"\[B, 8, 8, 1\]"):
-        model.run(np.zeros((2, 9, 9), np.uint8))
+    # uint8 images of another size are resized (timm's eval transform); of other channels, refused.
+    assert model.run(np.zeros((2, 9, 9), np.uint8)).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="3 channels, the model takes 1"):
+        model.run(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        model.run(np.zeros((2, 8), np.uint8))
     bad = x.copy()
     bad[1, 0, 2, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
