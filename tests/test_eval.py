@@ -372,3 +372,70 @@ def test_run_bad_inputs_are_one_line(model_path, npz, bad):
     assert p.returncode == 2 and "expected a .npy file or a folder" in p.stderr
     p = cli("run", model_path, bad / "corrupt" / "b" / "1.png")
     assert p.returncode == 2 and "cannot read the image" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+# --- a converted timm model against timm itself ----------------------------------------------------
+
+def _timm_case(tmp_path, sizes):
+    """A converted timm ViT, a PNG class folder of ``sizes``, and timm's own predictions for
+    the files through its eval transform (fp32 torch)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_model_data_config
+    from timm.models.vision_transformer import VisionTransformer
+
+    from pyruntime.convert import convert
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=4,
+                            reg_tokens=1).eval()
+    with torch.no_grad():  # timm's small head init answers one class for every image
+        vit.head.weight.normal_(0, 2.0)
+    rng = np.random.default_rng(2)
+    files, labels = [], []
+    for label in range(4):
+        (tmp_path / "data" / f"c{label}").mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            f = tmp_path / "data" / f"c{label}" / f"{i}.png"
+            tint = rng.integers(0, 128, 3, dtype=np.uint8)  # images differ in more than noise
+            Image.fromarray(tint + rng.integers(0, 128, (h, w, 3), dtype=np.uint8)).save(f)
+            files.append(f)
+            labels.append(label)
+    cfg = dict(resolve_model_data_config(vit), input_size=(3, 32, 32))  # the model's real size, not the default 224
+    transform = create_transform(**cfg, is_training=False)
+    with torch.inference_mode():
+        timm_preds = vit(torch.stack([transform(Image.open(f).convert("RGB")) for f in files])).argmax(1).numpy()
+    assert len(set(timm_preds.tolist())) > 1  # else top-1 would not tell predictions apart
+    # mean/std as timm's transform has them: for a bare module convert records 0.5 (see its _preprocess)
+    fp32 = convert(vit, tmp_path / "fp32.pyrt", policy="fp32", preprocess={"mean": cfg["mean"], "std": cfg["std"]})
+    return vit, fp32, timm_preds, np.array(labels)
+
+
+@pytest.mark.torch
+def test_converted_timm_model_against_timm_on_a_folder(tmp_path):
+    """top-1 as timm computes it on the PNG files, and the BOPs ratio against the separately
+    converted fp32 file."""
+    from pyruntime.convert import convert
+
+    vit, fp32, timm_preds, labels = _timm_case(tmp_path, [(45, 37), (20, 60), (33, 29)])
+    w8 = convert(vit, tmp_path / "w8.pyrt", policy="w8a8-attn8")
+    res32 = evaluate(fp32, tmp_path / "data", num_threads=1)
+    res8 = evaluate(w8, tmp_path / "data", num_threads=1)
+    assert res32["images"] == res8["images"] == len(labels)
+    m = pyruntime.load(fp32)
+    data = read_dataset(tmp_path / "data", m.preprocessing, num_classes=4)
+    np.testing.assert_array_equal(m.run(data.batch(0, len(data))).predictions, timm_preds)
+    assert res32["top1"] == float((timm_preds == labels).mean())
+    assert res32["bops_ratio"] == 1.0 and res32["bops_per_image"] == bops.static(fp32)
+    assert res8["fp32_full_depth_bops"] == bops.static(fp32)
+    assert res8["bops_ratio"] == pytest.approx(res8["bops_per_image"] / bops.static(fp32)) and res8["bops_ratio"] < 0.2
+
+
+@pytest.mark.torch
+@pytest.mark.xfail(strict=True, reason="imagedata uses images already at the input size as they are; timm's eval "
+                                       "transform still resizes them to size / crop_pct and centre-crops")
+def test_files_at_the_input_size_are_prepared_as_timm_does(tmp_path):
+    _, fp32, timm_preds, _ = _timm_case(tmp_path, [(32, 32), (32, 32)])
+    m = pyruntime.load(fp32)
+    data = read_dataset(tmp_path / "data", m.preprocessing, num_classes=4)
+    np.testing.assert_array_equal(m.run(data.batch(0, len(data))).predictions, timm_preds)
