@@ -37,8 +37,6 @@ from typing import Dict, Optional, Union
 import numpy as np
 
 from . import _core, bops
-from .calibrate.common import progress
-from .cli import input_file, non_negative_int, output_file, positive_int, thread_count
 from .imagedata import DataError, LabelledImages, read_dataset
 from .latency import uniform_graph
 from .runtime import Model, load
@@ -119,6 +117,8 @@ def evaluate(model: Union[Model, PathLike], data: Union[LabelledImages, PathLike
     cost = np.empty(n, np.int64)
     m.run(d.batch(0, min(n, batch_size)), num_threads=num_threads)  # warm-up, untimed
     run_s, isa = 0.0, ""
+    from .calibrate.common import progress
+
     for lo, hi, x in progress(d.batches(batch_size), "eval", math.ceil(n / batch_size), show_progress):
         t = time.perf_counter()
         r = m.run(x, num_threads=num_threads)
@@ -153,6 +153,8 @@ def evaluate(model: Union[Model, PathLike], data: Union[LabelledImages, PathLike
 
 def dataset_source(text: str) -> str:
     """``--data``: an image folder or an ``.npz`` file."""
+    from .cli import input_file  # the CLI module is imported by the CLI only
+
     if Path(text).is_dir():
         return text
     input_file(text)
@@ -163,6 +165,8 @@ def dataset_source(text: str) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import input_file, non_negative_int, output_file, positive_int, thread_count
+
     """Register ``eval`` on an ``argparse`` sub-parser collection."""
     e = subparsers.add_parser("eval", help="top-1, exits, BOPs and ms/image of a model file on your labelled images",
                               description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
