@@ -23,10 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
-#include <vector>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 
 namespace pyrt {
 namespace {
@@ -89,9 +87,11 @@ inline float hmax_ps(__m256 v) {
 // ---------------------------------------------------------------------------------------------
 // quantize_rows
 
-void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
-                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
-                        int32_t* bsum, size_t bsum_stride) {
+}  // namespace
+
+void avx2::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                         const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                         int32_t* bsum, size_t bsum_stride) {
   const float lo = -static_cast<float>(qmax), hi = static_cast<float>(qmax);
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   // packs_epi32 / packs_epi16 interleave 128-bit lanes; this puts the 32 bytes back in order.
@@ -140,7 +140,7 @@ void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t
 // ---------------------------------------------------------------------------------------------
 // absmax
 
-float absmax_avx2(size_t n, const float* x) {
+float avx2::absmax(size_t n, const float* x) {
   const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
@@ -156,16 +156,14 @@ float absmax_avx2(size_t n, const float* x) {
   return m;
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // Scratch
 
-// Per-thread scratch for the widened int8 GEMM operands. It grows to the largest request and
-// is kept for the thread's lifetime (a few hundred KB), so steady-state calls never allocate.
-int16_t* scratch_i16(size_t n) {
-  thread_local std::vector<int16_t> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+// Per-thread scratch for the widened int8 GEMM operands (a few hundred KB), from generic code:
+// a std::vector here would instantiate templates that generic code shares (isa_kernels.h).
+int16_t* scratch_i16(size_t n) { return static_cast<int16_t*>(thread_scratch(n * sizeof(int16_t))); }
 
 // dst[i] = src[i] for i < n (n a multiple of 4), int8 -> int16.
 inline void widen_i8(const int8_t* src, int16_t* dst, size_t n) {
@@ -259,9 +257,11 @@ __attribute__((noinline)) void qc8w_tile(size_t Kp, const int16_t* a, size_t a_s
   if constexpr (MR > 5) _mm256_store_si256(o + 10, c50), _mm256_store_si256(o + 11, c51);
 }
 
-void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                            const float* a_scale, const int8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                             const float* a_scale, const int8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   if (M == 0 || N == 0) return;
   // Rows per chunk: widened activations of about 256 KB, so that they stay in L2 (512 KB on
   // Zen 3) while every panel streams over them. Each chunk re-widens the weight panels, so
@@ -335,6 +335,8 @@ void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // qd8_f32_qb4w_gemm
@@ -420,10 +422,12 @@ __attribute__((noinline)) void qb4w_tile(size_t nblocks, size_t chunks, const in
   }
 }
 
-void qd8_f32_qb4w_gemm_avx2(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                             size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                             size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   alignas(32) float b16[kNR];
   alignas(32) float s[kQB4MR * 8];
   const size_t nblocks = Kp / block, chunks = block / kKAlign;
@@ -457,6 +461,8 @@ void qd8_f32_qb4w_gemm_avx2(size_t M, size_t N, size_t Kp, size_t block, const i
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // f32_gemm
@@ -497,8 +503,10 @@ void f32_rows(size_t K, const float* a, size_t a_stride, const float* bp, const 
 
 // No K blocking: tried (K blocks of 256..1024 with partial sums through y), it was slower at
 // every ViT shape measured, 197 x 768 x 3072 included.
-void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
-                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   alignas(32) float b16[kNR];
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
@@ -523,6 +531,8 @@ void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // layernorm
@@ -605,12 +615,16 @@ inline void layernorm_rows(size_t r0, size_t D, const float* x, size_t x_stride,
 }
 
 // y may alias x row for row (same stride): a group's rows are all read before any is written.
-void layernorm_avx2(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
-                    const float* beta, float eps, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::layernorm(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                     const float* beta, float eps, float* y, size_t y_stride) {
   size_t r = 0;
   for (; r + 4 <= rows; r += 4) layernorm_rows<4>(r, D, x, x_stride, gamma, beta, eps, y, y_stride);
   for (; r < rows; ++r) layernorm_rows<1>(r, D, x, x_stride, gamma, beta, eps, y, y_stride);
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // softmax
@@ -695,7 +709,9 @@ inline float hsum_ps(__m256 v) {
 // The last n % 32 elements (up to four vectors, the last maybe partial: masked load, exp
 // lanes past n zeroed) go first, so that their chain overlaps the main loop; their sum joins
 // the lanes last, and the partial vector stays in a register until the normalising pass.
-void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+}  // namespace
+
+void avx2::softmax(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
   const __m256 vs = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
   const size_t nb = n / 32 * 32, nfull = n / 8 * 8;
@@ -732,6 +748,8 @@ void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride)
   }
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // gelu
 
@@ -764,7 +782,9 @@ inline void gelu_v(__m256* x) {
 
 #undef PYRT_EACH
 
-void gelu_avx2(size_t n, float* x) {
+}  // namespace
+
+void avx2::gelu(size_t n, float* x) {
   constexpr int V = 4;
   size_t i = 0;
   for (; i + 8 * V <= n; i += 8 * V) {
@@ -787,6 +807,8 @@ void gelu_avx2(size_t n, float* x) {
     for (size_t j = i; j < n; ++j) x[j] = t[j - i];
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane, four vectors at a time.
@@ -819,8 +841,10 @@ inline void store_q8x8(int8_t* dst, __m256i v) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
 }
 
-void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
-                     size_t q_stride, float* scale) {
+}  // namespace
+
+void avx2::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                      size_t q_stride, float* scale) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
@@ -866,32 +890,11 @@ void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
 // ---------------------------------------------------------------------------------------------
 // add
 
-void add_avx2(size_t n, const float* a, const float* b, float* y) {
+void avx2::add(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
-const KernelTable* avx2_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k;
-    k.name = "avx2";
-    k.quantize_rows = quantize_rows_avx2;
-    k.absmax = absmax_avx2;
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_avx2;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_avx2;
-    k.f32_gemm = f32_gemm_avx2;
-    k.layernorm = layernorm_avx2;
-    k.softmax = softmax_avx2;
-    k.gelu = gelu_avx2;
-    k.add = add_avx2;
-    k.softmax_q8 = softmax_q8_avx2;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

@@ -63,8 +63,10 @@ constexpr size_t kKGroup = 4;
 // activation block sums are kept at this granularity.
 constexpr size_t kKAlign = 32;
 
-inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
-inline size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
+// `static`: each file that uses them gets its own copy, so an ISA-flagged file's copy can never
+// be the one generic code links to (isa_kernels.h, ISA_ODR).
+static constexpr size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static constexpr size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
 
 // Preconditions every kernel relies on: Kp is a multiple of kKAlign (so of 4), block is a
 // multiple of kKAlign and divides Kp. ops.cc establishes them.
@@ -147,8 +149,10 @@ struct KernelTable {
   AddFn add = nullptr;
 };
 
-// Tables per ISA. Each returns nullptr when the ISA was not compiled into this build.
-// Whether the running CPU supports it is cpu/'s business, not these functions'.
+// Tables per ISA (tables.cc: constant data, assembled in baseline code, so asking for one runs
+// no ISA instruction). Each returns nullptr when the ISA was not compiled into this build.
+// Whether the running CPU supports it is cpu/'s business (cpu/isas.h), and a table's kernels
+// must not be called before cpu/ said yes.
 const KernelTable* ref_kernels();
 const KernelTable* avx2_kernels();
 const KernelTable* avx512vnni_kernels();  // AVX2's table with VNNI integer GEMMs

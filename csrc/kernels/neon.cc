@@ -21,7 +21,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 #include "neon_common.h"
 
 // GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
@@ -52,10 +52,12 @@ inline int8x16_t quantize16(const float* x, float32x4_t inv, float32x4_t lo, flo
   return vmovn_high_s16(vmovn_s16(h0), h1);
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void quantize_rows_neon(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
-                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
-                        int32_t* bsum, size_t bsum_stride) {
+void neon::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                         const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                         int32_t* bsum, size_t bsum_stride) {
   const float32x4_t lo = vdupq_n_f32(-static_cast<float>(qmax));
   const float32x4_t hi = vdupq_n_f32(static_cast<float>(qmax));
   for (size_t r = 0; r < rows; ++r) {
@@ -82,7 +84,7 @@ void quantize_rows_neon(size_t rows, size_t K, size_t Kp, const float* x, size_t
 }
 
 PYRT_NEON_FLATTEN
-float absmax_neon(size_t n, const float* x) {
+float neon::absmax(size_t n, const float* x) {
   float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -96,6 +98,8 @@ float absmax_neon(size_t n, const float* x) {
   for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
   return m;
 }
+
+namespace {
 
 // ---------------------------------------------------------------- qd8_f32_qc8w_gemm
 
@@ -153,10 +157,12 @@ void qc8w_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_scale
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qc8w_gemm_neon(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                            const float* a_scale, const int8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+void neon::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                             const float* a_scale, const int8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
     const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
@@ -167,6 +173,8 @@ void qd8_f32_qc8w_gemm_neon(size_t M, size_t N, size_t Kp, const int8_t* a, size
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- qd8_f32_qb4w_gemm
 //
@@ -266,11 +274,13 @@ void qb4w_tile(size_t Kp, size_t block, const int8_t* a, size_t a_stride, const 
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+void neon::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                             size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                             size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
@@ -284,6 +294,8 @@ void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const i
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- f32_gemm
 // 4 rows x 16 columns, FMLA by lane. Each output is accumulated in the canonical order of
@@ -325,9 +337,11 @@ void f32_tile(size_t K, const float* a, size_t a_stride, const float* b, const f
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void f32_gemm_neon(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
-                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
+void neon::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
     const float* bp = b_packed + (n0 / kNR) * K * kNR;
@@ -338,6 +352,8 @@ void f32_gemm_neon(size_t M, size_t N, size_t K, const float* a, size_t a_stride
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- elementwise
 
@@ -408,8 +424,10 @@ inline void add8_f64(float64x2_t* q, float32x4_t v0, float32x4_t v1) {
   q[3] = vaddq_f64(q[3], vcvt_high_f64_f32(v1));
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void gelu_neon(size_t n, float* x) {
+void neon::gelu(size_t n, float* x) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
@@ -418,6 +436,8 @@ void gelu_neon(size_t n, float* x) {
   for (; i + 4 <= n; i += 4) vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
   if (i < n) store_partial(x + i, n - i, gelu_f32(load_partial(x + i, n - i, 0.0f)));
 }
+
+namespace {
 
 // max of x * scale as ref's scaled_max: the max (or, for scale < 0, the min) of x, times scale.
 // Min and max are exact, so their order is free.
@@ -443,8 +463,10 @@ inline uint32x4_t lane_mask(size_t c) {
   return vcltq_u32(vld1q_u32(iota), vdupq_n_u32(static_cast<uint32_t>(c)));
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+void neon::softmax(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
   const float32x4_t sc = vdupq_n_f32(scale), zero = vdupq_n_f32(0.0f);
   const size_t nb = n / 32 * 32;
@@ -496,8 +518,8 @@ void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride)
 }
 
 PYRT_NEON_FLATTEN
-void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
-                    const float* beta, float eps, float* y, size_t y_stride) {
+void neon::layernorm(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                     const float* beta, float eps, float* y, size_t y_stride) {
   if (D == 0) return;
   const float64x2_t z = vdupq_n_f64(0.0);
   for (size_t r = 0; r < rows; ++r) {
@@ -546,6 +568,8 @@ void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, cons
   }
 }
 
+namespace {
+
 PYRT_NEON_FLATTEN
 // softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane.
 inline int32x4_t softmax_q8_f32(float32x4_t x, float32x4_t mx) {
@@ -562,9 +586,11 @@ inline int32x4_t softmax_q8_f32(float32x4_t x, float32x4_t mx) {
   return vcvtq_s32_f32(vminq_f32(vrndnq_f32(v), vdupq_n_f32(127.0f)));  // integral: exact
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
-                     size_t q_stride, float* scale) {
+void neon::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                      size_t q_stride, float* scale) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
@@ -593,7 +619,7 @@ void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
   }
 }
 
-void add_neon(size_t n, const float* a, const float* b, float* y) {
+void neon::add(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
     unroll<4>([&](auto j) {
@@ -602,27 +628,6 @@ void add_neon(size_t n, const float* a, const float* b, float* y) {
   }
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
-const KernelTable* neon_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k;
-    k.name = "neon";
-    k.quantize_rows = quantize_rows_neon;
-    k.absmax = absmax_neon;
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_neon;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_neon;
-    k.f32_gemm = f32_gemm_neon;
-    k.layernorm = layernorm_neon;
-    k.softmax = softmax_neon;
-    k.gelu = gelu_neon;
-    k.add = add_neon;
-    k.softmax_q8 = softmax_q8_neon;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt
