@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "isa_kernels.h"
 
@@ -77,11 +78,11 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float hmax_ps(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline uint32_t hmax_epu32(__m256i v) {
+  __m128i s = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_max_epu32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_max_epu32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,7 +105,8 @@ void avx2::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_
     const __m256 vinv = _mm256_set1_ps(inv);
     size_t k = 0;
     // Same operations as ref: product, max, min, then round half to even (cvtps2dq under the
-    // default MXCSR rounding mode, which is what std::nearbyint uses too).
+    // default MXCSR rounding mode, which is what std::nearbyint uses too). max_ps(f, lo)
+    // returns lo for a NaN f, as ref's std::max(lo, f) does.
     for (; k + kKAlign <= K; k += kKAlign) {
       __m256i v[4];
       for (int i = 0; i < 4; ++i) {
@@ -126,7 +128,7 @@ void avx2::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_
       for (size_t j = c; j < c + kKAlign; ++j) {
         int8_t qv = 0;
         if (j < K) {
-          const float f = std::min(std::max(xr[j] * inv, lo), hi);
+          const float f = std::min(std::max(lo, xr[j] * inv), hi);
           qv = static_cast<int8_t>(std::nearbyint(f));
         }
         qr[j] = qv;
@@ -141,19 +143,27 @@ void avx2::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_
 // absmax
 
 float avx2::absmax(size_t n, const float* x) {
-  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+  // As ref: the integer max of the bit patterns with the sign cleared, so a NaN always wins.
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  auto abs_bits = [&](const float* p) {
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), mask);
+  };
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
-    m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), mask));
-    m2 = _mm256_max_ps(m2, _mm256_and_ps(_mm256_loadu_ps(x + i + 16), mask));
-    m3 = _mm256_max_ps(m3, _mm256_and_ps(_mm256_loadu_ps(x + i + 24), mask));
+    m0 = _mm256_max_epu32(m0, abs_bits(x + i));
+    m1 = _mm256_max_epu32(m1, abs_bits(x + i + 8));
+    m2 = _mm256_max_epu32(m2, abs_bits(x + i + 16));
+    m3 = _mm256_max_epu32(m3, abs_bits(x + i + 24));
   }
-  for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
-  float m = hmax_ps(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
-  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_epu32(m0, abs_bits(x + i));
+  uint32_t m = hmax_epu32(_mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3)));
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
 
 namespace {
@@ -646,7 +656,7 @@ inline void exp_v(__m256* x) {
   const __m256 shift = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
   __m256 s[V], t[V], r[V], p[V];
   PYRT_EACH(i) {
-    s[i] = _mm256_max_ps(x[i], _mm256_set1_ps(-88.0f));
+    s[i] = _mm256_max_ps(_mm256_set1_ps(-88.0f), x[i]);  // = std::max(x, -88): NaN stays NaN
     t[i] = _mm256_fmadd_ps(s[i], _mm256_set1_ps(1.44269504088896341f), shift);
   }
   PYRT_EACH(i) {
@@ -676,16 +686,30 @@ inline float extremum(size_t n, const float* x) {
   auto op = [](__m256 a, __m256 b) { return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b); };
   if (n < 8) {
     float m = kMin ? INFINITY : -INFINITY;
-    for (size_t i = 0; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+    for (size_t i = 0; i < n; ++i) {
+      if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+      m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+    }
     return m;
   }
+  // min_ps/max_ps drop a NaN or keep it depending on its operand position, so NaNs are
+  // tracked on the side (one unordered compare per two vectors): a NaN anywhere gives NaN, as
+  // in ref.
   __m256 m0 = _mm256_loadu_ps(x + n - 8), m1 = m0;
+  __m256 nan = _mm256_cmp_ps(m0, m0, _CMP_UNORD_Q);
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    m0 = op(m0, _mm256_loadu_ps(x + i));
-    m1 = op(m1, _mm256_loadu_ps(x + i + 8));
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+    m0 = op(m0, v0);
+    m1 = op(m1, v1);
   }
-  if (i + 8 <= n) m0 = op(m0, _mm256_loadu_ps(x + i));
+  if (i + 8 <= n) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m0 = op(m0, v);
+  }
+  if (_mm256_movemask_ps(nan)) return std::numeric_limits<float>::quiet_NaN();
   m0 = op(m0, m1);
   __m128 s = kMin ? _mm_min_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1))
                   : _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
@@ -763,7 +787,9 @@ inline void gelu_v(__m256* x) {
   const __m256 clamp = _mm256_set1_ps(5.21751785f);
   __m256 xc[V], x2[V], p[V], q[V];
   PYRT_EACH(i) {
-    xc[i] = _mm256_min_ps(_mm256_max_ps(x[i], _mm256_set1_ps(-5.21751785f)), clamp);
+    // = std::min(std::max(x, -c), c), NaN kept: max_ps/min_ps return the second operand when
+    // either is NaN.
+    xc[i] = _mm256_min_ps(clamp, _mm256_max_ps(_mm256_set1_ps(-5.21751785f), x[i]));
     x2[i] = _mm256_mul_ps(xc[i], xc[i]);
   }
   PYRT_EACH(i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(5.06135211e-6f), x2[i], _mm256_set1_ps(1.50626613e-4f));
@@ -848,7 +874,12 @@ void avx2::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    const __m256 vmx = _mm256_set1_ps(extremum<false>(n, xr));
+    const float mx = extremum<false>(n, xr);
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
     __m256i acc = _mm256_setzero_si256();  // exact: the order of an integer sum is free
     size_t i = 0;
     for (; i + 32 <= n; i += 32) {

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "kernels.h"
@@ -49,6 +50,14 @@ namespace neondot { PYRT_DECLARE_INT_GEMMS }       // neondot.cc: -march=armv8.2
 // so steady-state kernel calls never allocate. One buffer per thread: a kernel must not call
 // another kernel that uses it while it holds its own.
 void* thread_scratch(size_t bytes);
+
+// The rules every ISA shares for non-finite input (kernels.h), in one place:
+// absmax's result from the largest |x| bit pattern (sign bit clear): NaN patterns (above
+// +inf's) become the one canonical quiet NaN.
+float absmax_from_bits(uint32_t abs_bits);
+// softmax_q8's row whose max is not finite (a NaN, or +inf: inf - inf): q[0 .. Kp) = 0 and
+// *scale = NaN, so the row's attn.v product is NaN.
+void softmax_q8_poison_row(size_t Kp, int8_t* q, float* scale);
 
 }  // namespace pyrt
 

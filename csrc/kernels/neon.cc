@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "isa_kernels.h"
 #include "neon_common.h"
@@ -44,7 +45,8 @@ namespace {
 inline int8x16_t quantize16(const float* x, float32x4_t inv, float32x4_t lo, float32x4_t hi) {
   int32x4_t q[4];
   unroll<4>([&](auto i) {
-    const float32x4_t v = vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + 4 * i), inv), lo), hi);
+    // FMAXNM, not FMAX: a NaN product gives lo, as in ref (FMAX would pass the NaN on).
+    const float32x4_t v = vminq_f32(vmaxnmq_f32(vmulq_f32(vld1q_f32(x + 4 * i), inv), lo), hi);
     q[i] = vcvtnq_s32_f32(v);
   });
   const int16x8_t h0 = vmovn_high_s32(vmovn_s32(q[0]), q[1]);
@@ -85,18 +87,25 @@ void neon::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_
 
 PYRT_NEON_FLATTEN
 float neon::absmax(size_t n, const float* x) {
-  float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0, m2 = m0, m3 = m0;
+  // As ref: the integer max of the bit patterns with the sign cleared, so a NaN always wins.
+  const uint32x4_t mask = vdupq_n_u32(0x7FFFFFFFu);
+  auto abs_bits = [&](const float* p) { return vandq_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(p)), mask); };
+  uint32x4_t m0 = vdupq_n_u32(0), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
-    m1 = vmaxq_f32(m1, vabsq_f32(vld1q_f32(x + i + 4)));
-    m2 = vmaxq_f32(m2, vabsq_f32(vld1q_f32(x + i + 8)));
-    m3 = vmaxq_f32(m3, vabsq_f32(vld1q_f32(x + i + 12)));
+    m0 = vmaxq_u32(m0, abs_bits(x + i));
+    m1 = vmaxq_u32(m1, abs_bits(x + i + 4));
+    m2 = vmaxq_u32(m2, abs_bits(x + i + 8));
+    m3 = vmaxq_u32(m3, abs_bits(x + i + 12));
   }
-  for (; i + 4 <= n; i += 4) m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
-  float m = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m0, m1), vmaxq_f32(m2, m3)));
-  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+  for (; i + 4 <= n; i += 4) m0 = vmaxq_u32(m0, abs_bits(x + i));
+  uint32_t m = vmaxvq_u32(vmaxq_u32(vmaxq_u32(m0, m1), vmaxq_u32(m2, m3)));
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
 
 namespace {
@@ -440,7 +449,8 @@ void neon::gelu(size_t n, float* x) {
 namespace {
 
 // max of x * scale as ref's scaled_max: the max (or, for scale < 0, the min) of x, times scale.
-// Min and max are exact, so their order is free.
+// Min and max are exact, so their order is free. NaN if any x is NaN, as ref: FMAX/FMIN(V)
+// propagate NaN from either operand; the scalar tail checks.
 template <bool kMin>
 inline float extremum(size_t n, const float* x) {
   auto op = [](float32x4_t a, float32x4_t b) { return kMin ? vminq_f32(a, b) : vmaxq_f32(a, b); };
@@ -453,7 +463,10 @@ inline float extremum(size_t n, const float* x) {
   for (; i + 4 <= n; i += 4) m0 = op(m0, vld1q_f32(x + i));
   m0 = op(m0, m1);
   float m = kMin ? vminvq_f32(m0) : vmaxvq_f32(m0);
-  for (; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+    m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+  }
   return m;
 }
 
@@ -594,7 +607,12 @@ void neon::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    const float32x4_t vmx = vdupq_n_f32(extremum<false>(n, xr));
+    const float mx = extremum<false>(n, xr);
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
+    const float32x4_t vmx = vdupq_n_f32(mx);
     int32x4_t acc = vdupq_n_s32(0);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {

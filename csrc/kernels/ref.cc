@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "isa_kernels.h"
 
@@ -20,7 +21,8 @@ void ref::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
     for (size_t k = 0; k < K; ++k) {
-      const float v = std::min(std::max(xr[k] * inv_scale[r], lo), hi);
+      // max(lo, x) (lo first: a NaN x gives lo, as SIMD max(x, lo) instructions do), then min.
+      const float v = std::min(std::max(lo, xr[k] * inv_scale[r]), hi);
       qr[k] = static_cast<int8_t>(std::nearbyint(v));
     }
     for (size_t k = K; k < Kp; ++k) qr[k] = 0;
@@ -34,9 +36,17 @@ void ref::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t
 }
 
 float ref::absmax(size_t n, const float* x) {
-  float m = 0.0f;
-  for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+  // The max of |x| as the integer max of the bit patterns with the sign cleared: the order of
+  // non-negative floats is that of their bits, and NaN patterns lie above +inf, so a NaN
+  // anywhere wins whatever the order of comparison (a float max would drop it, or not,
+  // depending on its operand order).
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
 
 namespace {
@@ -213,9 +223,13 @@ float softmax_sum(size_t n, const float* e) {
 // max of x * scale, computed as (max or min of x) * scale: rounding is monotonic, so this is
 // the same value (up to the sign of a zero, which no exp argument below can see) for one
 // multiply per row instead of one per element.
+// NaN if any x is NaN (std::max would keep or drop a NaN depending on where it lies).
 float scaled_max(size_t n, const float* x, float scale) {
   float m = scale < 0.0f ? INFINITY : -INFINITY;
-  for (size_t i = 0; i < n; ++i) m = scale < 0.0f ? std::min(m, x[i]) : std::max(m, x[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+    m = scale < 0.0f ? std::min(m, x[i]) : std::max(m, x[i]);
+  }
   return m * scale;
 }
 
@@ -302,6 +316,10 @@ void ref::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
     const float mx = scaled_max(n, xr, 1.0f);  // exact: max * 1
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
     int32_t sum = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t e = softmax_q8_elem(xr[i], mx);

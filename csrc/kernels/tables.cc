@@ -1,8 +1,10 @@
-// The kernel tables, assembled here from the functions each ISA file exports (isa_kernels.h).
+// The kernel tables, and the few generic helpers ISA files call (isa_kernels.h), assembled here from the functions each ISA file exports (isa_kernels.h).
 // This file is compiled for the baseline ISA and the tables are constant data (no initialiser
 // runs), so asking for a table never executes an ISA's instructions: only calling through it
 // does, and dispatch (cpu/) hands a table out only after the CPU check.
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 
@@ -85,6 +87,18 @@ void* thread_scratch(size_t bytes) {
     size = want;
   }
   return buf.get();
+}
+
+float absmax_from_bits(uint32_t abs_bits) {
+  if (abs_bits > 0x7F800000u) return std::numeric_limits<float>::quiet_NaN();
+  float f;
+  std::memcpy(&f, &abs_bits, sizeof f);
+  return f;
+}
+
+void softmax_q8_poison_row(size_t Kp, int8_t* q, float* scale) {
+  std::memset(q, 0, Kp);
+  *scale = std::numeric_limits<float>::quiet_NaN();
 }
 
 }  // namespace pyrt
