@@ -23,6 +23,10 @@ The objects and their flags come from the build's compile_commands.json (configu
 -mavx*, -mfma, -msse3 and up, -mf16c, -mbmi*, or -march=/-mcpu= (except x86-64 itself).
 
   tools/check_isa_symbols.py --build-dir build-x86compat [--binary build-x86compat/_core*.so ...]
+  tools/check_isa_symbols.py --self-test   # shows both checks fail on a known-bad pair of files
+
+The binaries must keep their local symbols (pybind11 strips them from a Release module: build
+with -DCMAKE_STRIP=true), or objdump attributes file-local ISA functions to a neighbour.
 
 Exit status 0 when every check passes, 1 when one fails (each offender printed), 2 on a usage
 error (no compile database, a missing tool or object).
@@ -138,30 +142,55 @@ def check_symbols(isa_objs: list[Path], generic_objs: list[Path]) -> list[str]:
     return bad
 
 
-def isa_own_functions(isa_objs: list[Path], generic_objs: list[Path]) -> set[str]:
-    """Mangled names of functions that only ISA objects define (local ones included)."""
-    def funcs(obj: Path) -> set[str]:
-        names = set()
-        for line in run(["readelf", "-sW", str(obj)]).splitlines():
-            f = line.split()
-            if len(f) >= 8 and f[0].endswith(":") and f[3] == "FUNC" and f[6] != "UND":
-                names.add(f[7])
-        return names
-    own = set().union(*(funcs(o) for o in isa_objs))
-    generic = set().union(*(funcs(g) for g in generic_objs)) if generic_objs else set()
-    return own - generic  # a name both define is ambiguous in the binary: treat it as generic
+def global_functions(obj: Path) -> set[str]:
+    names = set()
+    for line in run(["readelf", "-sW", str(obj)]).splitlines():
+        f = line.split()
+        if len(f) >= 8 and f[0].endswith(":") and f[3] == "FUNC" and f[4] != "LOCAL" and f[6] != "UND":
+            names.add(f[7])
+    return names
 
 
-def check_vex(binary: Path, allowed: set[str], allow_re: list[re.Pattern]) -> list[str]:
+def isa_function_addresses(binary: Path, isa_objs: list[Path], generic_objs: list[Path]) -> set[int]:
+    """Start addresses, in the linked binary, of the functions that come from ISA objects.
+
+    File-local functions are attributed by the FILE symbol that precedes them in .symtab (the
+    same local name may exist in a generic file too). Global ones count when only ISA objects
+    define them: a weak function that generic objects define as well is exactly the case that
+    must not be excused."""
+    isa_files = {o.name[:-2] for o in isa_objs if o.name.endswith(".o")}
+    isa_globals = set().union(*(global_functions(o) for o in isa_objs))
+    generic_globals = set().union(*(global_functions(g) for g in generic_objs)) if generic_objs else set()
+    own_globals = isa_globals - generic_globals
+    addrs, current_file, in_symtab = set(), None, False
+    for line in run(["readelf", "-sW", str(binary)]).splitlines():
+        if line.startswith("Symbol table"):
+            in_symtab = "'.symtab'" in line
+            continue
+        f = line.split()
+        if not in_symtab or len(f) < 7 or not f[0].endswith(":"):
+            continue
+        if f[3] == "FILE":
+            current_file = f[7] if len(f) >= 8 else None
+            continue
+        if f[3] != "FUNC" or f[6] == "UND" or len(f) < 8:
+            continue
+        name = f[7].split("@")[0]
+        if (f[4] == "LOCAL" and current_file in isa_files) or (f[4] != "LOCAL" and name in own_globals):
+            addrs.add(int(f[1], 16))
+    return addrs
+
+
+def check_vex(binary: Path, allowed: set[int], allow_re: list[re.Pattern]) -> list[str]:
     out = run(["objdump", "-d", "--no-show-raw-insn", "-M", "att", str(binary)])
     offenders: dict[str, str] = {}
     func = None
     for line in out.splitlines():
-        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        m = re.match(r"^([0-9a-f]+) <(.+)>:$", line)
         if m:
-            func = m.group(1)
+            func = None if int(m.group(1), 16) in allowed else m.group(2)
             continue
-        if func is None or func in allowed or func in offenders:
+        if func is None or func in offenders:
             continue
         parts = line.split("\t")
         if len(parts) < 2:
@@ -173,21 +202,97 @@ def check_vex(binary: Path, allowed: set[str], allow_re: list[re.Pattern]) -> li
     bad = []
     for f in sorted(offenders):
         d = names.get(f, f)
-        base = re.sub(r"@.*$|\+0x[0-9a-f]+$", "", f)
-        if base in allowed or any(r.search(d) for r in allow_re):
+        if any(r.search(d) for r in allow_re):
             continue
         bad.append(f"{binary.name}: {d}: {offenders[f]}")
     return bad
 
 
+# The self-test's translation units: an inline function (a weak symbol) that an -mavx2 file and
+# a generic file both instantiate. Linked with the ISA object first, the linker keeps its copy,
+# so generic code calls AVX2 code on every CPU. The fixed variant gives each file its own copy.
+SELF_TEST_HEADER = """
+#pragma once
+{linkage} void scale_all(float* x, int n) {{
+  for (int i = 0; i < n; ++i) x[i] = x[i] * 3.0f + 1.0f;
+}}
+"""
+SELF_TEST_ISA = """
+#include "helper.h"
+void scale_avx2(float* x, int n) { scale_all(x, n); }
+"""
+SELF_TEST_GENERIC = """
+#include "helper.h"
+void scale_generic(float* x, int n) { scale_all(x, n); }
+"""
+
+
+def self_test() -> int:
+    """Both checks on a deliberately bad build (must fail, naming the helper) and on the fixed
+    one (must pass). Returns 0 when the checker behaves, 1 otherwise."""
+    import tempfile
+
+    cxx = "c++"
+    ok = True
+    for variant, linkage in (("bad", '__attribute__((noinline)) inline'), ("fixed", '__attribute__((noinline)) static inline')):
+        with tempfile.TemporaryDirectory(prefix="isa-selftest-") as tmp:
+            d = Path(tmp)
+            (d / "helper.h").write_text(SELF_TEST_HEADER.format(linkage=linkage))
+            (d / "isa.cc").write_text(SELF_TEST_ISA)
+            (d / "generic.cc").write_text(SELF_TEST_GENERIC)
+            db = []
+            for src, flags in (("isa.cc", ["-mavx2", "-mfma"]), ("generic.cc", [])):
+                args = [cxx, "-O3", "-fPIC", *flags, "-c", src, "-o", src + ".o"]
+                run_in(d, args)
+                db.append({"directory": str(d), "arguments": args, "file": src})
+            (d / "compile_commands.json").write_text(json.dumps(db))
+            run_in(d, [cxx, "-shared", "-o", "libselftest.so", "isa.cc.o", "generic.cc.o"])
+            isa_objs, generic_objs = objects_from_compile_db(d)
+            sym_bad = check_symbols(isa_objs, generic_objs)
+            lib = d / "libselftest.so"
+            vex_bad = check_vex(lib, isa_function_addresses(lib, isa_objs, generic_objs), [])
+            named = all(any("scale_all" in b for b in bad) for bad in (sym_bad, vex_bad))
+            if variant == "bad":
+                good = named
+                print(f"self-test, shared inline helper: symbol check {'failed' if sym_bad else 'PASSED'}, "
+                      f"VEX check {'failed' if vex_bad else 'PASSED'} (both must fail naming scale_all)")
+            else:
+                good = not sym_bad and not vex_bad
+                print(f"self-test, file-local helper: symbol check {'FAILED' if sym_bad else 'passed'}, "
+                      f"VEX check {'FAILED' if vex_bad else 'passed'} (both must pass)")
+            for b in sym_bad + vex_bad:
+                print(f"  {b}")
+            ok = ok and good
+    print(f"self-test: {'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def run_in(d: Path, args: list[str]) -> None:
+    try:
+        subprocess.run(args, cwd=d, check=True, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise UsageError(f"{args[0]} not found") from e
+    except subprocess.CalledProcessError as e:
+        raise UsageError(f"{' '.join(args)} failed: {e.stderr.strip()}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build-dir", type=Path, required=True, help="CMake build dir with compile_commands.json")
+    ap.add_argument("--build-dir", type=Path, help="CMake build dir with compile_commands.json")
+    ap.add_argument("--self-test", action="store_true", help="check the checker on a known-bad build")
     ap.add_argument("--binary", type=Path, action="append", default=[],
                     help="linked library / executable to disassemble (x86 only; repeatable)")
     ap.add_argument("--allow-vex", action="append", default=[], metavar="REGEX",
                     help="demangled function names allowed VEX code outside ISA objects (repeatable)")
     args = ap.parse_args(argv)
+    if args.self_test:
+        try:
+            return self_test()
+        except UsageError as e:
+            print(f"check_isa_symbols: error: {e}", file=sys.stderr)
+            return 2
+    if args.build_dir is None:
+        ap.error("--build-dir is required (or --self-test)")
     try:
         isa_objs, generic_objs = objects_from_compile_db(args.build_dir)
         print(f"ISA-flagged objects: {', '.join(sorted(o.name for o in isa_objs))}; "
@@ -199,12 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"symbol check: {'FAILED' if bad else 'passed'} ({len(bad)} weak/COMDAT symbols of ISA "
               "objects also used by generic objects)")
         failures += bool(bad)
-        allowed = isa_own_functions(isa_objs, generic_objs)
         allow_re = [re.compile(r) for r in args.allow_vex]
         for binary in args.binary:
             if not binary.is_file():
                 raise UsageError(f"{binary} missing")
-            bad = check_vex(binary, allowed, allow_re)
+            bad = check_vex(binary, isa_function_addresses(binary, isa_objs, generic_objs), allow_re)
             for b in bad:
                 print(f"  VEX in generic code: {b}")
             print(f"VEX check of {binary.name}: {'FAILED' if bad else 'passed'} "
