@@ -1,6 +1,6 @@
 // AVX-512 VNNI int8 GEMMs (x86_64 builds only). This file alone is compiled with the AVX-512
 // F/BW/VL/VNNI flags; dispatch enables its table only when the CPU has them and the OS saves
-// the zmm and opmask state. Its table is the AVX2 table with the two integer GEMMs replaced:
+// the zmm and opmask state. Its table (tables.cc) is AVX2's with the two integer GEMMs replaced:
 // the float kernels are bit-identical on every ISA anyway, and on Zen 4 (which splits a zmm
 // op into two ymm halves) zmm float code has the same throughput as ymm (measured: a 12 x 32
 // zmm fp32 GEMM tile ran 5% slower than AVX2's 6 x 16, which is at ~95% of the FMA peak, and a

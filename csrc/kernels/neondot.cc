@@ -7,7 +7,8 @@
 // sum_j w[c][j] * a[4l + j]. One SDOT = 16 exact int8 products into int32 lanes, so the
 // accumulators are ref's integers bit for bit. Tiles: 4 rows x 16 channels for qc8w (16
 // accumulators), 4 rows x 8 channels for qb4w (its per-block float sums need registers too).
-// Everything that is not an integer GEMM is neon.cc's code: neondot_kernels() copies that table.
+// Everything that is not an integer GEMM is neon.cc's code: tables.cc builds the neondot table
+// from neon.cc's kernels and these two GEMMs.
 #if !defined(__aarch64__) || !defined(__ARM_FEATURE_DOTPROD)
 #error "neondot.cc must be compiled for AArch64 with -march=armv8.2-a+dotprod"
 #endif
