@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/cpu.h"
+#include "cpu/isas.h"
 #include "kernels/kernels.h"
 #include "ops/ops.h"
 #include "ops/threadpool.h"
@@ -568,10 +569,46 @@ void test_dispatch() {
   report(threw, "dispatch: unknown ISA is rejected");
 }
 
+// The ISA list (cpu/isas.h) and the tables tables.cc assembles from it: a table exactly when
+// the ISA is built, named as listed, every kernel set; the composite tables take their base's
+// float kernels and their own integer GEMMs. Fetching any table runs no ISA code (it is
+// constant data), so this runs on every CPU.
+void test_isa_tables() {
+  report(known_isas() == "ref, avx2, avx512vnni, neon, neondot", "isa list: known names " + known_isas());
+  for (const IsaInfo& isa : kIsas) {
+    const KernelTable* t = isa.table();
+    report((t != nullptr) == isa.built, std::string("isa list: table exactly when built: ") + isa.name);
+    if (!t) continue;
+    const bool complete = t->quantize_rows && t->absmax && t->qd8_f32_qc8w_gemm && t->qd8_f32_qb4w_gemm &&
+                          t->f32_gemm && t->layernorm && t->softmax && t->softmax_q8 && t->gelu && t->add;
+    report(std::string(t->name) == isa.name && complete, std::string("isa list: table complete: ") + isa.name);
+  }
+  auto composite = [](const KernelTable* t, const KernelTable* base, const char* what) {
+    if (!t || !base) return;
+    const bool floats_shared = t->quantize_rows == base->quantize_rows && t->absmax == base->absmax &&
+                               t->f32_gemm == base->f32_gemm && t->layernorm == base->layernorm &&
+                               t->softmax == base->softmax && t->softmax_q8 == base->softmax_q8 &&
+                               t->gelu == base->gelu && t->add == base->add;
+    const bool own_gemms = t->qd8_f32_qc8w_gemm != base->qd8_f32_qc8w_gemm &&
+                           t->qd8_f32_qb4w_gemm != base->qd8_f32_qb4w_gemm;
+    report(floats_shared && own_gemms, std::string("isa list: ") + what);
+  };
+  composite(avx512vnni_kernels(), avx2_kernels(), "avx512vnni = avx2's float kernels + VNNI GEMMs");
+  composite(neondot_kernels(), neon_kernels(), "neondot = neon's float kernels + dotprod GEMMs");
+  bool threw = false;
+  try {
+    kernels_for("sse9");
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("known: " + known_isas()) != std::string::npos;
+  }
+  report(threw, "isa list: an unknown name's error lists the known ones");
+}
+
 }  // namespace
 
 int main() {
   test_dispatch();
+  test_isa_tables();
   test_thread_pool();
   const bool quick = std::getenv("PYRUNTIME_TEST_QUICK") != nullptr;
   unsigned seed = 1;
