@@ -1,4 +1,4 @@
-"""The ``pyruntime`` command line: convert, run, inspect, bench, demo, calibrate, eval.
+"""The ``pyruntime`` command line: convert, run, inspect, bench, demo, calibrate, eval, exits.
 
 Every sub-command is a function ``cmd_<name>(args) -> int``; :func:`main` parses and
 dispatches. Bad input of any kind -- an option out of range, a path that is missing, a
@@ -280,6 +280,8 @@ def cmd_convert(args) -> int:
 
     if args.source == "reference" and args.exits:  # the reference checkpoint carries its own exit heads
         raise ValueError("the reference checkpoint carries its own exit heads; --exits does not apply")
+    if args.source == "reference" and (args.model_kwargs is not None or args.random_weights):
+        raise ValueError("the reference model takes neither --model-kwargs nor --random-weights")
     if args.source == "reference":
         check_reference_checkpoint(args.checkpoint)
     else:
@@ -293,9 +295,14 @@ def cmd_convert(args) -> int:
 
         out = convert_reference(args.out, policy, path=args.checkpoint)
     else:
-        from .convert import convert
+        from .convert import convert, load_timm
 
-        out = convert(args.source, args.out, checkpoint=args.checkpoint, policy=policy, exits=args.exits)
+        # load_timm names what it adapted (position embeddings resampled, random weights);
+        # convert then loads the checkpoint into that model again, for its provenance.
+        model, _, notes = load_timm(args.source, args.model_kwargs, args.checkpoint, args.random_weights)
+        for note in notes:
+            print(f"note: {note}")
+        out = convert(model, args.out, checkpoint=args.checkpoint, policy=policy, exits=args.exits)
     print(f"wrote {out}")
     return 0
 
@@ -512,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="timm model name, or 'reference' for the shipped reference ViT (exit heads "
                                   "included; --checkpoint: another checkpoint in its format)")
     c.add_argument("out", type=output_file, help="output model file")
-    c.add_argument("--checkpoint", type=input_file,
-                   help=".pth/.safetensors state dict (may also hold exits.* heads)")
+    from .exits import add_model_arguments, add_parser as add_exits_parser
+
+    add_model_arguments(c)
     c.add_argument("--policy", type=policy_spec, default="fp32",
                    help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
     c.add_argument("--exits", help="safetensors file of exit heads (exits.<b>.norm/fc.*)")
@@ -567,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_calibrate_parser(sub)
     add_eval_parser(sub)
+    add_exits_parser(sub)
     return p
 
 
