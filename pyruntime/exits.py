@@ -18,8 +18,8 @@ cross-entropy, cosine learning rate) on a fixed-seed part of the images and keep
 the weights of the epoch with the lowest cross-entropy on the held-out rest (early stopping).
 :func:`save_exit_heads` writes ``exits.<b>.<param>`` tensors (what ``convert --exits`` reads).
 
-The fitting half imports nothing from this package at module level, so
-``tools/train_reference.py`` can load this file without the compiled extension.
+``tools/train_reference.py`` fits the shipped reference model's exit heads with the same
+:func:`fit_exit_heads`.
 """
 from __future__ import annotations
 
@@ -47,30 +47,11 @@ DEFAULT_PATIENCE = 5
 FEATURE_BATCH = 64
 
 
-def _sibling(name: str):
-    """A module of this package, also when this file was loaded by path (no package)."""
-    import importlib
-    import importlib.util
-    import sys
-
-    if __package__:
-        return importlib.import_module(f"{__package__}.{name}")
-    key = f"_pyruntime_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).resolve().parent / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
-
-
 def _progress(it, desc: str, total: Optional[int], enabled: bool):
-    """The calibrators' progress bar (tqdm on stderr); none when loaded outside the package."""
-    if not enabled or not __package__:
-        return it
+    """The calibrators' progress bar (tqdm on stderr)."""
     from .calibrate.common import progress
 
-    return progress(it, desc, total=total, enabled=True)
+    return progress(it, desc, total=total, enabled=enabled)
 
 
 # --- features -------------------------------------------------------------------------------------
@@ -193,7 +174,8 @@ def _labels(data, num_classes: int) -> np.ndarray:
 def _new_heads(blocks: List[int], D: int, n: int, seed: int) -> Dict[int, "nn.Module"]:
     import torch
 
-    make_exit_head = _sibling("reference").make_exit_head
+    from .reference import make_exit_head
+
     with torch.random.fork_rng(devices=[]):  # seeded heads without touching the caller's RNG
         torch.manual_seed(seed)
         return {b: make_exit_head(D, n) for b in blocks}
