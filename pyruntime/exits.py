@@ -195,6 +195,11 @@ def _evaluate(heads, feats, blocks, y) -> Tuple[Dict[int, float], Dict[int, floa
     return top1, loss
 
 
+def _cosine(lr: float, step: int, total: int) -> float:
+    """Cosine decay from ``lr`` to ``lr / 100`` over ``total`` steps."""
+    return lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
 def fit_exit_heads(model: "nn.Module", data, blocks: Sequence[int], *, epochs: int = DEFAULT_EPOCHS,
                    holdout: float = 0.1, lr: float = 2e-3, weight_decay: float = 0.0, label_smoothing: float = 0.0,
                    batch_size: int = 256, patience: int = DEFAULT_PATIENCE, seed: int = 0,
@@ -205,7 +210,7 @@ def fit_exit_heads(model: "nn.Module", data, blocks: Sequence[int], *, epochs: i
     data: a :class:`pyruntime.imagedata.LabelledImages` (anything with integer ``labels``
         [N], ``len()`` and ``batch(lo, hi)`` giving normalised float32 [hi - lo, C, H, W]).
     The pooled features of every exit block are cached first (``N x D x len(blocks)``
-    float32); the heads then train together (AdamW -- Adam when ``weight_decay`` is 0 --,
+    float32, less than the uint8 images themselves for any real image size); the heads then train together (AdamW -- Adam when ``weight_decay`` is 0 --,
     cross-entropy with ``label_smoothing``, cosine learning rate from ``lr`` to ``lr / 100``)
     on all but a ``holdout`` fraction drawn by ``seed``, for at most ``epochs`` epochs, stopping
     when no head's held-out cross-entropy improved for ``patience`` epochs. Each head keeps the
@@ -225,17 +230,15 @@ def fit_exit_heads(model: "nn.Module", data, blocks: Sequence[int], *, epochs: i
     if not (math.isfinite(lr) and lr > 0) or not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {lr} and {weight_decay}")
     blocks = check_blocks(blocks, len(model.blocks))
-    _pooling(model)
+    _pooling(model)  # a model whose exits cannot be pooled is refused before the backbone runs
     D, n = int(model.embed_dim), int(model.num_classes)
     if n < 2:
         raise ValueError(f"exit heads classify: the model needs at least 2 classes, it has {n}")
     y_all = _labels(data, n)
     train, held = _split(y_all, holdout, seed)
     feats = _cache_features(model, data, blocks, feature_batch, show_progress)
-    y = torch.from_numpy(y_all)
-    f_train, y_train = feats[:, torch.from_numpy(train)], y[torch.from_numpy(train)]
-    f_held, y_held = feats[:, torch.from_numpy(held)], y[torch.from_numpy(held)]
-    del feats
+    y, train_t, held_t = torch.from_numpy(y_all), torch.from_numpy(train), torch.from_numpy(held)
+    f_held, y_held = feats[:, held_t], y[held_t]  # a copy of the held-out part only
 
     heads = _new_heads(blocks, D, n, seed)
     opt = torch.optim.AdamW([p for h in heads.values() for p in h.parameters()], lr=lr, weight_decay=weight_decay)
@@ -249,10 +252,10 @@ def fit_exit_heads(model: "nn.Module", data, blocks: Sequence[int], *, epochs: i
             h.train()
         perm = torch.randperm(len(train), generator=gen)
         for i in range(steps_per_epoch):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = train_t[perm[i * batch_size:(i + 1) * batch_size]]
             for g in opt.param_groups:
-                g["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / total)))
-            loss = sum(F.cross_entropy(heads[b](f_train[j, idx]), y_train[idx], label_smoothing=label_smoothing)
+                g["lr"] = _cosine(lr, step, total)
+            loss = sum(F.cross_entropy(heads[b](feats[j, idx]), y[idx], label_smoothing=label_smoothing)
                        for j, b in enumerate(blocks))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -362,11 +365,14 @@ def load_user_model(args) -> Tuple["nn.Module", Optional[dict], List[str]]:
         if args.model_kwargs is not None or args.random_weights:
             raise ValueError("the reference model takes neither --model-kwargs nor --random-weights")
         check_reference_checkpoint(args.checkpoint)
-        from .reference import load_reference_timm, read_metadata
+        from .convert import _load_checkpoint
+        from .reference import build_timm_model, read_metadata, reference_path
 
-        meta = read_metadata(args.checkpoint)
-        model, _ = load_reference_timm(args.checkpoint)
-        return model, {"mean": meta["mean"], "std": meta["std"]}, []
+        path = args.checkpoint or reference_path()
+        meta = read_metadata(path)
+        model = build_timm_model(meta["timm_kwargs"])
+        _load_checkpoint(model, path)  # as convert reference loads it: a misfit is a ValueError naming the file
+        return model.eval(), {"mean": meta["mean"], "std": meta["std"]}, []
     check_state_dict_file(args.checkpoint)
     from .convert import load_timm
 

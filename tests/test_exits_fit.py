@@ -292,3 +292,25 @@ def test_cli_convert_options(user, tmp_path):
         assert_one_line_error(out, *words)
     assert ok.returncode == 0 and "note: vit_tiny_patch16_224: random weights" in ok.stdout, ok.stderr
     assert load(m).graph["arch"]["global_pool"] == "avg"
+
+
+def test_cli_fit_reference(tmp_path, capsys):
+    """MODEL 'reference': the shipped model with its own normalisation; gray 28 x 28 images."""
+    from pyruntime import reference
+
+    if not reference.reference_path().is_file():
+        pytest.skip("reference model not trained")
+    rng = np.random.default_rng(0)
+    npz = _npz(tmp_path, rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), np.arange(40) % 10)
+    heads = tmp_path / "ref_heads.safetensors"
+    assert main(["exits", "fit", "reference", "--data", str(npz), "--blocks", "3", "--out", str(heads),
+                 "--epochs", "1", "--no-progress"]) == 0
+    assert "exit after block 3: held-out top-1" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(heads), "np") as f:
+        assert sorted(f.keys()) == [f"exits.3.{k}" for k in ("fc.bias", "fc.weight", "norm.bias", "norm.weight")]
+        meta = f.metadata()
+    assert meta["format"] == "pyruntime-exit-heads-v1" and json.loads(meta["blocks"]) == [3]
+    assert main(["exits", "fit", "reference", "--data", str(npz), "--blocks", "11", "--out", str(heads)]) == 2
+    assert "exit blocks [11] are out of range" in capsys.readouterr().err
