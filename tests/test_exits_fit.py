@@ -108,21 +108,47 @@ def test_heads_learn_and_report_held_out_top1(tmp_path):
     is the best held-out one; the backbone is untouched and the caller's RNG is not consumed."""
     model = create_timm_model(NAME, KWARGS["avg_no_cls"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images, labels = colour_images(240, 32, seed=2)
+    images, labels = colour_images(120, 32, seed=2)
     data = read_dataset(_npz(tmp_path, images, labels), Preprocess.from_timm(model), num_classes=3)
     rng_state = torch.get_rng_state()
-    heads, report = fit_exit_heads(model, data, [1, 0], epochs=40, holdout=0.25, seed=3, show_progress=False)
+    heads, report = fit_exit_heads(model, data, [1, 0], epochs=15, batch_size=32, holdout=0.25, seed=3,
+                                   show_progress=False)
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert report.holdout_images == 60 and report.train_images == 180
-    assert report.feature_bytes == 240 * 48 * 2 * 4
+    assert report.holdout_images == 30 and report.train_images == 90
+    assert report.feature_bytes == 120 * 48 * 2 * 4
     for b in (0, 1):
         assert report.top1[b] >= 0.8, report.lines()
         losses = [h["loss"][b] for h in report.history]
         assert report.loss[b] == min(losses) and report.best_epoch[b] == 1 + losses.index(min(losses))
         assert heads[b]["fc.weight"].shape == (3, 48) and heads[b]["fc.weight"].dtype == np.float32
-    again, report2 = fit_exit_heads(model, data, [0, 1], epochs=40, holdout=0.25, seed=3, show_progress=False)
+    again, report2 = fit_exit_heads(model, data, [0, 1], epochs=15, batch_size=32, holdout=0.25, seed=3,
+                                    show_progress=False)
     assert report2.top1 == report.top1 and np.array_equal(again[0]["fc.weight"], heads[0]["fc.weight"])
+
+
+def test_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
+    """Unlearnable (random) labels: the heads overfit, training stops ``patience`` epochs after
+    the best held-out epoch, and the weights returned are that epoch's (their held-out
+    cross-entropy, recomputed here, is the reported minimum)."""
+    from pyruntime.exits import _split
+
+    model = create_timm_model(NAME, KWARGS["token"])
+    images, _ = colour_images(80, 32, seed=4)
+    labels = np.random.default_rng(4).integers(0, 3, 80)
+    data = read_dataset(_npz(tmp_path, images, labels), Preprocess.from_timm(model), num_classes=3)
+    heads, report = fit_exit_heads(model, data, [0], epochs=300, holdout=0.3, lr=0.05, batch_size=16, patience=4,
+                                   seed=1, show_progress=False)
+    best = report.best_epoch[0]
+    assert best < report.epochs_run == best + 4 < 300, report.lines()
+    held = _split(data.labels, 0.3, 1)[1]
+    with torch.no_grad():
+        f = pooled_block_features(model, torch.from_numpy(data.batch(0, len(data))[held]), [0])[0]
+        h = {k: torch.from_numpy(v) for k, v in heads[0].items()}
+        z = torch.nn.functional.layer_norm(f, (48,), h["norm.weight"], h["norm.bias"], eps=1e-6)
+        ce = torch.nn.functional.cross_entropy(z @ h["fc.weight"].T + h["fc.bias"], torch.from_numpy(labels[held]))
+    assert float(ce) == pytest.approx(report.loss[0], rel=1e-5)
+    assert report.loss[0] == min(e["loss"][0] for e in report.history)
 
 
 def test_bad_arguments_are_named(tmp_path):
@@ -208,9 +234,10 @@ def test_cli_fit_then_convert(user, data, tmp_path, capsys):
     heads = tmp_path / "heads.safetensors"
     fit = cli("exits", "fit", NAME, "--checkpoint", user["ckpt"], "--model-kwargs", kwargs,
               "--data", user[data], "--blocks", "1,0", "--out", heads, "--epochs", "20", "--no-progress",
-              "--threads", "2")
+              "--threads", "2", *(["--images", "60"] if data == "folder" else []))
     assert fit.returncode == 0, fit.stderr
-    tops = re.findall(r"exit after block (\d): held-out top-1 ([0-9.]+) \(9 images\)", fit.stdout)
+    held = 6 if data == "folder" else 9  # --images 60 of the folder's 90; 10% held out
+    tops = re.findall(rf"exit after block (\d): held-out top-1 ([0-9.]+) \({held} images\)", fit.stdout)
     assert [b for b, _ in tops] == ["0", "1"], fit.stdout
     assert all(float(t) > 1 / 3 for _, t in tops), fit.stdout
     policy = tmp_path / "p.json"
