@@ -512,6 +512,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .exits import add_model_arguments, add_parser as add_exits_parser
+
     p = _Parser(prog="pyruntime", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -519,8 +521,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="timm model name, or 'reference' for the shipped reference ViT (exit heads "
                                   "included; --checkpoint: another checkpoint in its format)")
     c.add_argument("out", type=output_file, help="output model file")
-    from .exits import add_model_arguments, add_parser as add_exits_parser
-
     add_model_arguments(c)
     c.add_argument("--policy", type=policy_spec, default="fp32",
                    help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
