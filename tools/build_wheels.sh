@@ -147,10 +147,20 @@ repair() {  # repair RAW_WHEEL ARCH: auditwheel repair into dist/, show it; sets
 # scikit-build-core's settings for one wheel build, as -C options of pip / PEP 517.
 skbuild_settings() {  # skbuild_settings ARCH BUILD_DIR [extra cmake defines as K=V ...]
   local arch=$1 bdir=$2; shift 2
+  # The version script: only PyInit__core is exported; the statically linked libc++ and
+  # pyrt_core stay local, so they can't interpose on another module's (zig's linker has no
+  # --exclude-libs).
+  # No LTO (pybind11 adds -flto when the compiler takes it): zig builds libc++ once per target
+  # and per LTO mode, ~1-2 minutes each, and the LTO link is slow too.
   printf '%s\n' "-Cbuild-dir=$bdir" "-Ccmake.define.CMAKE_CXX_COMPILER=$(zig_cxx "$arch")" \
-    "-Ccmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache" "-Cbuild.verbose=false"
+    "-Ccmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache" "-Cbuild.verbose=false" \
+    "-Ccmake.define.CMAKE_MODULE_LINKER_FLAGS=-Wl,--version-script=$W/core.map" \
+    "-Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF" \
+    "-Ccmake.define.CMAKE_TRY_COMPILE_CONFIGURATION=Release"
   for d in "$@"; do printf '%s\n' "-Ccmake.define.$d"; done
 }
+
+echo '{ global: PyInit__core; local: *; };' > "$W/core.map"
 
 section "source build (g++, host Python) and the reference outputs it gives"
 # shellcheck disable=SC2046
@@ -321,7 +331,10 @@ print(build_wheel(sys.argv[1], cfg))'
 fi
 
 # --------------------------------------------------------------------------------------------
+# The wheel checked under emulated CPUs too: the host Python's if it was built, else the first.
 HOST_V=$($HOST_PY -c 'import platform; print(platform.python_version())')
+QEMU_V=${X86_WHEELS[0]%%:*}
+for entry in "${X86_WHEELS[@]}"; do [ "${entry%%:*}" = "$HOST_V" ] && QEMU_V=$HOST_V; done
 for entry in "${X86_WHEELS[@]}"; do
   IFS=: read -r v pyroot whl <<<"$entry"; tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .)
   section "x86_64 $tag: fresh environment, import, logits vs the source build"
@@ -331,7 +344,7 @@ for entry in "${X86_WHEELS[@]}"; do
   "$EV/bin/python" -m pip install -q "$whl" >"$W/pip-$tag.log" 2>&1 || { cat "$W/pip-$tag.log"; die "pip install $whl"; }
   run_env() { (cd "$W" && "$EV/bin/python" "$@"); }  # cwd outside the repository
   check_wheel "x86_64 $tag native (every ISA)" any full run_env
-  if [ "$v" = "$HOST_V" ] || [ ${#X86_WHEELS[@]} -eq 1 ]; then
+  if [ "$v" = "$QEMU_V" ]; then
     # Run-time dispatch: the same wheel on CPUs without AVX-512, emulated.
     run_qemu() { (cd "$W" && qemu-x86_64-static -cpu "$QCPU" "$EV/bin/python" "$@"); }
     QCPU=Nehalem check_wheel "x86_64 $tag qemu -cpu Nehalem" ref quick run_qemu
