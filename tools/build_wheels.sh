@@ -15,7 +15,7 @@
 # script): its build-arm64-py/ holds the arm64 Python 3.11 sysroot (headers, interpreter for
 # qemu) and the aarch64 numpy/safetensors wheels this script reuses.
 #
-# Checks, per wheel (the run stops at the first failure):
+# Checks, per wheel:
 #   auditwheel show: the policy is manylinux_2_17 (nothing above glibc 2.17, no external C++ lib)
 #   fresh environment: `pip install <wheel>` pulls in numpy and safetensors only; torch absent
 #   import probe: pyruntime comes from that environment, py.typed + _core.pyi installed, ISA
@@ -25,7 +25,11 @@
 #     and a confidence exit, and all-fp32; no torch needed)
 #   run-time dispatch, one wheel on every CPU: the host-Python x86 wheel under
 #     qemu-x86_64 -cpu Nehalem (expect ref) and -cpu Haswell (expect avx2); the aarch64 wheel
-#     under qemu-aarch64 -cpu cortex-a57 (expect neon) and -cpu max (expect neondot)
+#     under qemu-aarch64 -cpu cortex-a57 (expect neon) and -cpu max (expect neondot); under
+#     qemu the probe, then the dispatched ISA on the first 32 images of both models, logits
+#     and exit blocks identical to every ISA of the source build
+# A failed check is recorded and the run goes on; the summary lists every check, and the
+# script exits 1 if any failed.
 #
 # Knobs (environment):
 #   WHEEL_PYTHONS="3.11 3.12"  x86_64 CPython versions (default: every 3.9-3.13 pyenv has)
