@@ -1,7 +1,7 @@
 """pyruntime: an edge inference runtime for Vision Transformers.
 
 Inference needs numpy and the compiled extension only; torch and timm are needed only to
-convert and calibrate models (``pip install pyruntime[convert]``).
+convert and calibrate models (``pip install "pyruntime-vit[convert]"``).
 """
 from __future__ import annotations
 

@@ -69,16 +69,20 @@ class _RunOutput(TypedDict, total=False):
     block_path: npt.NDArray[np.uint8]     # [B, depth]
     isa: str
     exit_logits: _F32                     # [n_exits, B, num_classes], only with collect_exits
+    features: _F32                        # [B, embed_dim]
+    tokens: _F32                          # [B, tokens, embed_dim], only with tokens
 
 class Executor:
     """A ViT built from a model file's graph (dict) and tensors (numpy arrays)."""
 
     def __init__(self, graph: dict, tensors: dict) -> None: ...
     def run(self, x: _F32, num_threads: Optional[int] = None, isa: Optional[str] = None,
-            collect_exits: bool = False) -> _RunOutput:
+            collect_exits: bool = False, tokens: bool = False) -> _RunOutput:
         """x: float32 [B, in_chans, H, W]."""
     def set_profiling(self, arg0: bool, /) -> None: ...
     def profile(self) -> Dict[str, float]: ...
     def reset_profile(self) -> None: ...
+    @property
+    def scratch_bytes(self) -> int: ...
     @property
     def weight_bytes(self) -> int: ...
