@@ -286,3 +286,24 @@ def test_missing_heads_and_model_options_are_one_line_errors(user, tmp_path, cap
                             "--data", str(user["npz"]), "--out", str(tmp_path / "p.json")], "--random-weights")
     one_line_error(capsys, base_argv(user, user["npz"], tmp_path, "quee")[:-3] + [
         "--exits", str(user["heads"]), "--budget-bytes", "0.5x", "--out", str(tmp_path / "p.json")], "--budget-bops")
+
+
+# --- the lazy image view -------------------------------------------------------------------------------
+
+def test_images_stay_uint8_and_are_normalised_per_slice():
+    from pyruntime.calibrate.common import CalibrationData, NormalisedImages
+    from pyruntime.imagedata import Preprocess
+
+    raw = np.random.default_rng(0).integers(0, 256, (10, 5, 6, 3), dtype=np.uint8)
+    pre = Preprocess((3, 5, 6), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    view = NormalisedImages(raw, pre.mean, pre.std)
+    full = pre.normalize(raw)
+    assert view.shape == (10, 3, 5, 6) and len(view) == 10 and view.dtype == np.float32
+    assert np.array_equal(view[2:5], full[2:5]) and np.array_equal(view[[4, 1]], full[[4, 1]])
+    assert np.array_equal(view[3], full[3]) and np.array_equal(np.asarray(view), full)
+    data = CalibrationData(view, np.arange(10) % 3, {"dataset": "x"})
+    fit, held = data.split(0.3, seed=1)
+    rows_fit, rows_held = data.split_rows(0.3, seed=1)
+    assert isinstance(fit.images, NormalisedImages) and fit.images.raw is raw  # no copy of the images
+    assert np.array_equal(held.images[:], full[rows_held]) and np.array_equal(fit.images[1:4], full[rows_fit[1:4]])
+    assert held.summary["part"] == "held-out" and len(fit) + len(held) == 10

@@ -310,13 +310,13 @@ class MaqeeResult:
     fit_top1: float
     fit_reference_top1: float        # fp32, full depth, fit images
     bsr: float
-    held_top1: float
+    held_top1: float                 # held_*: the validation images (held out from the bits), which chose the thresholds
     held_reference_top1: float
-    held_drop: float                 # fp32 top-1 minus the policy's on the held-out images
+    held_drop: float                 # fp32 top-1 minus the policy's on the validation images
     held_drop_se: float              # its standard error (paired)
-    held_cost: float                 # expected cost on the held-out images (runtime's exits)
-    held_bops: float                 # mean BOPs per held-out image, as the runtime counted them
-    promise_kept: bool               # no evidence on held-out images that the drop exceeds max_drop
+    held_cost: float                 # expected cost on the validation images (runtime's exits)
+    held_bops: float                 # mean BOPs per validation image, as the runtime counted them
+    promise_kept: bool               # the validation drop's upper bound is within max_drop
     history: List[dict]
     fit_images: int = 0
     validation_images: int = 0
@@ -334,8 +334,8 @@ class MaqeeResult:
         for h in self.history:
             lines.append(f"{h['round']:5d} {h['w4_layers']:3d}  {','.join(map(str, h['a_bits'])):7s} {h['fit_top1']:9.4f}  "
                          f"{h['cost']:13.6g} {h['bsr']:7.3f}  {'yes' if h['feasible'] and h['within_budget'] else 'no'}")
-        lines.append(f"thresholds (chosen on the {self.validation_images} validation images) "
-                     + " ".join(f"b{b}:{t:.4f}" for b, t in zip(self.exit_blocks, self.thresholds)))
+        lines.append("thresholds " + " ".join(f"b{b}:{t:.4f}" for b, t in zip(self.exit_blocks, self.thresholds))
+                     + f" (chosen on the {self.validation_images} validation images)")
         lines.append(f"fit ({self.fit_images} images): top-1 {self.fit_top1:.4f} (fp32 full depth "
                      f"{self.fit_reference_top1:.4f}), expected {format_amount(self.fit_cost)} {unit}")
         lines.append(f"validation (held-out from the bits, {self.validation_images} images): top-1 {self.held_top1:.4f} "
