@@ -99,7 +99,9 @@ def test_uniform_static_and_scalepredictor(checkpoint, tmp_path):
     assert calibrate(checkpoint, pred, "--method", "scalepredictor", "--budget-bops", "1e9") == 2
 
 
-def test_add_parser_registers_the_subcommand():
+def test_add_parser_registers_the_subcommand(tmp_path):
+    table = tmp_path / "T.json"  # --latency-table must name an existing file
+    table.write_text("{}")
     p = argparse.ArgumentParser(prog="pyruntime")
     add_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "2e9", "--out", "x.json",
@@ -109,7 +111,7 @@ def test_add_parser_registers_the_subcommand():
         p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "1", "--budget-bytes", "1", "--out", "x"])
     args = p.parse_args(["calibrate", "--method", "quee", "--reduced", "w4a6", "--out", "x.json", "--lam", "0.5"])
     assert args.reduced == LayerPolicy(4, 6) and args.lam == 0.5 and args.every == 3 and args.base is None
-    args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", "T.json",
+    args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", str(table),
                          "--out", "x.json", "--exit-blocks", "0,3", "--per-head"])
     assert args.exit_blocks == [0, 3] and args.per_head and args.max_drop is None and args.holdout is None  # maqee: 0.5
     with pytest.raises(SystemExit):
