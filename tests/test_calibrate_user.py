@@ -43,8 +43,8 @@ def synthetic(n: int, seed: int):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
     strength = rng.uniform(0.0, 1.0, n)
-    x = 110 + 35 * rng.standard_normal((n, 32, 32, 3))
-    x[np.arange(n), :, :, y] += 70 * strength[:, None, None]
+    x = 110 + 60 * rng.standard_normal((n, 32, 32, 3))
+    x[np.arange(n), :, :, y] += 12 * strength[:, None, None]
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
@@ -76,17 +76,21 @@ def user(tmp_path_factory):
     pre = Preprocess.from_timm(model)
     x_u8, y = synthetic(1024, 10)
     x, yt = torch.from_numpy(pre.normalize(x_u8)), torch.from_numpy(y)
-    opt = torch.optim.Adam(list(model.parameters()) + list(heads.parameters()), lr=5e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    head_opt = torch.optim.Adam(heads.parameters(), lr=2e-3)
     model.train()
     for step in range(60):
         idx = torch.from_numpy(np.random.default_rng(step).choice(len(x), 64, replace=False))
         pooled, logits = _pooled(model, x[idx])
         loss = torch.nn.functional.cross_entropy(logits, yt[idx])
-        for b, head in zip(EXITS, heads):
-            loss = loss + torch.nn.functional.cross_entropy(head(pooled[b]), yt[idx])
+        if step >= 50:  # heads fitted briefly on the frozen features: weaker than the final head, so exits cost
+            for b, head in zip(EXITS, heads):
+                loss = loss + torch.nn.functional.cross_entropy(head(pooled[b].detach()), yt[idx])
         opt.zero_grad()
+        head_opt.zero_grad()
         loss.backward()
         opt.step()
+        head_opt.step()
     model.eval()
     ckpt = root / "model.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt))
@@ -196,7 +200,7 @@ def test_maqee_chooses_on_validation_and_keeps_its_promise_on_unseen_images(user
     assert (r.exit_block < 3).mean() > 0.2
 
 
-@pytest.mark.parametrize("target", [("--max-drop", "2"), ("--budget-bops", "0.7x")])
+@pytest.mark.parametrize("target", [("--max-drop", "2"), ("--budget-bops", "0.9x")])
 def test_quee_finds_lambda_on_validation(user, tmp_path, target):
     p, routes = tmp_path / "quee.json", tmp_path / "routes.json"
     text = calibrate_cli(user, "--method", "quee", "--exits", str(user["heads"]), "--every", "1", *target,
@@ -223,10 +227,12 @@ def test_quee_finds_lambda_on_validation(user, tmp_path, target):
         ok = [c for c in search["candidates"] if search["fp32_top1"] - c["top1"] <= 0.02 + 1e-12]
         assert search["mean_bops"] == min(c["mean_bops"] for c in ok)
     else:
-        budget = 0.7 * bops.static(converted(user, "w8a8", tmp_path, "w8.pyrt").graph)
+        budget = 0.9 * bops.static(converted(user, "w8a8", tmp_path, "w8.pyrt").graph)
         assert meta["budget_bops"] == pytest.approx(budget, rel=1e-12) and r.bops.mean() <= budget
         ok = [c for c in search["candidates"] if c["mean_bops"] <= budget]
         assert search["top1"] == max(c["top1"] for c in ok)
+        # this operating point uses every path, so the per-image rows were checked on all three
+        assert {row["exit_block"] for row in rows} >= {0, 3} and any("R" in row["path"] for row in rows)
 
 
 # --- errors ------------------------------------------------------------------------------------------
