@@ -313,3 +313,12 @@ def test_images_stay_uint8_and_are_normalised_per_slice():
     assert isinstance(fit.images, NormalisedImages) and fit.images.raw is raw  # no copy of the images
     assert np.array_equal(held.images[:], full[rows_held]) and np.array_equal(fit.images[1:4], full[rows_fit[1:4]])
     assert held.summary["part"] == "held-out" and len(fit) + len(held) == 10
+
+
+def test_random_weights_are_asked_for_and_said(user, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["calibrate", "--method", "uniform", "--model", NAME, "--model-kwargs", user["kwargs"],
+                 "--random-weights", "--data", str(user["npz"]), "--images", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "note: vit_tiny_patch16_224: random weights" in text and f"wrote {out}" in text
+    assert Policy.load(out).meta["calibration"]["images"] == 16

@@ -531,6 +531,8 @@ def cmd_calibrate(args) -> int:
 
         table = LatencyTable.load(args.latency_table)
     source, data = _source_and_data(args)
+    for note in source.notes:
+        print(f"note: {note}")
     kind, budget = _budget(args, source, table)
     rows = None
     if args.method == "maqee":

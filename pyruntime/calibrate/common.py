@@ -227,6 +227,7 @@ class Source:
     preprocess: Optional[dict] = None
     name: str = "model"
     exits: "object" = None   # exit heads as convert takes them (a file or {block: params}); None: the checkpoint's
+    notes: List[str] = field(default_factory=list)   # what loading adapted (e.g. resampled position embeddings)
 
     @property
     def arch(self) -> dict:
@@ -309,12 +310,12 @@ def timm_source(name: str, model_kwargs: Optional[Mapping] = None, checkpoint: O
     preprocessing, as :func:`pyruntime.convert.convert` records it."""
     from ..convert import _exit_heads, _read_exit_file, load_timm, model_arch
 
-    model, ckpt_heads, _ = load_timm(name, model_kwargs, checkpoint, random_weights)
+    model, ckpt_heads, notes = load_timm(name, model_kwargs, checkpoint, random_weights)
     arch = model_arch(model)  # an unsupported family is named before any data is read
     heads = _read_exit_file(exits) if exits is not None else ckpt_heads
     heads = _exit_heads(heads, arch)  # shapes checked now, not in the middle of a method
     return Source(model.eval(), Path(checkpoint) if checkpoint is not None else None, None, name=name,
-                  exits=heads or None)
+                  exits=heads or None, notes=list(notes))
 
 
 def torch_source(model, preprocess: Optional[Mapping] = None, name: str = "model") -> Source:
