@@ -25,8 +25,9 @@ number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per
 ``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
 or ``<f>x``, a multiple of the W8A8 policy's cost at full depth (with the run's attention
 precision). For maqee the budget is the expected cost per image with its exits; for quee
-(``--budget-bops`` only) the mean BOPs per image on the validation images. ``--attention 8`` runs every block's attention matmuls (q.k^T, attn.v) on int8
-operands: measured so while calibrating, written into the policy, costed at 8 x 8 BOPs.
+(``--budget-bops`` only) the mean BOPs per image on the validation images. ``--attention 8``
+runs every block's attention matmuls (q.k^T, attn.v) on int8 operands: measured so while
+calibrating, written into the policy, costed at 8 x 8 BOPs.
 
 Model: ``--model`` names a timm ViT that ``pyruntime convert`` accepts (``--model-kwargs``
 JSON for ``timm.create_model``, weights from ``--checkpoint`` or, asked for,
