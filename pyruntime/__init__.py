@@ -1,7 +1,7 @@
 """pyruntime: an edge inference runtime for Vision Transformers.
 
 Inference needs numpy and the compiled extension only; torch and timm are needed only to
-convert and calibrate models (``pip install pyruntime[convert]``).
+convert and calibrate models (``pip install "pyruntime-vit[convert]"``).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .runtime import Model, RunResult, load
 # The converter imports torch and timm only when called; the name is the function, which
 # shadows the submodule of the same name (import it as `from pyruntime.convert import ...`).
 from .convert import convert
+from .evaluate import evaluate
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,5 @@ _warn_if_reference_only()
 
 
 
-__all__ = ["isa", "available_isas", "kernels", "load", "Model", "RunResult", "convert",
+__all__ = ["isa", "available_isas", "kernels", "load", "Model", "RunResult", "convert", "evaluate",
            "FormatError", "PolicyError", "__version__"]

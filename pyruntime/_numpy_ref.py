@@ -330,12 +330,15 @@ def gate_path(logits: np.ndarray, gate: Mapping[str, np.ndarray], lam: float, to
     return best
 
 
-def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int, np.ndarray]:
+def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int, np.ndarray, np.ndarray, np.ndarray]:
     a = m.a
     T, D, depth = num_patches(a) + num_prefix_tokens(a), a["embed_dim"], a["depth"]
     bops, stat = 0, None
     precision = 1  # 1 full, 2 reduced (after a gate sent the image down the reduced path)
     block_path = np.zeros(depth, dtype=np.uint8)
+
+    def final_tokens(x: np.ndarray) -> np.ndarray:
+        return m.norm(x, "norm") if a["final_norm"] else x
 
     def lin(name: str, x: np.ndarray) -> np.ndarray:
         nonlocal bops
@@ -359,34 +362,37 @@ def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndar
             stat = m.range_statistic(x)
         if i in m.exits:
             e = m.exits[i]
-            logits = lin(f"exits.{i}.fc", m.norm(m.pool(x), f"exits.{i}.norm")[None])[0]
+            features = m.norm(m.pool(x), f"exits.{i}.norm")
+            logits = lin(f"exits.{i}.fc", features[None])[0]
             if e["rule"] == "gate":
                 path = gate_path(logits, m.gates[i], m.lam, m.topk)
                 bops += (m.hidden * (m.topk + 1) + 3 * m.hidden) * FP32_BITS  # the gate's MLP
                 if path == 0:
-                    return logits, i, bops, block_path
+                    return logits, i, bops, block_path, features, final_tokens(x)
                 precision = path
             elif _exit_taken(e["rule"], e["threshold"], logits):
-                return logits, i, bops, block_path
-    if a["final_norm"]:
-        x = m.norm(x, "norm")
+                return logits, i, bops, block_path, features, final_tokens(x)
+    x = final_tokens(x)
     pooled = m.pool(x)
     if a["fc_norm"]:
         pooled = m.norm(pooled, "fc_norm")
     logits = lin("head", pooled[None])[0]
+    features = pooled
     if a["dist_token"]:
         logits = (logits + lin("head_dist", x[1][None])[0]) * _F32(0.5)
-    return logits, depth - 1, bops, block_path
+        features = (pooled + x[1]) / _F32(2)
+    return logits, depth - 1, bops, block_path, features, x
 
 
 def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
-            quantized: bool = True, paths: bool = False):
+            quantized: bool = True, paths: bool = False, outputs: bool = False):
     """``(logits f32 [B, n], exit_block int32 [B], bops int64 [B])`` for images ``x``
     [B, C, H, W] (already normalised), plus ``block_path`` uint8 [B, depth] (0 not run,
     1 full, 2 reduced precision; as the runtime's) when ``paths=True``. ``quantized=False``
     runs every layer in fp32 with its stored (for integer layers: dequantised) weights, to
     isolate quantisation error; exits still apply and BOPs are still those of the graph's
-    precisions."""
+    precisions. ``outputs=True`` returns a dict instead, with ``features`` [B, D] and
+    ``tokens`` [B, T, D] (the runtime's :class:`~pyruntime.RunResult` fields) besides."""
     m = _Model(graph, tensors)
     a = m.a
     x = np.asarray(x, dtype=_F32)
@@ -398,6 +404,12 @@ def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
     exit_block = np.full(B, a["depth"] - 1, dtype=np.int32)
     bops = np.zeros(B, dtype=np.int64)
     block_path = np.zeros((B, a["depth"]), dtype=np.uint8)
+    T = num_patches(a) + num_prefix_tokens(a)
+    features = np.zeros((B, a["embed_dim"]), dtype=_F32)
+    tokens = np.zeros((B, T, a["embed_dim"]), dtype=_F32)
     for i in range(B):
-        logits[i], exit_block[i], bops[i], block_path[i] = _forward_image(m, x[i], quantized)
+        logits[i], exit_block[i], bops[i], block_path[i], features[i], tokens[i] = _forward_image(m, x[i], quantized)
+    if outputs:
+        return {"logits": logits, "exit_block": exit_block, "bops": bops, "block_path": block_path,
+                "features": features, "tokens": tokens}
     return (logits, exit_block, bops, block_path) if paths else (logits, exit_block, bops)

@@ -1,4 +1,4 @@
-"""The ``pyruntime`` command line: convert, run, inspect, bench, demo, calibrate.
+"""The ``pyruntime`` command line: convert, run, inspect, bench, demo, calibrate, eval, exits.
 
 Every sub-command is a function ``cmd_<name>(args) -> int``; :func:`main` parses and
 dispatches. Bad input of any kind -- an option out of range, a path that is missing, a
@@ -155,6 +155,20 @@ def image_source(text: str) -> str:
     return text
 
 
+def run_input(text: str) -> str:
+    """What ``run`` takes: a ``.npy``, an ``.npz``, an image file or a folder (of images, or of
+    one sub-folder per class)."""
+    from .imagedata import IMAGE_EXTENSIONS
+
+    if Path(text).is_dir():
+        return text
+    input_file(text)
+    if Path(text).suffix.lower() not in (".npy", ".npz") + IMAGE_EXTENSIONS:
+        raise argparse.ArgumentTypeError(f"{text}: expected a .npy file or a folder of images, an .npz with "
+                                         f"'images' and 'labels', or image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return text
+
+
 def policy_spec(text: str) -> str:
     """A policy shorthand (fp32, w8a8, ...) or a policy JSON file."""
     from .policy import SHORTHANDS
@@ -266,6 +280,8 @@ def cmd_convert(args) -> int:
 
     if args.source == "reference" and args.exits:  # the reference checkpoint carries its own exit heads
         raise ValueError("the reference checkpoint carries its own exit heads; --exits does not apply")
+    if args.source == "reference" and (args.model_kwargs is not None or args.random_weights):
+        raise ValueError("the reference model takes neither --model-kwargs nor --random-weights")
     if args.source == "reference":
         check_reference_checkpoint(args.checkpoint)
     else:
@@ -279,25 +295,73 @@ def cmd_convert(args) -> int:
 
         out = convert_reference(args.out, policy, path=args.checkpoint)
     else:
-        from .convert import convert
+        from .convert import convert, load_timm
 
-        out = convert(args.source, args.out, checkpoint=args.checkpoint, policy=policy, exits=args.exits)
+        # load_timm names what it adapted (position embeddings resampled, random weights);
+        # convert then loads the checkpoint into that model again, for its provenance.
+        model, _, notes = load_timm(args.source, args.model_kwargs, args.checkpoint, args.random_weights)
+        for note in notes:
+            print(f"note: {note}")
+        out = convert(model, args.out, checkpoint=args.checkpoint, policy=policy, exits=args.exits)
     print(f"wrote {out}")
     return 0
+
+
+def _has_class_folders(p: Path) -> bool:
+    return p.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(p))
+
+
+def _run_inputs(paths: List[str], model):
+    """(images for Model.run, a name per image, labels or None, class names or None) from
+    ``run``'s inputs: one ``.npy``; one ``.npz`` or one folder of class sub-folders (labelled,
+    through :func:`pyruntime.imagedata.read_dataset`); or image files and flat folders of them
+    (any sizes: Model.run resizes them as the model's preprocessing says)."""
+    from .imagedata import IMAGE_EXTENSIONS, _decode, _pil, read_dataset
+
+    first = Path(paths[0])
+    labelled = first.suffix.lower() in (".npy", ".npz") or _has_class_folders(first)
+    if labelled and len(paths) > 1:
+        raise ValueError(f"{first} must be the only input: pass image files and flat folders together, or one "
+                         f".npy, .npz or folder of class sub-folders")
+    if first.suffix.lower() == ".npy" and first.is_file():
+        x = _load_images(str(first))
+        return x, [str(i) for i in range(len(x))], None, None
+    if labelled:
+        d = read_dataset(first, model.preprocessing, num_classes=int(model.arch["num_classes"]))
+        return d.images, [str(i) for i in range(len(d))], d.labels, d.classes
+    files: List[Path] = []
+    for p in map(Path, paths):
+        found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if p.is_dir() else [p]
+        if p.is_dir() and not found:
+            raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {p}")
+        files += found
+    Image = _pil()
+    return [_decode(f, model.input_shape[0], Image) for f in files], [f.name for f in files], None, None
+
+
+def _class_name(c: int, classes) -> str:
+    return f"{c} ({classes[c]})" if classes is not None and c < len(classes) and classes[c] != str(c) else str(c)
 
 
 def cmd_run(args) -> int:
     from .runtime import load
 
     model = load(args.model, num_threads=args.threads)
-    x = _load_images(args.images)
+    images, names, labels, classes = _run_inputs(args.images, model)
+    x = images if isinstance(images, np.ndarray) else model.preprocess(images)
     r = model.run(x)
     probs = np.exp(r.logits - r.logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     for i in range(len(r.logits)):
         top = np.argsort(-probs[i])[: args.top_k]
         best = ", ".join(f"{c}:{probs[i, c]:.3f}" for c in top)
-        print(f"image {i}: class {top[0]}  [{best}]  exit block {r.exit_block[i]}  {r.bops[i] / 1e9:.3f} GBOPs")
+        name = "" if names[i] == str(i) else f" {names[i]}"
+        label = "" if labels is None else f"  label {_class_name(int(labels[i]), classes)}"
+        print(f"image {i}:{name} class {_class_name(int(top[0]), classes)}  [{best}]{label}  exit block "
+              f"{r.exit_block[i]}  {r.bops[i] / 1e9:.3f} GBOPs")
+    if labels is not None:
+        correct = int((r.predictions == labels).sum())
+        print(f"top-1: {correct}/{len(labels)} = {100 * correct / len(labels):.2f}%")
     return 0
 
 
@@ -448,6 +512,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .exits import add_model_arguments, add_parser as add_exits_parser
+
     p = _Parser(prog="pyruntime", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -455,16 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="timm model name, or 'reference' for the shipped reference ViT (exit heads "
                                   "included; --checkpoint: another checkpoint in its format)")
     c.add_argument("out", type=output_file, help="output model file")
-    c.add_argument("--checkpoint", type=input_file,
-                   help=".pth/.safetensors state dict (may also hold exits.* heads)")
+    add_model_arguments(c)
     c.add_argument("--policy", type=policy_spec, default="fp32",
                    help="fp32 | w8a8 | w4a8 | w8a8-attn8 | w4a8-attn8 | path to a policy JSON")
     c.add_argument("--exits", help="safetensors file of exit heads (exits.<b>.norm/fc.*)")
     c.set_defaults(func=cmd_convert)
 
-    r = sub.add_parser("run", help="run images (a .npy or a folder) and print predictions")
+    r = sub.add_parser("run", help="run images (.npy, .npz, image files or a folder) and print predictions")
     r.add_argument("model", type=input_file)
-    r.add_argument("images", type=image_source)
+    r.add_argument("images", type=run_input, nargs="+",
+                   help="a .npy (uint8 [B, H, W(, C)] or normalised float32 [B, C, H, W]); an .npz with 'images' and "
+                        "'labels' or a folder of class sub-folders (labels and class names printed); or image "
+                        "files and folders of them, any size (resized as the model's preprocessing says)")
     r.add_argument("--threads", type=thread_count)
     r.add_argument("--top-k", type=positive_int, default=3)
     r.set_defaults(func=cmd_run)
@@ -503,8 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from .calibrate.cli import add_parser as add_calibrate_parser
+    from .evaluate import add_parser as add_eval_parser
 
     add_calibrate_parser(sub)
+    add_eval_parser(sub)
+    add_exits_parser(sub)
     return p
 
 

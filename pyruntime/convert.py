@@ -12,7 +12,7 @@ the same quantiser; the bias stays the layer's) and the gate MLPs (``gates.{b}.*
 policy's ``gates.weights``) and costs (written as the policy gives them).
 
 torch and timm are imported inside the functions that need them (``pip install
-pyruntime[convert]``). Checkpoints must hold timm-format state dicts (what
+pyruntime-vit[convert]``). Checkpoints must hold timm-format state dicts (what
 ``model.state_dict()`` gives); foreign layouts (original DeiT/JAX) go through timm first.
 """
 from __future__ import annotations

@@ -33,7 +33,15 @@ class RunResult:
     ``block_path`` uint8 [B, depth]: per block, 0 not run, 1 run at the policy's (full)
     precision, 2 run at the reduced precision a QuEE gate switched the image to;
     ``exit_logits`` float32 [exits, B, classes]: every exit head's logits, only from
-    ``run(..., collect_exits=True)``, where no image leaves early.
+    ``run(..., collect_exits=True)``, where no image leaves early;
+    ``features`` float32 [B, D]: the pre-logits features of the head that answered -- for the
+    final head timm's ``forward_head(x, pre_logits=True)`` (pooled, fc_norm'ed; a distilled
+    model: the mean of its class and distillation tokens), for an image that exited early its
+    exit head's LayerNorm'ed pooled features;
+    ``tokens`` float32 [B, T, D], only from ``run(..., tokens=True)``: timm's
+    ``forward_features`` (every token, prefix tokens first, after the final norm); an image that
+    exited early gives the tokens after its exit block (``exit_block``), through the final norm.
+    An image whose forward pass met a non-finite value has NaN logits, features and tokens.
     """
 
     logits: np.ndarray
@@ -43,6 +51,8 @@ class RunResult:
     isa: str
     block_path: Optional[np.ndarray] = None
     exit_logits: Optional[np.ndarray] = None
+    features: Optional[np.ndarray] = None
+    tokens: Optional[np.ndarray] = None
 
     @property
     def predictions(self) -> np.ndarray:
@@ -117,20 +127,22 @@ class Model:
         return np.ascontiguousarray(x)
 
     def run(self, x: np.ndarray, *, num_threads: Optional[int] = None, isa: Optional[str] = None,
-            collect_exits: bool = False) -> RunResult:
+            collect_exits: bool = False, tokens: bool = False) -> RunResult:
         """Run a batch. ``x``: float32 [B, C, H, W] already normalised, or uint8 [B, H, W, C]
         (any H, W: see :meth:`preprocess`).
 
         ``collect_exits=True`` evaluates every exit head without letting any image leave and
         returns their logits in ``exit_logits`` (for calibrating thresholds); QuEE gates then
         decide nothing either, so every image runs every block at full precision.
+        ``tokens=True`` also returns every token (:class:`RunResult`), for dense heads.
         """
         x = self._check_input(x)
         threads = num_threads if num_threads is not None else self.num_threads
         _check_threads(threads)
-        out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa, bool(collect_exits))
+        out = self._executor.run(x, None if threads is None else int(threads), isa or self.isa, bool(collect_exits),
+                                 bool(tokens))
         return RunResult(out["logits"], out["exit_block"], out["bops"], out["stat"], out["isa"],
-                         out["block_path"], out.get("exit_logits"))
+                         out["block_path"], out.get("exit_logits"), out["features"], out.get("tokens"))
 
     def profile(self, on: bool = True) -> None:
         """Start (or stop) accumulating per-op time; read it with :meth:`layer_times`."""

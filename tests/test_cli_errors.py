@@ -121,7 +121,7 @@ def test_convert_bad_output_path(files, out, words):
 
 def test_corrupt_png_in_an_image_folder(files):
     pytest.importorskip("PIL")
-    assert_one_line_error(cli("run", files["model"], files["bad_images"]), r"a\.png", "cannot decode image")
+    assert_one_line_error(cli("run", files["model"], files["bad_images"]), r"a\.png", "cannot read the image")
 
 
 @pytest.mark.parametrize("which, words", [

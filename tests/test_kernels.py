@@ -211,3 +211,63 @@ def test_pyruntime_isa_env_override(monkeypatch):
     env["PYRUNTIME_ISA"] = "sse9"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "unknown ISA 'sse9'" in out.stderr
+
+
+# Non-finite input (csrc/kernels/kernels.h): every ISA puts NaN exactly where ref does and equals
+# it bit for bit elsewhere. pyruntime.kernels refuses NaN input, so these go through _core.
+NONFINITE = {
+    "nan": np.float32(np.nan),
+    "-nan": -np.float32(np.nan),
+    "snan": np.array([0x7F800001], np.uint32).view(np.float32)[0],
+    "nan-payload": np.array([0xFFFFFFFF], np.uint32).view(np.float32)[0],
+    "inf": np.float32(np.inf),
+    "-inf": np.float32(-np.inf),
+}
+
+
+def with_special(rows, n, value, seed):
+    """rows x n random floats; row 1 gets `value` at its first, middle and last place in turn
+    (one place per call of the returned list), rows 0 and 2 stay finite."""
+    out = []
+    for at in sorted({0, n // 2, n - 1}):
+        x = rand((rows, n), seed, 3.0)
+        x[1, at] = value
+        out.append((x, at))
+    return out
+
+
+def assert_same_nan_pattern(got, want, what):
+    assert np.array_equal(np.isnan(got), np.isnan(want)), what
+    fin = ~np.isnan(want)
+    assert np.array_equal(got[fin].view(np.int32), want[fin].view(np.int32)), what
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 33, 65, 197])
+@pytest.mark.parametrize("special", list(NONFINITE))
+def test_nonfinite_inputs_identical_on_every_isa(special, n):
+    value = NONFINITE[special]
+    for x, at in with_special(3, n, value, n):
+        g, b = rand((n,), 5) + 1, rand((n,), 6)
+        want = {
+            "gelu": _core.gelu(x, "ref"),
+            "softmax": _core.softmax(x, 0.125, "ref"),
+            "softmax scale<0": _core.softmax(x, -0.5, "ref"),
+            "layernorm": _core.layernorm(x, g, b, 1e-6, "ref"),
+        }
+        # The rules themselves, on ref: NaN at the NaN element for GELU, whole row for the
+        # row-wise ops; the finite rows untouched.
+        if np.isnan(value):
+            assert np.isnan(want["gelu"][1, at]) and np.isnan(want["gelu"]).sum() == 1
+            for op in ("softmax", "softmax scale<0", "layernorm"):
+                assert np.isnan(want[op][1]).all() and not np.isnan(want[op][[0, 2]]).any(), op
+        if special == "inf":
+            assert want["gelu"][1, at] == np.inf
+        for isa in ISAS:
+            got = {
+                "gelu": _core.gelu(x, isa),
+                "softmax": _core.softmax(x, 0.125, isa),
+                "softmax scale<0": _core.softmax(x, -0.5, isa),
+                "layernorm": _core.layernorm(x, g, b, 1e-6, isa),
+            }
+            for op in want:
+                assert_same_nan_pattern(got[op], want[op], (isa, op, special, n, at))

@@ -23,6 +23,6 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch, torchvision" 2>/dev/null; then
   $PY -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-$PY -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+$PY -m pip install -q "scikit-build-core>=1.0" "pybind11>=2.12" ninja cmake
 $PY -m pip install -q --no-build-isolation -e ".[convert,calibrate,test,bench]"
 $PY -c "import pyruntime; print('pyruntime', pyruntime.__version__, 'ISA', pyruntime.isa(), 'of', pyruntime.available_isas())"

@@ -7,10 +7,12 @@ an early-exit head after every block.
 
 Stage 1 trains the backbone (AdamW, cosine schedule with linear warmup, label
 smoothing, random crop with padding 2 + horizontal flip on tensors).  The
-weights are then rounded to fp16 (what is shipped); stage 2 caches the class
-token output of every block (no augmentation) with the rounded backbone and
-trains one LayerNorm + Linear exit head per block except the last (whose exit
-is the model's own norm + head).  Every exit is evaluated on the test images
+weights are then rounded to fp16 (what is shipped); stage 2 fits one
+LayerNorm + Linear exit head per block except the last (whose exit is the
+model's own norm + head) on the frozen rounded backbone with
+``pyruntime.exits.fit_exit_heads`` -- the code ``pyruntime exits fit`` runs:
+class-token features cached once (no augmentation), 10% of the training images
+held out, each head keeping its epoch of lowest held-out cross-entropy.  Every exit is evaluated on the test images
 using the fp16-rounded weights cast back to fp32, i.e. the shipped file.
 
 Outputs (in --out): fmnist_vit.safetensors, card.md, card.json, train_log.txt,
@@ -63,6 +65,11 @@ def _load_pkg_module(name: str):
 
 datasets = _load_pkg_module("datasets")
 reference = _load_pkg_module("reference")
+exits = _load_pkg_module("exits")
+imagedata = _load_pkg_module("imagedata")
+
+HEADS_BATCH = 256
+HEADS_HOLDOUT = 0.1
 
 
 # --------------------------------------------------------------------------- io
@@ -338,61 +345,32 @@ def main(argv=None) -> int:
             torch.save(ck, tmp)
             os.replace(tmp, args.ckpt)
 
-    # ---- stage 2: round to fp16 (what ships), cache per-block cls features, train exit heads
+    # ---- stage 2: round to fp16 (what ships), fit exit heads on the frozen rounded backbone
     t_heads = time.time()
     backbone16 = fp16_round(model.state_dict())
     model = timm.models.vision_transformer.VisionTransformer(**timm_kwargs)
     model.load_state_dict({k: v.float() for k, v in backbone16.items()}, strict=True)
     model.eval()
     depth = len(model.blocks)
-
-    def cache(x_u8, bs=500):
-        feats = [[] for _ in range(depth)]
-        with torch.inference_mode():
-            for i in range(0, len(x_u8), bs):
-                for b, f in enumerate(reference.block_cls_features(model, to_input(x_u8[i:i + bs], mean, std))):
-                    feats[b].append(f.clone())
-        return [torch.cat(f) for f in feats]
-
-    ftr = cache(xtr_t)
-    log(f"cached {depth} x {tuple(ftr[0].shape)} train cls features in {time.time() - t_heads:.0f}s")
-
     extra_blocks = list(range(depth - 1))
-    heads = {b: reference.make_exit_head(args.embed_dim, 10) for b in extra_blocks}
-    params = [p_ for h in heads.values() for p_ in h.parameters()]
-    hopt = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
-    hbs = 256
-    hsteps = (N // hbs) * args.head_epochs
-    hstep = 0
-    for he in range(args.head_epochs):
-        perm = torch.randperm(N, generator=gen)
-        tot = {b: 0.0 for b in extra_blocks}
-        for i in range(N // hbs):
-            idx = perm[i * hbs:(i + 1) * hbs]
-            y = ytr_t[idx]
-            lr = lr_at(hstep, hsteps, 0, 2e-3, 2e-5)
-            for g in hopt.param_groups:
-                g["lr"] = lr
-            loss = 0.0
-            for b in extra_blocks:
-                lb = F.cross_entropy(heads[b](ftr[b][idx]), y, label_smoothing=args.label_smoothing)
-                tot[b] += float(lb)
-                loss = loss + lb
-            hopt.zero_grad(set_to_none=True)
-            loss.backward()
-            hopt.step()
-            hstep += 1
-        nb = N // hbs
-        log(f"exit heads epoch {he + 1}/{args.head_epochs}  mean loss per block: "
-            + " ".join(f"{b}:{tot[b] / nb:.3f}" for b in extra_blocks))
-    del ftr
+    log(f"exit heads: caching {len(extra_blocks)} x {N} x {args.embed_dim} class-token features "
+        f"({len(extra_blocks) * N * args.embed_dim * 4 / 1e6:.0f} MB)")
+    # The runtime's own normalisation (Preprocess.normalize), as the converted file will apply it.
+    pre = imagedata.Preprocess(input_size=(1, 28, 28), mean=(mean,), std=(std,), crop_pct=1.0)
+    train_images = imagedata.LabelledImages(xtr[..., None], ytr, list(datasets.FASHION_MNIST_CLASSES), pre)
+    heads, heads_report = exits.fit_exit_heads(
+        model, train_images, extra_blocks, epochs=args.head_epochs, holdout=HEADS_HOLDOUT, lr=2e-3,
+        weight_decay=1e-4, label_smoothing=args.label_smoothing, batch_size=HEADS_BATCH, seed=args.seed,
+        show_progress=not args.no_progress, feature_batch=500, log=log)
+    for line in heads_report.lines():
+        log(line)
     heads_seconds = time.time() - t_heads
 
     # ---- assemble the shipped tensors (fp16) and evaluate exactly what ships
     tensors = dict(backbone16)
     for b in extra_blocks:
-        for k, v in heads[b].state_dict().items():
-            tensors[f"exits.{b}.{k}"] = v.detach().to(torch.float16).contiguous()
+        for k, v in heads[b].items():
+            tensors[f"exits.{b}.{k}"] = torch.from_numpy(v).to(torch.float16).contiguous()
     metadata = {
         "format": reference.FORMAT,
         "timm_kwargs": json.dumps(timm_kwargs, sort_keys=True),
@@ -422,6 +400,7 @@ def main(argv=None) -> int:
         "exit_blocks": list(range(depth)),
         "extra_exit_blocks": extra_blocks,
         "exit_top1": {str(b): exit_top1[b] for b in range(depth)},
+        "exit_heads_fit": heads_report.to_dict(),
         "final_top1": final_top1,
         "train_seconds": train_seconds,
         "heads_seconds": heads_seconds,
@@ -440,9 +419,11 @@ def main(argv=None) -> int:
                    "label_smoothing": args.label_smoothing, "grad_clip": 1.0, "drop_path": args.drop_path,
                    "augmentation": f"random crop 28 from zero-padded 32 (pad 2), horizontal flip p=0.5"
                                    + (f", random erasing p={args.random_erasing}" if args.random_erasing else ""),
-                   "exit_heads": f"backbone frozen (fp16-rounded); cached cls features, no augmentation; "
-                                 f"AdamW lr 2e-3 cosine, wd 1e-4, batch {hbs}, {args.head_epochs} epochs, "
-                                 f"label smoothing {args.label_smoothing}",
+                   "exit_heads": f"pyruntime.exits.fit_exit_heads: backbone frozen (fp16-rounded); cached cls "
+                                 f"features, no augmentation; AdamW lr 2e-3 cosine, wd 1e-4, batch {HEADS_BATCH}, "
+                                 f"at most {args.head_epochs} epochs, label smoothing {args.label_smoothing}; "
+                                 f"{HEADS_HOLDOUT:.0%} of the training images held out, each head keeps its "
+                                 f"epoch of lowest held-out cross-entropy",
                    "seed": args.seed, "threads": args.threads, "tiny": args.tiny},
         "evaluation": "top-1 on the test images with the shipped fp16 weights cast to fp32",
         "history": history,

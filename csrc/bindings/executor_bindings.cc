@@ -26,7 +26,7 @@ namespace {
 py::array tensor(const py::dict& t, const std::string& name) {
   if (!t.contains(name)) bad("missing tensor '" + name + "'");
   py::object v = t[py::str(name)];
-  if (!py::isinstance<py::array>(v)) bad("tensor '" + name + "' is a " + std::string(py::str(v.get_type().attr("__name__"))) + ", not a numpy array");
+  if (!py::isinstance<py::array>(v)) bad("tensor '" + name + "' is a " + std::string(py::str(py::type::handle_of(v).attr("__name__"))) + ", not a numpy array");
   return py::reinterpret_borrow<py::array>(v);
 }
 
@@ -268,7 +268,7 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
 }
 
 py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::optional<long long> threads,
-             std::optional<std::string> isa, bool collect_exits) {
+             std::optional<std::string> isa, bool collect_exits, bool tokens) {
   const Arch& a = ex.spec().arch;
   if (x.ndim() != 4 || size_t(x.shape(1)) != a.in_chans || size_t(x.shape(2)) != a.img_h ||
       size_t(x.shape(3)) != a.img_w)
@@ -280,7 +280,10 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   for (ssize_t i = 0; i < x.size(); ++i)
     if (!std::isfinite(x.data()[i])) bad("images contain NaN or Inf");
   const float* xp = x.data();
-  RunResult r = without_gil([&] { return ex.run(xp, B, ctx, collect_exits); });
+  RunOptions opts;
+  opts.collect_exits = collect_exits;
+  opts.tokens = tokens;
+  RunResult r = without_gil([&] { return ex.run(xp, B, ctx, opts); });
   py::dict out;
   py::array_t<float> logits({B, a.num_classes});
   std::copy(r.logits.begin(), r.logits.end(), logits.mutable_data());
@@ -291,6 +294,14 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   py::array_t<uint8_t> path({B, a.depth});
   std::copy(r.block_path.begin(), r.block_path.end(), path.mutable_data());
   out["block_path"] = path;
+  py::array_t<float> features({B, a.embed_dim});
+  std::copy(r.features.begin(), r.features.end(), features.mutable_data());
+  out["features"] = features;
+  if (tokens) {
+    py::array_t<float> tok({B, a.tokens(), a.embed_dim});
+    std::copy(r.tokens.begin(), r.tokens.end(), tok.mutable_data());
+    out["tokens"] = tok;
+  }
   out["isa"] = std::string(ctx.kt->name);
   if (collect_exits) {
     py::array_t<float> el({ex.spec().exits.size(), B, a.num_classes});
@@ -317,7 +328,7 @@ void register_executor(py::module_& m) {
            }),
            py::arg("graph"), py::arg("tensors"))
       .def("run", &run, py::arg("x"), py::arg("num_threads") = py::none(), py::arg("isa") = py::none(),
-           py::arg("collect_exits") = false)
+           py::arg("collect_exits") = false, py::arg("tokens") = false)
       .def("set_profiling", &Executor::set_profiling)
       .def("profile", &Executor::profile)
       .def("reset_profile", &Executor::reset_profile)

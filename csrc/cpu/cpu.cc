@@ -17,6 +17,8 @@
 #include <sched.h>
 #endif
 
+#include "isas.h"
+
 namespace pyrt {
 namespace {
 
@@ -52,14 +54,13 @@ CpuFeatures detect() {
 CpuFeatures detect() { return CpuFeatures{}; }
 #endif
 
-// Candidates in order of preference, worst first: (name, table if built, CPU supports it).
+// The usable ISAs, worst first: built, and supported by this CPU -- asked in that order, and
+// only then is the table fetched (isas.h).
 std::vector<std::pair<std::string, const KernelTable*>> usable() {
   const CpuFeatures& f = cpu_features();
-  std::vector<std::pair<std::string, const KernelTable*>> out{{"ref", ref_kernels()}};
-  if (avx2_kernels() && f.avx2) out.emplace_back("avx2", avx2_kernels());
-  if (avx512vnni_kernels() && f.avx512vnni) out.emplace_back("avx512vnni", avx512vnni_kernels());
-  if (neon_kernels() && f.neon) out.emplace_back("neon", neon_kernels());
-  if (neondot_kernels() && f.neon && f.dotprod) out.emplace_back("neondot", neondot_kernels());
+  std::vector<std::pair<std::string, const KernelTable*>> out;
+  for (const IsaInfo& isa : kIsas)
+    if (isa.built && isa.supported(f)) out.emplace_back(isa.name, isa.table());
   return out;
 }
 
@@ -76,12 +77,18 @@ std::vector<std::string> available_isas() {
   return names;
 }
 
+std::string known_isas() {
+  std::string names;
+  for (const IsaInfo& isa : kIsas) names += (names.empty() ? "" : ", ") + std::string(isa.name);
+  return names;
+}
+
 const KernelTable* kernels_for(const std::string& name) {
   for (const auto& u : usable())
     if (u.first == name) return u.second;
-  const std::set<std::string> known{"ref", "avx2", "avx512vnni", "neon", "neondot"};
-  if (!known.count(name))
-    throw std::invalid_argument("unknown ISA '" + name + "' (known: ref, avx2, avx512vnni, neon, neondot)");
+  bool known = false;
+  for (const IsaInfo& isa : kIsas) known = known || name == isa.name;
+  if (!known) throw std::invalid_argument("unknown ISA '" + name + "' (known: " + known_isas() + ")");
   std::string have;
   for (const auto& n : available_isas()) have += (have.empty() ? "" : ", ") + n;
   throw std::invalid_argument("ISA '" + name + "' is not available on this CPU/build (available: " +

@@ -26,6 +26,9 @@ const CpuFeatures& cpu_features();
 // Names of the ISAs usable here, from the most portable ("ref") to the best.
 std::vector<std::string> available_isas();
 
+// Every ISA name this library knows, comma-separated, whether built here or not (for messages).
+std::string known_isas();
+
 // The table for `name`; throws std::invalid_argument naming the problem when the ISA is
 // unknown, not built, or not supported by this CPU.
 const KernelTable* kernels_for(const std::string& name);

@@ -690,8 +690,9 @@ class Runner {
   // An exit head after block l: every active image's logits; with collect_exits they are only
   // recorded, else each image exits, continues at full precision or (a gate) at reduced
   // precision, and the images that go on are compacted to the front of the residual stream.
-  void exit_head(const ExitHead& e, size_t exit_index, size_t l, Batch& batch, bool collect_exits,
-                   std::vector<double>& probs) {
+  void exit_head(const ExitHead& e, size_t exit_index, size_t l, Batch& batch, const RunOptions& opts,
+                 std::vector<double>& probs) {
+    const bool collect_exits = opts.collect_exits;
     const Arch& a = a_;
     const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, B = batch.stat.size();
     RunResult& res = *batch.res;
@@ -717,10 +718,22 @@ class Runner {
       if (path[i] == kPathExit) {
         const size_t orig = batch.active[i];
         std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
+        std::memcpy(res.features.data() + orig * D, ws.pooled2.data() + i * D, D * sizeof(float));
+        if (opts.tokens) final_tokens(x + i * T * D, 1, res.tokens.data() + orig * T * D);
         res.exit_block[orig] = int32_t(l);
       }
     }
     compact(path, T * D, batch);
+  }
+
+  // `images` images' tokens through the final norm (timm's forward_features), into `out`.
+  void final_tokens(const float* x, size_t images, float* out) {
+    const size_t rows = images * a_.tokens(), D = a_.embed_dim;
+    if (a_.final_norm) {
+      layernorm_rows(ctx_, s_.norm, a_.eps, x, rows, D, out);
+    } else {
+      std::memcpy(out, x, rows * D * sizeof(float));
+    }
   }
 
   // Images that exit leave; the rest move up so later blocks run on fewer rows, full-precision
@@ -761,30 +774,41 @@ class Runner {
   }
 
   // The final norm, pooling and classifier of the images still running.
-  void final_head(Batch& batch) {
+  void final_head(Batch& batch, const RunOptions& opts) {
     const Arch& a = a_;
     const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, imgs = batch.active.size();
     float* x = ws.x.data();
-    // Only the rows that pooling reads need the final norm.
+    RunResult& res = *batch.res;
+    // Only the rows that pooling reads need the final norm, unless every token is returned.
     if (a.final_norm) {
-      if (a.avg_pool) {
+      if (a.avg_pool || opts.tokens) {
         layernorm_rows(ctx_, s_.norm, a.eps, x, imgs * T, D, x);
       } else {
         for (size_t i = 0; i < imgs; ++i)
           ctx_.kt->layernorm(a.dist_token ? 2 : 1, D, x + i * T * D, D, s_.norm.weight.data(), s_.norm.bias.data(), a.eps, x + i * T * D, D);
       }
     }
+    if (opts.tokens)
+      for (size_t i = 0; i < imgs; ++i)
+        std::memcpy(res.tokens.data() + batch.active[i] * T * D, x + i * T * D, T * D * sizeof(float));
     pool(x, imgs, ws.pooled.data());
     if (a.fc_norm)
       ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, s_.fc_norm.weight.data(), s_.fc_norm.bias.data(), a.eps, ws.pooled.data(), D);
+    for (size_t i = 0; i < imgs; ++i)
+      std::memcpy(res.features.data() + batch.active[i] * D, ws.pooled.data() + i * D, D * sizeof(float));
     linear_rows(s_.head, ws.pooled.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
     if (a.dist_token) {
       for (size_t i = 0; i < imgs; ++i) std::memcpy(ws.pooled2.data() + i * D, x + (i * T + 1) * D, D * sizeof(float));
+      // timm's pre-logits of a distilled model: the mean of the two tokens.
+      for (size_t i = 0; i < imgs; ++i) {
+        float* f = res.features.data() + batch.active[i] * D;
+        for (size_t d = 0; d < D; ++d) f[d] = (f[d] + ws.pooled2[i * D + d]) / 2.0f;
+      }
       linear_rows(s_.head_dist, ws.pooled2.data(), imgs, 1, ws.logits2.data(), batch, ws.qa, ws.row_scale);
       for (size_t i = 0; i < imgs * NC; ++i) ws.logits[i] = (ws.logits[i] + ws.logits2[i]) * 0.5f;
     }
     for (size_t i = 0; i < imgs; ++i)
-      std::memcpy(batch.res->logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
+      std::memcpy(res.logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
   }
 
  private:
@@ -807,7 +831,8 @@ float range_statistic(const KernelTable& kt, const float* x, size_t n, size_t ch
 
 }  // namespace
 
-RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, bool collect_exits) {
+RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, const RunOptions& opts) {
+  const bool collect_exits = opts.collect_exits;
   std::lock_guard<std::mutex> lk(mu_);
   const Arch& a = spec_.arch;
   const size_t T = a.tokens(), D = a.embed_dim, F = a.mlp_hidden, NC = a.num_classes;
@@ -817,6 +842,8 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
   res.bops.assign(B, 0);
   res.stat.assign(B, std::numeric_limits<float>::quiet_NaN());
   if (collect_exits) res.exit_logits.assign(spec_.exits.size() * B * NC, 0.0f);
+  res.features.assign(B * D, 0.0f);
+  if (opts.tokens) res.tokens.assign(B * T * D, 0.0f);
   res.block_path.assign(B * a.depth, 0);
   if (B == 0) return res;
 
@@ -897,11 +924,11 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
 
     if (next_exit < spec_.exits.size() && spec_.exits[next_exit].block == int(l)) {
       const size_t exit_index = next_exit++;
-      run.timed("exits." + std::to_string(l), [&] { run.exit_head(spec_.exits[exit_index], exit_index, l, batch, collect_exits, probs); });
+      run.timed("exits." + std::to_string(l), [&] { run.exit_head(spec_.exits[exit_index], exit_index, l, batch, opts, probs); });
     }
   }
 
-  if (!batch.active.empty()) run.timed("head", [&] { run.final_head(batch); });
+  if (!batch.active.empty()) run.timed("head", [&] { run.final_head(batch, opts); });
 
   // Images that met a non-finite value answer NaN (every head's logits, with collect_exits).
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -910,6 +937,8 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, boo
     if (!std::all_of(li, li + NC, [](float v) { return std::isfinite(v); })) batch.nonfinite[img] = 1;
     if (!batch.nonfinite[img]) continue;
     std::fill(res.logits.begin() + img * NC, res.logits.begin() + (img + 1) * NC, nan);
+    std::fill_n(res.features.begin() + img * D, D, nan);
+    if (opts.tokens) std::fill_n(res.tokens.begin() + img * T * D, T * D, nan);
     for (size_t e = 0; collect_exits && e < spec_.exits.size(); ++e)
       std::fill_n(res.exit_logits.begin() + (e * B + img) * NC, NC, nan);
   }

@@ -120,6 +120,20 @@ struct RunResult {
   std::vector<float> stat;         // [B] the predictor's statistic (NaN when none)
   std::vector<float> exit_logits;  // [exits x B x num_classes], only when collecting
   std::vector<uint8_t> block_path; // [B x depth]: 0 not run, 1 full, 2 reduced precision
+  // [B x D] pre-logits features of the head that answered: the final head's pooled (and
+  // fc_norm'ed; distilled models: the mean of the class and distillation tokens) features, or
+  // an exit head's LayerNorm'ed pooled features.
+  std::vector<float> features;
+  // [B x T x D], only when asked: every token after the final norm (timm's forward_features);
+  // an image that exited early gives its tokens after its exit block, through the final norm.
+  std::vector<float> tokens;
+};
+
+struct RunOptions {
+  // Evaluate every exit head but let no image leave, and return each head's logits (what
+  // calibration needs to choose thresholds).
+  bool collect_exits = false;
+  bool tokens = false;
 };
 
 struct ExecWorkspace;  // scratch kept between runs (executor.cc)
@@ -134,9 +148,7 @@ class Executor {
   Executor& operator=(const Executor&) = delete;
 
   // x: [B x C x H x W] normalised float32. Thread-safe (one run at a time per executor).
-  // collect_exits: evaluate every exit head but let no image leave, and return each head's
-  // logits (what calibration needs to choose thresholds).
-  RunResult run(const float* x, size_t B, const RunContext& ctx, bool collect_exits = false);
+  RunResult run(const float* x, size_t B, const RunContext& ctx, const RunOptions& opts = {});
 
   // Accumulated seconds per op name since the last reset; filled only while profiling.
   void set_profiling(bool on);

@@ -23,10 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
-#include <vector>
+#include <limits>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 
 namespace pyrt {
 namespace {
@@ -79,19 +78,21 @@ inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-inline float hmax_ps(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+inline uint32_t hmax_epu32(__m256i v) {
+  __m128i s = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_max_epu32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_max_epu32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
 }
 
 // ---------------------------------------------------------------------------------------------
 // quantize_rows
 
-void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
-                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
-                        int32_t* bsum, size_t bsum_stride) {
+}  // namespace
+
+void avx2::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                         const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                         int32_t* bsum, size_t bsum_stride) {
   const float lo = -static_cast<float>(qmax), hi = static_cast<float>(qmax);
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   // packs_epi32 / packs_epi16 interleave 128-bit lanes; this puts the 32 bytes back in order.
@@ -104,7 +105,8 @@ void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t
     const __m256 vinv = _mm256_set1_ps(inv);
     size_t k = 0;
     // Same operations as ref: product, max, min, then round half to even (cvtps2dq under the
-    // default MXCSR rounding mode, which is what std::nearbyint uses too).
+    // default MXCSR rounding mode, which is what std::nearbyint uses too). max_ps(f, lo)
+    // returns lo for a NaN f, as ref's std::max(lo, f) does.
     for (; k + kKAlign <= K; k += kKAlign) {
       __m256i v[4];
       for (int i = 0; i < 4; ++i) {
@@ -126,7 +128,7 @@ void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t
       for (size_t j = c; j < c + kKAlign; ++j) {
         int8_t qv = 0;
         if (j < K) {
-          const float f = std::min(std::max(xr[j] * inv, lo), hi);
+          const float f = std::min(std::max(lo, xr[j] * inv), hi);
           qv = static_cast<int8_t>(std::nearbyint(f));
         }
         qr[j] = qv;
@@ -140,32 +142,38 @@ void quantize_rows_avx2(size_t rows, size_t K, size_t Kp, const float* x, size_t
 // ---------------------------------------------------------------------------------------------
 // absmax
 
-float absmax_avx2(size_t n, const float* x) {
-  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+float avx2::absmax(size_t n, const float* x) {
+  // As ref: the integer max of the bit patterns with the sign cleared, so a NaN always wins.
+  const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+  auto abs_bits = [&](const float* p) {
+    return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), mask);
+  };
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
-    m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(x + i + 8), mask));
-    m2 = _mm256_max_ps(m2, _mm256_and_ps(_mm256_loadu_ps(x + i + 16), mask));
-    m3 = _mm256_max_ps(m3, _mm256_and_ps(_mm256_loadu_ps(x + i + 24), mask));
+    m0 = _mm256_max_epu32(m0, abs_bits(x + i));
+    m1 = _mm256_max_epu32(m1, abs_bits(x + i + 8));
+    m2 = _mm256_max_epu32(m2, abs_bits(x + i + 16));
+    m3 = _mm256_max_epu32(m3, abs_bits(x + i + 24));
   }
-  for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + i), mask));
-  float m = hmax_ps(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
-  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_epu32(m0, abs_bits(x + i));
+  uint32_t m = hmax_epu32(_mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3)));
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Scratch
 
-// Per-thread scratch for the widened int8 GEMM operands. It grows to the largest request and
-// is kept for the thread's lifetime (a few hundred KB), so steady-state calls never allocate.
-int16_t* scratch_i16(size_t n) {
-  thread_local std::vector<int16_t> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+// Per-thread scratch for the widened int8 GEMM operands (a few hundred KB), from generic code:
+// a std::vector here would instantiate templates that generic code shares (isa_kernels.h).
+int16_t* scratch_i16(size_t n) { return static_cast<int16_t*>(thread_scratch(n * sizeof(int16_t))); }
 
 // dst[i] = src[i] for i < n (n a multiple of 4), int8 -> int16.
 inline void widen_i8(const int8_t* src, int16_t* dst, size_t n) {
@@ -259,9 +267,11 @@ __attribute__((noinline)) void qc8w_tile(size_t Kp, const int16_t* a, size_t a_s
   if constexpr (MR > 5) _mm256_store_si256(o + 10, c50), _mm256_store_si256(o + 11, c51);
 }
 
-void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                            const float* a_scale, const int8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                             const float* a_scale, const int8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   if (M == 0 || N == 0) return;
   // Rows per chunk: widened activations of about 256 KB, so that they stay in L2 (512 KB on
   // Zen 3) while every panel streams over them. Each chunk re-widens the weight panels, so
@@ -335,6 +345,8 @@ void qd8_f32_qc8w_gemm_avx2(size_t M, size_t N, size_t Kp, const int8_t* a, size
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // qd8_f32_qb4w_gemm
@@ -420,10 +432,12 @@ __attribute__((noinline)) void qb4w_tile(size_t nblocks, size_t chunks, const in
   }
 }
 
-void qd8_f32_qb4w_gemm_avx2(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                             size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                             size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   alignas(32) float b16[kNR];
   alignas(32) float s[kQB4MR * 8];
   const size_t nblocks = Kp / block, chunks = block / kKAlign;
@@ -457,6 +471,8 @@ void qd8_f32_qb4w_gemm_avx2(size_t M, size_t N, size_t Kp, size_t block, const i
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // f32_gemm
@@ -497,8 +513,10 @@ void f32_rows(size_t K, const float* a, size_t a_stride, const float* bp, const 
 
 // No K blocking: tried (K blocks of 256..1024 with partial sums through y), it was slower at
 // every ViT shape measured, 197 x 768 x 3072 included.
-void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
-                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   alignas(32) float b16[kNR];
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
@@ -523,6 +541,8 @@ void f32_gemm_avx2(size_t M, size_t N, size_t K, const float* a, size_t a_stride
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // layernorm
@@ -605,12 +625,16 @@ inline void layernorm_rows(size_t r0, size_t D, const float* x, size_t x_stride,
 }
 
 // y may alias x row for row (same stride): a group's rows are all read before any is written.
-void layernorm_avx2(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
-                    const float* beta, float eps, float* y, size_t y_stride) {
+}  // namespace
+
+void avx2::layernorm(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                     const float* beta, float eps, float* y, size_t y_stride) {
   size_t r = 0;
   for (; r + 4 <= rows; r += 4) layernorm_rows<4>(r, D, x, x_stride, gamma, beta, eps, y, y_stride);
   for (; r < rows; ++r) layernorm_rows<1>(r, D, x, x_stride, gamma, beta, eps, y, y_stride);
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // softmax
@@ -632,7 +656,7 @@ inline void exp_v(__m256* x) {
   const __m256 shift = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
   __m256 s[V], t[V], r[V], p[V];
   PYRT_EACH(i) {
-    s[i] = _mm256_max_ps(x[i], _mm256_set1_ps(-88.0f));
+    s[i] = _mm256_max_ps(_mm256_set1_ps(-88.0f), x[i]);  // = std::max(x, -88): NaN stays NaN
     t[i] = _mm256_fmadd_ps(s[i], _mm256_set1_ps(1.44269504088896341f), shift);
   }
   PYRT_EACH(i) {
@@ -662,16 +686,30 @@ inline float extremum(size_t n, const float* x) {
   auto op = [](__m256 a, __m256 b) { return kMin ? _mm256_min_ps(a, b) : _mm256_max_ps(a, b); };
   if (n < 8) {
     float m = kMin ? INFINITY : -INFINITY;
-    for (size_t i = 0; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+    for (size_t i = 0; i < n; ++i) {
+      if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+      m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+    }
     return m;
   }
+  // min_ps/max_ps drop a NaN or keep it depending on its operand position, so NaNs are
+  // tracked on the side (one unordered compare per two vectors): a NaN anywhere gives NaN, as
+  // in ref.
   __m256 m0 = _mm256_loadu_ps(x + n - 8), m1 = m0;
+  __m256 nan = _mm256_cmp_ps(m0, m0, _CMP_UNORD_Q);
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    m0 = op(m0, _mm256_loadu_ps(x + i));
-    m1 = op(m1, _mm256_loadu_ps(x + i + 8));
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+    m0 = op(m0, v0);
+    m1 = op(m1, v1);
   }
-  if (i + 8 <= n) m0 = op(m0, _mm256_loadu_ps(x + i));
+  if (i + 8 <= n) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m0 = op(m0, v);
+  }
+  if (_mm256_movemask_ps(nan)) return std::numeric_limits<float>::quiet_NaN();
   m0 = op(m0, m1);
   __m128 s = kMin ? _mm_min_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1))
                   : _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
@@ -695,7 +733,9 @@ inline float hsum_ps(__m256 v) {
 // The last n % 32 elements (up to four vectors, the last maybe partial: masked load, exp
 // lanes past n zeroed) go first, so that their chain overlaps the main loop; their sum joins
 // the lanes last, and the partial vector stays in a register until the normalising pass.
-void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+}  // namespace
+
+void avx2::softmax(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
   const __m256 vs = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
   const size_t nb = n / 32 * 32, nfull = n / 8 * 8;
@@ -732,6 +772,8 @@ void softmax_avx2(size_t rows, size_t n, float scale, float* x, size_t x_stride)
   }
 }
 
+namespace {
+
 // ---------------------------------------------------------------------------------------------
 // gelu
 
@@ -745,7 +787,9 @@ inline void gelu_v(__m256* x) {
   const __m256 clamp = _mm256_set1_ps(5.21751785f);
   __m256 xc[V], x2[V], p[V], q[V];
   PYRT_EACH(i) {
-    xc[i] = _mm256_min_ps(_mm256_max_ps(x[i], _mm256_set1_ps(-5.21751785f)), clamp);
+    // = std::min(std::max(x, -c), c), NaN kept: max_ps/min_ps return the second operand when
+    // either is NaN.
+    xc[i] = _mm256_min_ps(clamp, _mm256_max_ps(_mm256_set1_ps(-5.21751785f), x[i]));
     x2[i] = _mm256_mul_ps(xc[i], xc[i]);
   }
   PYRT_EACH(i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(5.06135211e-6f), x2[i], _mm256_set1_ps(1.50626613e-4f));
@@ -764,7 +808,9 @@ inline void gelu_v(__m256* x) {
 
 #undef PYRT_EACH
 
-void gelu_avx2(size_t n, float* x) {
+}  // namespace
+
+void avx2::gelu(size_t n, float* x) {
   constexpr int V = 4;
   size_t i = 0;
   for (; i + 8 * V <= n; i += 8 * V) {
@@ -787,6 +833,8 @@ void gelu_avx2(size_t n, float* x) {
     for (size_t j = i; j < n; ++j) x[j] = t[j - i];
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane, four vectors at a time.
@@ -819,12 +867,19 @@ inline void store_q8x8(int8_t* dst, __m256i v) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
 }
 
-void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
-                     size_t q_stride, float* scale) {
+}  // namespace
+
+void avx2::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                      size_t q_stride, float* scale) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    const __m256 vmx = _mm256_set1_ps(extremum<false>(n, xr));
+    const float mx = extremum<false>(n, xr);
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
+    const __m256 vmx = _mm256_set1_ps(mx);
     __m256i acc = _mm256_setzero_si256();  // exact: the order of an integer sum is free
     size_t i = 0;
     for (; i + 32 <= n; i += 32) {
@@ -866,32 +921,11 @@ void softmax_q8_avx2(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
 // ---------------------------------------------------------------------------------------------
 // add
 
-void add_avx2(size_t n, const float* a, const float* b, float* y) {
+void avx2::add(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
-const KernelTable* avx2_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k;
-    k.name = "avx2";
-    k.quantize_rows = quantize_rows_avx2;
-    k.absmax = absmax_avx2;
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_avx2;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_avx2;
-    k.f32_gemm = f32_gemm_avx2;
-    k.layernorm = layernorm_avx2;
-    k.softmax = softmax_avx2;
-    k.gelu = gelu_avx2;
-    k.add = add_avx2;
-    k.softmax_q8 = softmax_q8_avx2;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

@@ -1,6 +1,6 @@
 // AVX-512 VNNI int8 GEMMs (x86_64 builds only). This file alone is compiled with the AVX-512
 // F/BW/VL/VNNI flags; dispatch enables its table only when the CPU has them and the OS saves
-// the zmm and opmask state. Its table is the AVX2 table with the two integer GEMMs replaced:
+// the zmm and opmask state. Its table (tables.cc) is AVX2's with the two integer GEMMs replaced:
 // the float kernels are bit-identical on every ISA anyway, and on Zen 4 (which splits a zmm
 // op into two ymm halves) zmm float code has the same throughput as ymm (measured: a 12 x 32
 // zmm fp32 GEMM tile ran 5% slower than AVX2's 6 x 16, which is at ~95% of the FMA peak, and a
@@ -21,9 +21,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 
 // GCC 12 warns inside its own AVX-512 headers (_mm512_cvtepi32_ps and friends pass an
 // _mm512_undefined_ps() operand that the unmasked builtin never reads): a false positive.
@@ -113,14 +112,16 @@ void qc8w_tile_rows(int mr, size_t Kp, const int8_t* a, size_t a_stride, const i
   }
 }
 
-void qd8_f32_qc8w_gemm_avx512vnni(size_t M, size_t N, size_t Kp, const int8_t* a,
-                                  size_t a_stride, const float* a_scale, const int8_t* w,
-                                  const float* w_scale, const float* bias, float* y,
-                                  size_t y_stride) {
+}  // namespace
+
+void avx512vnni::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a,
+                                   size_t a_stride, const float* a_scale, const int8_t* w,
+                                   const float* w_scale, const float* bias, float* y,
+                                   size_t y_stride) {
   if (M == 0 || N == 0) return;
-  thread_local std::vector<int32_t> sums;
-  sums.resize(M);
-  row_sums(M, Kp, a, a_stride, sums.data());
+  // Per-thread scratch from generic code, not a std::vector (isa_kernels.h: ISA_ODR).
+  int32_t* sums = static_cast<int32_t*>(thread_scratch(M * sizeof(int32_t)));
+  row_sums(M, Kp, a, a_stride, sums);
   alignas(64) __m512i acc[kQC8MR * kQC8NP];
   const size_t panels = num_panels(N), panel_stride = Kp * kNR;
   for (size_t p0 = 0; p0 < panels; p0 += kQC8NP) {
@@ -157,6 +158,8 @@ void qd8_f32_qc8w_gemm_avx512vnni(size_t M, size_t N, size_t Kp, const int8_t* a
     }
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // qd8_f32_qb4w_gemm
@@ -248,10 +251,12 @@ void qb4w_tile_rows(int mr, size_t nblocks, size_t block, const int8_t* a, size_
   }
 }
 
-void qd8_f32_qb4w_gemm_avx512vnni(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                                  size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                                  size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                                  const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void avx512vnni::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                                   size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                                   size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                                   const float* bias, float* y, size_t y_stride) {
   if (M == 0 || N == 0) return;
   alignas(64) __m512 s[kQB4MR * kQB4NP];
   const size_t nblocks = Kp / block, panels = num_panels(N);
@@ -286,19 +291,6 @@ void qd8_f32_qb4w_gemm_avx512vnni(size_t M, size_t N, size_t Kp, size_t block, c
       }
     }
   }
-}
-
-}  // namespace
-
-const KernelTable* avx512vnni_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k = *avx2_kernels();
-    k.name = "avx512vnni";
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_avx512vnni;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_avx512vnni;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

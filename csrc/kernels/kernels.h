@@ -37,6 +37,14 @@
 //              polynomial folded with 2^n) and gelu_canon (PyTorch's x/2 (1 + erf(x/sqrt 2)) as
 //              fma(x, E, x/2), E a clamped odd/even rational), each fma and rounding as written
 //              there.
+// Non-finite input. NaN surfaces identically on every ISA: wherever an output depends on a NaN
+// input it is NaN (its payload and sign are not specified), and every other output keeps its
+// bits. The traps are min/max: x86's minps/maxps return the second operand when either is NaN,
+// ARM's FMINNM/FMAXNM return the number, FMIN/FMAX the NaN, and std::min/max the first operand.
+// So each clamp is written std::max(x, lo) in ref and maxps(lo, x) on x86 (the same selection,
+// NaN kept), ARM uses FMAX/FMIN where NaN must pass, and a row max tracks NaN explicitly. The
+// per-kernel rules are stated at each type below; ref.cc spells them out in scalar code.
+//
 // No estimate instructions (rcp/rsqrt): division and sqrt are the correctly rounded IEEE ops,
 // the same on every ISA. Denormals are not flushed (default MXCSR / FPCR).
 //
@@ -63,8 +71,10 @@ constexpr size_t kKGroup = 4;
 // activation block sums are kept at this granularity.
 constexpr size_t kKAlign = 32;
 
-inline size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
-inline size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
+// `static`: each file that uses them gets its own copy, so an ISA-flagged file's copy can never
+// be the one generic code links to (isa_kernels.h, ISA_ODR).
+static constexpr size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
+static constexpr size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
 
 // Preconditions every kernel relies on: Kp is a multiple of kKAlign (so of 4), block is a
 // multiple of kKAlign and divides Kp. ops.cc establishes them.
@@ -103,31 +113,42 @@ using F32GemmFn = void (*)(size_t M, size_t N, size_t K, const float* a, size_t 
 
 // q[r][k] = nearbyint(clamp(x[r][k] * inv_scale[r], -qmax, qmax)) for k < K, 0 for K <= k < Kp;
 // bsum[r][c] = sum of q[r][32c .. 32c+31]. Rounding is to nearest, ties to even, on every ISA.
+// The clamp is max(-qmax, x * inv) first, then min: a NaN product quantises to -qmax on every
+// ISA (deterministic, not meaningful: the executor refuses or poisons a row whose absmax is
+// not finite before quantising it); +-inf clamp to +-qmax.
 using QuantizeRowsFn = void (*)(size_t rows, size_t K, size_t Kp, const float* x,
                                 size_t x_stride, const float* inv_scale, int qmax, int8_t* q,
                                 size_t q_stride, int32_t* bsum, size_t bsum_stride);
 
-// max |x[i]| over n values (NaN never reaches it: inputs are validated upstream).
+// max |x[i]| over n values, as the integer max of the bit patterns with the sign cleared (NaN
+// patterns lie above +inf's, so NaN wins whatever the comparison order): the one canonical
+// quiet NaN (0x7FC00000) if any x is NaN, else +inf if any is infinite, else the max; +0 for
+// n = 0. Callers use a non-finite result to refuse or poison the row.
 using AbsMaxFn = float (*)(size_t n, const float* x);
 
-// Row-wise LayerNorm with affine; y may alias x.
+// Row-wise LayerNorm with affine; y may alias x. A NaN or infinity in a row makes the whole row
+// NaN (through the mean and variance), on every ISA.
 using LayerNormFn = void (*)(size_t rows, size_t D, const float* x, size_t x_stride,
                              const float* gamma, const float* beta, float eps, float* y,
                              size_t y_stride);
 
-// In-place row-wise softmax of `rows` rows of n values after multiplying by `scale`.
+// In-place row-wise softmax of `rows` rows of n values after multiplying by `scale`. A NaN in a
+// row makes the whole row NaN: the row max is NaN then, and so is exp(NaN). (+inf: inf - inf
+// is NaN, so the row is NaN too; a row of -inf likewise.)
 using SoftmaxFn = void (*)(size_t rows, size_t n, float scale, float* x, size_t x_stride);
 
 // Softmax of `rows` rows of n scores, quantised for the int8 attn.v GEMM (int8 attention,
 // docs/model_format.md): per element y = max((x - max) * log2 e, -126), e = 2^y by the
 // canonical exp2_q8 (ref.cc: y = n + f, |f| <= 1/2, degree-4 polynomial, fma as written
 // there), q = min(nearbyint(e * 127), 127) in [0, 127]; q[r][i] = 0 for n <= i < Kp;
-// scale[r] = 1 / float(sum of the row's q). n >= 1.
+// scale[r] = 1 / float(sum of the row's q). n >= 1. A row whose max is not finite (a NaN in
+// it, or +inf) gets q[r][0 .. Kp) = 0 and scale[r] = NaN, so its attn.v product is NaN.
 using SoftmaxQ8Fn = void (*)(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride,
                              int8_t* q, size_t q_stride, float* scale);
 
 // In-place GELU (erf form), y = x/2 (1 + erf(x / sqrt 2)), evaluated as fma(x, erf(x/sqrt 2)/2,
 // x/2) with a rational erf (ref.cc's gelu_canon); |error| < 2.1e-7 max(1, |x|).
+// gelu(NaN) = NaN, gelu(+inf) = +inf, gelu(-inf) = NaN (-inf * 0, as PyTorch's).
 using GeluFn = void (*)(size_t n, float* x);
 
 // y[i] = a[i] + b[i]; y may alias a or b.
@@ -147,8 +168,10 @@ struct KernelTable {
   AddFn add = nullptr;
 };
 
-// Tables per ISA. Each returns nullptr when the ISA was not compiled into this build.
-// Whether the running CPU supports it is cpu/'s business, not these functions'.
+// Tables per ISA (tables.cc: constant data, assembled in baseline code, so asking for one runs
+// no ISA instruction). Each returns nullptr when the ISA was not compiled into this build.
+// Whether the running CPU supports it is cpu/'s business (cpu/isas.h), and a table's kernels
+// must not be called before cpu/ said yes.
 const KernelTable* ref_kernels();
 const KernelTable* avx2_kernels();
 const KernelTable* avx512vnni_kernels();  // AVX2's table with VNNI integer GEMMs

@@ -20,8 +20,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 #include "neon_common.h"
 
 // GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
@@ -44,7 +45,8 @@ namespace {
 inline int8x16_t quantize16(const float* x, float32x4_t inv, float32x4_t lo, float32x4_t hi) {
   int32x4_t q[4];
   unroll<4>([&](auto i) {
-    const float32x4_t v = vminq_f32(vmaxq_f32(vmulq_f32(vld1q_f32(x + 4 * i), inv), lo), hi);
+    // FMAXNM, not FMAX: a NaN product gives lo, as in ref (FMAX would pass the NaN on).
+    const float32x4_t v = vminq_f32(vmaxnmq_f32(vmulq_f32(vld1q_f32(x + 4 * i), inv), lo), hi);
     q[i] = vcvtnq_s32_f32(v);
   });
   const int16x8_t h0 = vmovn_high_s32(vmovn_s32(q[0]), q[1]);
@@ -52,10 +54,12 @@ inline int8x16_t quantize16(const float* x, float32x4_t inv, float32x4_t lo, flo
   return vmovn_high_s16(vmovn_s16(h0), h1);
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void quantize_rows_neon(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
-                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
-                        int32_t* bsum, size_t bsum_stride) {
+void neon::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                         const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                         int32_t* bsum, size_t bsum_stride) {
   const float32x4_t lo = vdupq_n_f32(-static_cast<float>(qmax));
   const float32x4_t hi = vdupq_n_f32(static_cast<float>(qmax));
   for (size_t r = 0; r < rows; ++r) {
@@ -82,20 +86,29 @@ void quantize_rows_neon(size_t rows, size_t K, size_t Kp, const float* x, size_t
 }
 
 PYRT_NEON_FLATTEN
-float absmax_neon(size_t n, const float* x) {
-  float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0, m2 = m0, m3 = m0;
+float neon::absmax(size_t n, const float* x) {
+  // As ref: the integer max of the bit patterns with the sign cleared, so a NaN always wins.
+  const uint32x4_t mask = vdupq_n_u32(0x7FFFFFFFu);
+  auto abs_bits = [&](const float* p) { return vandq_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(p)), mask); };
+  uint32x4_t m0 = vdupq_n_u32(0), m1 = m0, m2 = m0, m3 = m0;
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
-    m1 = vmaxq_f32(m1, vabsq_f32(vld1q_f32(x + i + 4)));
-    m2 = vmaxq_f32(m2, vabsq_f32(vld1q_f32(x + i + 8)));
-    m3 = vmaxq_f32(m3, vabsq_f32(vld1q_f32(x + i + 12)));
+    m0 = vmaxq_u32(m0, abs_bits(x + i));
+    m1 = vmaxq_u32(m1, abs_bits(x + i + 4));
+    m2 = vmaxq_u32(m2, abs_bits(x + i + 8));
+    m3 = vmaxq_u32(m3, abs_bits(x + i + 12));
   }
-  for (; i + 4 <= n; i += 4) m0 = vmaxq_f32(m0, vabsq_f32(vld1q_f32(x + i)));
-  float m = vmaxvq_f32(vmaxq_f32(vmaxq_f32(m0, m1), vmaxq_f32(m2, m3)));
-  for (; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+  for (; i + 4 <= n; i += 4) m0 = vmaxq_u32(m0, abs_bits(x + i));
+  uint32_t m = vmaxvq_u32(vmaxq_u32(vmaxq_u32(m0, m1), vmaxq_u32(m2, m3)));
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
+
+namespace {
 
 // ---------------------------------------------------------------- qd8_f32_qc8w_gemm
 
@@ -153,10 +166,12 @@ void qc8w_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_scale
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qc8w_gemm_neon(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                            const float* a_scale, const int8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+void neon::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                             const float* a_scale, const int8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
     const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
@@ -167,6 +182,8 @@ void qd8_f32_qc8w_gemm_neon(size_t M, size_t N, size_t Kp, const int8_t* a, size
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- qd8_f32_qb4w_gemm
 //
@@ -266,11 +283,13 @@ void qb4w_tile(size_t Kp, size_t block, const int8_t* a, size_t a_stride, const 
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                            const float* bias, float* y, size_t y_stride) {
+void neon::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                             size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                             size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                             const float* bias, float* y, size_t y_stride) {
   const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
@@ -284,6 +303,8 @@ void qd8_f32_qb4w_gemm_neon(size_t M, size_t N, size_t Kp, size_t block, const i
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- f32_gemm
 // 4 rows x 16 columns, FMLA by lane. Each output is accumulated in the canonical order of
@@ -325,9 +346,11 @@ void f32_tile(size_t K, const float* a, size_t a_stride, const float* b, const f
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void f32_gemm_neon(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
-                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
+void neon::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
     const float* bp = b_packed + (n0 / kNR) * K * kNR;
@@ -338,6 +361,8 @@ void f32_gemm_neon(size_t M, size_t N, size_t K, const float* a, size_t a_stride
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- elementwise
 
@@ -408,8 +433,10 @@ inline void add8_f64(float64x2_t* q, float32x4_t v0, float32x4_t v1) {
   q[3] = vaddq_f64(q[3], vcvt_high_f64_f32(v1));
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void gelu_neon(size_t n, float* x) {
+void neon::gelu(size_t n, float* x) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
@@ -419,8 +446,11 @@ void gelu_neon(size_t n, float* x) {
   if (i < n) store_partial(x + i, n - i, gelu_f32(load_partial(x + i, n - i, 0.0f)));
 }
 
+namespace {
+
 // max of x * scale as ref's scaled_max: the max (or, for scale < 0, the min) of x, times scale.
-// Min and max are exact, so their order is free.
+// Min and max are exact, so their order is free. NaN if any x is NaN, as ref: FMAX/FMIN(V)
+// propagate NaN from either operand; the scalar tail checks.
 template <bool kMin>
 inline float extremum(size_t n, const float* x) {
   auto op = [](float32x4_t a, float32x4_t b) { return kMin ? vminq_f32(a, b) : vmaxq_f32(a, b); };
@@ -433,7 +463,10 @@ inline float extremum(size_t n, const float* x) {
   for (; i + 4 <= n; i += 4) m0 = op(m0, vld1q_f32(x + i));
   m0 = op(m0, m1);
   float m = kMin ? vminvq_f32(m0) : vmaxvq_f32(m0);
-  for (; i < n; ++i) m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+  for (; i < n; ++i) {
+    if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+    m = kMin ? std::min(m, x[i]) : std::max(m, x[i]);
+  }
   return m;
 }
 
@@ -443,8 +476,10 @@ inline uint32x4_t lane_mask(size_t c) {
   return vcltq_u32(vld1q_u32(iota), vdupq_n_u32(static_cast<uint32_t>(c)));
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+void neon::softmax(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   if (n == 0) return;
   const float32x4_t sc = vdupq_n_f32(scale), zero = vdupq_n_f32(0.0f);
   const size_t nb = n / 32 * 32;
@@ -496,8 +531,8 @@ void softmax_neon(size_t rows, size_t n, float scale, float* x, size_t x_stride)
 }
 
 PYRT_NEON_FLATTEN
-void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
-                    const float* beta, float eps, float* y, size_t y_stride) {
+void neon::layernorm(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                     const float* beta, float eps, float* y, size_t y_stride) {
   if (D == 0) return;
   const float64x2_t z = vdupq_n_f64(0.0);
   for (size_t r = 0; r < rows; ++r) {
@@ -546,6 +581,8 @@ void layernorm_neon(size_t rows, size_t D, const float* x, size_t x_stride, cons
   }
 }
 
+namespace {
+
 PYRT_NEON_FLATTEN
 // softmax_q8 (int8 attention): ref.cc's softmax_q8_elem lane by lane.
 inline int32x4_t softmax_q8_f32(float32x4_t x, float32x4_t mx) {
@@ -562,13 +599,20 @@ inline int32x4_t softmax_q8_f32(float32x4_t x, float32x4_t mx) {
   return vcvtq_s32_f32(vminq_f32(vrndnq_f32(v), vdupq_n_f32(127.0f)));  // integral: exact
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
-                     size_t q_stride, float* scale) {
+void neon::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                      size_t q_stride, float* scale) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
-    const float32x4_t vmx = vdupq_n_f32(extremum<false>(n, xr));
+    const float mx = extremum<false>(n, xr);
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
+    const float32x4_t vmx = vdupq_n_f32(mx);
     int32x4_t acc = vdupq_n_s32(0);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -593,7 +637,7 @@ void softmax_q8_neon(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
   }
 }
 
-void add_neon(size_t n, const float* a, const float* b, float* y) {
+void neon::add(size_t n, const float* a, const float* b, float* y) {
   size_t i = 0;
   for (; i + 16 <= n; i += 16) {
     unroll<4>([&](auto j) {
@@ -602,27 +646,6 @@ void add_neon(size_t n, const float* a, const float* b, float* y) {
   }
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
-const KernelTable* neon_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k;
-    k.name = "neon";
-    k.quantize_rows = quantize_rows_neon;
-    k.absmax = absmax_neon;
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_neon;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_neon;
-    k.f32_gemm = f32_gemm_neon;
-    k.layernorm = layernorm_neon;
-    k.softmax = softmax_neon;
-    k.gelu = gelu_neon;
-    k.add = add_neon;
-    k.softmax_q8 = softmax_q8_neon;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

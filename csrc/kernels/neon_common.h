@@ -5,7 +5,7 @@
 // files would be one COMDAT symbol, and the linker may keep the dotprod-compiled copy for
 // neon.cc's callers too -- an illegal instruction on a CPU without dotprod (see the ODR note
 // in ruy's path.h). Internal linkage gives each file its own copy, built with its own flags.
-// The neondot table reuses neon.cc's non-GEMM kernels by copying neon_kernels(), not by
+// The neondot table (tables.cc) reuses neon.cc's non-GEMM kernels as functions, not by
 // calling into this header.
 #pragma once
 

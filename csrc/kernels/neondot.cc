@@ -7,7 +7,8 @@
 // sum_j w[c][j] * a[4l + j]. One SDOT = 16 exact int8 products into int32 lanes, so the
 // accumulators are ref's integers bit for bit. Tiles: 4 rows x 16 channels for qc8w (16
 // accumulators), 4 rows x 8 channels for qb4w (its per-block float sums need registers too).
-// Everything that is not an integer GEMM is neon.cc's code: neondot_kernels() copies that table.
+// Everything that is not an integer GEMM is neon.cc's code: tables.cc builds the neondot table
+// from neon.cc's kernels and these two GEMMs.
 #if !defined(__aarch64__) || !defined(__ARM_FEATURE_DOTPROD)
 #error "neondot.cc must be compiled for AArch64 with -march=armv8.2-a+dotprod"
 #endif
@@ -16,7 +17,7 @@
 
 #include <algorithm>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 #include "neon_common.h"
 
 // As in neon.cc: GCC's pre-register-allocation scheduler makes the 4x16 tile spill (3 q-registers
@@ -75,10 +76,12 @@ void qc8w_dot_tile(size_t Kp, const int8_t* a, size_t a_stride, const float* a_s
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qc8w_gemm_neondot(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                               const float* a_scale, const int8_t* w, const float* w_scale,
-                               const float* bias, float* y, size_t y_stride) {
+void neondot::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                                const float* a_scale, const int8_t* w, const float* w_scale,
+                                const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
     const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
@@ -89,6 +92,8 @@ void qd8_f32_qc8w_gemm_neondot(size_t M, size_t N, size_t Kp, const int8_t* a, s
     });
   }
 }
+
+namespace {
 
 // ---------------------------------------------------------------- qd8_f32_qb4w_gemm
 //
@@ -172,11 +177,13 @@ void qb4w_dot_tile(size_t Kp, size_t block, const int8_t* a, size_t a_stride,
   });
 }
 
+}  // namespace
+
 PYRT_NEON_FLATTEN
-void qd8_f32_qb4w_gemm_neondot(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                               size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                               size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                               const float* bias, float* y, size_t y_stride) {
+void neondot::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                                size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                                size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                                const float* bias, float* y, size_t y_stride) {
   const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
@@ -189,19 +196,6 @@ void qd8_f32_qb4w_gemm_neondot(size_t M, size_t N, size_t Kp, size_t block, cons
                                          y + m * y_stride + n0, y_stride);
     });
   }
-}
-
-}  // namespace
-
-const KernelTable* neondot_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k = *neon_kernels();  // elementwise, quantize, f32 GEMM: baseline NEON code
-    k.name = "neondot";
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_neondot;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_neondot;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

@@ -8,22 +8,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <vector>
+#include <limits>
 
-#include "kernels.h"
+#include "isa_kernels.h"
 
 namespace pyrt {
-namespace {
-
-void quantize_rows_ref(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
-                       const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
-                       int32_t* bsum, size_t bsum_stride) {
+void ref::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
+                        const float* inv_scale, int qmax, int8_t* q, size_t q_stride,
+                        int32_t* bsum, size_t bsum_stride) {
   const float lo = -static_cast<float>(qmax), hi = static_cast<float>(qmax);
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
     for (size_t k = 0; k < K; ++k) {
-      const float v = std::min(std::max(xr[k] * inv_scale[r], lo), hi);
+      // max(lo, x) (lo first: a NaN x gives lo, as SIMD max(x, lo) instructions do), then min.
+      const float v = std::min(std::max(lo, xr[k] * inv_scale[r]), hi);
       qr[k] = static_cast<int8_t>(std::nearbyint(v));
     }
     for (size_t k = K; k < Kp; ++k) qr[k] = 0;
@@ -36,20 +35,32 @@ void quantize_rows_ref(size_t rows, size_t K, size_t Kp, const float* x, size_t 
   }
 }
 
-float absmax_ref(size_t n, const float* x) {
-  float m = 0.0f;
-  for (size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(x[i]));
-  return m;
+float ref::absmax(size_t n, const float* x) {
+  // The max of |x| as the integer max of the bit patterns with the sign cleared: the order of
+  // non-negative floats is that of their bits, and NaN patterns lie above +inf, so a NaN
+  // anywhere wins whatever the order of comparison (a float max would drop it, or not,
+  // depending on its operand order).
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    m = std::max(m, bits & 0x7FFFFFFFu);
+  }
+  return absmax_from_bits(m);
 }
+
+namespace {
 
 int8_t qc8w_at(const int8_t* w, size_t Kp, size_t n, size_t k) {
   const size_t p = n / kNR, c = n % kNR, g = k / kKGroup, j = k % kKGroup;
   return w[p * Kp * kNR + g * kNR * kKGroup + c * kKGroup + j];
 }
 
-void qd8_f32_qc8w_gemm_ref(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
-                           const float* a_scale, const int8_t* w, const float* w_scale,
-                           const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void ref::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
+                            const float* a_scale, const int8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride) {
   for (size_t m = 0; m < M; ++m) {
     for (size_t n = 0; n < N; ++n) {
       int32_t acc = 0;
@@ -62,6 +73,8 @@ void qd8_f32_qc8w_gemm_ref(size_t M, size_t N, size_t Kp, const int8_t* a, size_
   }
 }
 
+namespace {
+
 // The stored nibble (q + 8) of weight (n, k).
 int qb4w_nibble_at(const uint8_t* w, size_t Kp, size_t block, size_t n, size_t k) {
   const size_t p = n / kNR, c = n % kNR, b = k / block, kb = k % block;
@@ -70,10 +83,12 @@ int qb4w_nibble_at(const uint8_t* w, size_t Kp, size_t block, size_t n, size_t k
   return hi ? (byte >> 4) : (byte & 0x0F);
 }
 
-void qd8_f32_qb4w_gemm_ref(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
-                           size_t a_stride, const float* a_scale, const int32_t* a_bsum,
-                           size_t bsum_stride, const uint8_t* w, const float* w_scale,
-                           const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void ref::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const int8_t* a,
+                            size_t a_stride, const float* a_scale, const int32_t* a_bsum,
+                            size_t bsum_stride, const uint8_t* w, const float* w_scale,
+                            const float* bias, float* y, size_t y_stride) {
   const size_t nblocks = Kp / block;
   for (size_t m = 0; m < M; ++m) {
     for (size_t n = 0; n < N; ++n) {
@@ -100,11 +115,15 @@ void qd8_f32_qb4w_gemm_ref(size_t M, size_t N, size_t Kp, size_t block, const in
   }
 }
 
+namespace {
+
 // fp32 GEMM, the canonical order (kernels.h): acc = fma(a[k], b[k], acc) for k = 0, 1, ..., K-1
 // from acc = 0 in float, then + bias. The SIMD kernels vectorise across output columns and do
 // exactly these operations per column, so every ISA returns the same bits.
-void f32_gemm_ref(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
-                  const float* b_packed, const float* bias, float* y, size_t y_stride) {
+}  // namespace
+
+void ref::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
+                   const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t m = 0; m < M; ++m) {
     for (size_t n = 0; n < N; ++n) {
       const float* bp = b_packed + (n / kNR) * K * kNR + n % kNR;
@@ -115,6 +134,8 @@ void f32_gemm_ref(size_t M, size_t N, size_t K, const float* a, size_t a_stride,
     }
   }
 }
+
+namespace {
 
 // The canonical reduction of kernels.h: 8 interleaved double partial sums over the whole
 // blocks of 8 (lane j takes f(i) for i % 8 == j), combined as ((l0+l4) + (l2+l6)) +
@@ -132,8 +153,10 @@ double reduce8(size_t n, Step step) {
   return s;
 }
 
-void layernorm_ref(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
-                   const float* beta, float eps, float* y, size_t y_stride) {
+}  // namespace
+
+void ref::layernorm(size_t rows, size_t D, const float* x, size_t x_stride, const float* gamma,
+                    const float* beta, float eps, float* y, size_t y_stride) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     const double mean = reduce8(D, [&](double s, size_t i) { return s + double(xr[i]); }) / double(D);
@@ -150,6 +173,8 @@ void layernorm_ref(size_t rows, size_t D, const float* x, size_t x_stride, const
     for (size_t i = 0; i < D; ++i) yr[i] = std::fma(((xr[i] - mhi) - mlo) * rstd, gamma[i], beta[i]);
   }
 }
+
+namespace {
 
 // exp(x) for x <= 0 (softmax arguments), the canonical evaluation every ISA reproduces
 // (kernels.h). x = n ln2 + r: n = round(x log2e) comes from one fma with a shifter M = 1.5 * 2^23
@@ -198,13 +223,19 @@ float softmax_sum(size_t n, const float* e) {
 // max of x * scale, computed as (max or min of x) * scale: rounding is monotonic, so this is
 // the same value (up to the sign of a zero, which no exp argument below can see) for one
 // multiply per row instead of one per element.
+// NaN if any x is NaN (std::max would keep or drop a NaN depending on where it lies).
 float scaled_max(size_t n, const float* x, float scale) {
   float m = scale < 0.0f ? INFINITY : -INFINITY;
-  for (size_t i = 0; i < n; ++i) m = scale < 0.0f ? std::min(m, x[i]) : std::max(m, x[i]);
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return std::numeric_limits<float>::quiet_NaN();
+    m = scale < 0.0f ? std::min(m, x[i]) : std::max(m, x[i]);
+  }
   return m * scale;
 }
 
-void softmax_ref(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
+}  // namespace
+
+void ref::softmax(size_t rows, size_t n, float scale, float* x, size_t x_stride) {
   for (size_t r = 0; r < rows; ++r) {
     float* xr = x + r * x_stride;
     const float mx = scaled_max(n, xr, scale);
@@ -214,6 +245,8 @@ void softmax_ref(size_t rows, size_t n, float scale, float* x, size_t x_stride) 
     for (size_t i = 0; i < n; ++i) xr[i] *= inv;
   }
 }
+
+namespace {
 
 // GELU as PyTorch defines it, x/2 (1 + erf(x/sqrt 2)), evaluated as fma(x, E, x/2) with
 // E(x) = erf(x/sqrt 2)/2 = x P(x^2) / Q(x^2): Eigen's 9/12-degree rational erf (also XLA's;
@@ -245,9 +278,13 @@ float gelu_canon(float x) {
   return std::fma(x, p / q, x * 0.5f);
 }
 
-void gelu_ref(size_t n, float* x) {
+}  // namespace
+
+void ref::gelu(size_t n, float* x) {
   for (size_t i = 0; i < n; ++i) x[i] = gelu_canon(x[i]);
 }
+
+namespace {
 
 // 2^y for y >= -126, the canonical exp2 of softmax_q8 (kernels.h): y = n + f, n = nearbyint(y),
 // |f| <= 1/2, degree-4 polynomial in f, 2^n built in the exponent field.
@@ -271,12 +308,18 @@ int32_t softmax_q8_elem(float x, float mx) {
   return static_cast<int32_t>(std::min(std::nearbyint(v), 127.0f));
 }
 
-void softmax_q8_ref(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
-                    size_t q_stride, float* scale) {
+}  // namespace
+
+void ref::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_stride, int8_t* q,
+                     size_t q_stride, float* scale) {
   for (size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     int8_t* qr = q + r * q_stride;
     const float mx = scaled_max(n, xr, 1.0f);  // exact: max * 1
+    if (!std::isfinite(mx)) {
+      softmax_q8_poison_row(Kp, qr, scale + r);
+      continue;
+    }
     int32_t sum = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t e = softmax_q8_elem(xr[i], mx);
@@ -288,29 +331,8 @@ void softmax_q8_ref(size_t rows, size_t n, size_t Kp, const float* x, size_t x_s
   }
 }
 
-void add_ref(size_t n, const float* a, const float* b, float* y) {
+void ref::add(size_t n, const float* a, const float* b, float* y) {
   for (size_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
-}
-
-}  // namespace
-
-const KernelTable* ref_kernels() {
-  static const KernelTable t = [] {
-    KernelTable k;
-    k.name = "ref";
-    k.quantize_rows = quantize_rows_ref;
-    k.absmax = absmax_ref;
-    k.qd8_f32_qc8w_gemm = qd8_f32_qc8w_gemm_ref;
-    k.qd8_f32_qb4w_gemm = qd8_f32_qb4w_gemm_ref;
-    k.f32_gemm = f32_gemm_ref;
-    k.layernorm = layernorm_ref;
-    k.softmax = softmax_ref;
-    k.gelu = gelu_ref;
-    k.add = add_ref;
-    k.softmax_q8 = softmax_q8_ref;
-    return k;
-  }();
-  return &t;
 }
 
 }  // namespace pyrt

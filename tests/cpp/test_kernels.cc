@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/cpu.h"
+#include "cpu/isas.h"
 #include "kernels/kernels.h"
 #include "ops/ops.h"
 #include "ops/threadpool.h"
@@ -359,6 +360,113 @@ void test_softmax_q8(const KernelTable& kt, size_t rows, size_t n, float range, 
   report(ok, shape("ref", "softmax_q8 accuracy", rows, n, Kp, extra));
 }
 
+// Non-finite input (kernels.h's NaN rules): every ISA must put NaN at the same places as ref and
+// equal it bit for bit everywhere else. `special` goes into row 1 (of 3) at position `at`; rows
+// 0 and 2 stay finite and must be untouched by it.
+float from_bits(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+uint32_t to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// NaN exactly where `want` has NaN, the same bits everywhere else.
+bool same_nan_pattern(const float* got, const float* want, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (std::isnan(got[i]) != std::isnan(want[i])) return false;
+    if (!std::isnan(want[i]) && to_bits(got[i]) != to_bits(want[i])) return false;
+  }
+  return true;
+}
+bool all_nan(const float* x, size_t n) {
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isnan(x[i])) return false;
+  return true;
+}
+
+void test_nonfinite(const KernelTable& kt, size_t n, float special, size_t at, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const size_t rows = 3;
+  const bool nan = std::isnan(special);
+  std::vector<float> x(rows * n), g(n), b(n);
+  for (auto& v : x) v = r.f(-4, 4);
+  for (auto& v : g) v = r.f(0.5f, 1.5f);
+  for (auto& v : b) v = r.f(-0.5f, 0.5f);
+  x[n + at] = special;
+  char extra[80];
+  std::snprintf(extra, sizeof extra, " special 0x%08x at %zu", to_bits(special), at);
+  auto what = [&](const char* op) { return shape(kt.name, op, rows, n, 0, extra); };
+
+  // absmax: the canonical quiet NaN for any NaN, +inf for an infinity.
+  const float am = kt.absmax(rows * n, x.data());
+  const uint32_t want_am = nan ? 0x7FC00000u : std::isinf(special) ? 0x7F800000u : to_bits(ref.absmax(rows * n, x.data()));
+  report(to_bits(am) == want_am && to_bits(ref.absmax(rows * n, x.data())) == want_am, what("absmax"));
+
+  // gelu: NaN in, NaN out at that element only; +inf -> +inf.
+  std::vector<float> y = x, y_ref = x;
+  kt.gelu(y.size(), y.data());
+  ref.gelu(y_ref.size(), y_ref.data());
+  bool ok = same_nan_pattern(y.data(), y_ref.data(), y.size());
+  if (nan) ok = ok && std::isnan(y[n + at]);
+  if (special == INFINITY) ok = ok && y[n + at] == INFINITY;
+  report(ok, what("gelu"));
+
+  // softmax, layernorm: the special row's outputs all depend on the special element: a NaN
+  // makes the whole row NaN (so does an infinity: inf - inf or inf / inf inside). Other rows
+  // are as without it.
+  for (float scale : {0.125f, -0.5f}) {
+    y = x;
+    y_ref = x;
+    kt.softmax(rows, n, scale, y.data(), n);
+    ref.softmax(rows, n, scale, y_ref.data(), n);
+    ok = same_nan_pattern(y.data(), y_ref.data(), y.size()) && !std::isnan(y[0]) && !std::isnan(y[2 * n]);
+    if (nan) ok = ok && all_nan(y.data() + n, n);
+    report(ok, what(scale > 0 ? "softmax" : "softmax scale < 0"));
+  }
+  kt.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y.data(), n);
+  ref.layernorm(rows, n, x.data(), n, g.data(), b.data(), 1e-6f, y_ref.data(), n);
+  ok = same_nan_pattern(y.data(), y_ref.data(), y.size()) && !std::isnan(y[0]) && !std::isnan(y[2 * n]);
+  if (nan) ok = ok && all_nan(y.data() + n, n);
+  report(ok, what("layernorm"));
+
+  // softmax_q8: a row whose max is not finite gets q = 0 and a NaN scale (kernels.h).
+  const size_t Kp = round_up(n, kKAlign);
+  std::vector<int8_t> q(rows * Kp, 99), q_ref(rows * Kp, 99);
+  std::vector<float> s(rows), s_ref(rows);
+  kt.softmax_q8(rows, n, Kp, x.data(), n, q.data(), Kp, s.data());
+  ref.softmax_q8(rows, n, Kp, x.data(), n, q_ref.data(), Kp, s_ref.data());
+  ok = q == q_ref && same_nan_pattern(s.data(), s_ref.data(), rows) && !std::isnan(s[0]) && !std::isnan(s[2]);
+  if (nan || special == INFINITY) {
+    ok = ok && std::isnan(s[1]);
+    for (size_t i = 0; i < Kp; ++i) ok = ok && q[Kp + i] == 0;
+  }
+  report(ok, what("softmax_q8"));
+
+  // quantize_rows: deterministic on every ISA (a NaN quantises to -qmax), bsum consistent.
+  const size_t qKp = round_up(n, kKAlign);
+  std::vector<int8_t> qq(rows * qKp), qq_ref(rows * qKp);
+  std::vector<int32_t> bs(rows * qKp / kKAlign), bs_ref(bs.size());
+  const std::vector<float> inv(rows, 20.0f);
+  kt.quantize_rows(rows, n, qKp, x.data(), n, inv.data(), 127, qq.data(), qKp, bs.data(), qKp / kKAlign);
+  ref.quantize_rows(rows, n, qKp, x.data(), n, inv.data(), 127, qq_ref.data(), qKp, bs_ref.data(), qKp / kKAlign);
+  ok = qq == qq_ref && bs == bs_ref;
+  if (nan) ok = ok && qq[qKp + at] == -127;
+  report(ok, what("quantize_rows"));
+}
+
+void test_nonfinite_all(const KernelTable& kt, unsigned& seed) {
+  const float specials[] = {from_bits(0x7FC00000u), from_bits(0xFFC00000u), from_bits(0x7F800001u),
+                            from_bits(0xFFFFFFFFu), INFINITY, -INFINITY};
+  for (size_t n : {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 65, 197})
+    for (float sp : specials)
+      for (size_t at : {size_t(0), n / 2, n - 1}) test_nonfinite(kt, n, sp, at, seed++);
+}
+
 // A row's fp32 result must not depend on the tile it lands in: the executor runs an image's
 // rows together with however many other rows a batch (or the exits) leaves, and promises the
 // same bits alone or in a batch. So each row computed alone equals it computed among 13.
@@ -461,10 +569,46 @@ void test_dispatch() {
   report(threw, "dispatch: unknown ISA is rejected");
 }
 
+// The ISA list (cpu/isas.h) and the tables tables.cc assembles from it: a table exactly when
+// the ISA is built, named as listed, every kernel set; the composite tables take their base's
+// float kernels and their own integer GEMMs. Fetching any table runs no ISA code (it is
+// constant data), so this runs on every CPU.
+void test_isa_tables() {
+  report(known_isas() == "ref, avx2, avx512vnni, neon, neondot", "isa list: known names " + known_isas());
+  for (const IsaInfo& isa : kIsas) {
+    const KernelTable* t = isa.table();
+    report((t != nullptr) == isa.built, std::string("isa list: table exactly when built: ") + isa.name);
+    if (!t) continue;
+    const bool complete = t->quantize_rows && t->absmax && t->qd8_f32_qc8w_gemm && t->qd8_f32_qb4w_gemm &&
+                          t->f32_gemm && t->layernorm && t->softmax && t->softmax_q8 && t->gelu && t->add;
+    report(std::string(t->name) == isa.name && complete, std::string("isa list: table complete: ") + isa.name);
+  }
+  auto composite = [](const KernelTable* t, const KernelTable* base, const char* what) {
+    if (!t || !base) return;
+    const bool floats_shared = t->quantize_rows == base->quantize_rows && t->absmax == base->absmax &&
+                               t->f32_gemm == base->f32_gemm && t->layernorm == base->layernorm &&
+                               t->softmax == base->softmax && t->softmax_q8 == base->softmax_q8 &&
+                               t->gelu == base->gelu && t->add == base->add;
+    const bool own_gemms = t->qd8_f32_qc8w_gemm != base->qd8_f32_qc8w_gemm &&
+                           t->qd8_f32_qb4w_gemm != base->qd8_f32_qb4w_gemm;
+    report(floats_shared && own_gemms, std::string("isa list: ") + what);
+  };
+  composite(avx512vnni_kernels(), avx2_kernels(), "avx512vnni = avx2's float kernels + VNNI GEMMs");
+  composite(neondot_kernels(), neon_kernels(), "neondot = neon's float kernels + dotprod GEMMs");
+  bool threw = false;
+  try {
+    kernels_for("sse9");
+  } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("known: " + known_isas()) != std::string::npos;
+  }
+  report(threw, "isa list: an unknown name's error lists the known ones");
+}
+
 }  // namespace
 
 int main() {
   test_dispatch();
+  test_isa_tables();
   test_thread_pool();
   const bool quick = std::getenv("PYRUNTIME_TEST_QUICK") != nullptr;
   unsigned seed = 1;
@@ -521,6 +665,7 @@ int main() {
     for (size_t rows : {5, 8, 9, 13}) test_elementwise(kt, rows, 33, -3, 3, 7, seed++);
     for (size_t n : {1, 2, 3, 7, 8, 9, 17, 31, 32, 33, 64, 65, 197, 257})
       for (float range : {0.01f, 4.0f, 60.0f, 400.0f}) test_softmax_q8(kt, 3, n, range, seed++);
+    test_nonfinite_all(kt, seed);
     test_threads(kt);
     test_f32_row_invariance(kt);
   }

