@@ -55,13 +55,15 @@ after ``--images``; label, prediction, correct, exit block, path F/R per block).
 
 Memory: the images are kept as uint8 at the model's input size and normalised per batch, so
 the data take N x C x H x W bytes (10,000 images at 3 x 224 x 224: 1.5 GB) plus the model
-and the methods' per-batch work. Measured (maqee, 96 x 96 RGB, 4-block width-192 ViT, .npz):
-peak RSS 1.17 GB with 500 images, 1.32 GB with 2,000 -- about 100 KB per image, 3.6 times an
-image's 27.6 KB, because reading an .npz briefly holds the file's array, the drawn subset
-and a hashing copy; float32 copies of the set would be 110 KB per image each. So 10,000
-images at 3 x 224 x 224 need about 1.5 GB held plus up to twice that while an .npz is read
-(an image folder is decoded into the one array), on top of the ~1.1 GB the model and method
-take.
+and the methods' work, which grows with N only by a few floats per image, class and exit
+(collected logits and scores). Measured (maqee, a 4-block width-192 ViT at
+3 x 96 x 96, an .npz): peak RSS 1.17 GB with 500 images, 1.32 GB with 2,000, 1.47 GB with
+8,000 -- about 40 KB more per image (an image is 27.6 KB as uint8; one float32 copy of the set
+would add 110 KB per image). Reading an .npz briefly holds up to three uint8 copies (the
+file's array, the drawn subset, a hashing copy) before the method starts. Extrapolated: 10,000
+images at 3 x 224 x 224 hold 1.5 GB, up to 4.5 GB while an .npz is read, plus the model's and
+method's own (1.1 GB for the model above; more for wider models, whose Fisher gradients are
+per image in batches of 64).
 """
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ import math
 import sys
 from typing import List, Optional
 
-from ..cli import (check_reference_checkpoint, fraction, input_file, non_negative_float, non_negative_int,
-                   output_file, percentile, policy_spec, positive_int, thread_count)
+from ..cli import (check_reference_checkpoint, check_state_dict_file, fraction, input_file, non_negative_float,
+                   non_negative_int, output_file, percentile, policy_spec, positive_int, thread_count)
 from ..errors import require_extra
+from ..exits import add_model_arguments
 from .ilp import format_amount
 
 __all__ = ["add_parser", "cmd_calibrate", "main"]
@@ -112,19 +115,6 @@ def _precision(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
-def _model_kwargs(text: str) -> dict:
-    """``--model-kwargs``: a JSON object."""
-    import json
-
-    try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on an ``argparse`` sub-parser collection."""
     c = subparsers.add_parser("calibrate", help="fit a policy (bits, activation scales) on calibration images",
@@ -150,12 +140,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                            "(pyruntime bench MODEL --profile --latency-table T.json)")
     c.add_argument("--model", default=None,
                    help="timm model name (anything pyruntime convert takes); default / 'reference': the reference ViT")
-    c.add_argument("--model-kwargs", type=_model_kwargs, default=None, metavar="JSON",
-                   help="timm.create_model keyword arguments as a JSON object, e.g. '{\"num_classes\": 10}'")
-    c.add_argument("--checkpoint", type=input_file,
-                   help="--model: its state dict (.safetensors/.pth); reference: a reference-format checkpoint "
-                        "(default: the shipped one)")
-    c.add_argument("--random-weights", action="store_true", help="--model without a checkpoint: timm's random weights")
+    add_model_arguments(c)  # --checkpoint, --model-kwargs, --random-weights: as exits fit and convert take them
     c.add_argument("--exits", type=input_file, help="exit heads (safetensors, exits.<b>.*) for maqee/quee; default: the "
                                                     "checkpoint's exits.* keys")
     c.add_argument("--data", help="calibration images: a folder with one sub-folder per class, or an .npz with "
@@ -519,6 +504,8 @@ def cmd_calibrate(args) -> int:
     _check_options(args)
     if _is_reference(args):
         check_reference_checkpoint(args.checkpoint)
+    else:
+        check_state_dict_file(args.checkpoint)
     require_extra("calibrate", "pyruntime calibrate")
     if args.threads:
         import torch

@@ -284,8 +284,9 @@ def heads_needed(source: Source, blocks: Sequence[int], method: str) -> None:
     missing = [b for b in blocks if b not in have]
     if missing:
         raise ValueError(f"{method} needs exit heads at blocks {list(blocks)}; the model has none at {missing} "
-                         f"(heads at {sorted(have) or 'no block'}): fit them with `pyruntime exits fit ...` and "
-                         f"pass --exits HEADS.safetensors, or choose --exit-blocks among {sorted(have)}")
+                         f"(heads at {sorted(have) or 'no block'}): fit them with `pyruntime exits fit MODEL "
+                         f"--checkpoint C --data D --blocks {','.join(map(str, missing))} --out heads.safetensors` "
+                         f"and pass --exits heads.safetensors, or choose --exit-blocks among {sorted(have)}")
 
 
 def reference_source(path: Optional[PathLike] = None) -> Source:
