@@ -99,7 +99,9 @@ def test_uniform_static_and_scalepredictor(checkpoint, tmp_path):
     assert calibrate(checkpoint, pred, "--method", "scalepredictor", "--budget-bops", "1e9") == 2
 
 
-def test_add_parser_registers_the_subcommand():
+def test_add_parser_registers_the_subcommand(tmp_path):
+    table = tmp_path / "T.json"  # --latency-table must name an existing file
+    table.write_text("{}")
     p = argparse.ArgumentParser(prog="pyruntime")
     add_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "2e9", "--out", "x.json",
@@ -109,9 +111,9 @@ def test_add_parser_registers_the_subcommand():
         p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "1", "--budget-bytes", "1", "--out", "x"])
     args = p.parse_args(["calibrate", "--method", "quee", "--reduced", "w4a6", "--out", "x.json", "--lam", "0.5"])
     assert args.reduced == LayerPolicy(4, 6) and args.lam == 0.5 and args.every == 3 and args.base is None
-    args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", "T.json",
+    args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", str(table),
                          "--out", "x.json", "--exit-blocks", "0,3", "--per-head"])
-    assert args.exit_blocks == [0, 3] and args.per_head and args.max_drop == 0.5 and args.holdout is None
+    assert args.exit_blocks == [0, 3] and args.per_head and args.max_drop is None and args.holdout is None  # maqee: 0.5
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate", "--method", "quee", "--reduced", "int4", "--out", "x"])
     with pytest.raises(SystemExit):
@@ -125,12 +127,12 @@ def test_maqee_writes_exits_and_thresholds(exit_checkpoint, tmp_path, capsys):
     assert calibrate(exit_checkpoint, out, *MAQEE, "--budget-bops", "1.0x", "--exit-blocks", "0,2", "--report",
                      images=128) == 0
     text = capsys.readouterr().out
-    assert "thresholds b0:" in text and "held-out:" in text and f"wrote {out}" in text and "expected" in text
+    assert "thresholds b0:" in text and "validation (held-out" in text and "routes of the 32 images" in text and f"wrote {out}" in text and "expected" in text
     policy = Policy.load(out)
     assert [(e.block, e.rule) for e in policy.exits] == [(0, "confidence"), (2, "confidence")]
     assert all(0.0 <= e.threshold <= 1.0 for e in policy.exits)
     assert policy.meta["method"] == "maqee" and policy.meta["cost_kind"] == "bops"
-    assert policy.meta["max_drop"] == pytest.approx(0.5) and policy.meta["expected_cost_fit"] <= policy.meta["budget"]
+    assert policy.meta["max_drop"] == pytest.approx(0.5) and policy.meta["expected_cost_validation"] <= policy.meta["budget"]
     assert {(lp.w_bits, lp.a_bits) for lp in policy.layers.values()} <= {(4, 8), (8, 8)}
     src = reference_source(exit_checkpoint)
     path = src.convert(tmp_path / "m.pyrt", policy)
@@ -156,7 +158,7 @@ def test_maqee_latency_budget(exit_checkpoint, tmp_path, capsys):
     assert " s of budget " in capsys.readouterr().out
     policy = Policy.load(out)
     assert policy.meta["cost_kind"] == "latency" and policy.exits
-    assert policy.meta["expected_cost_fit"] <= policy.meta["budget"] < 1.0  # seconds, not BOPs
+    assert policy.meta["expected_cost_validation"] <= policy.meta["budget"] < 1.0  # seconds, not BOPs
 
 
 def test_maqee_errors(exit_checkpoint, tmp_path, capsys):
@@ -195,8 +197,12 @@ def test_quee_writes_gates_that_convert(exit_checkpoint, tmp_path, capsys):
                    preprocess=src.preprocess)
     x = calibration_data(8, mean=src.preprocess["mean"], std=src.preprocess["std"]).images
     assert np.isfinite(pyruntime.load(path).run(x).logits).all()
-    assert calibrate(exit_checkpoint, tmp_path / "q2.json", "--method", "quee", "--budget-bops", "0.5x") == 2
-    assert "quee takes no budget" in capsys.readouterr().err
+    # quee's budget is BOPs per image on the validation images; one no lambda meets names what was reachable
+    assert calibrate(exit_checkpoint, tmp_path / "q2.json", "--method", "quee", "--budget-bytes", "0.5x") == 2
+    assert "quee's budget is the mean BOPs per image" in capsys.readouterr().err
+    assert calibrate(exit_checkpoint, tmp_path / "q2.json", "--method", "quee", "--budget-bops", "0.1x") == 2
+    err = capsys.readouterr().err
+    assert "no lambda meets the target on the 16 validation images" in err and "the cheapest lambda" in err
 
 
 def test_convert_reference_with_a_calibrated_policy(exit_checkpoint, tmp_path, capsys):

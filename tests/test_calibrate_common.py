@@ -122,8 +122,8 @@ def test_calibration_data_is_a_fixed_subset():
     assert np.array_equal(a.images, b.images) and a.summary == b.summary
     assert a.images.shape == (16, 1, 28, 28) and a.images.dtype == np.float32
     assert calibration_data(16, seed=4).summary["indices_sha256"] != a.summary["indices_sha256"]
-    with pytest.raises(ValueError, match="1..1024"):
-        calibration_data(1025)
+    with pytest.raises(ValueError, match="1..60000"):
+        calibration_data(60001)
 
 
 def test_emulation_quantises_from_fp32_and_restores_the_weights():

@@ -184,7 +184,7 @@ def calibrated(setup):
 def test_calibrated_policy_converts_meets_its_budget_and_counts_like_the_runtime(setup, calibrated, tmp_path):
     model, source, data = setup
     res, budget, cfg = calibrated
-    assert res.fit_cost <= budget
+    assert res.held_cost <= budget
     assert res.history[0]["w4_layers"] == 0 and res.history[0]["a_bits"] == [8]  # round 0: PTQ + exits
     assert [e.block for e in res.policy.exits] == EXITS
     assert [e.threshold for e in res.policy.exits] == res.thresholds
@@ -201,10 +201,16 @@ def test_calibrated_policy_converts_meets_its_budget_and_counts_like_the_runtime
     assert "held-out" in res.report()
 
 
-def test_held_out_check_is_reported(calibrated):
+def test_validation_check_is_reported(calibrated):
+    """The thresholds are chosen on the validation (held-out) images: their drop bound there is
+    within the promise, as the runtime measures it, and the meta says where and how many."""
     res, _, cfg = calibrated
     assert res.held_drop == pytest.approx(res.held_reference_top1 - res.held_top1, abs=1e-12)
-    assert res.promise_kept == (res.held_drop - cfg.z * res.held_drop_se <= cfg.max_drop + 1e-12)
+    assert res.promise_kept == (res.held_drop + cfg.z * res.held_drop_se <= cfg.max_drop + 1e-12)
+    assert res.promise_kept
+    meta = res.policy.meta
+    assert meta["chosen_on"] == "validation" and meta["fit_images"] + meta["validation_images"] == 400
+    assert meta["validation_images"] == 100 and meta["expected_cost_validation"] == res.held_cost
 
 
 def test_latency_cost_is_optimised_when_asked(setup, calibrated):
@@ -217,7 +223,7 @@ def test_latency_cost_is_optimised_when_asked(setup, calibrated):
     budget = 1.1 * policy_cost(source, uniform_policy(8, 8), "latency", table=table)
     res = calibrate_maqee(source, data, budget, MaqeeConfig(**{**cfg.__dict__, "cost": "latency", "rounds": 1}),
                           costs=costs, exits=exit_heads(model), traces=calibrated[0].traces)
-    assert res.cost_kind == "latency" and res.fit_cost <= budget
+    assert res.cost_kind == "latency" and res.held_cost <= budget
     # the held-out expected latency is the table's, at the reach the runtime's exits give
     _, held = data.split(cfg.holdout, cfg.seed)
     g, t = materialise(source, res.policy, exit_heads(model))
@@ -260,7 +266,7 @@ def test_int8_attention_is_in_the_policy_and_its_expected_cost(setup, calibrated
     mean per-image BOPs, which count the attention matmuls at 8 x 8."""
     model, source, data = setup
     res, budget, cfg = calibrated_attn8
-    assert res.policy.attn_bits == 8 and res.fit_cost <= budget
+    assert res.policy.attn_bits == 8 and res.held_cost <= budget
     assert res.held_cost == pytest.approx(res.held_bops, rel=1e-12)
     path = convert(model, tmp_path / "maqee8.pyrt", policy=res.policy, exits=exit_heads(model), preprocess=PRE)
     m = pyruntime.load(path)
@@ -287,7 +293,7 @@ def test_int8_attention_reaches_the_latency_table(setup, calibrated):
     budget = 1.1 * policy_cost(source, uniform_policy(8, 8, attn_bits=8), "latency", table=table)
     res = calibrate_maqee(source, data, budget, cfg, costs=CostModel(source, "latency", table=table),
                           exits=exit_heads(model), traces=calibrated[0].traces)
-    assert res.policy.attn_bits == 8 and res.fit_cost <= budget
+    assert res.policy.attn_bits == 8 and res.held_cost <= budget
     _, held = data.split(cfg.holdout, cfg.seed)
     g, t = materialise(source, res.policy, exit_heads(model))
     reach = bops.reach_from_exits(g, run(executor(g, t), held.images)["exit_block"])

@@ -12,8 +12,11 @@ inside their functions; the exit-threshold tools work from the runtime alone.
   block's range statistic (the runtime's own), polynomial degree chosen on held-out images.
 * :mod:`.uniform`, :mod:`.static`, :mod:`.naive` -- baselines: uniform bits, static
   (min-max / percentile) activation scales, bits by weight range under the same ILP.
-* :mod:`.common` -- calibration images, the model source, BOPs/bytes cost model;
+* :mod:`.common` -- calibration images (the reference's Fashion-MNIST, or the user's folder /
+  ``.npz`` kept as uint8 and normalised per batch), the model source (the reference, or any
+  timm ViT ``convert`` accepts, with its exit heads), BOPs/bytes cost model;
   :mod:`.emulate` -- the runtime's quantisation emulated on the torch model.
+* :mod:`.routes` -- which validation images left at which exit / took which QuEE path.
 * :mod:`.cli` -- ``pyruntime calibrate``.
 
 Every method takes the attention precision (``attention`` / ``--attention``: 32 fp32, the

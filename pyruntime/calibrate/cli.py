@@ -7,6 +7,10 @@
     pyruntime calibrate --method maqee --budget-latency 0.6x --latency-table T.json --out maqee-lat.json
     pyruntime calibrate --method quee --reduced w4a8 --every 3 --lam 0.5 --out quee.json --report
     pyruntime calibrate --method lampq --budget-bops 0.5x --attention 8 --out lampq-attn8.json
+    pyruntime calibrate --method maqee --model vit_small_patch16_224 --checkpoint my.safetensors \
+        --exits heads.safetensors --data my_images/ --budget-bops 0.5x --max-drop 1 --out p.json --report
+    pyruntime calibrate --method quee --model deit_tiny_patch16_224 --checkpoint c.pth --exits heads.safetensors \
+        --data val.npz --images 2000 --max-drop 1 --out quee.json --report --report-json routes.json
 
 Methods: ``uniform`` (one bit-width everywhere; with a budget, the most expensive uniform
 setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP), ``naive`` (bits by
@@ -20,13 +24,46 @@ the result's activation scales static (calibrated; uniform/lampq/naive). A budge
 number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per image from
 ``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
 or ``<f>x``, a multiple of the W8A8 policy's cost at full depth (with the run's attention
-precision). For maqee the budget is the expected cost per image with its exits; quee takes
-no budget. ``--attention 8`` runs every block's attention matmuls (q.k^T, attn.v) on int8
-operands: measured so while calibrating, written into the policy, costed at 8 x 8 BOPs.
+precision). For maqee the budget is the expected cost per image with its exits; for quee
+(``--budget-bops`` only) the mean BOPs per image on the validation images. ``--attention 8``
+runs every block's attention matmuls (q.k^T, attn.v) on int8 operands: measured so while
+calibrating, written into the policy, costed at 8 x 8 BOPs.
 
-The model is the shipped reference ViT unless ``--checkpoint`` names another file in its
-format (e.g. one from ``tools/train_reference.py --tiny``); calibration images are at most
-1,024 Fashion-MNIST training images drawn by ``--seed``.
+Model: ``--model`` names a timm ViT that ``pyruntime convert`` accepts (``--model-kwargs``
+JSON for ``timm.create_model``, weights from ``--checkpoint`` or, asked for,
+``--random-weights``); omitted (or ``reference``) it is the shipped reference ViT, or
+``--checkpoint`` in its format. Exit heads (maqee, quee) come from ``--exits`` (a safetensors
+file of ``exits.<b>.norm.weight|norm.bias|fc.weight|fc.bias``, as ``pyruntime exits fit``
+writes) or from the checkpoint's ``exits.*`` keys.
+
+Data: ``--data`` is an image folder (one sub-folder per class, classes sorted by name) or an
+``.npz`` with ``images`` (uint8 [N, H, W, C]) and ``labels``, prepared with timm's eval
+transform exactly as the converted file records it, so calibration sees what inference sees;
+``--images N`` takes N of them drawn by ``--seed`` (default: all). Without ``--data`` the
+reference model calibrates on 1,024 Fashion-MNIST training images (``--images``).
+
+Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split the images
+by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
+sizes are reported and recorded); the operating point -- maqee's exit thresholds, quee's
+lambda -- is chosen on the validation part alone (the policy's meta says ``chosen_on:
+validation``). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
+of fp32 at full depth, ``--budget-bops`` the most accurate within that mean BOPs per image;
+``--lam`` sets lambda by hand instead (gates then fitted on all images). ``--report`` adds
+which validation images went where (per exit / gate: count, share, top-1);
+``--report-json`` writes one row per validation image (index = its position in the data,
+after ``--images``; label, prediction, correct, exit block, path F/R per block).
+
+Memory: the images are kept as uint8 at the model's input size and normalised per batch, so
+the data take N x C x H x W bytes (10,000 images at 3 x 224 x 224: 1.5 GB) plus the model
+and the methods' work, which grows with N only by a few floats per image, class and exit
+(collected logits and scores). Measured (maqee, a 4-block width-192 ViT at
+3 x 96 x 96, an .npz): peak RSS 1.17 GB with 500 images, 1.32 GB with 2,000, 1.47 GB with
+8,000 -- about 40 KB more per image (an image is 27.6 KB as uint8; one float32 copy of the set
+would add 110 KB per image). Reading an .npz briefly holds up to three uint8 copies (the
+file's array, the drawn subset, a hashing copy) before the method starts. Extrapolated: 10,000
+images at 3 x 224 x 224 hold 1.5 GB, up to 4.5 GB while an .npz is read, plus the model's and
+method's own (1.1 GB for the model above; more for wider models, whose Fisher gradients are
+per image in batches of 64).
 """
 from __future__ import annotations
 
@@ -35,9 +72,10 @@ import math
 import sys
 from typing import List, Optional
 
-from ..cli import (check_reference_checkpoint, fraction, input_file, non_negative_float, non_negative_int,
-                   output_file, percentile, policy_spec, positive_int, thread_count)
+from ..cli import (check_reference_checkpoint, check_state_dict_file, fraction, input_file, non_negative_float,
+                   non_negative_int, output_file, percentile, policy_spec, positive_int, thread_count)
 from ..errors import require_extra
+from ..exits import add_model_arguments
 from .ilp import format_amount
 
 __all__ = ["add_parser", "cmd_calibrate", "main"]
@@ -81,12 +119,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``calibrate`` on an ``argparse`` sub-parser collection."""
     c = subparsers.add_parser("calibrate", help="fit a policy (bits, activation scales) on calibration images",
                               description=__doc__.split("\n\n")[0],
+                              epilog="\n\n".join(p for p in __doc__.split("\n\n")
+                                                 if p.startswith(("Model:", "Data:", "Fit and", "Memory:"))),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--method", choices=METHODS, required=True)
     c.add_argument("--out", type=output_file, required=True, help="policy JSON to write")
     c.add_argument("--report", action="store_true",
                    help="print each layer's sensitivity / fit and chosen setting (maqee: the rounds, thresholds and "
-                        "held-out check; quee: the gates and lambda)")
+                        "validation check; quee: the gates and lambda); maqee/quee: which validation images exited "
+                        "where / took full or reduced paths, with their top-1")
+    c.add_argument("--report-json", type=output_file, default=None,
+                   help="maqee/quee: write per-image rows (index, label, prediction, correct, exit_block, path) of the "
+                        "validation images (quee with --lam: of all calibration images) to this JSON file")
     budget = c.add_mutually_exclusive_group()
     budget.add_argument("--budget-bops", help="whole-model BOPs per image, or <f>x of W8A8's (maqee: expected per image)")
     budget.add_argument("--budget-bytes", help="model-file tensor bytes, or <f>x of W8A8's (not maqee)")
@@ -94,10 +138,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                  "W8A8's full-depth latency there")
     c.add_argument("--latency-table", type=input_file, help="maqee: latency table JSON for --budget-latency "
                                            "(pyruntime bench MODEL --profile --latency-table T.json)")
-    c.add_argument("--checkpoint", type=input_file, help="reference-format checkpoint (default: the shipped reference model)")
-    c.add_argument("--images", type=positive_int, default=1024, help="calibration images (at most 1024)")
-    c.add_argument("--seed", type=non_negative_int, default=0, help="which training images calibrate (maqee: also the held-out "
-                                                       "split; quee: also k-means and gate training)")
+    c.add_argument("--model", default=None,
+                   help="timm model name (anything pyruntime convert takes); default / 'reference': the reference ViT")
+    add_model_arguments(c)  # --checkpoint, --model-kwargs, --random-weights: as exits fit and convert take them
+    c.add_argument("--exits", type=input_file, help="exit heads (safetensors, exits.<b>.*) for maqee/quee; default: the "
+                                                    "checkpoint's exits.* keys")
+    c.add_argument("--data", help="calibration images: a folder with one sub-folder per class, or an .npz with "
+                                  "'images' and 'labels' (default, reference model only: Fashion-MNIST training images)")
+    c.add_argument("--images", type=positive_int, default=None,
+                   help="calibration images drawn by --seed (default: all of --data; 1024 Fashion-MNIST images)")
+    c.add_argument("--seed", type=non_negative_int, default=0, help="which images calibrate (maqee/quee: also the "
+                                                       "fit/validation split; quee: also k-means and gate training)")
     c.add_argument("--w-bits", type=_bits, default=None,
                    help="weight bits: candidates for lampq/naive/maqee (default 4,8); uniform: one value (default 8)")
     c.add_argument("--a-bits", type=_bits, default=None,
@@ -120,10 +171,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--chunk", type=positive_int, default=64, help="scalepredictor: values per chunk of the statistic")
     c.add_argument("--max-degree", type=int, default=3, choices=(1, 2, 3), help="scalepredictor: highest degree tried")
     c.add_argument("--holdout", type=fraction, default=None,
-                   help="held-out fraction: scalepredictor's for the degree, maqee's for checking the promise "
-                        "(default 0.25 for both)")
-    c.add_argument("--max-drop", type=float, default=0.5,
-                   help="maqee: top-1 percentage points the policy may lose against fp32 at full depth (default 0.5)")
+                   help="held-out fraction: scalepredictor's for the degree; maqee/quee: the validation part that "
+                        "chooses the operating point (default 0.25)")
+    c.add_argument("--max-drop", type=float, default=None,
+                   help="top-1 percentage points the policy may lose against fp32 at full depth: maqee (default 0.5); "
+                        "quee: choose the cheapest lambda within it on the validation images")
     c.add_argument("--exit-rule", choices=("confidence", "margin"), default="confidence", help="maqee: exit rule")
     c.add_argument("--exit-blocks", type=_bits, default=None,
                    help="maqee: blocks with exit heads (default every block but the last); quee: gate blocks "
@@ -132,7 +184,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="maqee: at-risk exit decisions per image (boundary sensitivity risk) at most")
     c.add_argument("--per-head", action="store_true",
                    help="maqee: per-head thresholds (2 coordinate-descent sweeps) instead of one shared threshold")
-    c.add_argument("--lam", type=non_negative_float, default=0.0, help="quee: lambda, predicted error traded per unit of cost")
+    c.add_argument("--lam", type=non_negative_float, default=None,
+                   help="quee: lambda set by hand, predicted error traded per unit of cost (default 0 unless "
+                        "--max-drop/--budget-bops choose it)")
     c.add_argument("--reduced", type=_precision, default=None,
                    help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
     c.add_argument("--every", type=positive_int, default=3, help="quee: a gate after every N-th block (default 3)")
@@ -184,15 +238,41 @@ def _budget(args, source, table=None):
     return kind, value
 
 
+def _is_reference(args) -> bool:
+    return args.model is None or args.model == "reference"
+
+
 def _check_options(args) -> None:
     """Combinations that make no sense, as one-line errors before anything is loaded."""
-    from .common import MAX_CALIBRATION_IMAGES
+    from .common import REFERENCE_TRAIN_IMAGES
 
-    if args.images > MAX_CALIBRATION_IMAGES:
-        raise ValueError(f"--images: calibration uses at most {MAX_CALIBRATION_IMAGES} images, got {args.images}")
+    if _is_reference(args):
+        for flag, value in (("--model-kwargs", args.model_kwargs), ("--random-weights", args.random_weights)):
+            if value:
+                raise ValueError(f"{flag} applies to a timm --model, not to the reference model")
+        if args.data is None and args.images is not None and args.images > REFERENCE_TRAIN_IMAGES:
+            raise ValueError(f"--images: the Fashion-MNIST training split has {REFERENCE_TRAIN_IMAGES} images, at most "
+                             f"{REFERENCE_TRAIN_IMAGES}, got {args.images}")
+    else:
+        if args.data is None:
+            raise ValueError(f"--model {args.model} needs --data (an image folder or .npz of your labelled images); "
+                             f"Fashion-MNIST calibrates the reference model only")
+        if args.checkpoint is None and not args.random_weights:
+            raise ValueError(f"--model {args.model} needs --checkpoint (its state dict), or --random-weights for "
+                             f"timm's random initialisation")
+        if args.checkpoint is not None and args.random_weights:
+            raise ValueError("--checkpoint and --random-weights exclude each other")
+    if args.exits is not None and args.method not in ("maqee", "quee"):
+        raise ValueError(f"--exits applies to maqee and quee, not {args.method}")
+    if args.report_json is not None and args.method not in ("maqee", "quee"):
+        raise ValueError(f"--report-json applies to maqee and quee, not {args.method}")
     text, _ = _budget_text(args)
     if text is not None:
         _budget_number(text)
+    if args.max_drop is not None and not 0 <= args.max_drop < 100:
+        raise ValueError(f"--max-drop is in percentage points, 0 <= drop < 100, got {args.max_drop}")
+    if args.max_drop is not None and args.method not in ("maqee", "quee"):
+        raise ValueError(f"--max-drop applies to maqee and quee, not {args.method}")
     if args.budget_latency is not None and args.method != "maqee":
         raise ValueError("--budget-latency applies to --method maqee only")
     if args.budget_latency is not None and not args.latency_table:
@@ -208,10 +288,15 @@ def _check_options(args) -> None:
                              "model-file bytes do not shrink when images exit early, so --budget-bytes does not apply")
         if args.budget_bops is None and args.budget_latency is None:
             raise ValueError("maqee needs a budget: --budget-bops X or --budget-latency X --latency-table T.json")
-        if not 0 <= args.max_drop < 100:
-            raise ValueError(f"--max-drop is in percentage points, 0 <= drop < 100, got {args.max_drop}")
-    if args.method == "quee" and any(v is not None for v in (args.budget_bops, args.budget_bytes, args.budget_latency)):
-        raise ValueError("quee takes no budget: its gates trade predicted error for BOPs by --lam")
+    if args.method == "quee":
+        if args.budget_bytes is not None or args.budget_latency is not None:
+            raise ValueError("quee's budget is the mean BOPs per image on the validation images: --budget-bops X "
+                             "(or <f>x of W8A8's)")
+        if args.lam is not None and (args.max_drop is not None or args.budget_bops is not None):
+            raise ValueError("quee: --lam sets lambda by hand; --max-drop / --budget-bops choose it on the validation "
+                             "images -- pass one or the other")
+    elif args.lam is not None:
+        raise ValueError(f"--lam applies to quee, not {args.method}")
 
 
 def _attention_bits(args) -> int:
@@ -302,35 +387,76 @@ def _scalepredictor(args, source, data, kind, budget):
 
 
 def _maqee(args, source, data, kind, budget, table=None):
-    from .common import CostModel
+    from .common import CostModel, heads_needed
     from .maqee import BudgetNotMet, MaqeeConfig, calibrate_maqee
+    from .routes import route_rows
 
-    cfg = MaqeeConfig(max_drop=args.max_drop / 100.0, rule=args.exit_rule, exit_blocks=args.exit_blocks,
+    cfg = MaqeeConfig(max_drop=(0.5 if args.max_drop is None else args.max_drop) / 100.0, rule=args.exit_rule,
+                      exit_blocks=args.exit_blocks,
                       bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)),
                       scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
                       sweeps=2 if args.per_head else 0, holdout=0.25 if args.holdout is None else args.holdout,
                       seed=args.seed, attention=_attention_bits(args), num_threads=args.threads,
                       show_progress=not args.no_progress)
+    heads_needed(source, args.exit_blocks or list(range(source.depth - 1)), "maqee")
     costs = CostModel(source, kind, table=table)
     try:
         res = calibrate_maqee(source, data, budget, cfg, costs=costs)
     except BudgetNotMet as e:
         raise ValueError(" ".join(str(e).split())) from None
-    return res.policy, res.report()
+    rows = route_rows(res.held_rows, res.held_exit_block, res.held_block_path, res.held_logits, res.held_labels)
+    return res.policy, res.report(), rows
+
+
+def _quee_search(args, source, data, reduced, kind, budget):
+    """Gates fitted on the fit part, lambda chosen on the validation part."""
+    from .quee import LambdaNotFound, choose_lambda, fit_quee
+
+    fit_rows, val_rows = data.split_rows(0.25 if args.holdout is None else args.holdout, args.seed)
+    fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
+    fit = fit_quee(source, fit_data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
+                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+    try:
+        search = choose_lambda(fit, source, val, None if args.max_drop is None else args.max_drop / 100.0, budget,
+                               num_threads=args.threads)
+    except LambdaNotFound as e:
+        raise ValueError(" ".join(str(e).split())) from None
+    meta = dict(chosen_on="validation", fit_images=len(fit_data), validation_images=len(val), split_seed=args.seed,
+                max_drop=None if args.max_drop is None else args.max_drop / 100.0, budget_bops=budget,
+                lambda_search=search.summary())
+    lines = [f"lambda {search.lam:g} chosen on the {len(val)} validation images (gates fitted on {len(fit_data)}): "
+             f"top-1 {search.point.top1:.4f} against fp32 full depth {search.reference_top1:.4f} (drop "
+             f"{100 * (search.reference_top1 - search.point.top1):.2f} points), mean "
+             f"{format_amount(search.point.mean_bops)} BOPs per image",
+             "candidates: lambda top-1 mean-BOPs"]
+    lines += [f"  {c.lam:10.4g} {c.top1:.4f} {format_amount(c.mean_bops)}" for c in search.curve]
+    return fit, search.lam, val, val_rows, lines, meta
 
 
 def _quee(args, source, data, kind, budget):
     import numpy as np
 
     from ..policy import LayerPolicy
-    from .quee import fit_quee
+    from .common import heads_needed
+    from .quee import default_gate_blocks, fit_quee
+    from .routes import route_lines, route_rows
 
     reduced = args.reduced or LayerPolicy(4, 8)
-    fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
-    policy = fit.policy(args.lam)
-    r = fit.run(data.images, args.lam, num_threads=args.threads)
-    top1 = float((r["logits"].argmax(-1) == np.asarray(data.labels)).mean())
+    heads_needed(source, args.exit_blocks or default_gate_blocks(source.depth, args.every), "quee")
+    if args.max_drop is not None or budget is not None:
+        fit, lam, part, rows, search_lines, meta = _quee_search(args, source, data, reduced, kind, budget)
+        where = f"{len(part)} validation images"
+    else:
+        lam = 0.0 if args.lam is None else args.lam
+        fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
+                       every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+        part, rows, search_lines, meta = data, np.arange(len(data)), [], {}
+        where = f"{len(data)} calibration images (lambda set by hand; the gates were fitted on them too)"
+    policy = fit.policy(lam)
+    policy.meta.update(meta)
+    r = fit.run(part.images, lam, num_threads=args.threads)
+    labels = np.asarray(part.labels)
+    top1 = float((r["logits"].argmax(-1) == labels).mean())
     hist = np.bincount(r["exit_block"], minlength=source.depth)
     red = reduced.to_dict()
     lines = [f"quee: base {fit.base.name}, reduced w{red['w_bits']}a{red['a_bits']}, gates after blocks "
@@ -340,38 +466,73 @@ def _quee(args, source, data, kind, budget):
         lines.append(f"{g['block']:4d}  {', '.join(f'{c:.4f}' for c in g['cost']):27s} "
                      f"{', '.join(f'{e:.4f}' for e in g['path_error']):33s} {g['clusters']:8d} {g['bce']:7.4f} "
                      f"{g['fit_mae']:8.4f}")
-    lines.append(f"lambda {args.lam:g}: on the {len(data)} calibration images top-1 {top1:.4f} (base, no gates "
-                 f"{fit.meta['full_top1']:.4f}), mean {format_amount(float(r['bops'].mean()))} BOPs per image; exits "
-                 + " ".join(f"b{b}:{n}" for b, n in enumerate(hist) if n))
-    return policy, "\n".join(lines)
+    lines += search_lines
+    lines.append(f"lambda {lam:g}: on the {where} top-1 {top1:.4f} (base, no gates "
+                 f"{fit.meta['full_top1']:.4f} on the fit images), mean {format_amount(float(r['bops'].mean()))} BOPs "
+                 f"per image; exits " + " ".join(f"b{b}:{n}" for b, n in enumerate(hist) if n))
+    lines += route_lines(r["exit_block"], r["block_path"], r["logits"], labels, fit.gate_blocks, gates=True)
+    return policy, "\n".join(lines), route_rows(rows, r["exit_block"], r["block_path"], r["logits"], labels)
+
+
+def _source_and_data(args):
+    """The model being calibrated and its calibration images (module docstring)."""
+    from .common import DEFAULT_CALIBRATION_IMAGES, calibration_data, reference_source, timm_source, user_calibration_data
+
+    if _is_reference(args):
+        source = reference_source(args.checkpoint)
+        if args.exits is not None:
+            source.exits = args.exits
+    else:
+        source = timm_source(args.model, args.model_kwargs, args.checkpoint, args.random_weights, args.exits)
+    if args.data is None:
+        n = DEFAULT_CALIBRATION_IMAGES if args.images is None else args.images
+        return source, calibration_data(n, args.seed, source.preprocess["mean"], source.preprocess["std"])
+    return source, user_calibration_data(args.data, source, args.images, args.seed)
+
+
+def _write_rows(path, rows, policy) -> None:
+    import json
+
+    from .._atomic import atomic_write_bytes
+
+    doc = {"policy": policy.name, "chosen_on": policy.meta.get("chosen_on", "hand-set lambda"), "images": rows}
+    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 def cmd_calibrate(args) -> int:
     """The ``calibrate`` handler: build the source and data, run the method, save the policy."""
     _check_options(args)
-    check_reference_checkpoint(args.checkpoint)
+    if _is_reference(args):
+        check_reference_checkpoint(args.checkpoint)
+    else:
+        check_state_dict_file(args.checkpoint)
     require_extra("calibrate", "pyruntime calibrate")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .common import COST_UNITS, calibration_data, policy_cost, reference_source
+    from .common import COST_UNITS, policy_cost
 
     table = None
     if args.latency_table:
         from ..latency import LatencyTable
 
         table = LatencyTable.load(args.latency_table)
-    source = reference_source(args.checkpoint)
+    source, data = _source_and_data(args)
+    for note in source.notes:
+        print(f"note: {note}")
     kind, budget = _budget(args, source, table)
-    data = calibration_data(args.images, args.seed, source.preprocess["mean"], source.preprocess["std"])
+    rows = None
     if args.method == "maqee":
-        policy, report = _maqee(args, source, data, kind, budget, table)
+        policy, report, rows = _maqee(args, source, data, kind, budget, table)
+    elif args.method == "quee":
+        policy, report, rows = _quee(args, source, data, kind, budget)
     else:
-        run = {"uniform": _uniform, "lampq": _lampq, "naive": _naive, "scalepredictor": _scalepredictor,
-               "quee": _quee}[args.method]
+        run = {"uniform": _uniform, "lampq": _lampq, "naive": _naive, "scalepredictor": _scalepredictor}[args.method]
         policy, report = run(args, source, data, kind, budget)
     policy.save(args.out)
+    if args.report_json is not None:
+        _write_rows(args.report_json, rows, policy)
     if args.report:
         print(report)
     line = (f"wrote {args.out}: policy {policy.name!r}, {format_amount(policy_cost(source, policy, 'bops'))} BOPs "
@@ -382,10 +543,16 @@ def cmd_calibrate(args) -> int:
         line += f"; gates after blocks {policy.gate_blocks()} at lambda {policy.gates.lam:g}"
     if policy.attn_bits != 32:
         line += f"; int{policy.attn_bits} attention"
-    if "expected_cost_fit" in policy.meta:
+    if "expected_cost_validation" in policy.meta:
         unit = COST_UNITS[policy.meta["cost_kind"]]
-        line += (f"; expected {format_amount(policy.meta['expected_cost_fit'])} {unit} per image on the fit "
-                 f"images (budget {format_amount(policy.meta['budget'])})")
+        line += (f"; expected {format_amount(policy.meta['expected_cost_validation'])} {unit} per image on the "
+                 f"{policy.meta['validation_images']} validation images (budget {format_amount(policy.meta['budget'])}; "
+                 f"fit on {policy.meta['fit_images']})")
+    elif policy.meta.get("chosen_on") == "validation":
+        line += (f"; lambda chosen on the {policy.meta['validation_images']} validation images (gates fitted on "
+                 f"{policy.meta['fit_images']})")
+    if args.report_json is not None:
+        line += f"; per-image routes in {args.report_json}"
     print(line + f"; {format_amount(policy_cost(source, policy, 'bytes'))} bytes")
     return 0
 

@@ -2,10 +2,14 @@
 calibrated, which layers a method may touch, and the cost (BOPs, bytes or measured latency)
 of a policy.
 
-* Calibration data [ours]: at most 1,024 Fashion-MNIST *training* images, a subset drawn
-  without replacement by ``numpy.random.default_rng(seed)``, normalised exactly as
-  :meth:`pyruntime.runtime.Model.preprocess` does, so the same float32 array feeds the
-  runtime and the torch emulation.
+* Calibration data [ours]: for the reference model, Fashion-MNIST *training* images (1,024
+  by default), a subset drawn without replacement by ``numpy.random.default_rng(seed)``,
+  normalised exactly as :meth:`pyruntime.runtime.Model.preprocess` does, so the same float32
+  array feeds the runtime and the torch emulation. For any other model, the user's image
+  folder or ``.npz`` (:func:`user_calibration_data`), prepared by
+  :mod:`pyruntime.imagedata` with the preprocessing the converted file records and kept as
+  uint8: :class:`NormalisedImages` hands out float32 per batch, so memory grows with
+  N x C x H x W *bytes*, not four times that.
 * A :class:`Source` is the torch model plus how to convert it (checkpoint, mean/std);
   :func:`reference_source` builds it from a reference-format checkpoint (the shipped one by
   default, or one written by ``tools/train_reference.py --tiny``).
@@ -38,12 +42,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..latency import LatencyTable
 
 __all__ = [
-    "MAX_CALIBRATION_IMAGES", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
+    "DEFAULT_CALIBRATION_IMAGES", "REFERENCE_TRAIN_IMAGES", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
+    "NormalisedImages", "user_calibration_data", "source_preprocess", "timm_source", "heads_needed",
     "normalize", "Source", "reference_source", "torch_source", "layer_type", "scope_layers",
     "model_graph", "policy_cost", "CostModel", "progress", "run_batches", "resolve_attention",
 ]
 
-MAX_CALIBRATION_IMAGES = 1024
+DEFAULT_CALIBRATION_IMAGES = 1024  # the reference model's default count (no upper limit)
+REFERENCE_TRAIN_IMAGES = 60000     # Fashion-MNIST's training split, the reference model's calibration pool
 COST_KINDS = ("bops", "bytes", "latency")
 COST_UNITS = {"bops": "BOPs", "bytes": "bytes", "latency": "s"}  # what each kind's amounts count
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "patch_embed", "head")
@@ -81,28 +87,81 @@ def normalize(images_u8: np.ndarray, mean: Sequence[float], std: Sequence[float]
     return np.ascontiguousarray((x - m) / s, dtype=np.float32)
 
 
+class NormalisedImages:
+    """A read-only float32 [N, C, H, W] view of uint8 images [M, H, W, C] (rows ``index``):
+    slicing or indexing with an integer array normalises just those images (``normalize``),
+    so a method's ``images[lo:hi]`` costs one batch of float32, never the whole set."""
+
+    def __init__(self, raw: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 index: Optional[np.ndarray] = None):
+        if raw.dtype != np.uint8 or raw.ndim != 4:
+            raise ValueError(f"raw images must be uint8 [N, H, W, C], got {raw.dtype} {list(raw.shape)}")
+        self.raw, self.mean, self.std = raw, list(mean), list(std)
+        self.index = np.arange(len(raw)) if index is None else np.asarray(index, np.int64)
+
+    dtype = np.dtype(np.float32)
+    ndim = 4
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        _, H, W, C = self.raw.shape
+        return len(self.index), C, H, W
+
+    @property
+    def nbytes_raw(self) -> int:
+        return int(self.raw.nbytes)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: np.ndarray) -> "NormalisedImages":
+        """The lazy view of ``rows`` (positions in this view)."""
+        return NormalisedImages(self.raw, self.mean, self.std, self.index[np.asarray(rows, np.int64)])
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None),) + key[1:]] if not np.isscalar(key[0]) else self[key[0]][key[1:]]
+        if isinstance(key, (int, np.integer)):
+            return normalize(self.raw[self.index[key]][None], self.mean, self.std)[0]
+        return normalize(self.raw[self.index[key]], self.mean, self.std)
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+
 @dataclass
 class CalibrationData:
-    """Normalised float32 images [N, C, H, W], int64 labels [N], and a summary for the
-    policy's provenance (split, seed, count, a hash of the indices)."""
+    """Normalised float32 images [N, C, H, W] -- an array, or a :class:`NormalisedImages`
+    view that normalises per slice -- int64 labels [N], and a summary for the policy's
+    provenance (data set, seed, count, a hash)."""
 
-    images: np.ndarray
+    images: Union[np.ndarray, NormalisedImages]
     labels: np.ndarray
     summary: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def split(self, holdout: float, seed: int = 0) -> Tuple["CalibrationData", "CalibrationData"]:
-        """(fit, held-out) by a fixed permutation; ``holdout`` is the held-out fraction."""
+    def take(self, rows: np.ndarray, part: str) -> "CalibrationData":
+        rows = np.asarray(rows, np.int64)
+        images = self.images.take(rows) if isinstance(self.images, NormalisedImages) else self.images[rows]
+        return CalibrationData(images, self.labels[rows], dict(self.summary, part=part))
+
+    def split_rows(self, holdout: float, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """(fit rows, held-out rows), sorted, by a fixed permutation; ``holdout`` is the
+        held-out fraction."""
         n = len(self)
         k = max(1, int(round(holdout * n)))
         if not 0 < k < n:
             raise ValueError(f"cannot hold out {holdout:.0%} of {n} images")
         perm = np.random.default_rng(seed).permutation(n)
-        fit, held = np.sort(perm[k:]), np.sort(perm[:k])
-        return (CalibrationData(self.images[fit], self.labels[fit], dict(self.summary, part="fit")),
-                CalibrationData(self.images[held], self.labels[held], dict(self.summary, part="held-out")))
+        return np.sort(perm[k:]), np.sort(perm[:k])
+
+    def split(self, holdout: float, seed: int = 0) -> Tuple["CalibrationData", "CalibrationData"]:
+        """(fit, held-out) by :meth:`split_rows`."""
+        fit, held = self.split_rows(holdout, seed)
+        return self.take(fit, "fit"), self.take(held, "held-out")
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,21 +175,45 @@ def _train_split() -> Tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def calibration_data(n: int = MAX_CALIBRATION_IMAGES, seed: int = 0, mean=None, std=None) -> CalibrationData:
-    """``n`` (<= 1,024) Fashion-MNIST training images picked by ``seed``, normalised with
-    ``mean``/``std`` (one value or one per channel; default: the training-set statistics the
-    reference model uses)."""
+def calibration_data(n: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0, mean=None, std=None) -> CalibrationData:
+    """``n`` Fashion-MNIST training images picked by ``seed``, normalised with ``mean``/``std``
+    (one value or one per channel; default: the training-set statistics the reference model
+    uses). A float32 array: 3 KB per 28 x 28 image."""
     from ..datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
-    if not 1 <= n <= MAX_CALIBRATION_IMAGES:
-        raise ValueError(f"calibration uses 1..{MAX_CALIBRATION_IMAGES} images, got {n}")
     images, labels = _train_split()
+    if not 1 <= n <= len(images):
+        raise ValueError(f"calibration uses 1..{len(images)} Fashion-MNIST training images, got {n}")
     pick = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
     mean = [FASHION_MNIST_MEAN] if mean is None else list(np.atleast_1d(mean))
     std = [FASHION_MNIST_STD] if std is None else list(np.atleast_1d(std))
     summary = {"dataset": "fashion-mnist", "split": "train", "images": int(n), "seed": int(seed),
                "indices_sha256": hashlib.sha256(pick.astype("<i8").tobytes()).hexdigest()[:16]}
     return CalibrationData(normalize(images[pick], mean, std), labels[pick].astype(np.int64), summary)
+
+
+def source_preprocess(source: "Source"):
+    """The :class:`pyruntime.imagedata.Preprocess` the converted file will record for
+    ``source`` (convert's own resolution of timm's data config and the source's override), so
+    calibration sees exactly the pixels inference sees."""
+    from ..convert import _preprocess
+    from ..imagedata import Preprocess
+
+    return Preprocess.from_dict(_preprocess(source.model, source.arch, source.preprocess))
+
+
+def user_calibration_data(path: PathLike, source: "Source", n: Optional[int] = None, seed: int = 0) -> CalibrationData:
+    """The user's labelled images (an image folder, one sub-folder per class, or an ``.npz``
+    with ``images`` and ``labels``) prepared for ``source``: at most ``n`` of them drawn by
+    ``seed`` (all by default). Kept as uint8 at the model's input size (N x C x H x W bytes);
+    the float32 images are made per batch. Bad data is a :class:`pyruntime.imagedata.DataError`."""
+    from ..imagedata import read_dataset
+
+    pre = source_preprocess(source)
+    li = read_dataset(path, pre, num_classes=source.arch["num_classes"], limit=n, seed=seed)
+    view = NormalisedImages(li.images, pre.mean, pre.std)
+    summary = dict(li.summary, class_names=list(li.classes)[:64])
+    return CalibrationData(view, li.labels.astype(np.int64), summary)
 
 
 # --- the model being calibrated ------------------------------------------------------------------
@@ -143,6 +226,8 @@ class Source:
     checkpoint: Optional[Path] = None
     preprocess: Optional[dict] = None
     name: str = "model"
+    exits: "object" = None   # exit heads as convert takes them (a file or {block: params}); None: the checkpoint's
+    notes: List[str] = field(default_factory=list)   # what loading adapted (e.g. resampled position embeddings)
 
     @property
     def arch(self) -> dict:
@@ -161,7 +246,47 @@ class Source:
     def convert(self, out: PathLike, policy: Policy) -> Path:
         from ..convert import convert
 
-        return convert(self.model, out, checkpoint=self.checkpoint, policy=policy, preprocess=self.preprocess)
+        return convert(self.model, out, checkpoint=self.checkpoint, policy=policy, preprocess=self.preprocess,
+                       exits=self.exits)
+
+    def exit_head_blocks(self) -> List[int]:
+        """Blocks with exit-head weights: those of ``exits``, else the checkpoint's ``exits.*``
+        keys (none without either)."""
+        if isinstance(self.exits, Mapping):
+            return sorted(int(b) for b in self.exits)
+        if self.exits is not None:
+            return sorted(_exit_keys_blocks(Path(self.exits)))
+        if self.checkpoint is None:
+            return []
+        return sorted(_exit_keys_blocks(Path(self.checkpoint)))
+
+
+def _exit_keys_blocks(path: Path) -> set:
+    """Blocks b with ``exits.<b>.*`` keys in a state-dict file (safetensors: the keys alone)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "np") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors' own errors, OSError
+            raise ValueError(f"{path}: cannot read its tensor names ({type(e).__name__}: {e})") from None
+    else:
+        from ..convert import _read_state_dict
+
+        keys = list(_read_state_dict(path))
+    return {int(k.split(".")[1]) for k in keys if k.startswith("exits.") and k.split(".")[1].isdigit()}
+
+
+def heads_needed(source: Source, blocks: Sequence[int], method: str) -> None:
+    """ValueError (one line) unless ``source`` has exit heads at every block of ``blocks``."""
+    have = set(source.exit_head_blocks())
+    missing = [b for b in blocks if b not in have]
+    if missing:
+        raise ValueError(f"{method} needs exit heads at blocks {list(blocks)}; the model has none at {missing} "
+                         f"(heads at {sorted(have) or 'no block'}): fit them with `pyruntime exits fit MODEL "
+                         f"--checkpoint C --data D --blocks {','.join(map(str, missing))} --out heads.safetensors` "
+                         f"and pass --exits heads.safetensors, or choose --exit-blocks among {sorted(have)}")
 
 
 def reference_source(path: Optional[PathLike] = None) -> Source:
@@ -176,6 +301,22 @@ def reference_source(path: Optional[PathLike] = None) -> Source:
     meta = read_metadata(path)
     model, _ = load_reference_timm(path)
     return Source(model, path, {"mean": meta["mean"], "std": meta["std"]}, name=path.stem)
+
+
+def timm_source(name: str, model_kwargs: Optional[Mapping] = None, checkpoint: Optional[PathLike] = None,
+                random_weights: bool = False, exits: Optional[PathLike] = None) -> Source:
+    """A user's timm ViT (:func:`pyruntime.convert.load_timm`) as a calibration source: the
+    checkpoint's weights (or, asked for, timm's random ones), exit heads from ``exits`` (a
+    safetensors file of ``exits.<b>.*``) or else the checkpoint's, and timm's eval
+    preprocessing, as :func:`pyruntime.convert.convert` records it."""
+    from ..convert import _exit_heads, _read_exit_file, load_timm, model_arch
+
+    model, ckpt_heads, notes = load_timm(name, model_kwargs, checkpoint, random_weights)
+    arch = model_arch(model)  # an unsupported family is named before any data is read
+    heads = _read_exit_file(exits) if exits is not None else ckpt_heads
+    heads = _exit_heads(heads, arch)  # shapes checked now, not in the middle of a method
+    return Source(model.eval(), Path(checkpoint) if checkpoint is not None else None, None, name=name,
+                  exits=heads or None, notes=list(notes))
 
 
 def torch_source(model, preprocess: Optional[Mapping] = None, name: str = "model") -> Source:

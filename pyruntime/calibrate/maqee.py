@@ -12,8 +12,13 @@ What we built [ours]:
 
 * **Model**: the source with exit heads after ``exit_blocks`` (default: every block but the
   last, as the reference model ships them), rule ``confidence`` (max softmax) or ``margin``.
-* **Promise**: top-1 at most ``max_drop`` below the fp32 model run to full depth (no exits),
-  on the fit images while fitting and checked on held-out calibration images afterwards.
+* **Promise**: top-1 at most ``max_drop`` below the fp32 model run to full depth (no exits).
+* **Fit and validation** [ours]: the calibration images split by a fixed permutation
+  (``seed``) into a *fit* part (Fisher traces, layer errors, the bit alternation and its
+  provisional thresholds) and a *validation* part (``holdout``, a quarter by default) that
+  alone chooses the operating point: the exit thresholds of the policy, its promise check and
+  the expected cost the budget is held to. The policy's meta records ``chosen_on:
+  "validation"`` and both sizes.
 * **Measurements** come from the runtime itself (:mod:`.probe`): the quantised model with
   every exit head evaluated and nobody leaving gives each head's score on each image, so any
   thresholds can be replayed exactly as the executor decides (:mod:`.thresholds`).
@@ -49,16 +54,18 @@ What we built [ours]:
   proxy, which on the reference model picks allocations that cannot keep a 0.5-point promise
   at 0.4x W8A8's BOPs, while weights-only allocation keeps it there (85.80% at 1.48 GBOPs on the
   10,000 test images against fp32's 86.18%).
-* **Alternation**: start from every allocated layer at its most expensive option (W8A8:
-  round 0 is "PTQ + exits"), outer, inner, ... until the bits repeat or ``rounds``; the
-  answer is the cheapest evaluated state that keeps the promise, the BSR cap and the budget.
-* **Held-out check**: the chosen policy runs (real exits) on the held-out images (a quarter of
-  the calibration images). 256 images cannot *confirm* a 0.5-point promise (one image is 0.4
-  points; the paired standard error is ~1 point), so the check looks for evidence that it is
-  *broken*: if the held-out drop minus ``z`` standard errors still exceeds ``max_drop``, the
-  allowed fit drop is lowered by the excess and the thresholds searched again (up to
-  ``holdout_retries`` times). ``MaqeeResult.promise_kept`` is the outcome, with the held-out
-  drop and its standard error beside it; the 10,000 test images are the real judge.
+* **Alternation** (fit images): start from every allocated layer at its most expensive option
+  (W8A8: round 0 is "PTQ + exits"), outer, inner, ... until the bits repeat or ``rounds``.
+* **Operating point** (validation images): for every evaluated bit allocation the outer search
+  runs again on the validation images' scores (their own BSR deltas and fp32 reference); the
+  answer is the allocation and thresholds with the least expected cost on validation that keep
+  the drop bound (``z`` standard errors above the validation drop) at most ``max_drop``, BSR at
+  most ``bsr_max`` and the budget. The chosen policy then runs with real exits on the
+  validation images (the runtime's exits, BOPs and top-1: ``MaqeeResult.held_*``);
+  ``promise_kept`` says whether the validation drop bound is within ``max_drop`` (true by
+  construction, kept as a check that the replay and the runtime agree). The fit-image numbers
+  of the same thresholds are reported beside it. Images calibration never saw are the real
+  judge (with a few hundred validation images the bound is about a point wide).
 * **Attention** (``attention``, default 32): with 8, every quantised state runs its attention
   matmuls on int8 operands -- in the runtime that measures the exits, in the emulation that
   measures the layer errors -- and the expected cost counts them at 8 x 8 BOPs (or asks the
@@ -111,8 +118,7 @@ class MaqeeConfig:
     rounds: int = 6                      # inner re-allocations at most
     grid: int = 64                       # score quantiles tried per head
     sweeps: int = 0                      # coordinate-descent passes over per-head thresholds
-    holdout: float = 0.25                # held-out fraction of the calibration images
-    holdout_retries: int = 3
+    holdout: float = 0.25                # validation fraction of the calibration images
     seed: int = 0
     fisher_batch: int = 64
     error_images: int = 256
@@ -304,14 +310,21 @@ class MaqeeResult:
     fit_top1: float
     fit_reference_top1: float        # fp32, full depth, fit images
     bsr: float
-    held_top1: float
+    held_top1: float                 # held_*: the validation images (held out from the bits), which chose the thresholds
     held_reference_top1: float
-    held_drop: float                 # fp32 top-1 minus the policy's on the held-out images
+    held_drop: float                 # fp32 top-1 minus the policy's on the validation images
     held_drop_se: float              # its standard error (paired)
-    held_cost: float                 # expected cost on the held-out images (runtime's exits)
-    held_bops: float                 # mean BOPs per held-out image, as the runtime counted them
-    promise_kept: bool               # no evidence on held-out images that the drop exceeds max_drop
+    held_cost: float                 # expected cost on the validation images (runtime's exits)
+    held_bops: float                 # mean BOPs per validation image, as the runtime counted them
+    promise_kept: bool               # the validation drop's upper bound is within max_drop
     history: List[dict]
+    fit_images: int = 0
+    validation_images: int = 0
+    held_exit_block: Optional[np.ndarray] = None    # per validation image, the runtime's exit block
+    held_block_path: Optional[np.ndarray] = None
+    held_logits: Optional[np.ndarray] = None
+    held_labels: Optional[np.ndarray] = None
+    held_rows: Optional[np.ndarray] = None          # the validation images' rows in the calibration data
     omega: Dict[str, float] = field(default_factory=dict)
     traces: Dict[str, float] = field(default_factory=dict)
 
@@ -321,12 +334,20 @@ class MaqeeResult:
         for h in self.history:
             lines.append(f"{h['round']:5d} {h['w4_layers']:3d}  {','.join(map(str, h['a_bits'])):7s} {h['fit_top1']:9.4f}  "
                          f"{h['cost']:13.6g} {h['bsr']:7.3f}  {'yes' if h['feasible'] and h['within_budget'] else 'no'}")
-        lines.append("thresholds " + " ".join(f"b{b}:{t:.4f}" for b, t in zip(self.exit_blocks, self.thresholds)))
-        lines.append(f"fit: top-1 {self.fit_top1:.4f} (fp32 full depth {self.fit_reference_top1:.4f}), expected "
-                     f"{format_amount(self.fit_cost)} {unit} of budget {format_amount(self.budget)}, BSR {self.bsr:.3f}")
-        lines.append(f"held-out: top-1 {self.held_top1:.4f} (fp32 full depth {self.held_reference_top1:.4f}, drop "
-                     f"{100 * self.held_drop:.2f} +- {100 * self.held_drop_se:.2f} points), expected "
-                     f"{format_amount(self.held_cost)} {unit}; promise {'kept' if self.promise_kept else 'NOT kept'}")
+        lines.append("thresholds " + " ".join(f"b{b}:{t:.4f}" for b, t in zip(self.exit_blocks, self.thresholds))
+                     + f" (chosen on the {self.validation_images} validation images)")
+        lines.append(f"fit ({self.fit_images} images): top-1 {self.fit_top1:.4f} (fp32 full depth "
+                     f"{self.fit_reference_top1:.4f}), expected {format_amount(self.fit_cost)} {unit}")
+        lines.append(f"validation (held-out from the bits, {self.validation_images} images): top-1 {self.held_top1:.4f} "
+                     f"(fp32 full depth {self.held_reference_top1:.4f}, drop {100 * self.held_drop:.2f} +- "
+                     f"{100 * self.held_drop_se:.2f} points), expected {format_amount(self.held_cost)} {unit} of budget "
+                     f"{format_amount(self.budget)}, BSR {self.bsr:.3f}; promise "
+                     f"{'kept' if self.promise_kept else 'NOT kept'}")
+        if self.held_exit_block is not None:
+            from .routes import route_lines
+
+            lines += route_lines(self.held_exit_block, self.held_block_path, self.held_logits, self.held_labels,
+                                 self.exit_blocks, gates=False)
         return "\n".join(lines)
 
 
@@ -383,35 +404,37 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     opts = options(cfg)
     all_layers = source.layer_names()
     names = scope_layers(all_layers, cfg.scope)
-    fit, held = data.split(cfg.holdout, cfg.seed)
+    fit_rows, val_rows = data.split_rows(cfg.holdout, cfg.seed)
+    fit, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
 
     closed = _exits(blocks, cfg.rule, [1.0] * len(blocks))  # every head evaluated, nobody leaving
     # fp32 at full depth: the reference top-1, and the exit scores the drift is measured against
     fp_ex = executor(*materialise(source, _policy([], {}, closed, 32, "fp32"), exits))
     fp_fit = run(fp_ex, fit.images, True, cfg.batch, cfg.num_threads)
-    fp_held = run(fp_ex, held.images, False, cfg.batch, cfg.num_threads)
+    fp_val = run(fp_ex, val.images, True, cfg.batch, cfg.num_threads)
+    del fp_ex
     fp_right = fp_fit["logits"].argmax(-1) == fit.labels
     ref_fit = float(fp_right.mean())
-    fp_held_right = fp_held["logits"].argmax(-1) == held.labels
+    fp_val_right = fp_val["logits"].argmax(-1) == val.labels
 
     model = source.model.eval()
     traces = dict(traces) if traces is not None else fisher_traces_for(model, names, fit, cfg)
     omega = type_aware_sensitivity(traces, True)
     qm = QuantModel(model)
-    err_data = CalibrationData(fit.images[:cfg.error_images], fit.labels[:cfg.error_images], fit.summary)
+    err_data = fit.take(np.arange(min(cfg.error_images, len(fit))), "fit")
     pick: Dict[str, Bits] = {n: (max(cfg.w_bits), max(cfg.a_bits)) for n in names}
 
     def quantised(pick: Mapping[str, Bits], exits_: Sequence[ExitPolicy], meta: Optional[dict] = None) -> Policy:
         """A state's policy: ``pick``'s bits, the exits, attention at ``cfg.attention``."""
         return _policy(names, pick, exits_, cfg.block_size, "maqee", meta, cfg.attention)
 
-    def evaluate(pick: Mapping[str, Bits], allowed: float) -> Operating:
-        """Convert with ``pick``, collect every head on the fit images, search thresholds."""
+    def replay(pick: Mapping[str, Bits], part: CalibrationData, fp: Mapping, fp_right_: np.ndarray) -> Replay:
+        """Convert with ``pick`` and collect every head on ``part``'s images."""
         policy = quantised(pick, closed)
-        r = run(executor(*materialise(source, policy, exits)), fit.images, True, cfg.batch, cfg.num_threads)
-        replay = Replay(r["exit_logits"], r["logits"], fit.labels, cfg.rule, blocks, depth,
-                        _step_costs(costs, model_graph(source, policy)), _deltas(cfg, r["exit_logits"], fp_fit["exit_logits"]), fp_right, cfg.z)
-        return search_thresholds(replay, allowed, cfg.bsr_max, cfg.grid, cfg.sweeps)
+        r = run(executor(*materialise(source, policy, exits)), part.images, True, cfg.batch, cfg.num_threads)
+        return Replay(r["exit_logits"], r["logits"], part.labels, cfg.rule, blocks, depth,
+                      _step_costs(costs, model_graph(source, policy)), _deltas(cfg, r["exit_logits"], fp["exit_logits"]),
+                      fp_right_, cfg.z)
 
     def reallocate(pick: Mapping[str, Bits], reach: np.ndarray) -> Dict[str, Bits]:
         errors = measure_errors(qm, names, opts, err_data, pick, all_layers, cfg.block_size, cfg.error_batch,
@@ -421,9 +444,11 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
 
     with torch.no_grad():
         states: List[State] = []
+        fit_replays: List[Replay] = []
         seen = set()
         for k in range(cfg.rounds + 1):
-            op = evaluate(pick, cfg.max_drop)
+            fit_replays.append(replay(pick, fit, fp_fit, fp_right))
+            op = search_thresholds(fit_replays[-1], cfg.max_drop, cfg.bsr_max, cfg.grid, cfg.sweeps)
             states.append(State(k, dict(pick), op, op.cost <= budget * (1 + 1e-12)))
             seen.add(tuple(sorted(pick.items())))
             if k == cfg.rounds:
@@ -433,44 +458,42 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
                 break
             pick = new
 
-    ok = [s for s in states if s.op.feasible and s.within_budget]
+    # the operating point: every allocation's thresholds searched again on the validation images
+    val_ops = [search_thresholds(replay(s.pick, val, fp_val, fp_val_right), cfg.max_drop, cfg.bsr_max, cfg.grid,
+                                 cfg.sweeps) for s in states]
+    ok = [i for i, o in enumerate(val_ops) if o.feasible and o.cost <= budget * (1 + 1e-12)]
     if not ok:
-        feas = [s for s in states if s.op.feasible]
-        cheapest = min((s.op.cost for s in feas), default=float("nan"))
+        feas = [o for o in val_ops if o.feasible]
+        cheapest = min((o.cost for o in feas), default=float("nan"))
         raise BudgetNotMet(
             f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met while keeping top-1 "
-            f"within {100 * cfg.max_drop:g} points of fp32 (BSR <= {cfg.bsr_max}): the cheapest policy found that keeps the "
-            f"promise costs {format_amount(cheapest)} {costs.unit()}" if feas else
+            f"within {100 * cfg.max_drop:g} points of fp32 (BSR <= {cfg.bsr_max}) on the {len(val)} validation images: "
+            f"the cheapest policy found that keeps the promise costs {format_amount(cheapest)} {costs.unit()}" if feas else
             f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met: no policy keeps top-1 "
-            f"within {100 * cfg.max_drop:g} points of fp32 on the fit images at BSR <= {cfg.bsr_max}")
-    best = min(ok, key=lambda s: (s.op.cost, -s.op.top1))
-    pick, op = best.pick, best.op
+            f"within {100 * cfg.max_drop:g} points of fp32 on the {len(val)} validation images at BSR <= {cfg.bsr_max} "
+            f"(fp32 validation top-1 {fp_val_right.mean():.4f}; more validation images narrow the bound)")
+    best = min(ok, key=lambda i: (val_ops[i].cost, -val_ops[i].top1))
+    pick, op = states[best].pick, val_ops[best]
+    fit_top1, _, fit_cost, _, _ = fit_replays[best].evaluate(op.thresholds)
 
-    # held-out check: evidence that the promise is broken tightens the fit and searches again
-    allowed = cfg.max_drop
-    for attempt in range(cfg.holdout_retries + 1):
-        policy = quantised(pick, _exits(blocks, cfg.rule, op.thresholds))
-        g, t = materialise(source, policy, exits)
-        h = run(executor(g, t), held.images, False, cfg.batch, cfg.num_threads)
-        held_right = h["logits"].argmax(-1) == held.labels
-        drop, se = _paired_drop(fp_held_right, held_right)
-        broken = drop - cfg.z * se > cfg.max_drop + 1e-12
-        if not broken or attempt == cfg.holdout_retries:
-            break
-        allowed -= drop - cfg.max_drop
-        op = evaluate(pick, allowed)
-    if op.cost > budget * (1 + 1e-12):
-        raise BudgetNotMet(f"budget {format_amount(budget)} {costs.unit()} per image (expected) cannot be met: the "
-                           f"held-out check tightened the thresholds until the expected cost is "
-                           f"{format_amount(op.cost)} {costs.unit()}")
+    policy = quantised(pick, _exits(blocks, cfg.rule, op.thresholds))
+    g, t = materialise(source, policy, exits)
+    h = run(executor(g, t), val.images, False, cfg.batch, cfg.num_threads)
+    held_right = h["logits"].argmax(-1) == val.labels
+    drop, se = _paired_drop(fp_val_right, held_right)
+    kept = drop + cfg.z * se <= cfg.max_drop + 1e-12
     held_reach = reach_from_exits(g, h["exit_block"])
     held_cost = costs.expected(model_graph(source, policy), held_reach)
     meta = {"calibration": dict(data.summary), "method": "maqee", "cost_kind": costs.kind, "budget": float(budget),
-            "expected_cost_fit": op.cost, "max_drop": cfg.max_drop, "z": cfg.z, "bsr": op.bsr, "bsr_max": cfg.bsr_max,
-            "rule": cfg.rule, "options": [list(o) for o in opts], "fit_top1": op.top1, "fp32_fit_top1": ref_fit,
-            "held_top1": float(held_right.mean()), "fp32_held_top1": float(fp_held_right.mean()),
-            "held_drop": drop, "held_drop_se": se, "rounds": [s.summary() for s in states]}
+            "chosen_on": "validation", "fit_images": len(fit), "validation_images": len(val),
+            "split_seed": cfg.seed, "expected_cost_validation": float(held_cost), "expected_cost_fit": fit_cost,
+            "max_drop": cfg.max_drop, "z": cfg.z, "bsr": op.bsr, "bsr_max": cfg.bsr_max,
+            "rule": cfg.rule, "options": [list(o) for o in opts], "fit_top1": fit_top1, "fp32_fit_top1": ref_fit,
+            "validation_top1": float(held_right.mean()), "fp32_validation_top1": float(fp_val_right.mean()),
+            "validation_drop": drop, "validation_drop_se": se, "rounds": [s.summary() for s in states]}
     policy = quantised(pick, _exits(blocks, cfg.rule, op.thresholds), meta)
-    return MaqeeResult(policy, dict(pick), list(op.thresholds), blocks, float(budget), costs.kind, op.cost, op.top1,
-                       ref_fit, op.bsr, float(held_right.mean()), float(fp_held_right.mean()), drop, se,
-                       float(held_cost), float(h["bops"].mean()), not broken, [s.summary() for s in states], omega, traces)
+    return MaqeeResult(policy, dict(pick), list(op.thresholds), blocks, float(budget), costs.kind, fit_cost, fit_top1,
+                       ref_fit, op.bsr, float(held_right.mean()), float(fp_val_right.mean()), drop, se,
+                       float(held_cost), float(h["bops"].mean()), kept, [s.summary() for s in states],
+                       len(fit), len(val), h["exit_block"], h["block_path"], h["logits"], np.asarray(val.labels),
+                       val_rows, omega, traces)

@@ -22,12 +22,13 @@ __all__ = ["materialise", "executor", "run"]
 
 def materialise(source: Source, policy: Policy, exits=None, workdir: Optional[Path] = None) -> Tuple[dict, Dict[str, np.ndarray]]:
     """(graph, tensors) of ``source`` converted under ``policy``, owning their memory (the
-    temporary file is gone when this returns). ``exits`` as :func:`pyruntime.convert.convert`."""
+    temporary file is gone when this returns). ``exits`` as :func:`pyruntime.convert.convert`
+    (default: the source's own, :attr:`Source.exits`)."""
     from ..convert import convert
 
     with tempfile.TemporaryDirectory(prefix="pyruntime-probe-", dir=workdir) as tmp:
         path = convert(source.model, Path(tmp) / "probe.pyrt", checkpoint=source.checkpoint, policy=policy,
-                       exits=exits, preprocess=source.preprocess)
+                       exits=source.exits if exits is None else exits, preprocess=source.preprocess)
         graph, tensors, _, _ = read_model(path)
         return graph, {k: np.array(v) for k, v in tensors.items()}
 

@@ -64,6 +64,16 @@ calibration images flip) and measures top-1 and mean BOPs *with the runtime* on 
 images; :func:`calibrate_quee` returns the policy for one lambda. The gate MLPs do not
 depend on lambda, so one :func:`fit_quee` serves the whole curve.
 
+Operating point from the user's data [ours]: :func:`choose_lambda` measures that curve on
+*validation* images the gates were not fitted on (a fixed-seed split of the calibration
+images) and picks lambda there alone: with ``max_drop`` the cheapest lambda (least mean BOPs
+per image) whose top-1 is at most ``max_drop`` below the fp32 model at full depth on the same
+images (also within ``budget_bops`` when both are given), with only ``budget_bops`` the most
+accurate lambda whose mean BOPs per image is within it. The candidates are 0, quantiles of the
+decision-flip values (``default_lambdas``, ``grid`` of them) and one beyond which every image
+leaves at the first gate; a target no candidate meets is :class:`LambdaNotFound`, naming what
+was reachable. The drop is the measured one (no confidence margin, unlike MAQEE's bound).
+
 Attention [ours]: the base policy's precision (``w8a8-attn8``, or a policy JSON with
 ``attention``), or ``attention`` 8 on a base at fp32 attention; both paths share it (the
 reduced copies change only the linears). Every run above and the path costs use it; the
@@ -81,14 +91,15 @@ import numpy as np
 from .. import bops
 from ..modelfile import check_graph, check_tensors, set_attention_bits
 from ..policy import GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy
-from .common import MAX_CALIBRATION_IMAGES, CalibrationData, CostModel, Source, resolve_attention
+from .common import CalibrationData, CostModel, Source, resolve_attention
 from .probe import executor, materialise
 from .probe import run as _probe_run
 
 __all__ = [
     "TARGETS", "default_gate_blocks", "gate_features", "gate_errors", "gate_decisions", "kmeans",
     "cluster_targets", "train_gate_mlp", "QueeFit", "fit_quee", "calibrate_quee", "CurvePoint",
-    "quee_curve", "default_lambdas", "reference_points", "HORIZONS",
+    "quee_curve", "default_lambdas", "reference_points", "HORIZONS", "LambdaSearch", "choose_lambda",
+    "LambdaNotFound",
 ]
 
 TARGETS = ("segment", "static")
@@ -447,8 +458,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     if horizon not in HORIZONS:
         raise ValueError(f"horizon must be one of {HORIZONS}, got {horizon!r}")
-    if not 1 <= len(data) <= MAX_CALIBRATION_IMAGES:
-        raise ValueError(f"calibration uses 1..{MAX_CALIBRATION_IMAGES} images, got {len(data)}")
+    if len(data) < 1:
+        raise ValueError("QuEE calibration needs at least one image")
     depth = source.depth
     gates = sorted(set(default_gate_blocks(depth, every) if gate_blocks is None else [int(b) for b in gate_blocks]))
     if not gates or gates[0] < 0 or gates[-1] > depth - 2:
@@ -586,3 +597,71 @@ def reference_points(fit: QueeFit, images: np.ndarray, labels: np.ndarray, batch
                                float(r["bops"].mean() / fit.fp32_bops), float(depth - 1), {depth - 1: 1.0},
                                len(blocks) / depth)
     return out
+
+
+# --- lambda from the user's validation images ----------------------------------------------------
+
+class LambdaNotFound(ValueError):
+    """No candidate lambda meets the accuracy or cost target on the validation images."""
+
+
+@dataclass
+class LambdaSearch:
+    """The chosen lambda, its point and every candidate's, measured on the validation images."""
+
+    lam: float
+    point: CurvePoint
+    reference_top1: float          # fp32 at full depth, no exits, on the same images
+    curve: List[CurvePoint]
+    images: int
+
+    def summary(self) -> dict:
+        return {"lambda": self.lam, "top1": self.point.top1, "fp32_top1": self.reference_top1,
+                "mean_bops": self.point.mean_bops, "images": self.images,
+                "candidates": [{"lambda": c.lam, "top1": c.top1, "mean_bops": c.mean_bops} for c in self.curve]}
+
+
+def fp32_top1(source: Source, images, labels: np.ndarray, batch: int = 256, num_threads: Optional[int] = None) -> float:
+    """top-1 of the fp32 model at full depth (no exits) on normalised ``images``, by the runtime."""
+    g, t = materialise(source, Policy(name="fp32"))
+    r = _probe_run(executor(g, t), images, False, batch, num_threads)
+    return float((r["logits"].argmax(-1) == np.asarray(labels)).mean())
+
+
+def choose_lambda(fit: QueeFit, source: Source, val: CalibrationData, max_drop: Optional[float] = None,
+                  budget_bops: Optional[float] = None, grid: int = 24, batch: int = 256,
+                  num_threads: Optional[int] = None) -> LambdaSearch:
+    """lambda for ``fit`` from the validation images ``val`` alone (module docstring): the
+    cheapest one within ``max_drop`` (a fraction: 0.01 is one top-1 point) of fp32 at full
+    depth, also within ``budget_bops`` when given, or with ``budget_bops`` alone the most
+    accurate one whose mean BOPs per image is within it."""
+    if max_drop is None and budget_bops is None:
+        raise ValueError("choose_lambda needs max_drop or budget_bops")
+    if max_drop is not None and not 0 <= max_drop < 1:
+        raise ValueError(f"max_drop is a fraction in [0, 1), got {max_drop}")
+    if budget_bops is not None and not (np.isfinite(budget_bops) and budget_bops > 0):
+        raise ValueError(f"budget_bops must be positive and finite, got {budget_bops}")
+    ref = fp32_top1(source, val.images, val.labels, batch, num_threads)
+    curve = quee_curve(fit, val.images, val.labels, default_lambdas(fit, grid), batch, num_threads)
+
+    def meets(c: CurvePoint) -> bool:
+        return ((max_drop is None or ref - c.top1 <= max_drop + 1e-12)
+                and (budget_bops is None or c.mean_bops <= budget_bops * (1 + 1e-12)))
+
+    ok = [c for c in curve if meets(c)]
+    if not ok:
+        best_acc = max(curve, key=lambda c: (c.top1, -c.mean_bops))
+        cheapest = min(curve, key=lambda c: (c.mean_bops, -c.top1))
+        raise LambdaNotFound(
+            f"no lambda meets the target on the {len(val)} validation images "
+            f"({'top-1 drop <= %g points' % (100 * max_drop) if max_drop is not None else ''}"
+            f"{' and ' if max_drop is not None and budget_bops is not None else ''}"
+            f"{'mean BOPs <= %.4g' % budget_bops if budget_bops is not None else ''}; fp32 full depth top-1 {ref:.4f}): "
+            f"the most accurate lambda {best_acc.lam:g} reaches top-1 {best_acc.top1:.4f} (drop "
+            f"{100 * (ref - best_acc.top1):.2f} points) at {best_acc.mean_bops:.4g} BOPs per image, the cheapest "
+            f"lambda {cheapest.lam:g} costs {cheapest.mean_bops:.4g} BOPs at top-1 {cheapest.top1:.4f}")
+    if max_drop is not None:
+        chosen = min(ok, key=lambda c: (c.mean_bops, -c.top1, c.lam))
+    else:
+        chosen = max(ok, key=lambda c: (c.top1, -c.mean_bops, -c.lam))
+    return LambdaSearch(chosen.lam, chosen, ref, curve, len(val))
