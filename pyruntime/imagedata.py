@@ -243,7 +243,7 @@ def read_dataset(path: PathLike, preprocess: Preprocess, num_classes: Optional[i
     if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"{p}: labels must lie in [0, {num_classes}) for this model's {num_classes} classes; "
                         f"they span [{labels.min()}, {labels.max()}]")
-    digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(memoryview(np.ascontiguousarray(images)).cast("B")).hexdigest()[:16]
     summary = {"dataset": str(p), "images": int(len(labels)), "classes": len(classes),
                "sha256": digest, "seed": int(seed)}
     return LabelledImages(images, labels, classes, preprocess, summary)
@@ -331,8 +331,9 @@ def _read_npz(path: Path, pre: Preprocess, limit, seed) -> Tuple[np.ndarray, np.
     labels = labels.astype(np.int64)
     if len(np.unique(labels)) < 2:
         raise DataError(f"{path}: only one class; classification data needs at least two")
-    pick = _pick(len(images), limit, seed)
-    images, labels = images[pick], labels[pick]
+    if limit is not None and limit < len(images):  # no copy of the whole set without a limit
+        pick = _pick(len(images), limit, seed)
+        images, labels = images[pick], labels[pick]
     if classes is None:
         classes = [str(c) for c in range(int(labels.max()) + 1)]
     return pre.prepare(images), labels, classes
