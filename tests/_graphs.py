@@ -64,3 +64,18 @@ def random_tensors(graph: Mapping, seed: int = 0, with_biases: bool = True) -> D
         else:
             out[name] = (0.3 * rng.standard_normal(spec.shape)).astype(np.float32)
     return out
+
+
+def save_model(tmp_path, graph: Mapping, tensors: Mapping[str, np.ndarray], name: str = "m.pyrt"):
+    """Write a model file of ``graph`` and ``tensors`` under ``tmp_path``; its path."""
+    from pyruntime.modelfile import write_model
+
+    path = tmp_path / name
+    write_model(path, graph, tensors, "{}", {"source": "test"})
+    return path
+
+
+def random_images(graph: Mapping, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` normalised float32 images [n, C, H, W] of the graph's input size."""
+    a = graph["arch"]
+    return np.random.default_rng(seed).standard_normal((n, a["in_chans"], *a["img_size"])).astype(np.float32)

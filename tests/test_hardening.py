@@ -11,22 +11,11 @@ import pytest
 
 import pyruntime
 from pyruntime import _core, kernels
-from pyruntime.modelfile import write_model
 
 from _graphs import FP32, W4A8, W8A8, random_tensors, tiny_graph
+from _graphs import random_images as _images, save_model as _save
 
 LIMITS = _core.limits()
-
-
-def _save(tmp_path, graph, tensors, name="m.pyrt"):
-    path = tmp_path / name
-    write_model(path, graph, tensors, "{}", {"source": "test"})
-    return path
-
-
-def _images(graph, n, seed=0):
-    a = graph["arch"]
-    return np.random.default_rng(seed).standard_normal((n, a["in_chans"], *a["img_size"])).astype(np.float32)
 
 
 # --- zero-sized kernels calls: parallel_tiles and quantize_acts divided by zero (SIGFPE) -----

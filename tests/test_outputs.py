@@ -9,20 +9,10 @@ import pytest
 
 import pyruntime
 from pyruntime import _numpy_ref
-from pyruntime.modelfile import num_tokens, write_model
+from pyruntime.modelfile import num_tokens
 
 from _graphs import FP32, W4A8, W8A8, random_tensors, tiny_graph
-
-
-def _save(tmp_path, graph, tensors, name="m.pyrt"):
-    path = tmp_path / name
-    write_model(path, graph, tensors, "{}", {"source": "test"})
-    return path
-
-
-def _images(graph, n, seed=0):
-    a = graph["arch"]
-    return np.random.default_rng(seed).standard_normal((n, a["in_chans"], *a["img_size"])).astype(np.float32)
+from _graphs import random_images as _images, save_model as _save
 
 
 ARCHS = {
