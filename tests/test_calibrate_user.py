@@ -322,3 +322,34 @@ def test_random_weights_are_asked_for_and_said(user, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "note: vit_tiny_patch16_224: random weights" in text and f"wrote {out}" in text
     assert Policy.load(out).meta["calibration"]["images"] == 16
+
+
+# --- the whole command line, as a user runs it --------------------------------------------------------
+
+@pytest.mark.parametrize("data", ["folder", "npz"])
+def test_the_whole_cli_chain(user, tmp_path, data):
+    """exits fit -> calibrate -> convert -> eval, each a ``pyruntime`` subprocess, on folder and
+    .npz data; eval's numbers are the converted model's own on images calibration never saw."""
+    def cli(*args):
+        cmd = [sys.executable, "-m", "pyruntime", *map(str, args)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+        assert out.returncode == 0, (args[0], out.stderr)
+        return out.stdout
+
+    model = ["--checkpoint", user["ckpt"], "--model-kwargs", user["kwargs"]]
+    heads, policy, out, report = (tmp_path / n for n in ("heads.safetensors", "p.json", "m.pyrt", "eval.json"))
+    fit = cli("exits", "fit", NAME, *model, "--data", user[data], "--blocks", "0,2", "--out", heads, "--epochs", "5",
+              "--no-progress")
+    assert "exit after block 0: held-out top-1" in fit and "exit after block 2" in fit
+    cli("calibrate", "--method", "maqee", "--model", NAME, *model, "--exits", heads, "--exit-blocks", "0,2",
+        "--data", user[data], "--budget-bops", "1x", "--max-drop", "5", "--out", policy, "--no-progress")
+    assert Policy.load(policy).meta["chosen_on"] == "validation"
+    cli("convert", NAME, out, *model, "--exits", heads, "--policy", policy)
+    cli("eval", out, "--data", user["test"], "--json", report, "--threads", "2", "--no-progress")
+    res = json.loads(report.read_text())
+    assert {"top1", "mean_exit_block", "bops_per_image", "bops_ratio", "ms_per_image", "images"} <= set(res)
+    x, y = npz(user["test"])
+    r = pyruntime.load(out).run(x)
+    assert res["images"] == len(y) and res["top1"] == pytest.approx(float((r.predictions == y).mean()))
+    assert res["mean_exit_block"] == pytest.approx(float(r.exit_block.mean()))
+    assert res["bops_per_image"] == pytest.approx(float(r.bops.mean())) and 0 < res["bops_ratio"] < 1
