@@ -157,13 +157,8 @@ float avx2::absmax(size_t n, const float* x) {
     m3 = _mm256_max_epu32(m3, abs_bits(x + i + 24));
   }
   for (; i + 8 <= n; i += 8) m0 = _mm256_max_epu32(m0, abs_bits(x + i));
-  uint32_t m = hmax_epu32(_mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3)));
-  for (; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    m = std::max(m, bits & 0x7FFFFFFFu);
-  }
-  return absmax_from_bits(m);
+  const uint32_t m = hmax_epu32(_mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3)));
+  return absmax_finish(m, n - i, x + i);
 }
 
 namespace {

@@ -52,9 +52,10 @@ namespace neondot { PYRT_DECLARE_INT_GEMMS }       // neondot.cc: -march=armv8.2
 void* thread_scratch(size_t bytes);
 
 // The rules every ISA shares for non-finite input (kernels.h), in one place:
-// absmax's result from the largest |x| bit pattern (sign bit clear): NaN patterns (above
-// +inf's) become the one canonical quiet NaN.
-float absmax_from_bits(uint32_t abs_bits);
+// absmax's result: the largest |x| bit pattern (sign bit clear) of `abs_bits` (what a SIMD
+// body found, 0 for none) and of the n values at x (its scalar tail), as a float; NaN patterns
+// (above +inf's) become the one canonical quiet NaN.
+float absmax_finish(uint32_t abs_bits, size_t n, const float* x);
 // softmax_q8's row whose max is not finite (a NaN, or +inf: inf - inf): q[0 .. Kp) = 0 and
 // *scale = NaN, so the row's attn.v product is NaN.
 void softmax_q8_poison_row(size_t Kp, int8_t* q, float* scale);

@@ -99,13 +99,8 @@ float neon::absmax(size_t n, const float* x) {
     m3 = vmaxq_u32(m3, abs_bits(x + i + 12));
   }
   for (; i + 4 <= n; i += 4) m0 = vmaxq_u32(m0, abs_bits(x + i));
-  uint32_t m = vmaxvq_u32(vmaxq_u32(vmaxq_u32(m0, m1), vmaxq_u32(m2, m3)));
-  for (; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    m = std::max(m, bits & 0x7FFFFFFFu);
-  }
-  return absmax_from_bits(m);
+  const uint32_t m = vmaxvq_u32(vmaxq_u32(vmaxq_u32(m0, m1), vmaxq_u32(m2, m3)));
+  return absmax_finish(m, n - i, x + i);
 }
 
 namespace {

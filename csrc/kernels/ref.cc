@@ -40,13 +40,7 @@ float ref::absmax(size_t n, const float* x) {
   // non-negative floats is that of their bits, and NaN patterns lie above +inf, so a NaN
   // anywhere wins whatever the order of comparison (a float max would drop it, or not,
   // depending on its operand order).
-  uint32_t m = 0;
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    m = std::max(m, bits & 0x7FFFFFFFu);
-  }
-  return absmax_from_bits(m);
+  return absmax_finish(0, n, x);
 }
 
 namespace {

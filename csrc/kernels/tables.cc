@@ -1,7 +1,9 @@
-// The kernel tables, and the few generic helpers ISA files call (isa_kernels.h), assembled here from the functions each ISA file exports (isa_kernels.h).
+// The kernel tables, assembled from the functions each ISA file exports, and the few generic
+// helpers ISA files call (isa_kernels.h).
 // This file is compiled for the baseline ISA and the tables are constant data (no initialiser
 // runs), so asking for a table never executes an ISA's instructions: only calling through it
 // does, and dispatch (cpu/) hands a table out only after the CPU check.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -89,7 +91,12 @@ void* thread_scratch(size_t bytes) {
   return buf.get();
 }
 
-float absmax_from_bits(uint32_t abs_bits) {
+float absmax_finish(uint32_t abs_bits, size_t n, const float* x) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    abs_bits = std::max(abs_bits, bits & 0x7FFFFFFFu);
+  }
   if (abs_bits > 0x7F800000u) return std::numeric_limits<float>::quiet_NaN();
   float f;
   std::memcpy(&f, &abs_bits, sizeof f);
