@@ -21,6 +21,7 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import MissingDependency, require_extra
+from .modelfile import safetensors_metadata
 
 # --- argument types: each names the problem in argparse's one-line error ----------------------
 
@@ -182,27 +183,6 @@ def policy_spec(text: str) -> str:
 
 
 # --- checks of files that need more than their existence -----------------------------------------
-
-def safetensors_metadata(path: str) -> dict:
-    """``__metadata__`` of a safetensors file, after checking that it is one. The reads are
-    bounded: a foreign file's first 8 bytes are an arbitrary header length."""
-    from .modelfile import MAX_HEADER_BYTES
-
-    size = Path(path).stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
-        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{path} is not a safetensors file (no valid header length)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
-        raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    meta = header.get("__metadata__")
-    return meta if isinstance(meta, dict) else {}
-
 
 def check_reference_checkpoint(path: Optional[str]) -> None:
     """A checkpoint in the reference model's format (what ``convert reference`` and

@@ -606,6 +606,26 @@ def _seal(path: Path) -> None:
         f.write(header_digest(meta, header).encode("ascii"))
 
 
+def safetensors_metadata(path: Union[str, os.PathLike]) -> dict:
+    """``__metadata__`` of any safetensors file (a checkpoint, exit heads), after checking that
+    it is one. The reads are bounded: a foreign file's first 8 bytes are an arbitrary header
+    length. ValueError names the file otherwise."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"{path} is not a safetensors file (no valid header length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
+        raise ValueError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 @dataclass

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
-from .modelfile import MAX_HEADER_BYTES
+from .modelfile import safetensors_metadata
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -79,19 +79,7 @@ def reference_path() -> Path:
 def read_metadata(path: Union[str, Path, None] = None) -> dict:
     """Decoded safetensors metadata of a reference checkpoint (no torch needed)."""
     path = Path(path) if path is not None else reference_path()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        # The length comes from the file: bound it by the file before reading that much.
-        if size < 8 or n > size - 8 or n > MAX_HEADER_BYTES:
-            raise ValueError(f"{path} is not a safetensors checkpoint (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise ValueError(f"{path} is not a safetensors checkpoint (its header is not JSON)") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
-        raise ValueError(f"{path} is not a safetensors checkpoint (bad header)")
-    meta = dict(header.get("__metadata__", {}))
+    meta = safetensors_metadata(path)
     out: dict = {}
     for k, v in meta.items():
         if k in ("timm_kwargs", "exit_blocks", "extra_exit_blocks", "classes"):
