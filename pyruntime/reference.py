@@ -47,6 +47,9 @@ __all__ = [
 
 REFERENCE_FILENAME = "fmnist_vit.safetensors"
 FORMAT = "pyruntime-reference-v1"
+#: The last HOLDOUT_IMAGES Fashion-MNIST training images are kept out of the reference
+#: model's training: calibration and validation data it has never been fitted on.
+HOLDOUT_IMAGES = 10000
 
 
 def _sibling(name: str):

@@ -11,7 +11,7 @@ pytest.importorskip("timm")
 
 import pyruntime
 from pyruntime import bops
-from pyruntime.calibrate.common import (CalibrationData, CostModel, calibration_data, policy_cost, run_batches,
+from pyruntime.calibrate.common import (REFERENCE_PARTS, REFERENCE_TRAIN_IMAGES, CalibrationData, CostModel, calibration_data, policy_cost, run_batches,
                                         scope_layers, torch_source)
 from pyruntime.calibrate.emulate import QuantModel
 from pyruntime.modelfile import read_model
@@ -122,8 +122,20 @@ def test_calibration_data_is_a_fixed_subset():
     assert np.array_equal(a.images, b.images) and a.summary == b.summary
     assert a.images.shape == (16, 1, 28, 28) and a.images.dtype == np.float32
     assert calibration_data(16, seed=4).summary["indices_sha256"] != a.summary["indices_sha256"]
-    with pytest.raises(ValueError, match="1..60000"):
-        calibration_data(60001)
+    with pytest.raises(ValueError, match="has 5000 .* images"):
+        calibration_data(5001)
+    with pytest.raises(ValueError, match="part must be one of"):
+        calibration_data(8, part="test")
+
+
+def test_reference_parts_are_disjoint_and_held_out_of_training():
+    from pyruntime.reference import HOLDOUT_IMAGES
+
+    (c0, c1), (v0, v1) = REFERENCE_PARTS["calibration"], REFERENCE_PARTS["validation"]
+    assert c0 == REFERENCE_TRAIN_IMAGES - HOLDOUT_IMAGES and c1 == v0 and v1 == REFERENCE_TRAIN_IMAGES
+    cal, val = calibration_data(64, seed=1), calibration_data(64, seed=1, part="validation")
+    assert cal.summary["range"] == [c0, c1] and val.summary["range"] == [v0, v1]
+    assert cal.summary["indices_sha256"] != val.summary["indices_sha256"]
 
 
 def test_emulation_quantises_from_fp32_and_restores_the_weights():

@@ -236,7 +236,7 @@ def test_missing_extra_is_an_import_error_with_the_hint():
     (["--out", "{root}/p.json", "--checkpoint", "{garbage}"], ["not a safetensors file"]),
     (["--out", "{root}/p.json", "--checkpoint", "{dir}"], ["--checkpoint", "is a directory"]),
     (["--out", "{root}/p.json", "--images", "0"], ["--images", "positive integer"]),
-    (["--out", "{root}/p.json", "--images", "60001"], ["--images", "at most 60000"]),
+    (["--out", "{root}/p.json", "--images", "5001"], ["--images", "at most 5000"]),
     (["--out", "{root}/p.json", "--seed", "-1"], ["--seed", "non-negative"]),
     (["--out", "{root}/p.json", "--holdout", "1.5"], ["--holdout", "between 0 and 1"]),
     (["--out", "{root}/p.json", "--percentile", "0"], ["--percentile", r"\(0, 100\]"]),

@@ -244,15 +244,16 @@ def _is_reference(args) -> bool:
 
 def _check_options(args) -> None:
     """Combinations that make no sense, as one-line errors before anything is loaded."""
-    from .common import REFERENCE_TRAIN_IMAGES
+    from .common import REFERENCE_PARTS
 
     if _is_reference(args):
         for flag, value in (("--model-kwargs", args.model_kwargs), ("--random-weights", args.random_weights)):
             if value:
                 raise ValueError(f"{flag} applies to a timm --model, not to the reference model")
-        if args.data is None and args.images is not None and args.images > REFERENCE_TRAIN_IMAGES:
-            raise ValueError(f"--images: the Fashion-MNIST training split has {REFERENCE_TRAIN_IMAGES} images, at most "
-                             f"{REFERENCE_TRAIN_IMAGES}, got {args.images}")
+        lo, hi = REFERENCE_PARTS["calibration"]
+        if args.data is None and args.images is not None and args.images > hi - lo:
+            raise ValueError(f"--images: the reference model's calibration images are Fashion-MNIST training images "
+                             f"{lo}..{hi - 1} (held out of its training), at most {hi - lo}, got {args.images}")
     else:
         if args.data is None:
             raise ValueError(f"--model {args.model} needs --data (an image folder or .npz of your labelled images); "

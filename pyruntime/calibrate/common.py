@@ -36,20 +36,27 @@ import numpy as np
 
 from .. import bops
 from ..modelfile import expected_tensors, graph_layer_names, graph_layer_shapes, set_attention_bits
+from ..reference import HOLDOUT_IMAGES
 from ..policy import Policy, check_attn_bits
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..latency import LatencyTable
 
 __all__ = [
-    "DEFAULT_CALIBRATION_IMAGES", "REFERENCE_TRAIN_IMAGES", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
+    "DEFAULT_CALIBRATION_IMAGES", "REFERENCE_TRAIN_IMAGES", "REFERENCE_PARTS", "COST_KINDS", "COST_UNITS", "LAYER_TYPES", "CalibrationData", "calibration_data",
     "NormalisedImages", "user_calibration_data", "source_preprocess", "timm_source", "heads_needed",
     "normalize", "Source", "reference_source", "torch_source", "layer_type", "scope_layers",
     "model_graph", "policy_cost", "CostModel", "progress", "run_batches", "resolve_attention",
 ]
 
 DEFAULT_CALIBRATION_IMAGES = 1024  # the reference model's default count (no upper limit)
-REFERENCE_TRAIN_IMAGES = 60000     # Fashion-MNIST's training split, the reference model's calibration pool
+REFERENCE_TRAIN_IMAGES = 60000     # Fashion-MNIST's training split
+# The reference model never trains on the last reference.HOLDOUT_IMAGES training images; they
+# are split in two disjoint halves: "calibration" (fit a policy) and "validation" (choose its
+# operating point). The test split only ever reports.
+_HOLDOUT_START = REFERENCE_TRAIN_IMAGES - HOLDOUT_IMAGES
+REFERENCE_PARTS = {"calibration": (_HOLDOUT_START, _HOLDOUT_START + HOLDOUT_IMAGES // 2),
+                   "validation": (_HOLDOUT_START + HOLDOUT_IMAGES // 2, REFERENCE_TRAIN_IMAGES)}
 COST_KINDS = ("bops", "bytes", "latency")
 COST_UNITS = {"bops": "BOPs", "bytes": "bytes", "latency": "s"}  # what each kind's amounts count
 LAYER_TYPES = ("qkv", "proj", "fc1", "fc2", "patch_embed", "head")
@@ -175,20 +182,26 @@ def _train_split() -> Tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def calibration_data(n: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0, mean=None, std=None) -> CalibrationData:
-    """``n`` Fashion-MNIST training images picked by ``seed``, normalised with ``mean``/``std``
+def calibration_data(n: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0, mean=None, std=None,
+                     part: str = "calibration") -> CalibrationData:
+    """``n`` Fashion-MNIST training images of ``part`` (:data:`REFERENCE_PARTS`: images the
+    reference model was not trained on) picked by ``seed``, normalised with ``mean``/``std``
     (one value or one per channel; default: the training-set statistics the reference model
     uses). A float32 array: 3 KB per 28 x 28 image."""
     from ..datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
+    if part not in REFERENCE_PARTS:
+        raise ValueError(f"part must be one of {sorted(REFERENCE_PARTS)}, got {part!r}")
+    lo, hi = REFERENCE_PARTS[part]
     images, labels = _train_split()
-    if not 1 <= n <= len(images):
-        raise ValueError(f"calibration uses 1..{len(images)} Fashion-MNIST training images, got {n}")
-    pick = np.sort(np.random.default_rng(seed).choice(len(images), n, replace=False))
+    if not 1 <= n <= hi - lo:
+        raise ValueError(f"the {part} part has {hi - lo} Fashion-MNIST training images "
+                         f"({lo}..{hi - 1}); asked for {n}")
+    pick = lo + np.sort(np.random.default_rng(seed).choice(hi - lo, n, replace=False))
     mean = [FASHION_MNIST_MEAN] if mean is None else list(np.atleast_1d(mean))
     std = [FASHION_MNIST_STD] if std is None else list(np.atleast_1d(std))
-    summary = {"dataset": "fashion-mnist", "split": "train", "images": int(n), "seed": int(seed),
-               "indices_sha256": hashlib.sha256(pick.astype("<i8").tobytes()).hexdigest()[:16]}
+    summary = {"dataset": "fashion-mnist", "split": "train", "part": part, "range": [lo, hi], "images": int(n),
+               "seed": int(seed), "indices_sha256": hashlib.sha256(pick.astype("<i8").tobytes()).hexdigest()[:16]}
     return CalibrationData(normalize(images[pick], mean, std), labels[pick].astype(np.int64), summary)
 
 
