@@ -26,6 +26,7 @@
 #include <limits>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 
 namespace pyrt {
 namespace {
@@ -290,12 +291,12 @@ void avx2::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, siz
     for (size_t r = 0; r < rows; ++r) widen_i8(a + (m0 + r) * a_stride, a16 + r * Kp, Kp);
     for (size_t p = 0; p < num_panels(N); ++p) {
       const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-      const int8_t* wp = w + p * Kp * kNR;
+      const int8_t* wp = w + p * packed::qc8w_panel_bytes(Kp);
       const size_t halves = ncols > 8 ? 2 : 1;
       if (wide)
         for (size_t h = 0; h < halves; ++h)
           for (size_t g = 0; g < Kp / kKGroup; ++g)
-            widen_i8(wp + g * 64 + 32 * h, w16 + h * Kp * 8 + g * 32, 32);
+            widen_i8(wp + packed::qc8w_group_offset(g, 8 * h), w16 + h * Kp * 8 + g * 32, 32);
       if (bias) load_bias16(bias, n0, N, b16);
       for (size_t h = 0; h < halves; ++h) {
         const size_t nc = std::min<size_t>(8, ncols - 8 * h);
@@ -438,8 +439,8 @@ void avx2::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const 
   const size_t nblocks = Kp / block, chunks = block / kKAlign;
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-    const uint8_t* wp = w + p * Kp * 8;
-    const float* ws = w_scale + p * nblocks * kNR;
+    const uint8_t* wp = w + p * packed::qb4w_panel_bytes(Kp);
+    const float* ws = w_scale + p * packed::qb4w_panel_scales(Kp, block);
     if (bias) load_bias16(bias, n0, N, b16);
     for (size_t h = 0; h < 2 && 8 * h < ncols; ++h) {
       const size_t nc = std::min<size_t>(8, ncols - 8 * h);
@@ -515,7 +516,7 @@ void avx2::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_strid
   alignas(32) float b16[kNR];
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-    const float* bp = b_packed + p * K * kNR;
+    const float* bp = b_packed + p * packed::f32_panel_floats(K);
     const float* bb = nullptr;
     if (bias) {
       load_bias16(bias, n0, N, b16);

@@ -79,20 +79,8 @@ static constexpr size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
 // Preconditions every kernel relies on: Kp is a multiple of kKAlign (so of 4), block is a
 // multiple of kKAlign and divides Kp. ops.cc establishes them.
 //
-// Packed qc8w weights (N x K int8, a float scale per output channel):
-//   data[p][g][c][j] = w[16p + c][4g + j], p < panels, g < Kp/4, c < 16, j < 4
-//   i.e. panel stride Kp*16 bytes, 64 bytes per k-group. Padding channels and k are zero.
-//   scales: panels*16 floats, padding 0.
-//
-// Packed qb4w weights (N x K in [-8, 7], a float scale per block of `block` K values):
-//   stored as q + 8 in [0, 15], two per byte. For panel p, block b, group pair gp:
-//   byte[p][b][gp][c*4 + j]: low nibble  = w[16p + c][b*block + 8gp + j]     + 8,
-//                            high nibble = w[16p + c][b*block + 8gp + 4 + j] + 8.
-//   64 bytes per group pair, panel stride Kp*8 bytes. Padding weights are stored as 8 (zero).
-//   scales: [p][b][c] floats, panel stride (Kp/block)*16.
-//
-// Packed f32 B operand (K x N):
-//   data[p][k][c] = B[k][16p + c], panel stride K*16 floats, padding 0.
+// The packed weight layouts (qc8w, qb4w, the f32 B operand), their offsets, strides and
+// padding rules: packed_layout.h, the one place they are computed.
 
 // y[M x N] = dequant(a) . dequant(w)^T + bias. `w`, `w_scale` point at a panel boundary;
 // N <= panels*16 columns are written. bias may be null. a_stride, y_stride in elements.

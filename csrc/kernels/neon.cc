@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 #include "neon_common.h"
 
 // GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
@@ -169,7 +170,7 @@ void neon::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, siz
                              const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
-    const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
+    const int8_t* wp = w + (n0 / kNR) * packed::qc8w_panel_bytes(Kp);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<2>(M, [&](auto mr, size_t m) {
       qc8w_tile<decltype(mr)::value>(Kp, a + m * a_stride, a_stride, a_scale + m, wp,
@@ -204,7 +205,7 @@ inline __attribute__((always_inline)) void qb4w_half_tile(
       for (size_t c = 0; c < chunks; ++c) asum += a_bsum[r * bsum_stride + b * chunks + c];
       bacc[r][0] = bacc[r][1] = vdupq_n_s32(-8 * asum);
     });
-    const uint8_t* wb = w + b * block * 8;
+    const uint8_t* wb = w + packed::qb4w_block_offset(block, b);
     for (size_t kb = 0; kb < block;) {
       const size_t len = std::min<size_t>(64, block - kb);  // a multiple of 32
       int16x8_t p[MR][4];
@@ -217,7 +218,7 @@ inline __attribute__((always_inline)) void qb4w_half_tile(
           ahi[r] = vreinterpretq_s8_s32(vdupq_lane_s32(a8, 1));
         });
         unroll<2>([&](auto c) {
-          const uint8x16_t wv = vld1q_u8(wb + gp * 64 + 16 * c);
+          const uint8x16_t wv = vld1q_u8(wb + packed::qb4w_pair_offset(gp) + 16 * c);
           const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, mask));
           const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
           unroll<MR>([&](auto r) {
@@ -285,11 +286,10 @@ void neon::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const 
                              size_t a_stride, const float* a_scale, const int32_t* a_bsum,
                              size_t bsum_stride, const uint8_t* w, const float* w_scale,
                              const float* bias, float* y, size_t y_stride) {
-  const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
-    const uint8_t* wp = w + p * Kp * (kNR / 2);
-    const float* wsp = w_scale + p * nblocks * kNR;
+    const uint8_t* wp = w + p * packed::qb4w_panel_bytes(Kp);
+    const float* wsp = w_scale + p * packed::qb4w_panel_scales(Kp, block);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<2>(M, [&](auto mr, size_t m) {
       qb4w_tile<decltype(mr)::value>(Kp, block, a + m * a_stride, a_stride, a_scale + m,
@@ -348,7 +348,7 @@ void neon::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_strid
                     const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
-    const float* bp = b_packed + (n0 / kNR) * K * kNR;
+    const float* bp = b_packed + (n0 / kNR) * packed::f32_panel_floats(K);
     const float* bb = bias ? bias + n0 : nullptr;
     for_row_tiles<4>(M, [&](auto mr, size_t m) {
       f32_tile<decltype(mr)::value>(K, a + m * a_stride, a_stride, bp, bb, nc,
