@@ -142,6 +142,46 @@ using GeluFn = void (*)(size_t n, float* x);
 // y[i] = a[i] + b[i]; y may alias a or b.
 using AddFn = void (*)(size_t n, const float* a, const float* b, float* y);
 
+// y[i] = x[i] * scale + b[i], the product rounded first (never fused), as PyTorch's
+// (q k^T) * scale + bias; y may alias x or b. An additive attention bias (BEiT's relative
+// position bias, vit_relpos) goes through it before a softmax with scale 1, which then equals
+// softmax(x * scale + b) exactly.
+using ScaleAddFn = void (*)(size_t n, const float* x, float scale, const float* b, float* y);
+
+// The canonical sigmoid of the gated and quick activations (ref.cc's sigmoid_canon):
+// e = exp_canon(-|z|) (the softmax exp, whose argument is never positive here), then
+// sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), one correctly rounded division, so nothing
+// overflows and neither tail cancels. Relative error < 5e-7 against sigmoid in double.
+// sigmoid(NaN) = NaN; sigmoid(+inf) = 1, sigmoid(-inf) = 0.
+
+// SwiGLU's gate (timm SwiGLU, SwiGLUPacked): y = silu(g) * u, silu(g) = g * sigmoid(g), each
+// product rounded. `rows` rows of n values; strides in elements, so the two halves of a packed
+// fc1 output ([rows x 2n]: gate first) are read in place. y may alias g or u (same stride).
+// silu(-inf) = -inf * 0 = NaN, silu(+inf) = +inf, as PyTorch's x / (1 + exp(-x)).
+using SwiGluFn = void (*)(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                          size_t u_stride, float* y, size_t y_stride);
+
+// In-place QuickGELU (CLIP): x * sigmoid(1.702 x), the product 1.702f * x rounded first.
+// quick_gelu(-inf) = NaN (-inf * 0), quick_gelu(+inf) = +inf, NaN stays NaN.
+using QuickGeluFn = void (*)(size_t n, float* x);
+
+// Rotary position embedding, in place, as timm's apply_rot_embed (pos_embed_sincos.py):
+// y = x * cos + rot(x) * sin, each product rounded, then added (not fused) -- PyTorch's eager
+// order, so the result equals timm's fp32 bits. Per head, with h = hd / 2:
+//   kInterleaved (rot):              y[2i]   = x[2i] c[2i] - x[2i+1] s[2i],
+//                                    y[2i+1] = x[2i+1] c[2i+1] + x[2i] s[2i+1];
+//   kHalf (rope_rotate_half):        y[i]    = x[i] c[i] - x[i+h] s[i],
+//                                    y[i+h]  = x[i+h] c[i+h] + x[i] s[i+h]     (i < h).
+// (x c + (-x') s equals x c - x' s: negation is exact.) `rows` tokens, `heads` heads of hd
+// values each (hd even), head j of row r at x + r x_stride + j hd. sin/cos: hd values per
+// row and head at sin + r tab_stride + j tab_head_stride (tab_head_stride = 0: one table
+// shared by the heads, timm's 'cat' RoPE; per head: 'mixed'). Prefix tokens are skipped by
+// the caller (they are not rotated).
+enum class RopeForm : int { kInterleaved = 0, kHalf = 1 };
+using RopeFn = void (*)(size_t rows, size_t heads, size_t hd, RopeForm form, float* x,
+                        size_t x_stride, const float* sin, const float* cos, size_t tab_stride,
+                        size_t tab_head_stride);
+
 struct KernelTable {
   const char* name = nullptr;
   QuantizeRowsFn quantize_rows = nullptr;
@@ -154,6 +194,10 @@ struct KernelTable {
   SoftmaxQ8Fn softmax_q8 = nullptr;
   GeluFn gelu = nullptr;
   AddFn add = nullptr;
+  ScaleAddFn scale_add = nullptr;
+  SwiGluFn swiglu = nullptr;
+  QuickGeluFn quick_gelu = nullptr;
+  RopeFn rope = nullptr;
 };
 
 // Tables per ISA (tables.cc: constant data, assembled in baseline code, so asking for one runs

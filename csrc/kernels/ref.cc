@@ -318,4 +318,53 @@ void ref::add(size_t n, const float* a, const float* b, float* y) {
   for (size_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
 }
 
+void ref::scale_add(size_t n, const float* x, float scale, const float* b, float* y) {
+  for (size_t i = 0; i < n; ++i) y[i] = x[i] * scale + b[i];
+}
+
+namespace {
+
+// The canonical sigmoid (kernels.h): exp of -|z| only, so the softmax's exp_canon (made for
+// arguments <= 0) serves, nothing overflows, and the left tail is e / (1 + e) rather than
+// 1 - something. One division. A NaN z gives a NaN e, so a NaN result; z >= 0 is false for NaN.
+float sigmoid_canon(float z) {
+  const float e = exp_canon(-std::fabs(z));
+  return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+}  // namespace
+
+void ref::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                 size_t u_stride, float* y, size_t y_stride) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * g_stride;
+    const float* ur = u + r * u_stride;
+    float* yr = y + r * y_stride;
+    for (size_t i = 0; i < n; ++i) yr[i] = (gr[i] * sigmoid_canon(gr[i])) * ur[i];
+  }
+}
+
+void ref::quick_gelu(size_t n, float* x) {
+  for (size_t i = 0; i < n; ++i) x[i] = x[i] * sigmoid_canon(1.702f * x[i]);
+}
+
+void ref::rope(size_t rows, size_t heads, size_t hd, RopeForm form, float* x, size_t x_stride,
+               const float* sin, const float* cos, size_t tab_stride, size_t tab_head_stride) {
+  // Pair (i, j) of a head: y[i] = x[i] c[i] - x[j] s[i], y[j] = x[j] c[j] + x[i] s[j].
+  const size_t half = hd / 2;
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t h = 0; h < heads; ++h) {
+      float* xh = x + r * x_stride + h * hd;
+      const float* s = sin + r * tab_stride + h * tab_head_stride;
+      const float* c = cos + r * tab_stride + h * tab_head_stride;
+      for (size_t p = 0; p < half; ++p) {
+        const size_t i = form == RopeForm::kInterleaved ? 2 * p : p;
+        const size_t j = form == RopeForm::kInterleaved ? 2 * p + 1 : p + half;
+        const float xi = xh[i], xj = xh[j];
+        xh[i] = xi * c[i] - xj * s[i];
+        xh[j] = xj * c[j] + xi * s[j];
+      }
+    }
+}
+
 }  // namespace pyrt
