@@ -300,4 +300,30 @@ void linear(const RunContext& ctx, const float* x, size_t M, size_t x_stride,
   gemm_q(ctx, scratch, w, bias, y, y_stride);
 }
 
+void attention_softmax(const KernelTable& kt, size_t rows, size_t T, float scale, const float* bias,
+                       size_t bias_stride, float* s, size_t s_stride) {
+  if (!bias) {
+    kt.softmax(rows, T, scale, s, s_stride);
+    return;
+  }
+  for (size_t r = 0; r < rows; ++r) kt.scale_add(T, s + r * s_stride, scale, bias + r * bias_stride, s + r * s_stride);
+  kt.softmax(rows, T, 1.0f, s, s_stride);
+}
+
+void attend_f32(const KernelTable& kt, size_t rows, size_t T, size_t dh, const float* q, size_t q_stride,
+                const float* k_packed, const float* v_packed, float scale, const float* bias,
+                size_t bias_stride, float* scores, float* o, size_t o_stride) {
+  kt.f32_gemm(rows, T, dh, q, q_stride, k_packed, nullptr, scores, T);
+  attention_softmax(kt, rows, T, scale, bias, bias_stride, scores, T);
+  kt.f32_gemm(rows, dh, T, scores, T, v_packed, nullptr, o, o_stride);
+}
+
+void apply_rope(const KernelTable& kt, size_t T, size_t prefix, size_t heads, size_t hd, RopeForm form,
+                float* x, size_t x_stride, const float* sin, const float* cos, bool per_head) {
+  check(hd % 2 == 0, "rope: head_dim must be even, got " + std::to_string(hd));
+  if (prefix >= T) return;
+  const size_t n = T - prefix;
+  kt.rope(n, heads, hd, form, x + prefix * x_stride, x_stride, sin, cos, hd, per_head ? n * hd : 0);
+}
+
 }  // namespace pyrt

@@ -27,6 +27,7 @@
 #include "cpu/cpu.h"
 #include "cpu/isas.h"
 #include "kernels/kernels.h"
+#include "kernels/packed_layout.h"
 #include "ops/ops.h"
 #include "ops/threadpool.h"
 
@@ -757,6 +758,67 @@ void test_newops_nonfinite(const KernelTable& kt, size_t n, float special, size_
   }
 }
 
+// ops.cc's attention op: without a bias exactly the sequence the executor ran before biases
+// existed (f32_gemm, softmax(s, scale), f32_gemm); with one, every ISA equals ref bit for bit
+// and ref is within 1e-5 of softmax(q k^T scale + bias) v in double.
+void test_attend(const KernelTable& kt, size_t Tq, size_t T, size_t dh, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const std::vector<float> q = spread(r, Tq * dh, -2, 2, false), k = spread(r, T * dh, -2, 2, false),
+                           v = spread(r, T * dh, -2, 2, false), bias = spread(r, Tq * T, -3, 3, false);
+  std::vector<float> kp(packed::f32_floats(T, dh)), vp(packed::f32_floats(dh, T));
+  pack_f32_b(k.data(), dh, T, dh, true, kp.data());
+  pack_f32_b(v.data(), T, dh, dh, false, vp.data());
+  const float scale = 1.0f / std::sqrt(float(dh));
+  std::vector<float> s(Tq * T), o(Tq * dh), o_ref(Tq * dh), o_old(Tq * dh);
+  attend_f32(kt, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, nullptr, 0, s.data(), o.data(), dh);
+  kt.f32_gemm(Tq, T, dh, q.data(), dh, kp.data(), nullptr, s.data(), T);
+  kt.softmax(Tq, T, scale, s.data(), T);
+  kt.f32_gemm(Tq, dh, T, s.data(), T, vp.data(), nullptr, o_old.data(), dh);
+  report(same_bits(o, o_old), shape(kt.name, "attend_f32 without bias = the old sequence", Tq, T, dh));
+  attend_f32(kt, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, bias.data(), T, s.data(), o.data(), dh);
+  attend_f32(ref, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, bias.data(), T, s.data(), o_ref.data(), dh);
+  report(same_bits(o, o_ref), shape(kt.name, "attend_f32 with bias", Tq, T, dh));
+  if (std::string(kt.name) != "ref") return;
+  std::vector<float> want(Tq * dh);
+  for (size_t i = 0; i < Tq; ++i) {
+    std::vector<double> p(T);
+    double mx = -INFINITY, sum = 0;
+    for (size_t j = 0; j < T; ++j) {
+      double d = 0;
+      for (size_t c = 0; c < dh; ++c) d += double(q[i * dh + c]) * k[j * dh + c];
+      p[j] = d * scale + bias[i * T + j];
+      mx = std::max(mx, p[j]);
+    }
+    for (size_t j = 0; j < T; ++j) sum += p[j] = std::exp(p[j] - mx);
+    for (size_t c = 0; c < dh; ++c) {
+      double acc = 0;
+      for (size_t j = 0; j < T; ++j) acc += p[j] / sum * v[j * dh + c];
+      want[i * dh + c] = float(acc);
+    }
+  }
+  report(close(o_ref, want, 1e-5, 1e-5), shape("ref", "attend_f32 with bias accuracy", Tq, T, dh));
+}
+
+// apply_rope leaves the prefix tokens alone and rotates the rest with the tables' rows from 0.
+void test_apply_rope(const KernelTable& kt, size_t T, size_t prefix, size_t heads, size_t hd, bool per_head,
+                     unsigned seed) {
+  Rng r(seed);
+  const size_t D = heads * hd, n = T - prefix;
+  const std::vector<float> x = spread(r, T * 3 * D, -3, 3, false);  // a qkv buffer: rotate k
+  std::vector<float> s = spread(r, (per_head ? heads : 1) * n * hd, -1, 1, false), c = s;
+  for (auto& v : c) v = std::sqrt(1 - v * v);
+  std::vector<float> y = x;
+  apply_rope(kt, T, prefix, heads, hd, RopeForm::kHalf, y.data() + D, 3 * D, s.data(), c.data(), per_head);
+  bool ok = std::memcmp(y.data(), x.data(), (prefix * 3 * D + D) * sizeof(float)) == 0;
+  std::vector<float> want = x;
+  for (size_t t = prefix; t < T; ++t)
+    ref_kernels()->rope(1, heads, hd, RopeForm::kHalf, want.data() + t * 3 * D + D, 0, s.data() + (t - prefix) * hd,
+                        c.data() + (t - prefix) * hd, 0, per_head ? n * hd : 0);
+  ok = ok && same_bits(y, want);
+  report(ok, shape(kt.name, "apply_rope prefix", T, prefix, hd, per_head ? " per-head" : ""));
+}
+
 void test_newops(const KernelTable& kt, unsigned& seed) {
   for (size_t n = 1; n <= 17; ++n) test_gated(kt, 3, n, -8, 8, n > 5, seed++);
   for (size_t n : {31, 32, 33, 63, 64, 65, 197, 768, 1025}) test_gated(kt, 2, n, -8, 8, true, seed++);
@@ -772,6 +834,10 @@ void test_newops(const KernelTable& kt, unsigned& seed) {
   test_rope(kt, 196, 3, 64, RopeForm::kInterleaved, false, seed++);  // eva02_tiny's shape
   test_rope(kt, 196, 3, 64, RopeForm::kHalf, true, seed++);
   for (size_t n : {1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 50, 197, 257}) test_scale_add(kt, 3, n, seed++);
+  for (size_t T : {1, 2, 17, 50, 197})
+    for (size_t dh : {1, 7, 32, 64}) test_attend(kt, std::min<size_t>(T, 9), T, dh, seed++);
+  for (size_t prefix : {0, 1, 5})
+    for (bool per_head : {false, true}) test_apply_rope(kt, 12, prefix, 3, 10, per_head, seed++);
   const float specials[] = {from_bits(0x7FC00000u), from_bits(0xFFC00000u), from_bits(0x7F800001u), INFINITY, -INFINITY};
   for (size_t n : {1, 3, 4, 7, 8, 9, 16, 17, 33})
     for (float sp : specials)
