@@ -146,15 +146,15 @@ py::tuple quantize_acts_py(F32 x, int bits, std::optional<float> scale, bool per
   QuantizedActs a;
   std::vector<float> s(M, scale ? *scale : 0.0f);
   const ScaleMode mode = scale ? ScaleMode::kGiven : per_row ? ScaleMode::kDynamicRow : ScaleMode::kDynamicTensor;
-  quantize_acts(ctx, x.data(), M, K, K, round_up(std::max<size_t>(K, 1), kKAlign), bits, mode, s.data(), a);
+  quantize_acts(ctx, x.data(), M, K, K, packed::qc8w_kp(K), bits, mode, s.data(), a);
   I8 q({M, K});
   F32 sc(std::vector<ssize_t>{ssize_t(M)});
-  py::array_t<int32_t> bs({M, a.Kp / kKAlign});
+  const size_t nb = packed::act_bsums(a.Kp);
+  py::array_t<int32_t> bs({M, nb});
   for (size_t r = 0; r < M; ++r) {
     std::copy(a.q.data() + r * a.Kp, a.q.data() + r * a.Kp + K, q.mutable_data() + r * K);
     sc.mutable_data()[r] = a.scale[r];
-    std::copy(a.bsum.data() + r * (a.Kp / kKAlign), a.bsum.data() + (r + 1) * (a.Kp / kKAlign),
-              bs.mutable_data() + r * (a.Kp / kKAlign));
+    std::copy(a.bsum.data() + r * nb, a.bsum.data() + (r + 1) * nb, bs.mutable_data() + r * nb);
   }
   return py::make_tuple(q, sc, bs);
 }
@@ -168,7 +168,7 @@ F32 gemm_f32_py(F32 a, F32 b, std::optional<F32> bias, std::optional<long long> 
   if (bias) require(bias->ndim() == 1 && size_t(bias->shape(0)) == N, "bias must have shape (N,)");
   RunContext ctx{pick_isa(isa), pick_threads(num_threads)};
   F32 y({M, N});
-  AlignedBuffer<float> bp(num_panels(N) * kNR * K);
+  AlignedBuffer<float> bp(packed::f32_floats(N, K));
   const float* ap = a.data();
   const float* bb = bias ? bias->data() : nullptr;
   float* yp = y.mutable_data();

@@ -46,7 +46,7 @@ QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_
 QuantizedWeights pack_f32(const float* w, size_t N, size_t K);
 
 // Pack N rows of int8 weights already padded with zeros to Kp (a multiple of kKAlign; row
-// stride q_stride) into the qc8w layout at `out` (num_panels(N)*kNR*Kp bytes, padding
+// stride q_stride) into the qc8w layout at `out` (packed::qc8w_bytes(N, Kp) bytes, padding
 // channels zeroed). pack_qc8w uses it at load time; int8 attention packs K and V per image.
 void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_t* out);
 
@@ -82,7 +82,7 @@ struct RunContext {
 
 // Quantise x [M x K] to `bits` (4..8) in int8 storage. kDynamicTensor: one scale max|x|/qmax;
 // kDynamicRow: one per row; kGiven: `scales` holds one per row. A zero scale quantises to 0.
-// Kp: the padded width, round_up(K, kKAlign) or round_up(K, block) for int4 weights.
+// Kp: the padded width, packed::qc8w_kp(K), or packed::qb4w_kp(K, block) for int4 weights.
 void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, size_t x_stride,
                    size_t Kp, int bits, ScaleMode mode, const float* scales, QuantizedActs& out);
 
@@ -102,7 +102,7 @@ void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* 
               size_t y_stride);
 
 // Pack B for gemm_f32. b_is_nk: source holds B^T as [N x K] rows (stride ld), else B as
-// [K x N] rows (stride ld). out must hold num_panels(N)*16*K floats.
+// [K x N] rows (stride ld). out must hold packed::f32_floats(N, K) floats.
 void pack_f32_b(const float* b, size_t K, size_t N, size_t ld, bool b_is_nk, float* out);
 
 // ---- Attention and the position encodings of the newer ViT families (per head, no graph).

@@ -166,7 +166,7 @@ void test_f32_gemm(const KernelTable& kt, size_t M, size_t N, size_t K, unsigned
   for (auto& v : a) v = r.f(-1, 1);
   for (auto& v : b) v = r.f(-1, 1);
   for (auto& v : bias) v = r.f(-1, 1);
-  std::vector<float> bp(num_panels(N) * kNR * K);
+  std::vector<float> bp(packed::f32_floats(N, K));
   pack_f32_b(b.data(), K, N, N, false, bp.data());
   for (int with_bias = 0; with_bias < 2; ++with_bias) {
     const float* bb = with_bias ? bias.data() : nullptr;
@@ -478,7 +478,7 @@ void test_f32_row_invariance(const KernelTable& kt) {
   for (auto& v : a) v = r.f(-1, 1);
   for (auto& v : b) v = r.f(-1, 1);
   for (auto& v : bias) v = r.f(-1, 1);
-  std::vector<float> bp(num_panels(N) * kNR * K), y(M * N), y1(N);
+  std::vector<float> bp(packed::f32_floats(N, K)), y(M * N), y1(N);
   pack_f32_b(b.data(), K, N, N, false, bp.data());
   kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y.data(), N);
   bool same = true;
