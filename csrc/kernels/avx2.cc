@@ -14,10 +14,11 @@
 //   in int16 before one vpmaddwd widens them: about one multiplier-port op per 32 MACs.
 // f32_gemm: micro-tile of 6 rows x 16 columns (12 ymm accumulators), broadcast A, FMA.
 //
-// The float kernels (f32_gemm, layernorm, softmax, gelu) follow the canonical evaluation of
-// kernels.h operation for operation, so they equal ref.cc (and NEON) bit for bit as well: one
-// FMA per k in k order, LayerNorm's 8-lane double reductions combined by hsum_pd, softmax's
-// float sum by hsum_ps, exp_v and gelu_v as ref's exp_canon and gelu_canon.
+// The float kernels (f32_gemm, layernorm, softmax, gelu, swiglu, quick_gelu, rope, scale_add)
+// follow the canonical evaluation of kernels.h operation for operation, so they equal ref.cc
+// (and NEON) bit for bit as well: one FMA per k in k order, LayerNorm's 8-lane double
+// reductions combined by hsum_pd, softmax's float sum by hsum_ps, exp_v and gelu_v as ref's
+// exp_canon and gelu_canon, sigmoid_v as its sigmoid_canon.
 #include <immintrin.h>
 
 #include <algorithm>

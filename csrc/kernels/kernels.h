@@ -37,6 +37,9 @@
 //              polynomial folded with 2^n) and gelu_canon (PyTorch's x/2 (1 + erf(x/sqrt 2)) as
 //              fma(x, E, x/2), E a clamped odd/even rational), each fma and rounding as written
 //              there.
+//   sigmoid:   e = exp_canon(-|z|); (z >= 0 ? 1 : e) / (1 + e) (swiglu, quick_gelu).
+//   rope, scale_add: products rounded, then added -- never fused (GCC fuses a multiply into
+//              _mm256_addsub_ps even under -ffp-contract=off, so the AVX2 RoPE avoids it).
 // Non-finite input. NaN surfaces identically on every ISA: wherever an output depends on a NaN
 // input it is NaN (its payload and sign are not specified), and every other output keeps its
 // bits. The traps are min/max: x86's minps/maxps return the second operand when either is NaN,
@@ -151,7 +154,8 @@ using ScaleAddFn = void (*)(size_t n, const float* x, float scale, const float* 
 // The canonical sigmoid of the gated and quick activations (ref.cc's sigmoid_canon):
 // e = exp_canon(-|z|) (the softmax exp, whose argument is never positive here), then
 // sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), one correctly rounded division, so nothing
-// overflows and neither tail cancels. Relative error < 5e-7 against sigmoid in double.
+// overflows and neither tail cancels. Measured (tests/cpp, step 1/256 on [-100, 100]): silu
+// and QuickGELU within 3.7e-7 relative of double; 0 below exp's cut at -87.68.
 // sigmoid(NaN) = NaN; sigmoid(+inf) = 1, sigmoid(-inf) = 0.
 
 // SwiGLU's gate (timm SwiGLU, SwiGLUPacked): y = silu(g) * u, silu(g) = g * sigmoid(g), each
