@@ -247,3 +247,22 @@ def test_softmax_bias_is_softmax_of_scaled_plus_bias():
         assert same_bits(kernels.softmax(x, 0.125, bias=b, isa=isa), ref), isa
     with pytest.raises(ValueError, match="bias must have"):
         kernels.softmax(x, 0.125, bias=b[:, :5].copy())
+
+
+def test_bad_input_errors_name_the_problem():
+    x = rand((4, 6), 0)
+    with pytest.raises(ValueError, match="even last dimension"):
+        kernels.swiglu(rand((4, 5), 0))
+    with pytest.raises(ValueError, match="shapes differ"):
+        kernels.swiglu(x, rand((4, 7), 0))
+    with pytest.raises(TypeError, match="float32"):
+        kernels.quick_gelu(x.astype(np.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.quick_gelu(np.full((2, 3), np.nan, np.float32))
+    q, k = rand((2, 3, 8), 1), rand((2, 5, 8), 2)
+    with pytest.raises(ValueError, match="k and v"):
+        kernels.attention(q, k, rand((2, 4, 8), 3))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        kernels.attention(q, k, k, bias=rand((2, 3, 4), 4))
+    with pytest.raises(ValueError, match="heads"):
+        kernels.rope(x, *rope_tables(4, 6, 0, False), heads=0)
