@@ -147,9 +147,16 @@ def layernorm(x, gamma, beta, eps: float = 1e-6, *, isa: Optional[str] = None) -
     return _core.layernorm(x, gamma, beta, float(eps), _check_isa(isa))
 
 
-def softmax(x, scale: float = 1.0, *, isa: Optional[str] = None) -> np.ndarray:
+def softmax(x, scale: float = 1.0, *, bias: Optional[np.ndarray] = None, isa: Optional[str] = None) -> np.ndarray:
+    """Row-wise ``softmax(x * scale + bias)`` (``bias`` an additive attention bias of x's shape,
+    e.g. BEiT's relative position bias; the product is rounded before the bias is added, as in
+    PyTorch)."""
     _as_f32_matrix("x", x)
-    return _core.softmax(x, float(scale), _check_isa(isa))
+    if bias is not None:
+        _as_f32_matrix("bias", bias)
+        if bias.shape != x.shape:
+            raise ValueError(f"bias must have x's shape {x.shape}, got {bias.shape}")
+    return _core.softmax(x, float(scale), _check_isa(isa), bias)
 
 
 def gelu(x, *, isa: Optional[str] = None) -> np.ndarray:
@@ -163,3 +170,72 @@ def add(a, b, *, isa: Optional[str] = None) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     return _core.add(a, b, _check_isa(isa))
+
+
+def quick_gelu(x, *, isa: Optional[str] = None) -> np.ndarray:
+    """CLIP's QuickGELU, ``x * sigmoid(1.702 x)``, element-wise."""
+    _as_f32_matrix("x", x, x.ndim if isinstance(x, np.ndarray) else 2)
+    return _core.quick_gelu(x, _check_isa(isa))
+
+
+def swiglu(x, up: Optional[np.ndarray] = None, *, isa: Optional[str] = None) -> np.ndarray:
+    """SwiGLU's gate ``silu(x) * up`` (timm ``SwiGLU``); with ``up=None``, ``x`` is the packed
+    ``[..., 2n]`` output of timm's ``SwiGLUPacked`` fc1 (gate first), giving ``[..., n]``."""
+    _as_f32_matrix("x", x, x.ndim if isinstance(x, np.ndarray) else 2)
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension")
+    if up is None:
+        if x.shape[-1] % 2:
+            raise ValueError(f"a packed SwiGLU input needs an even last dimension, got {x.shape[-1]}")
+    else:
+        _as_f32_matrix("up", up, up.ndim if isinstance(up, np.ndarray) else 2)
+        if up.shape != x.shape:
+            raise ValueError(f"shapes differ: {x.shape} vs {up.shape}")
+    return _core.swiglu(x, up, _check_isa(isa))
+
+
+def rope(x, sin, cos, *, heads: int, prefix: int = 0, half: bool = False,
+         isa: Optional[str] = None) -> np.ndarray:
+    """Rotary position embedding as timm's ``apply_rot_embed_cat``: ``x * cos + rot(x) * sin``
+    for each of ``heads`` heads of ``x`` [T, heads * head_dim], tokens ``prefix..T-1`` (class and
+    register tokens stay as they are). ``half=False``: interleaved pairs (timm ``rot``);
+    ``half=True``: halves (``rope_rotate_half``). ``sin``/``cos``: [T - prefix, head_dim] for
+    every head, or [heads, T - prefix, head_dim] per head (timm's 'mixed' RoPE)."""
+    _as_f32_matrix("x", x)
+    if isinstance(heads, bool) or not isinstance(heads, (int, np.integer)) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if isinstance(prefix, bool) or not isinstance(prefix, (int, np.integer)) or not 0 <= prefix <= x.shape[0]:
+        raise ValueError(f"prefix must be an int in 0..{x.shape[0]}, got {prefix!r}")
+    if x.shape[1] % heads or (x.shape[1] // heads) % 2:
+        raise ValueError(f"x's width {x.shape[1]} must be heads ({heads}) x an even head_dim")
+    hd, n = x.shape[1] // heads, x.shape[0] - prefix
+    want = [(n, hd), (heads, n, hd)]
+    for name, t in (("sin", sin), ("cos", cos)):
+        _as_f32_matrix(name, t, t.ndim if isinstance(t, np.ndarray) else 2)
+        if t.shape not in want:
+            raise ValueError(f"{name} must have shape {want[0]} or {want[1]}, got {t.shape}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin and cos shapes differ: {sin.shape} vs {cos.shape}")
+    return _core.rope(x, sin, cos, int(heads), int(prefix), bool(half), _check_isa(isa))
+
+
+def attention(q, k, v, scale: Optional[float] = None, *, bias: Optional[np.ndarray] = None,
+              isa: Optional[str] = None) -> np.ndarray:
+    """fp32 multi-head attention ``softmax(q k^T * scale + bias) v`` per head, as the runtime
+    computes it: q [H, Tq, dh], k and v [H, T, dh], bias [H, Tq, T] (BEiT's relative position
+    bias) or None; ``scale`` defaults to ``dh ** -0.5``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _as_f32_matrix(name, t, 3)
+    H, Tq, dh = q.shape
+    if k.shape[0] != H or k.shape[2] != dh or v.shape != k.shape:
+        raise ValueError(f"k and v must be [{H}, T, {dh}] alike, got {k.shape} and {v.shape}")
+    if k.shape[1] == 0 or dh == 0:
+        raise ValueError("attention needs at least one key and a non-empty head")
+    if bias is not None:
+        _as_f32_matrix("bias", bias, 3)
+        if bias.shape != (H, Tq, k.shape[1]):
+            raise ValueError(f"bias must have shape {(H, Tq, k.shape[1])}, got {bias.shape}")
+    scale = float(dh) ** -0.5 if scale is None else float(scale)
+    if not np.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return _core.attention(q, k, v, scale, bias, _check_isa(isa))

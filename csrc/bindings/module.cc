@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -14,6 +15,7 @@
 #include "bindings/gil.h"
 #include "cpu/cpu.h"
 #include "runtime_limits.h"
+#include "kernels/packed_layout.h"
 #include "ops/ops.h"
 
 namespace py = pybind11;
@@ -144,15 +146,15 @@ py::tuple quantize_acts_py(F32 x, int bits, std::optional<float> scale, bool per
   QuantizedActs a;
   std::vector<float> s(M, scale ? *scale : 0.0f);
   const ScaleMode mode = scale ? ScaleMode::kGiven : per_row ? ScaleMode::kDynamicRow : ScaleMode::kDynamicTensor;
-  quantize_acts(ctx, x.data(), M, K, K, round_up(std::max<size_t>(K, 1), kKAlign), bits, mode, s.data(), a);
+  quantize_acts(ctx, x.data(), M, K, K, packed::qc8w_kp(K), bits, mode, s.data(), a);
   I8 q({M, K});
   F32 sc(std::vector<ssize_t>{ssize_t(M)});
-  py::array_t<int32_t> bs({M, a.Kp / kKAlign});
+  const size_t nb = packed::act_bsums(a.Kp);
+  py::array_t<int32_t> bs({M, nb});
   for (size_t r = 0; r < M; ++r) {
     std::copy(a.q.data() + r * a.Kp, a.q.data() + r * a.Kp + K, q.mutable_data() + r * K);
     sc.mutable_data()[r] = a.scale[r];
-    std::copy(a.bsum.data() + r * (a.Kp / kKAlign), a.bsum.data() + (r + 1) * (a.Kp / kKAlign),
-              bs.mutable_data() + r * (a.Kp / kKAlign));
+    std::copy(a.bsum.data() + r * nb, a.bsum.data() + (r + 1) * nb, bs.mutable_data() + r * nb);
   }
   return py::make_tuple(q, sc, bs);
 }
@@ -166,7 +168,7 @@ F32 gemm_f32_py(F32 a, F32 b, std::optional<F32> bias, std::optional<long long> 
   if (bias) require(bias->ndim() == 1 && size_t(bias->shape(0)) == N, "bias must have shape (N,)");
   RunContext ctx{pick_isa(isa), pick_threads(num_threads)};
   F32 y({M, N});
-  AlignedBuffer<float> bp(num_panels(N) * kNR * K);
+  AlignedBuffer<float> bp(packed::f32_floats(N, K));
   const float* ap = a.data();
   const float* bb = bias ? bias->data() : nullptr;
   float* yp = y.mutable_data();
@@ -195,11 +197,89 @@ F32 layernorm_py(F32 x, F32 gamma, F32 beta, float eps, std::optional<std::strin
   return y;
 }
 
-F32 softmax_py(F32 x, float scale, std::optional<std::string> isa) {
+// bias: one row of n per row of x, or null (ops.h's attention_softmax).
+F32 softmax_py(F32 x, float scale, std::optional<std::string> isa, std::optional<F32> bias) {
   const size_t n = last_dim(x);
+  if (bias) require(bias->size() == x.size(), "softmax: bias must have x's shape");
   F32 y = copy_of(x);
-  if (n) pick_isa(isa)->softmax(x.size() / n, n, scale, y.mutable_data(), n);
+  if (n) attention_softmax(*pick_isa(isa), x.size() / n, n, scale, bias ? bias->data() : nullptr, n, y.mutable_data(), n);
   return y;
+}
+
+F32 quick_gelu_py(F32 x, std::optional<std::string> isa) {
+  F32 y = copy_of(x);
+  pick_isa(isa)->quick_gelu(y.size(), y.mutable_data());
+  return y;
+}
+
+// silu(gate) * up. up absent: x is packed, [..., 2n] with the gate in the first half (timm's
+// SwiGLUPacked), read in place with stride 2n.
+F32 swiglu_py(F32 x, std::optional<F32> up, std::optional<std::string> isa) {
+  const size_t last = last_dim(x);
+  std::vector<ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  const KernelTable& kt = *pick_isa(isa);
+  if (up) {
+    require(up->ndim() == x.ndim() && std::equal(shape.begin(), shape.end(), up->shape()), "swiglu: gate and up shapes differ");
+    F32 y(shape);
+    const size_t rows = last ? x.size() / last : 0;
+    kt.swiglu(rows, last, x.data(), last, up->data(), last, y.mutable_data(), last);
+    return y;
+  }
+  require(x.ndim() >= 1 && last % 2 == 0, "swiglu: a packed input needs an even last dimension");
+  shape.back() = ssize_t(last / 2);
+  F32 y(shape);
+  const size_t n = last / 2, rows = last ? x.size() / last : 0;
+  kt.swiglu(rows, n, x.data(), last, x.data() + n, last, y.mutable_data(), n);
+  return y;
+}
+
+// x [T, heads * hd] rotated from token `prefix` on; sin, cos [T - prefix, hd] or
+// [heads, T - prefix, hd].
+F32 rope_py(F32 x, F32 sin, F32 cos, size_t heads, size_t prefix, bool half, std::optional<std::string> isa) {
+  require_2d(x, "x");
+  const size_t T = x.shape(0), D = x.shape(1);
+  require(heads > 0 && D % heads == 0 && (D / heads) % 2 == 0, "rope: x's width must be heads x an even head_dim");
+  require(prefix <= T, "rope: prefix exceeds the token count");
+  const size_t hd = D / heads, n = T - prefix;
+  require(sin.ndim() == cos.ndim() && (sin.ndim() == 2 || sin.ndim() == 3), "rope: sin and cos must both be 2-D or 3-D");
+  const bool per_head = sin.ndim() == 3;
+  for (const F32* t : {&sin, &cos}) {
+    const bool ok = per_head ? size_t(t->shape(0)) == heads && size_t(t->shape(1)) == n && size_t(t->shape(2)) == hd
+                             : size_t(t->shape(0)) == n && size_t(t->shape(1)) == hd;
+    require(ok, "rope: sin/cos must be [T - prefix, head_dim] or [heads, T - prefix, head_dim]");
+  }
+  F32 y = copy_of(x);
+  apply_rope(*pick_isa(isa), T, prefix, heads, hd, half ? RopeForm::kHalf : RopeForm::kInterleaved, y.mutable_data(),
+             D, sin.data(), cos.data(), per_head);
+  return y;
+}
+
+// Multi-head fp32 attention: q [H, Tq, dh], k and v [H, T, dh], bias [H, Tq, T] or none ->
+// [H, Tq, dh], each head through ops.h's attend_f32.
+F32 attention_py(F32 q, F32 k, F32 v, float scale, std::optional<F32> bias, std::optional<std::string> isa) {
+  require(q.ndim() == 3 && k.ndim() == 3 && v.ndim() == 3, "attention: q, k and v must be 3-D [heads, tokens, head_dim]");
+  const size_t H = q.shape(0), Tq = q.shape(1), dh = q.shape(2), T = k.shape(1);
+  require(size_t(k.shape(0)) == H && size_t(v.shape(0)) == H && size_t(k.shape(2)) == dh &&
+              size_t(v.shape(1)) == T && size_t(v.shape(2)) == dh,
+          "attention: k and v must be [heads, T, head_dim] matching q");
+  require(T > 0 && dh > 0, "attention: empty keys or heads");
+  if (bias)
+    require(bias->ndim() == 3 && size_t(bias->shape(0)) == H && size_t(bias->shape(1)) == Tq && size_t(bias->shape(2)) == T,
+            "attention: bias must be [heads, Tq, T]");
+  const KernelTable& kt = *pick_isa(isa);
+  F32 o(std::vector<ssize_t>{ssize_t(H), ssize_t(Tq), ssize_t(dh)});
+  const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *bp = bias ? bias->data() : nullptr;
+  float* op = o.mutable_data();
+  without_gil([&] {
+    AlignedBuffer<float> kpack(packed::f32_floats(T, dh)), vpack(packed::f32_floats(dh, T)), scores(Tq * T);
+    for (size_t h = 0; h < H; ++h) {
+      pack_f32_b(kp + h * T * dh, dh, T, dh, /*b_is_nk=*/true, kpack.data());
+      pack_f32_b(vp + h * T * dh, T, dh, dh, /*b_is_nk=*/false, vpack.data());
+      attend_f32(kt, Tq, T, dh, qp + h * Tq * dh, dh, kpack.data(), vpack.data(), scale,
+                 bp ? bp + h * Tq * T : nullptr, T, scores.data(), op + h * Tq * dh, dh);
+    }
+  });
+  return o;
 }
 
 F32 gelu_py(F32 x, std::optional<std::string> isa) {
@@ -281,7 +361,13 @@ PYBIND11_MODULE(_core, m) {
         py::arg("isa"));
   m.def("layernorm", &layernorm_py, py::arg("x"), py::arg("gamma"), py::arg("beta"), py::arg("eps"),
         py::arg("isa"));
-  m.def("softmax", &softmax_py, py::arg("x"), py::arg("scale"), py::arg("isa"));
+  m.def("softmax", &softmax_py, py::arg("x"), py::arg("scale"), py::arg("isa"), py::arg("bias") = py::none());
+  m.def("quick_gelu", &quick_gelu_py, py::arg("x"), py::arg("isa"));
+  m.def("swiglu", &swiglu_py, py::arg("x"), py::arg("up"), py::arg("isa"));
+  m.def("rope", &rope_py, py::arg("x"), py::arg("sin"), py::arg("cos"), py::arg("heads"), py::arg("prefix"),
+        py::arg("half"), py::arg("isa"));
+  m.def("attention", &attention_py, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("bias"),
+        py::arg("isa"));
   m.def("gelu", &gelu_py, py::arg("x"), py::arg("isa"));
   m.def("add", &add_py, py::arg("a"), py::arg("b"), py::arg("isa"));
 }

@@ -14,18 +14,21 @@
 //   in int16 before one vpmaddwd widens them: about one multiplier-port op per 32 MACs.
 // f32_gemm: micro-tile of 6 rows x 16 columns (12 ymm accumulators), broadcast A, FMA.
 //
-// The float kernels (f32_gemm, layernorm, softmax, gelu) follow the canonical evaluation of
-// kernels.h operation for operation, so they equal ref.cc (and NEON) bit for bit as well: one
-// FMA per k in k order, LayerNorm's 8-lane double reductions combined by hsum_pd, softmax's
-// float sum by hsum_ps, exp_v and gelu_v as ref's exp_canon and gelu_canon.
+// The float kernels (f32_gemm, layernorm, softmax, gelu, swiglu, quick_gelu, rope, scale_add)
+// follow the canonical evaluation of kernels.h operation for operation, so they equal ref.cc
+// (and NEON) bit for bit as well: one FMA per k in k order, LayerNorm's 8-lane double
+// reductions combined by hsum_pd, softmax's float sum by hsum_ps, exp_v and gelu_v as ref's
+// exp_canon and gelu_canon, sigmoid_v as its sigmoid_canon.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 
 namespace pyrt {
 namespace {
@@ -290,12 +293,12 @@ void avx2::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, siz
     for (size_t r = 0; r < rows; ++r) widen_i8(a + (m0 + r) * a_stride, a16 + r * Kp, Kp);
     for (size_t p = 0; p < num_panels(N); ++p) {
       const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-      const int8_t* wp = w + p * Kp * kNR;
+      const int8_t* wp = w + p * packed::qc8w_panel_bytes(Kp);
       const size_t halves = ncols > 8 ? 2 : 1;
       if (wide)
         for (size_t h = 0; h < halves; ++h)
           for (size_t g = 0; g < Kp / kKGroup; ++g)
-            widen_i8(wp + g * 64 + 32 * h, w16 + h * Kp * 8 + g * 32, 32);
+            widen_i8(wp + packed::qc8w_group_offset(g, 8 * h), w16 + h * Kp * 8 + g * 32, 32);
       if (bias) load_bias16(bias, n0, N, b16);
       for (size_t h = 0; h < halves; ++h) {
         const size_t nc = std::min<size_t>(8, ncols - 8 * h);
@@ -438,8 +441,8 @@ void avx2::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const 
   const size_t nblocks = Kp / block, chunks = block / kKAlign;
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-    const uint8_t* wp = w + p * Kp * 8;
-    const float* ws = w_scale + p * nblocks * kNR;
+    const uint8_t* wp = w + p * packed::qb4w_panel_bytes(Kp);
+    const float* ws = w_scale + p * packed::qb4w_panel_scales(Kp, block);
     if (bias) load_bias16(bias, n0, N, b16);
     for (size_t h = 0; h < 2 && 8 * h < ncols; ++h) {
       const size_t nc = std::min<size_t>(8, ncols - 8 * h);
@@ -515,7 +518,7 @@ void avx2::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_strid
   alignas(32) float b16[kNR];
   for (size_t p = 0; p < num_panels(N); ++p) {
     const size_t n0 = p * kNR, ncols = std::min(kNR, N - n0);
-    const float* bp = b_packed + p * K * kNR;
+    const float* bp = b_packed + p * packed::f32_panel_floats(K);
     const float* bb = nullptr;
     if (bias) {
       load_bias16(bias, n0, N, b16);
@@ -921,6 +924,166 @@ void avx2::add(size_t n, const float* a, const float* b, float* y) {
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+void avx2::scale_add(size_t n, const float* x, float scale, const float* b, float* y) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(b + i)));
+  for (; i < n; ++i) y[i] = x[i] * scale + b[i];
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// sigmoid-gated activations: ref.cc's sigmoid_canon lane by lane, V vectors at a time (see
+// exp_v for why): e = exp(-|z|), sigmoid = (z >= 0 ? 1 : e) / (1 + e).
+
+#define PYRT_EACH(i) _Pragma("GCC unroll 4") for (int i = 0; i < V; ++i)
+
+template <int V>
+inline void sigmoid_v(const __m256* z, __m256* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 e[V];
+  PYRT_EACH(i) e[i] = _mm256_or_ps(z[i], sign);  // -|z|
+  exp_v<V>(e);
+  // z >= 0 is false for NaN, as in ref; e is NaN then anyway.
+  PYRT_EACH(i) {
+    const __m256 num = _mm256_blendv_ps(e[i], one, _mm256_cmp_ps(z[i], zero, _CMP_GE_OQ));
+    out[i] = _mm256_div_ps(num, _mm256_add_ps(one, e[i]));
+  }
+}
+
+// y = (g * sigmoid(g)) * u for 8V values.
+template <int V>
+inline void swiglu_v(const float* g, const float* u, float* y) {
+  __m256 gv[V], sg[V];
+  PYRT_EACH(j) gv[j] = _mm256_loadu_ps(g + 8 * j);
+  sigmoid_v<V>(gv, sg);
+  PYRT_EACH(j) _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(_mm256_mul_ps(gv[j], sg[j]), _mm256_loadu_ps(u + 8 * j)));
+}
+
+// x = x * sigmoid(1.702 x) for 8V values.
+template <int V>
+inline void quick_gelu_v(float* x) {
+  __m256 xv[V], z[V], sg[V];
+  PYRT_EACH(j) {
+    xv[j] = _mm256_loadu_ps(x + 8 * j);
+    z[j] = _mm256_mul_ps(xv[j], _mm256_set1_ps(1.702f));
+  }
+  sigmoid_v<V>(z, sg);
+  PYRT_EACH(j) _mm256_storeu_ps(x + 8 * j, _mm256_mul_ps(xv[j], sg[j]));
+}
+
+#undef PYRT_EACH
+
+}  // namespace
+
+void avx2::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                  size_t u_stride, float* y, size_t y_stride) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * g_stride;
+    const float* ur = u + r * u_stride;
+    float* yr = y + r * y_stride;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) swiglu_v<4>(gr + i, ur + i, yr + i);
+    for (; i + 8 <= n; i += 8) swiglu_v<1>(gr + i, ur + i, yr + i);
+    if (i < n) {  // the tail through the same vector code, via zero-padded copies
+      alignas(32) float tg[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tu[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(tg, gr + i, (n - i) * sizeof(float));
+      std::memcpy(tu, ur + i, (n - i) * sizeof(float));
+      swiglu_v<1>(tg, tu, tg);
+      std::memcpy(yr + i, tg, (n - i) * sizeof(float));
+    }
+  }
+}
+
+void avx2::quick_gelu(size_t n, float* x) {
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) quick_gelu_v<4>(x + i);
+  for (; i + 8 <= n; i += 8) quick_gelu_v<1>(x + i);
+  if (i < n) {
+    alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(t, x + i, (n - i) * sizeof(float));
+    quick_gelu_v<1>(t);
+    std::memcpy(x + i, t, (n - i) * sizeof(float));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rope: ref.cc's products and sums lane by lane (mul, mul, then add or sub; never fused).
+//
+// No _mm256_addsub_ps: GCC 12 fuses a multiply feeding it into vfmaddsub even under
+// -ffp-contract=off (and SLP-vectorises a scalar pair loop into the same), one rounding fewer
+// than ref. The even lanes' products are negated (exact) and added instead, and the tails run
+// through the same vector code via zero-padded copies, so no scalar loop is left to vectorise.
+
+namespace {
+
+// 4 interleaved pairs: the partner of lane 2i is 2i+1 and back (permute within 128-bit halves).
+inline void rope_interleaved8(float* x, const float* c, const float* s) {
+  const __m256 neg_even = _mm256_castsi256_ps(_mm256_setr_epi32(INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0));
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256 xc = _mm256_mul_ps(v, _mm256_loadu_ps(c));
+  const __m256 xs = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_loadu_ps(s));
+  _mm256_storeu_ps(x, _mm256_add_ps(xc, _mm256_xor_ps(xs, neg_even)));
+}
+
+// 8 pairs (i, i + half): a = x[i..], b = x[i + half..] with their tables.
+inline void rope_half8(float* xa, float* xb, const float* ca, const float* cb, const float* sa, const float* sb) {
+  const __m256 a = _mm256_loadu_ps(xa), b = _mm256_loadu_ps(xb);
+  const __m256 ya = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(ca)), _mm256_mul_ps(b, _mm256_loadu_ps(sa)));
+  const __m256 yb = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(cb)), _mm256_mul_ps(a, _mm256_loadu_ps(sb)));
+  _mm256_storeu_ps(xa, ya);
+  _mm256_storeu_ps(xb, yb);
+}
+
+// Copies n < 8 floats into a zero-padded vector-sized buffer.
+inline void pad8(float* t, const float* p, size_t n) {
+  for (size_t i = 0; i < 8; ++i) t[i] = 0.0f;
+  std::memcpy(t, p, n * sizeof(float));
+}
+
+void rope_head(float* xh, size_t hd, RopeForm form, const float* s, const float* c) {
+  const size_t half = hd / 2;
+  alignas(32) float tx[8], tc[8], ts[8], ty[8], tcb[8], tsb[8];
+  if (form == RopeForm::kInterleaved) {
+    size_t i = 0;
+    for (; i + 8 <= hd; i += 8) rope_interleaved8(xh + i, c + i, s + i);
+    if (i < hd) {  // whole pairs: hd and i are even
+      pad8(tx, xh + i, hd - i);
+      pad8(tc, c + i, hd - i);
+      pad8(ts, s + i, hd - i);
+      rope_interleaved8(tx, tc, ts);
+      std::memcpy(xh + i, tx, (hd - i) * sizeof(float));
+    }
+    return;
+  }
+  size_t i = 0;
+  for (; i + 8 <= half; i += 8) rope_half8(xh + i, xh + half + i, c + i, c + half + i, s + i, s + half + i);
+  if (i < half) {
+    const size_t n = half - i;
+    pad8(tx, xh + i, n);
+    pad8(ty, xh + half + i, n);
+    pad8(tc, c + i, n);
+    pad8(tcb, c + half + i, n);
+    pad8(ts, s + i, n);
+    pad8(tsb, s + half + i, n);
+    rope_half8(tx, ty, tc, tcb, ts, tsb);
+    std::memcpy(xh + i, tx, n * sizeof(float));
+    std::memcpy(xh + half + i, ty, n * sizeof(float));
+  }
+}
+
+}  // namespace
+
+void avx2::rope(size_t rows, size_t heads, size_t hd, RopeForm form, float* x, size_t x_stride,
+                const float* sin, const float* cos, size_t tab_stride, size_t tab_head_stride) {
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t h = 0; h < heads; ++h)
+      rope_head(x + r * x_stride + h * hd, hd, form, sin + r * tab_stride + h * tab_head_stride,
+                cos + r * tab_stride + h * tab_head_stride);
 }
 
 }  // namespace pyrt

@@ -23,6 +23,7 @@
 #include <cstring>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 
 // GCC 12 warns inside its own AVX-512 headers (_mm512_cvtepi32_ps and friends pass an
 // _mm512_undefined_ps() operand that the unmasked builtin never reads): a false positive.
@@ -123,7 +124,7 @@ void avx512vnni::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* 
   int32_t* sums = static_cast<int32_t*>(thread_scratch(M * sizeof(int32_t)));
   row_sums(M, Kp, a, a_stride, sums);
   alignas(64) __m512i acc[kQC8MR * kQC8NP];
-  const size_t panels = num_panels(N), panel_stride = Kp * kNR;
+  const size_t panels = num_panels(N), panel_stride = packed::qc8w_panel_bytes(Kp);
   for (size_t p0 = 0; p0 < panels; p0 += kQC8NP) {
     const int np = static_cast<int>(std::min<size_t>(kQC8NP, panels - p0));
     __m512 ws[kQC8NP], bv[kQC8NP];
@@ -260,7 +261,7 @@ void avx512vnni::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, 
   if (M == 0 || N == 0) return;
   alignas(64) __m512 s[kQB4MR * kQB4NP];
   const size_t nblocks = Kp / block, panels = num_panels(N);
-  const size_t panel_stride = Kp * 8, ws_stride = nblocks * kNR;
+  const size_t panel_stride = packed::qb4w_panel_bytes(Kp), ws_stride = packed::qb4w_panel_scales(Kp, block);
   for (size_t p0 = 0; p0 < panels; p0 += kQB4NP) {
     const int np = static_cast<int>(std::min<size_t>(kQB4NP, panels - p0));
     __m512 bv[kQB4NP];

@@ -35,7 +35,11 @@
   std::remove_pointer_t<SoftmaxFn> softmax;            \
   std::remove_pointer_t<SoftmaxQ8Fn> softmax_q8;       \
   std::remove_pointer_t<GeluFn> gelu;                  \
-  std::remove_pointer_t<AddFn> add;
+  std::remove_pointer_t<AddFn> add;                    \
+  std::remove_pointer_t<ScaleAddFn> scale_add;         \
+  std::remove_pointer_t<SwiGluFn> swiglu;              \
+  std::remove_pointer_t<QuickGeluFn> quick_gelu;       \
+  std::remove_pointer_t<RopeFn> rope;
 
 namespace pyrt {
 

@@ -37,6 +37,9 @@
 //              polynomial folded with 2^n) and gelu_canon (PyTorch's x/2 (1 + erf(x/sqrt 2)) as
 //              fma(x, E, x/2), E a clamped odd/even rational), each fma and rounding as written
 //              there.
+//   sigmoid:   e = exp_canon(-|z|); (z >= 0 ? 1 : e) / (1 + e) (swiglu, quick_gelu).
+//   rope, scale_add: products rounded, then added -- never fused (GCC fuses a multiply into
+//              _mm256_addsub_ps even under -ffp-contract=off, so the AVX2 RoPE avoids it).
 // Non-finite input. NaN surfaces identically on every ISA: wherever an output depends on a NaN
 // input it is NaN (its payload and sign are not specified), and every other output keeps its
 // bits. The traps are min/max: x86's minps/maxps return the second operand when either is NaN,
@@ -79,20 +82,8 @@ static constexpr size_t num_panels(size_t n) { return (n + kNR - 1) / kNR; }
 // Preconditions every kernel relies on: Kp is a multiple of kKAlign (so of 4), block is a
 // multiple of kKAlign and divides Kp. ops.cc establishes them.
 //
-// Packed qc8w weights (N x K int8, a float scale per output channel):
-//   data[p][g][c][j] = w[16p + c][4g + j], p < panels, g < Kp/4, c < 16, j < 4
-//   i.e. panel stride Kp*16 bytes, 64 bytes per k-group. Padding channels and k are zero.
-//   scales: panels*16 floats, padding 0.
-//
-// Packed qb4w weights (N x K in [-8, 7], a float scale per block of `block` K values):
-//   stored as q + 8 in [0, 15], two per byte. For panel p, block b, group pair gp:
-//   byte[p][b][gp][c*4 + j]: low nibble  = w[16p + c][b*block + 8gp + j]     + 8,
-//                            high nibble = w[16p + c][b*block + 8gp + 4 + j] + 8.
-//   64 bytes per group pair, panel stride Kp*8 bytes. Padding weights are stored as 8 (zero).
-//   scales: [p][b][c] floats, panel stride (Kp/block)*16.
-//
-// Packed f32 B operand (K x N):
-//   data[p][k][c] = B[k][16p + c], panel stride K*16 floats, padding 0.
+// The packed weight layouts (qc8w, qb4w, the f32 B operand), their offsets, strides and
+// padding rules: packed_layout.h, the one place they are computed.
 
 // y[M x N] = dequant(a) . dequant(w)^T + bias. `w`, `w_scale` point at a panel boundary;
 // N <= panels*16 columns are written. bias may be null. a_stride, y_stride in elements.
@@ -154,6 +145,47 @@ using GeluFn = void (*)(size_t n, float* x);
 // y[i] = a[i] + b[i]; y may alias a or b.
 using AddFn = void (*)(size_t n, const float* a, const float* b, float* y);
 
+// y[i] = x[i] * scale + b[i], the product rounded first (never fused), as PyTorch's
+// (q k^T) * scale + bias; y may alias x or b. An additive attention bias (BEiT's relative
+// position bias, vit_relpos) goes through it before a softmax with scale 1, which then equals
+// softmax(x * scale + b) exactly.
+using ScaleAddFn = void (*)(size_t n, const float* x, float scale, const float* b, float* y);
+
+// The canonical sigmoid of the gated and quick activations (ref.cc's sigmoid_canon):
+// e = exp_canon(-|z|) (the softmax exp, whose argument is never positive here), then
+// sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e), one correctly rounded division, so nothing
+// overflows and neither tail cancels. Measured (tests/cpp, step 1/256 on [-100, 100]): silu
+// and QuickGELU within 3.7e-7 relative of double; 0 below exp's cut at -87.68.
+// sigmoid(NaN) = NaN; sigmoid(+inf) = 1, sigmoid(-inf) = 0.
+
+// SwiGLU's gate (timm SwiGLU, SwiGLUPacked): y = silu(g) * u, silu(g) = g * sigmoid(g), each
+// product rounded. `rows` rows of n values; strides in elements, so the two halves of a packed
+// fc1 output ([rows x 2n]: gate first) are read in place. y may alias g or u (same stride).
+// silu(-inf) = -inf * 0 = NaN, silu(+inf) = +inf, as PyTorch's x / (1 + exp(-x)).
+using SwiGluFn = void (*)(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                          size_t u_stride, float* y, size_t y_stride);
+
+// In-place QuickGELU (CLIP): x * sigmoid(1.702 x), the product 1.702f * x rounded first.
+// quick_gelu(-inf) = NaN (-inf * 0), quick_gelu(+inf) = +inf, NaN stays NaN.
+using QuickGeluFn = void (*)(size_t n, float* x);
+
+// Rotary position embedding, in place, as timm's apply_rot_embed (pos_embed_sincos.py):
+// y = x * cos + rot(x) * sin, each product rounded, then added (not fused) -- PyTorch's eager
+// order, so the result equals timm's fp32 bits. Per head, with h = hd / 2:
+//   kInterleaved (rot):              y[2i]   = x[2i] c[2i] - x[2i+1] s[2i],
+//                                    y[2i+1] = x[2i+1] c[2i+1] + x[2i] s[2i+1];
+//   kHalf (rope_rotate_half):        y[i]    = x[i] c[i] - x[i+h] s[i],
+//                                    y[i+h]  = x[i+h] c[i+h] + x[i] s[i+h]     (i < h).
+// (x c + (-x') s equals x c - x' s: negation is exact.) `rows` tokens, `heads` heads of hd
+// values each (hd even), head j of row r at x + r x_stride + j hd. sin/cos: hd values per
+// row and head at sin + r tab_stride + j tab_head_stride (tab_head_stride = 0: one table
+// shared by the heads, timm's 'cat' RoPE; per head: 'mixed'). Prefix tokens are skipped by
+// the caller (they are not rotated).
+enum class RopeForm : int { kInterleaved = 0, kHalf = 1 };
+using RopeFn = void (*)(size_t rows, size_t heads, size_t hd, RopeForm form, float* x,
+                        size_t x_stride, const float* sin, const float* cos, size_t tab_stride,
+                        size_t tab_head_stride);
+
 struct KernelTable {
   const char* name = nullptr;
   QuantizeRowsFn quantize_rows = nullptr;
@@ -166,6 +198,10 @@ struct KernelTable {
   SoftmaxQ8Fn softmax_q8 = nullptr;
   GeluFn gelu = nullptr;
   AddFn add = nullptr;
+  ScaleAddFn scale_add = nullptr;
+  SwiGluFn swiglu = nullptr;
+  QuickGeluFn quick_gelu = nullptr;
+  RopeFn rope = nullptr;
 };
 
 // Tables per ISA (tables.cc: constant data, assembled in baseline code, so asking for one runs

@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 #include "neon_common.h"
 
 // GCC's pre-register-allocation scheduler (on by default for AArch64 at -O2 and -O3) hoists the
@@ -169,7 +170,7 @@ void neon::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, siz
                              const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
-    const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
+    const int8_t* wp = w + (n0 / kNR) * packed::qc8w_panel_bytes(Kp);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<2>(M, [&](auto mr, size_t m) {
       qc8w_tile<decltype(mr)::value>(Kp, a + m * a_stride, a_stride, a_scale + m, wp,
@@ -204,7 +205,7 @@ inline __attribute__((always_inline)) void qb4w_half_tile(
       for (size_t c = 0; c < chunks; ++c) asum += a_bsum[r * bsum_stride + b * chunks + c];
       bacc[r][0] = bacc[r][1] = vdupq_n_s32(-8 * asum);
     });
-    const uint8_t* wb = w + b * block * 8;
+    const uint8_t* wb = w + packed::qb4w_block_offset(block, b);
     for (size_t kb = 0; kb < block;) {
       const size_t len = std::min<size_t>(64, block - kb);  // a multiple of 32
       int16x8_t p[MR][4];
@@ -217,7 +218,7 @@ inline __attribute__((always_inline)) void qb4w_half_tile(
           ahi[r] = vreinterpretq_s8_s32(vdupq_lane_s32(a8, 1));
         });
         unroll<2>([&](auto c) {
-          const uint8x16_t wv = vld1q_u8(wb + gp * 64 + 16 * c);
+          const uint8x16_t wv = vld1q_u8(wb + packed::qb4w_pair_offset(gp) + 16 * c);
           const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, mask));
           const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
           unroll<MR>([&](auto r) {
@@ -285,11 +286,10 @@ void neon::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const 
                              size_t a_stride, const float* a_scale, const int32_t* a_bsum,
                              size_t bsum_stride, const uint8_t* w, const float* w_scale,
                              const float* bias, float* y, size_t y_stride) {
-  const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
-    const uint8_t* wp = w + p * Kp * (kNR / 2);
-    const float* wsp = w_scale + p * nblocks * kNR;
+    const uint8_t* wp = w + p * packed::qb4w_panel_bytes(Kp);
+    const float* wsp = w_scale + p * packed::qb4w_panel_scales(Kp, block);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<2>(M, [&](auto mr, size_t m) {
       qb4w_tile<decltype(mr)::value>(Kp, block, a + m * a_stride, a_stride, a_scale + m,
@@ -348,7 +348,7 @@ void neon::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_strid
                     const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
-    const float* bp = b_packed + (n0 / kNR) * K * kNR;
+    const float* bp = b_packed + (n0 / kNR) * packed::f32_panel_floats(K);
     const float* bb = bias ? bias + n0 : nullptr;
     for_row_tiles<4>(M, [&](auto mr, size_t m) {
       f32_tile<decltype(mr)::value>(K, a + m * a_stride, a_stride, bp, bb, nc,
@@ -641,6 +641,114 @@ void neon::add(size_t n, const float* a, const float* b, float* y) {
   }
   for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
   for (; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+PYRT_NEON_FLATTEN
+void neon::scale_add(size_t n, const float* x, float scale, const float* b, float* y) {
+  const float32x4_t vs = vdupq_n_f32(scale);
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vmulq_f32(vld1q_f32(x + i), vs), vld1q_f32(b + i)));
+  for (; i < n; ++i) y[i] = x[i] * scale + b[i];
+}
+
+namespace {
+
+// ---------------------------------------------------------------- sigmoid-gated activations
+// ref.cc's sigmoid_canon lane by lane: e = exp(-|z|), sigmoid = (z >= 0 ? 1 : e) / (1 + e).
+// FCMGE is false for NaN, as ref's comparison; e is NaN then anyway.
+inline float32x4_t sigmoid_f32(float32x4_t z) {
+  const float32x4_t one = vdupq_n_f32(1.0f);
+  const float32x4_t e = exp_f32(vnegq_f32(vabsq_f32(z)));
+  const float32x4_t num = vbslq_f32(vcgeq_f32(z, vdupq_n_f32(0.0f)), one, e);
+  return vdivq_f32(num, vaddq_f32(one, e));
+}
+
+inline float32x4_t swiglu_f32(float32x4_t g, float32x4_t u) {
+  return vmulq_f32(vmulq_f32(g, sigmoid_f32(g)), u);
+}
+
+inline float32x4_t quick_gelu_f32(float32x4_t x) {
+  return vmulq_f32(x, sigmoid_f32(vmulq_f32(x, vdupq_n_f32(1.702f))));
+}
+
+}  // namespace
+
+PYRT_NEON_FLATTEN
+void neon::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                  size_t u_stride, float* y, size_t y_stride) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * g_stride;
+    const float* ur = u + r * u_stride;
+    float* yr = y + r * y_stride;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const float32x4_t y0 = swiglu_f32(vld1q_f32(gr + i), vld1q_f32(ur + i));
+      const float32x4_t y1 = swiglu_f32(vld1q_f32(gr + i + 4), vld1q_f32(ur + i + 4));
+      vst1q_f32(yr + i, y0);
+      vst1q_f32(yr + i + 4, y1);
+    }
+    for (; i + 4 <= n; i += 4) vst1q_f32(yr + i, swiglu_f32(vld1q_f32(gr + i), vld1q_f32(ur + i)));
+    if (i < n)
+      store_partial(yr + i, n - i, swiglu_f32(load_partial(gr + i, n - i, 0.0f), load_partial(ur + i, n - i, 0.0f)));
+  }
+}
+
+PYRT_NEON_FLATTEN
+void neon::quick_gelu(size_t n, float* x) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vst1q_f32(x + i, quick_gelu_f32(vld1q_f32(x + i)));
+    vst1q_f32(x + i + 4, quick_gelu_f32(vld1q_f32(x + i + 4)));
+  }
+  for (; i + 4 <= n; i += 4) vst1q_f32(x + i, quick_gelu_f32(vld1q_f32(x + i)));
+  if (i < n) store_partial(x + i, n - i, quick_gelu_f32(load_partial(x + i, n - i, 0.0f)));
+}
+
+// ---------------------------------------------------------------- rope
+// ref.cc's products and sums lane by lane (mul, mul, then add or sub; never fused).
+
+PYRT_NEON_FLATTEN
+void neon::rope(size_t rows, size_t heads, size_t hd, RopeForm form, float* x, size_t x_stride,
+                const float* sin, const float* cos, size_t tab_stride, size_t tab_head_stride) {
+  const size_t half = hd / 2;
+  // Interleaved: REV64 swaps each pair; the even lanes' products are negated (exact) and added,
+  // which is ref's subtraction bit for bit.
+  const uint32_t neg_even_bits[4] = {0x80000000u, 0, 0x80000000u, 0};
+  const uint32x4_t neg_even = vld1q_u32(neg_even_bits);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t h = 0; h < heads; ++h) {
+      float* xh = x + r * x_stride + h * hd;
+      const float* s = sin + r * tab_stride + h * tab_head_stride;
+      const float* c = cos + r * tab_stride + h * tab_head_stride;
+      size_t p = 0;  // pairs done
+      if (form == RopeForm::kInterleaved) {
+        for (; 2 * p + 4 <= hd; p += 2) {
+          const float32x4_t v = vld1q_f32(xh + 2 * p);
+          const float32x4_t xc = vmulq_f32(v, vld1q_f32(c + 2 * p));
+          const float32x4_t xs = vmulq_f32(vrev64q_f32(v), vld1q_f32(s + 2 * p));
+          const float32x4_t t = vreinterpretq_f32_u32(veorq_u32(vreinterpretq_u32_f32(xs), neg_even));
+          vst1q_f32(xh + 2 * p, vaddq_f32(xc, t));
+        }
+        for (; p < half; ++p) {
+          const float xi = xh[2 * p], xj = xh[2 * p + 1];
+          xh[2 * p] = xi * c[2 * p] - xj * s[2 * p];
+          xh[2 * p + 1] = xj * c[2 * p + 1] + xi * s[2 * p + 1];
+        }
+      } else {
+        for (; p + 4 <= half; p += 4) {
+          const float32x4_t a = vld1q_f32(xh + p), b = vld1q_f32(xh + p + half);
+          const float32x4_t ya = vsubq_f32(vmulq_f32(a, vld1q_f32(c + p)), vmulq_f32(b, vld1q_f32(s + p)));
+          const float32x4_t yb = vaddq_f32(vmulq_f32(b, vld1q_f32(c + p + half)), vmulq_f32(a, vld1q_f32(s + p + half)));
+          vst1q_f32(xh + p, ya);
+          vst1q_f32(xh + p + half, yb);
+        }
+        for (; p < half; ++p) {
+          const float xi = xh[p], xj = xh[p + half];
+          xh[p] = xi * c[p] - xj * s[p];
+          xh[p + half] = xj * c[p + half] + xi * s[p + half];
+        }
+      }
+    }
 }
 
 }  // namespace pyrt

@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 #include "neon_common.h"
 
 // As in neon.cc: GCC's pre-register-allocation scheduler makes the 4x16 tile spill (3 q-registers
@@ -84,7 +85,7 @@ void neondot::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, 
                                 const float* bias, float* y, size_t y_stride) {
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t nc = std::min(kNR, N - n0);
-    const int8_t* wp = w + (n0 / kNR) * Kp * kNR;
+    const int8_t* wp = w + (n0 / kNR) * packed::qc8w_panel_bytes(Kp);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<4>(M, [&](auto mr, size_t m) {
       qc8w_dot_tile<decltype(mr)::value>(Kp, a + m * a_stride, a_stride, a_scale + m, wp,
@@ -120,7 +121,7 @@ inline __attribute__((always_inline)) void qb4w_dot_half(size_t Kp, size_t block
       for (size_t c = 0; c < chunks; ++c) asum += a_bsum[r * bsum_stride + b * chunks + c];
       acc[r][0] = acc[r][1] = vdupq_n_s32(-8 * asum);
     });
-    const uint8_t* wb = w + b * block * 8;
+    const uint8_t* wb = w + packed::qb4w_block_offset(block, b);
     const int8_t* ab = a + b * block;
     for (size_t kb = 0; kb < block; kb += 16) {  // two group pairs
       int8x16_t av[MR];
@@ -128,7 +129,7 @@ inline __attribute__((always_inline)) void qb4w_dot_half(size_t Kp, size_t block
       unroll<2>([&](auto h) {
         constexpr int L = 2 * decltype(h)::value;
         unroll<2>([&](auto c) {
-          const uint8x16_t wv = vld1q_u8(wb + (kb / 8 + h) * 64 + 16 * c);
+          const uint8x16_t wv = vld1q_u8(wb + packed::qb4w_pair_offset(kb / 8 + h) + 16 * c);
           const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(wv, mask));
           const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(wv, 4));
           unroll<MR>([&](auto r) {
@@ -184,11 +185,10 @@ void neondot::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, con
                                 size_t a_stride, const float* a_scale, const int32_t* a_bsum,
                                 size_t bsum_stride, const uint8_t* w, const float* w_scale,
                                 const float* bias, float* y, size_t y_stride) {
-  const size_t nblocks = Kp / block;
   for (size_t n0 = 0; n0 < N; n0 += kNR) {
     const size_t p = n0 / kNR, nc = std::min(kNR, N - n0);
-    const uint8_t* wp = w + p * Kp * (kNR / 2);
-    const float* wsp = w_scale + p * nblocks * kNR;
+    const uint8_t* wp = w + p * packed::qb4w_panel_bytes(Kp);
+    const float* wsp = w_scale + p * packed::qb4w_panel_scales(Kp, block);
     const float* bp = bias ? bias + n0 : nullptr;
     for_row_tiles<4>(M, [&](auto mr, size_t m) {
       qb4w_dot_tile<decltype(mr)::value>(Kp, block, a + m * a_stride, a_stride, a_scale + m,

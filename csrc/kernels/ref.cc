@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "isa_kernels.h"
+#include "packed_layout.h"
 
 namespace pyrt {
 void ref::quantize_rows(size_t rows, size_t K, size_t Kp, const float* x, size_t x_stride,
@@ -43,15 +44,6 @@ float ref::absmax(size_t n, const float* x) {
   return absmax_finish(0, n, x);
 }
 
-namespace {
-
-int8_t qc8w_at(const int8_t* w, size_t Kp, size_t n, size_t k) {
-  const size_t p = n / kNR, c = n % kNR, g = k / kKGroup, j = k % kKGroup;
-  return w[p * Kp * kNR + g * kNR * kKGroup + c * kKGroup + j];
-}
-
-}  // namespace
-
 void ref::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size_t a_stride,
                             const float* a_scale, const int8_t* w, const float* w_scale,
                             const float* bias, float* y, size_t y_stride) {
@@ -59,7 +51,7 @@ void ref::qd8_f32_qc8w_gemm(size_t M, size_t N, size_t Kp, const int8_t* a, size
     for (size_t n = 0; n < N; ++n) {
       int32_t acc = 0;
       for (size_t k = 0; k < Kp; ++k)
-        acc += int32_t(a[m * a_stride + k]) * int32_t(qc8w_at(w, Kp, n, k));
+        acc += int32_t(a[m * a_stride + k]) * int32_t(w[packed::qc8w_offset(Kp, n, k)]);
       float v = static_cast<float>(acc) * (a_scale[m] * w_scale[n]);
       if (bias) v = v + bias[n];
       y[m * y_stride + n] = v;
@@ -71,10 +63,8 @@ namespace {
 
 // The stored nibble (q + 8) of weight (n, k).
 int qb4w_nibble_at(const uint8_t* w, size_t Kp, size_t block, size_t n, size_t k) {
-  const size_t p = n / kNR, c = n % kNR, b = k / block, kb = k % block;
-  const size_t gp = kb / 8, hi = (kb % 8) / 4, j = kb % 4;
-  const uint8_t byte = w[p * Kp * 8 + b * block * 8 + gp * 64 + c * 4 + j];
-  return hi ? (byte >> 4) : (byte & 0x0F);
+  const packed::NibbleAt at = packed::qb4w_at(Kp, block, n, k);
+  return at.high ? (w[at.byte] >> 4) : (w[at.byte] & 0x0F);
 }
 
 }  // namespace
@@ -83,7 +73,7 @@ void ref::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const i
                             size_t a_stride, const float* a_scale, const int32_t* a_bsum,
                             size_t bsum_stride, const uint8_t* w, const float* w_scale,
                             const float* bias, float* y, size_t y_stride) {
-  const size_t nblocks = Kp / block;
+  const size_t nblocks = packed::qb4w_blocks(Kp, block);
   for (size_t m = 0; m < M; ++m) {
     for (size_t n = 0; n < N; ++n) {
       float s = 0.0f;
@@ -98,8 +88,8 @@ void ref::qd8_f32_qb4w_gemm(size_t M, size_t N, size_t Kp, size_t block, const i
         int32_t asum = 0;
         for (size_t c = 0; c < block / kKAlign; ++c)
           asum += a_bsum[m * bsum_stride + b * (block / kKAlign) + c];
-        acc -= 8 * asum;
-        const float ws = w_scale[(n / kNR) * nblocks * kNR + b * kNR + n % kNR];
+        acc -= packed::kQB4WOffset * asum;
+        const float ws = w_scale[packed::qb4w_scale_offset(Kp, block, n, b)];
         s = s + static_cast<float>(acc) * ws;
       }
       float v = s * a_scale[m];
@@ -120,9 +110,8 @@ void ref::f32_gemm(size_t M, size_t N, size_t K, const float* a, size_t a_stride
                    const float* b_packed, const float* bias, float* y, size_t y_stride) {
   for (size_t m = 0; m < M; ++m) {
     for (size_t n = 0; n < N; ++n) {
-      const float* bp = b_packed + (n / kNR) * K * kNR + n % kNR;
       float acc = 0.0f;
-      for (size_t k = 0; k < K; ++k) acc = std::fma(a[m * a_stride + k], bp[k * kNR], acc);
+      for (size_t k = 0; k < K; ++k) acc = std::fma(a[m * a_stride + k], b_packed[packed::f32_offset(K, n, k)], acc);
       if (bias) acc = acc + bias[n];
       y[m * y_stride + n] = acc;
     }
@@ -327,6 +316,55 @@ void ref::softmax_q8(size_t rows, size_t n, size_t Kp, const float* x, size_t x_
 
 void ref::add(size_t n, const float* a, const float* b, float* y) {
   for (size_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+}
+
+void ref::scale_add(size_t n, const float* x, float scale, const float* b, float* y) {
+  for (size_t i = 0; i < n; ++i) y[i] = x[i] * scale + b[i];
+}
+
+namespace {
+
+// The canonical sigmoid (kernels.h): exp of -|z| only, so the softmax's exp_canon (made for
+// arguments <= 0) serves, nothing overflows, and the left tail is e / (1 + e) rather than
+// 1 - something. One division. A NaN z gives a NaN e, so a NaN result; z >= 0 is false for NaN.
+float sigmoid_canon(float z) {
+  const float e = exp_canon(-std::fabs(z));
+  return (z >= 0.0f ? 1.0f : e) / (1.0f + e);
+}
+
+}  // namespace
+
+void ref::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const float* u,
+                 size_t u_stride, float* y, size_t y_stride) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * g_stride;
+    const float* ur = u + r * u_stride;
+    float* yr = y + r * y_stride;
+    for (size_t i = 0; i < n; ++i) yr[i] = (gr[i] * sigmoid_canon(gr[i])) * ur[i];
+  }
+}
+
+void ref::quick_gelu(size_t n, float* x) {
+  for (size_t i = 0; i < n; ++i) x[i] = x[i] * sigmoid_canon(1.702f * x[i]);
+}
+
+void ref::rope(size_t rows, size_t heads, size_t hd, RopeForm form, float* x, size_t x_stride,
+               const float* sin, const float* cos, size_t tab_stride, size_t tab_head_stride) {
+  // Pair (i, j) of a head: y[i] = x[i] c[i] - x[j] s[i], y[j] = x[j] c[j] + x[i] s[j].
+  const size_t half = hd / 2;
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t h = 0; h < heads; ++h) {
+      float* xh = x + r * x_stride + h * hd;
+      const float* s = sin + r * tab_stride + h * tab_head_stride;
+      const float* c = cos + r * tab_stride + h * tab_head_stride;
+      for (size_t p = 0; p < half; ++p) {
+        const size_t i = form == RopeForm::kInterleaved ? 2 * p : p;
+        const size_t j = form == RopeForm::kInterleaved ? 2 * p + 1 : p + half;
+        const float xi = xh[i], xj = xh[j];
+        xh[i] = xi * c[i] - xj * s[i];
+        xh[j] = xj * c[j] + xi * s[j];
+      }
+    }
 }
 
 }  // namespace pyrt

@@ -20,7 +20,8 @@ namespace {
 #define PYRT_TABLE(name, base, gemms)                                                         \
   KernelTable {                                                                               \
     name, base::quantize_rows, base::absmax, gemms::qd8_f32_qc8w_gemm, gemms::qd8_f32_qb4w_gemm, \
-        base::f32_gemm, base::layernorm, base::softmax, base::softmax_q8, base::gelu, base::add  \
+        base::f32_gemm, base::layernorm, base::softmax, base::softmax_q8, base::gelu, base::add, \
+        base::scale_add, base::swiglu, base::quick_gelu, base::rope                              \
   }
 
 constexpr KernelTable kRef = PYRT_TABLE("ref", ref, ref);

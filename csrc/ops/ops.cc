@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../kernels/packed_layout.h"
 #include "../runtime_limits.h"
 #include "threadpool.h"
 
@@ -50,7 +51,7 @@ void check_integer_weights(int bits, size_t K, size_t block) {
   check(K <= kMaxK, "integer layers need K <= " + std::to_string(kMaxK) + " (exact int32 accumulation), got K=" +
                         std::to_string(K));
   if (bits == 8) return;
-  const size_t most = round_up(std::max<size_t>(K, 1), kKAlign);
+  const size_t most = packed::qc8w_kp(K);  // a larger block only pads
   check(block > 0 && block % kKAlign == 0 && block <= most,
         "int4 block size must be a positive multiple of 32 and at most K rounded up to 32 (" + std::to_string(most) +
             "), got " + std::to_string(block));
@@ -101,10 +102,9 @@ QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_
   w.bits = 8;
   w.N = N;
   w.K = K;
-  w.Kp = round_up(std::max<size_t>(K, 1), kKAlign);
-  const size_t panels = num_panels(N);
-  w.q8.resize(panels * w.Kp * kNR);
-  w.scales.resize(panels * kNR);
+  w.Kp = packed::qc8w_kp(K);
+  w.q8.resize(packed::qc8w_bytes(N, w.Kp));
+  w.scales.resize(packed::qc8w_scale_count(N));
   std::vector<int8_t> padded(N * w.Kp, 0);
   for (size_t n = 0; n < N; ++n) {
     w.scales[n] = scales[n];
@@ -117,14 +117,14 @@ QuantizedWeights pack_qc8w(const int8_t* q, const float* scales, size_t N, size_
 void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_t* out) {
   const size_t panels = num_panels(N), groups = Kp / kKGroup;
   for (size_t p = 0; p < panels; ++p) {
-    int8_t* panel = out + p * Kp * kNR;
+    int8_t* panel = out + p * packed::qc8w_panel_bytes(Kp);
     const size_t c_end = std::min(kNR, N - p * kNR);
-    if (c_end < kNR) std::memset(panel, 0, Kp * kNR);
+    if (c_end < kNR) std::memset(panel, 0, packed::qc8w_panel_bytes(Kp));
     for (size_t c = 0; c < c_end; ++c) {
       const int8_t* row = q + (p * kNR + c) * q_stride;
       // One 4-byte k-group at a time: the layout interleaves the 16 channels' groups.
       for (size_t g = 0; g < groups; ++g)
-        std::memcpy(panel + g * kNR * kKGroup + c * kKGroup, row + g * kKGroup, kKGroup);
+        std::memcpy(panel + packed::qc8w_group_offset(g, c), row + g * kKGroup, kKGroup);
     }
   }
 }
@@ -137,21 +137,21 @@ QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_
   w.N = N;
   w.K = K;
   w.block = block;
-  w.Kp = round_up(std::max<size_t>(K, 1), block);
-  const size_t panels = num_panels(N), nb = w.Kp / block, nb_src = ceil_div(K, block);
-  w.q4.resize(panels * w.Kp * kNR / 2);
-  std::fill(w.q4.data(), w.q4.data() + w.q4.size(), uint8_t{0x88});  // padding encodes zero
-  w.scales.resize(panels * nb * kNR);
+  w.Kp = packed::qb4w_kp(K, block);
+  const size_t nb_src = ceil_div(K, block);
+  w.q4.resize(packed::qb4w_bytes(N, w.Kp));
+  std::fill(w.q4.data(), w.q4.data() + w.q4.size(), packed::kQB4WZeroByte);
+  w.scales.resize(packed::qb4w_scale_count(N, w.Kp, block));
   for (size_t n = 0; n < N; ++n) {
-    const size_t p = n / kNR, c = n % kNR;
-    for (size_t b = 0; b < nb_src; ++b) w.scales[p * nb * kNR + b * kNR + c] = scales[n * nb_src + b];
+    for (size_t b = 0; b < nb_src; ++b)
+      w.scales[packed::qb4w_scale_offset(w.Kp, block, n, b)] = scales[n * nb_src + b];
     for (size_t k = 0; k < K; ++k) {
       const int v = q[n * K + k];
       if (v < -8 || v > 7) throw std::invalid_argument("int4 weight out of range [-8, 7]");
-      const size_t b = k / block, kb = k % block, gp = kb / 8, hi = (kb % 8) / 4, j = kb % 4;
-      uint8_t& byte = w.q4[p * w.Kp * 8 + b * block * 8 + gp * 64 + c * 4 + j];
-      const uint8_t nib = static_cast<uint8_t>(v + 8);
-      byte = hi ? uint8_t((byte & 0x0F) | (nib << 4)) : uint8_t((byte & 0xF0) | nib);
+      const packed::NibbleAt at = packed::qb4w_at(w.Kp, block, n, k);
+      uint8_t& byte = w.q4[at.byte];
+      const uint8_t nib = static_cast<uint8_t>(v + packed::kQB4WOffset);
+      byte = at.high ? uint8_t((byte & 0x0F) | (nib << 4)) : uint8_t((byte & 0xF0) | nib);
     }
   }
   return w;
@@ -163,7 +163,7 @@ QuantizedWeights pack_f32(const float* wt, size_t N, size_t K) {
   w.N = N;
   w.K = K;
   w.Kp = K;
-  w.f32.resize(num_panels(N) * kNR * K);
+  w.f32.resize(packed::f32_floats(N, K));
   pack_f32_b(wt, K, N, K, /*b_is_nk=*/true, w.f32.data());
   return w;
 }
@@ -172,20 +172,18 @@ void unpack_weights(const QuantizedWeights& w, int8_t* q, float* scales) {
   const size_t N = w.N, K = w.K;
   if (w.bits == 8) {
     for (size_t n = 0; n < N; ++n) {
-      const size_t p = n / kNR, c = n % kNR;
       scales[n] = w.scales[n];
-      for (size_t k = 0; k < K; ++k)
-        q[n * K + k] = w.q8[p * w.Kp * kNR + (k / kKGroup) * kNR * kKGroup + c * kKGroup + k % kKGroup];
+      for (size_t k = 0; k < K; ++k) q[n * K + k] = w.q8[packed::qc8w_offset(w.Kp, n, k)];
     }
   } else if (w.bits == 4) {
-    const size_t nb = w.Kp / w.block, nb_src = ceil_div(K, w.block);
+    const size_t nb_src = ceil_div(K, w.block);
     for (size_t n = 0; n < N; ++n) {
-      const size_t p = n / kNR, c = n % kNR;
-      for (size_t b = 0; b < nb_src; ++b) scales[n * nb_src + b] = w.scales[p * nb * kNR + b * kNR + c];
+      for (size_t b = 0; b < nb_src; ++b)
+        scales[n * nb_src + b] = w.scales[packed::qb4w_scale_offset(w.Kp, w.block, n, b)];
       for (size_t k = 0; k < K; ++k) {
-        const size_t b = k / w.block, kb = k % w.block, gp = kb / 8, hi = (kb % 8) / 4, j = kb % 4;
-        const uint8_t byte = w.q4[p * w.Kp * 8 + b * w.block * 8 + gp * 64 + c * 4 + j];
-        q[n * K + k] = static_cast<int8_t>((hi ? byte >> 4 : byte & 0x0F) - 8);
+        const packed::NibbleAt at = packed::qb4w_at(w.Kp, w.block, n, k);
+        const uint8_t byte = w.q4[at.byte];
+        q[n * K + k] = static_cast<int8_t>((at.high ? byte >> 4 : byte & 0x0F) - packed::kQB4WOffset);
       }
     }
   } else {
@@ -197,7 +195,7 @@ void dequantize_weights(const QuantizedWeights& w, float* out) {
   const size_t N = w.N, K = w.K;
   if (w.bits == 32) {
     for (size_t n = 0; n < N; ++n)
-      for (size_t k = 0; k < K; ++k) out[n * K + k] = w.f32[(n / kNR) * K * kNR + k * kNR + n % kNR];
+      for (size_t k = 0; k < K; ++k) out[n * K + k] = w.f32[packed::f32_offset(K, n, k)];
     return;
   }
   std::vector<int8_t> q(N * K);
@@ -218,7 +216,7 @@ void QuantizedActs::reshape(size_t m, size_t k, size_t kp) {
   q.reserve_scratch(m * kp);
   scale.reserve_scratch(m);
   inv_scale.reserve_scratch(m);
-  bsum.reserve_scratch(m * (kp / kKAlign));
+  bsum.reserve_scratch(m * packed::act_bsums(kp));
 }
 
 void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, size_t x_stride,
@@ -246,29 +244,29 @@ void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, si
   const size_t rows_per_task = ceil_div(M, task_count(M * K, kMinTaskElems, ctx.threads));
   ThreadPool::global().run(ceil_div(M, rows_per_task), ctx.threads, [&](size_t t) {
     const size_t r0 = t * rows_per_task, r1 = std::min(M, r0 + rows_per_task);
+    const size_t bs = packed::act_bsums(Kp);
     ctx.kt->quantize_rows(r1 - r0, K, Kp, x + r0 * x_stride, x_stride, out.inv_scale.data() + r0,
-                          qmax, out.q.data() + r0 * Kp, Kp, out.bsum.data() + r0 * (Kp / kKAlign),
-                          Kp / kKAlign);
+                          qmax, out.q.data() + r0 * Kp, Kp, out.bsum.data() + r0 * bs, bs);
   });
 }
 
 void gemm_q(const RunContext& ctx, const QuantizedActs& a, const QuantizedWeights& w,
             const float* bias, float* y, size_t y_stride) {
   check(a.Kp == w.Kp, "gemm_q: activation and weight padding differ");
-  const size_t bs = a.Kp / kKAlign;
+  const size_t bs = packed::act_bsums(a.Kp);
   parallel_tiles(ctx, a.M, num_panels(w.N), a.Kp, kMinTaskMacsInt, [&](size_t m0, size_t m1, size_t p0, size_t p1) {
     const size_t n0 = p0 * kNR, n = std::min(w.N, p1 * kNR) - n0;
     const float* b = bias ? bias + n0 : nullptr;
     float* yt = y + m0 * y_stride + n0;
     if (w.bits == 8) {
       ctx.kt->qd8_f32_qc8w_gemm(m1 - m0, n, w.Kp, a.q.data() + m0 * a.Kp, a.Kp,
-                                a.scale.data() + m0, w.q8.data() + p0 * w.Kp * kNR,
+                                a.scale.data() + m0, w.q8.data() + p0 * packed::qc8w_panel_bytes(w.Kp),
                                 w.scales.data() + n0, b, yt, y_stride);
     } else {
       ctx.kt->qd8_f32_qb4w_gemm(m1 - m0, n, w.Kp, w.block, a.q.data() + m0 * a.Kp, a.Kp,
                                 a.scale.data() + m0, a.bsum.data() + m0 * bs, bs,
-                                w.q4.data() + p0 * w.Kp * 8,
-                                w.scales.data() + p0 * (w.Kp / w.block) * kNR, b, yt, y_stride);
+                                w.q4.data() + p0 * packed::qb4w_panel_bytes(w.Kp),
+                                w.scales.data() + p0 * packed::qb4w_panel_scales(w.Kp, w.block), b, yt, y_stride);
     }
   });
 }
@@ -278,19 +276,17 @@ void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* 
               size_t y_stride) {
   parallel_tiles(ctx, M, num_panels(N), K, kMinTaskMacsF32, [&](size_t m0, size_t m1, size_t p0, size_t p1) {
     const size_t n0 = p0 * kNR, n = std::min(N, p1 * kNR) - n0;
-    ctx.kt->f32_gemm(m1 - m0, n, K, a + m0 * a_stride, a_stride, b_packed + p0 * K * kNR,
+    ctx.kt->f32_gemm(m1 - m0, n, K, a + m0 * a_stride, a_stride, b_packed + p0 * packed::f32_panel_floats(K),
                      bias ? bias + n0 : nullptr, y + m0 * y_stride + n0, y_stride);
   });
 }
 
 void pack_f32_b(const float* b, size_t K, size_t N, size_t ld, bool b_is_nk, float* out) {
-  const size_t panels = num_panels(N);
-  for (size_t p = 0; p < panels; ++p)
+  // Panel by panel, k by k: the writes are sequential (this packs K and V per image and head).
+  for (size_t p = 0; p < num_panels(N); ++p)
     for (size_t k = 0; k < K; ++k)
-      for (size_t c = 0; c < kNR; ++c) {
-        const size_t n = p * kNR + c;
-        out[p * K * kNR + k * kNR + c] = n < N ? (b_is_nk ? b[n * ld + k] : b[k * ld + n]) : 0.0f;
-      }
+      for (size_t n = p * kNR; n < (p + 1) * kNR; ++n)
+        out[packed::f32_offset(K, n, k)] = n < N ? (b_is_nk ? b[n * ld + k] : b[k * ld + n]) : 0.0f;
 }
 
 void linear(const RunContext& ctx, const float* x, size_t M, size_t x_stride,
@@ -302,6 +298,32 @@ void linear(const RunContext& ctx, const float* x, size_t M, size_t x_stride,
   }
   quantize_acts(ctx, x, M, w.K, x_stride, w.Kp, act_bits, mode, act_scales, scratch);
   gemm_q(ctx, scratch, w, bias, y, y_stride);
+}
+
+void attention_softmax(const KernelTable& kt, size_t rows, size_t T, float scale, const float* bias,
+                       size_t bias_stride, float* s, size_t s_stride) {
+  if (!bias) {
+    kt.softmax(rows, T, scale, s, s_stride);
+    return;
+  }
+  for (size_t r = 0; r < rows; ++r) kt.scale_add(T, s + r * s_stride, scale, bias + r * bias_stride, s + r * s_stride);
+  kt.softmax(rows, T, 1.0f, s, s_stride);
+}
+
+void attend_f32(const KernelTable& kt, size_t rows, size_t T, size_t dh, const float* q, size_t q_stride,
+                const float* k_packed, const float* v_packed, float scale, const float* bias,
+                size_t bias_stride, float* scores, float* o, size_t o_stride) {
+  kt.f32_gemm(rows, T, dh, q, q_stride, k_packed, nullptr, scores, T);
+  attention_softmax(kt, rows, T, scale, bias, bias_stride, scores, T);
+  kt.f32_gemm(rows, dh, T, scores, T, v_packed, nullptr, o, o_stride);
+}
+
+void apply_rope(const KernelTable& kt, size_t T, size_t prefix, size_t heads, size_t hd, RopeForm form,
+                float* x, size_t x_stride, const float* sin, const float* cos, bool per_head) {
+  check(hd % 2 == 0, "rope: head_dim must be even, got " + std::to_string(hd));
+  if (prefix >= T) return;
+  const size_t n = T - prefix;
+  kt.rope(n, heads, hd, form, x + prefix * x_stride, x_stride, sin, cos, hd, per_head ? n * hd : 0);
 }
 
 }  // namespace pyrt

@@ -46,7 +46,7 @@ QuantizedWeights pack_qb4w(const int8_t* q, const float* scales, size_t N, size_
 QuantizedWeights pack_f32(const float* w, size_t N, size_t K);
 
 // Pack N rows of int8 weights already padded with zeros to Kp (a multiple of kKAlign; row
-// stride q_stride) into the qc8w layout at `out` (num_panels(N)*kNR*Kp bytes, padding
+// stride q_stride) into the qc8w layout at `out` (packed::qc8w_bytes(N, Kp) bytes, padding
 // channels zeroed). pack_qc8w uses it at load time; int8 attention packs K and V per image.
 void pack_qc8w_rows(const int8_t* q, size_t q_stride, size_t N, size_t Kp, int8_t* out);
 
@@ -82,7 +82,7 @@ struct RunContext {
 
 // Quantise x [M x K] to `bits` (4..8) in int8 storage. kDynamicTensor: one scale max|x|/qmax;
 // kDynamicRow: one per row; kGiven: `scales` holds one per row. A zero scale quantises to 0.
-// Kp: the padded width, round_up(K, kKAlign) or round_up(K, block) for int4 weights.
+// Kp: the padded width, packed::qc8w_kp(K), or packed::qb4w_kp(K, block) for int4 weights.
 void quantize_acts(const RunContext& ctx, const float* x, size_t M, size_t K, size_t x_stride,
                    size_t Kp, int bits, ScaleMode mode, const float* scales, QuantizedActs& out);
 
@@ -102,7 +102,34 @@ void gemm_f32(const RunContext& ctx, size_t M, size_t N, size_t K, const float* 
               size_t y_stride);
 
 // Pack B for gemm_f32. b_is_nk: source holds B^T as [N x K] rows (stride ld), else B as
-// [K x N] rows (stride ld). out must hold num_panels(N)*16*K floats.
+// [K x N] rows (stride ld). out must hold packed::f32_floats(N, K) floats.
 void pack_f32_b(const float* b, size_t K, size_t N, size_t ld, bool b_is_nk, float* out);
+
+// ---- Attention and the position encodings of the newer ViT families (per head, no graph).
+
+// In place: softmax(s * scale + bias) over `rows` rows of T scores (row stride s_stride).
+// bias null: the softmax kernel's own softmax(s * scale), bit-identical to the attention before
+// biases existed. Otherwise bias holds rows x T additive terms (row stride bias_stride: BEiT's
+// relative position bias or vit_relpos's for one head), added to the rounded product s * scale
+// (PyTorch's order) by scale_add, then softmax with scale 1, which is exact.
+void attention_softmax(const KernelTable& kt, size_t rows, size_t T, float scale, const float* bias,
+                       size_t bias_stride, float* s, size_t s_stride);
+
+// One head's fp32 attention of `rows` query rows against T keys:
+//   o = softmax(q . K^T * scale + bias) . V
+// k_packed: K^T packed by pack_f32_b(k, dh, T, k_stride, /*b_is_nk=*/true) (f32_floats(T, dh)
+// floats); v_packed: V by pack_f32_b(v, T, dh, v_stride, false). bias as attention_softmax's.
+// scores: rows x T floats of scratch. Runs on the calling thread (callers split heads and rows).
+void attend_f32(const KernelTable& kt, size_t rows, size_t T, size_t dh, const float* q, size_t q_stride,
+                const float* k_packed, const float* v_packed, float scale, const float* bias,
+                size_t bias_stride, float* scores, float* o, size_t o_stride);
+
+// Rotary position embedding (kernels.h's RopeFn) of `heads` heads of hd values in each of T
+// token rows of x (row stride x_stride; a q or k slice of a qkv row), in place; the first
+// `prefix` tokens (class, registers) are left as they are, as timm's Eva does. sin/cos hold
+// the T - prefix patch tokens' tables, timm's layout: [T - prefix, hd] shared by every head
+// (per_head false, 'cat' RoPE), or [heads, T - prefix, hd] ('mixed' RoPE).
+void apply_rope(const KernelTable& kt, size_t T, size_t prefix, size_t heads, size_t hd, RopeForm form,
+                float* x, size_t x_stride, const float* sin, const float* cos, bool per_head);
 
 }  // namespace pyrt

@@ -27,6 +27,7 @@
 #include "cpu/cpu.h"
 #include "cpu/isas.h"
 #include "kernels/kernels.h"
+#include "kernels/packed_layout.h"
 #include "ops/ops.h"
 #include "ops/threadpool.h"
 
@@ -165,7 +166,7 @@ void test_f32_gemm(const KernelTable& kt, size_t M, size_t N, size_t K, unsigned
   for (auto& v : a) v = r.f(-1, 1);
   for (auto& v : b) v = r.f(-1, 1);
   for (auto& v : bias) v = r.f(-1, 1);
-  std::vector<float> bp(num_panels(N) * kNR * K);
+  std::vector<float> bp(packed::f32_floats(N, K));
   pack_f32_b(b.data(), K, N, N, false, bp.data());
   for (int with_bias = 0; with_bias < 2; ++with_bias) {
     const float* bb = with_bias ? bias.data() : nullptr;
@@ -477,7 +478,7 @@ void test_f32_row_invariance(const KernelTable& kt) {
   for (auto& v : a) v = r.f(-1, 1);
   for (auto& v : b) v = r.f(-1, 1);
   for (auto& v : bias) v = r.f(-1, 1);
-  std::vector<float> bp(num_panels(N) * kNR * K), y(M * N), y1(N);
+  std::vector<float> bp(packed::f32_floats(N, K)), y(M * N), y1(N);
   pack_f32_b(b.data(), K, N, N, false, bp.data());
   kt.f32_gemm(M, N, K, a.data(), K, bp.data(), bias.data(), y.data(), N);
   bool same = true;
@@ -569,6 +570,280 @@ void test_dispatch() {
   report(threw, "dispatch: unknown ISA is rejected");
 }
 
+// ---- The kernels of the newer ViT families: SwiGLU, QuickGELU, RoPE, attention bias.
+
+// Fills with values in [lo, hi], and a few extremes where there is room (both signs of zero,
+// large magnitudes, the exp cut-off around -88, a denormal).
+std::vector<float> spread(Rng& r, size_t n, float lo, float hi, bool extremes) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = r.f(lo, hi);
+  if (extremes) {
+    const float special[] = {-0.0f, 0.0f, 88.5f, -88.5f, -87.0f, 100.0f, -100.0f, 3e4f, -3e4f, 1e30f, -1e30f, 1e-40f};
+    for (size_t i = 0; i < std::size(special) && 3 * i + 1 < n; ++i) v[3 * i + 1] = special[i];
+  }
+  return v;
+}
+
+// swiglu and quick_gelu, bit-exact against ref, on rows of n, the gate and value halves of one
+// packed [rows x 2n] buffer (as SwiGLUPacked's fc1 writes them), out of place and in place.
+void test_gated(const KernelTable& kt, size_t rows, size_t n, float lo, float hi, bool extremes, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const std::vector<float> x = spread(r, rows * 2 * n, lo, hi, extremes);
+  char extra[64];
+  std::snprintf(extra, sizeof extra, " range [%g, %g]%s", lo, hi, extremes ? " + extremes" : "");
+  std::vector<float> y(rows * n), y_ref(rows * n);
+  kt.swiglu(rows, n, x.data(), 2 * n, x.data() + n, 2 * n, y.data(), n);
+  ref.swiglu(rows, n, x.data(), 2 * n, x.data() + n, 2 * n, y_ref.data(), n);
+  report(same_bits(y, y_ref), shape(kt.name, "swiglu", rows, n, 0, extra));
+  std::vector<float> inplace = x;  // y over the gate half, same stride
+  kt.swiglu(rows, n, inplace.data(), 2 * n, inplace.data() + n, 2 * n, inplace.data(), 2 * n);
+  bool ok = true;
+  for (size_t i = 0; i < rows; ++i)
+    ok = ok && std::memcmp(inplace.data() + i * 2 * n, y_ref.data() + i * n, n * sizeof(float)) == 0;
+  report(ok, shape(kt.name, "swiglu in place", rows, n, 0, extra));
+  std::vector<float> q = x, q_ref = x;
+  kt.quick_gelu(q.size(), q.data());
+  ref.quick_gelu(q_ref.size(), q_ref.data());
+  report(same_bits(q, q_ref), shape(kt.name, "quick_gelu", rows, 2 * n, 0, extra));
+}
+
+// The RoPE formula of kernels.h written out independently: rot(x) built as timm builds it
+// (pairs (2i, 2i+1), or halves), then x * cos + rot(x) * sin per element.
+std::vector<float> rope_formula(const std::vector<float>& x, size_t rows, size_t heads, size_t hd, RopeForm form,
+                                const std::vector<float>& s, const std::vector<float>& c, size_t tab_head_stride) {
+  std::vector<float> y = x, rot(hd);
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t h = 0; h < heads; ++h) {
+      const float* xh = x.data() + (r * heads + h) * hd;
+      const size_t t = r * hd * (tab_head_stride ? heads : 1) + h * tab_head_stride;
+      for (size_t i = 0; i < hd; ++i) {
+        if (form == RopeForm::kInterleaved)
+          rot[i] = i % 2 == 0 ? -xh[i + 1] : xh[i - 1];
+        else
+          rot[i] = i < hd / 2 ? -xh[i + hd / 2] : xh[i - hd / 2];
+      }
+      for (size_t i = 0; i < hd; ++i) y[(r * heads + h) * hd + i] = xh[i] * c[t + i] + rot[i] * s[t + i];
+    }
+  return y;
+}
+
+void test_rope(const KernelTable& kt, size_t rows, size_t heads, size_t hd, RopeForm form, bool per_head,
+               unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const std::vector<float> x = spread(r, rows * heads * hd, -8, 8, seed % 3 == 0);
+  const size_t tab_rows = rows * (per_head ? heads : 1);
+  std::vector<float> s(tab_rows * hd), c(tab_rows * hd);
+  for (size_t i = 0; i < s.size(); ++i) {
+    const float a = r.f(-100, 100);
+    s[i] = std::sin(a);
+    c[i] = std::cos(a);
+  }
+  const size_t ths = per_head ? hd : 0, ts = hd * (per_head ? heads : 1);
+  std::vector<float> y = x, y_ref = x;
+  kt.rope(rows, heads, hd, form, y.data(), heads * hd, s.data(), c.data(), ts, ths);
+  ref.rope(rows, heads, hd, form, y_ref.data(), heads * hd, s.data(), c.data(), ts, ths);
+  char extra[64];
+  std::snprintf(extra, sizeof extra, " heads %zu %s%s", heads, form == RopeForm::kHalf ? "half" : "interleaved",
+                per_head ? " per-head tables" : "");
+  report(same_bits(y, y_ref), shape(kt.name, "rope", rows, hd, 0, extra));
+  if (std::string(kt.name) == "ref")
+    report(same_nan_pattern(y_ref.data(), rope_formula(x, rows, heads, hd, form, s, c, ths).data(), y.size()),
+           shape("ref", "rope = x cos + rot(x) sin", rows, hd, 0, extra));
+}
+
+// scale_add, and the attention-bias softmax it serves: softmax(scale_add(x, scale, bias), 1).
+void test_scale_add(const KernelTable& kt, size_t rows, size_t n, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const std::vector<float> x = spread(r, rows * n, -30, 30, false), b = spread(r, rows * n, -5, 5, false);
+  for (float scale : {0.125f, 0.0883883476f, -0.5f}) {
+    std::vector<float> y(x.size()), y_ref(x.size());
+    kt.scale_add(x.size(), x.data(), scale, b.data(), y.data());
+    ref.scale_add(x.size(), x.data(), scale, b.data(), y_ref.data());
+    bool ok = same_bits(y, y_ref);
+    for (size_t i = 0; i < x.size(); ++i) ok = ok && y_ref[i] == x[i] * scale + b[i];
+    report(ok, shape(kt.name, "scale_add", rows, n, 0, (" scale " + std::to_string(scale)).c_str()));
+    kt.softmax(rows, n, 1.0f, y.data(), n);
+    ref.softmax(rows, n, 1.0f, y_ref.data(), n);
+    report(same_bits(y, y_ref), shape(kt.name, "softmax with bias", rows, n, 0, (" scale " + std::to_string(scale)).c_str()));
+  }
+}
+
+// ref's sigmoid-based kernels against double: silu(g) u and x sigmoid(1.702 x) within
+// 1e-6 relative (the canonical sigmoid's error is < 5e-7, two roundings more), plus 2e-36
+// absolute: exp_canon is 0 below -87.68 (its 2^n is cut at n = -127), so x sigmoid(x) is 0
+// where the exact value is below |x| 2^-126 ~ 1.1e-36 (PyTorch keeps those tiny normals).
+void test_gated_accuracy() {
+  const KernelTable& ref = *ref_kernels();
+  std::vector<float> g;
+  for (int k = -100 * 256; k <= 100 * 256; ++k) g.push_back(float(k) / 256.0f);
+  for (float v = 1e-30f; v < 1.0f; v *= 1.01f) g.push_back(v), g.push_back(-v);
+  const std::vector<float> u(g.size(), 1.0f);
+  std::vector<float> y(g.size());
+  ref.swiglu(1, g.size(), g.data(), 0, u.data(), 0, y.data(), 0);
+  std::vector<float> q = g;
+  ref.quick_gelu(q.size(), q.data());
+  bool ok_s = true, ok_q = true;
+  double worst_s = 0, worst_q = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double x = g[i];
+    const double silu = x / (1.0 + std::exp(-x));
+    const double z = double(1.702f * g[i]);
+    const double qg = x / (1.0 + std::exp(-z));
+    const double es = std::fabs(y[i] - silu), eq = std::fabs(q[i] - qg);
+    if (!(es <= 1e-6 * std::fabs(silu) + 2e-36) && ok_s) std::printf("silu(%.9g) = %.9g, want %.9g\n", x, y[i], silu);
+    if (!(eq <= 1e-6 * std::fabs(qg) + 2e-36) && ok_q) std::printf("quick_gelu(%.9g) = %.9g, want %.9g\n", x, q[i], qg);
+    ok_s = ok_s && es <= 1e-6 * std::fabs(silu) + 2e-36;
+    ok_q = ok_q && eq <= 1e-6 * std::fabs(qg) + 2e-36;
+    if (std::fabs(silu) > 1e-30) worst_s = std::max(worst_s, es / std::fabs(silu));
+    if (std::fabs(qg) > 1e-30) worst_q = std::max(worst_q, eq / std::fabs(qg));
+  }
+  char w[96];
+  std::snprintf(w, sizeof w, " (worst relative %.2e)", worst_s);
+  report(ok_s, std::string("ref swiglu accuracy, silu on [-100, 100]") + w);
+  std::snprintf(w, sizeof w, " (worst relative %.2e)", worst_q);
+  report(ok_q, std::string("ref quick_gelu accuracy on [-100, 100]") + w);
+}
+
+// Non-finite input: NaN in, NaN out at that element only, the other bits as ref's; the
+// infinities as PyTorch gives them (silu(+inf) = +inf, silu(-inf) = NaN, likewise QuickGELU).
+// RoPE: a NaN x poisons its own pair only; a NaN sin/cos the elements that use it.
+void test_newops_nonfinite(const KernelTable& kt, size_t n, float special, size_t at, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const size_t rows = 3;
+  std::vector<float> x(rows * 2 * n);
+  for (auto& v : x) v = r.f(-4, 4);
+  char extra[80];
+  std::snprintf(extra, sizeof extra, " special 0x%08x at %zu", to_bits(special), at);
+  auto what = [&](const char* op) { return shape(kt.name, op, rows, n, 0, extra); };
+  const bool nan = std::isnan(special);
+  // in the gate of row 1, then in the value of row 1
+  for (int in_value = 0; in_value < 2; ++in_value) {
+    std::vector<float> xs = x;
+    const size_t pos = 2 * n + (in_value ? n : 0) + at;
+    xs[pos] = special;
+    std::vector<float> y(rows * n), y_ref(rows * n);
+    kt.swiglu(rows, n, xs.data(), 2 * n, xs.data() + n, 2 * n, y.data(), n);
+    ref.swiglu(rows, n, xs.data(), 2 * n, xs.data() + n, 2 * n, y_ref.data(), n);
+    bool ok = same_nan_pattern(y.data(), y_ref.data(), y.size());
+    for (size_t i = 0; i < y.size(); ++i) ok = ok && (std::isnan(y[i]) == (i == n + at && (nan || (!in_value && special < 0) || (in_value && xs[2 * n + at] == 0))));
+    if (special == INFINITY && !in_value) ok = ok && std::isinf(y[n + at]);
+    report(ok, what(in_value ? "swiglu (special value)" : "swiglu (special gate)"));
+    std::vector<float> q = xs, q_ref = xs;
+    kt.quick_gelu(q.size(), q.data());
+    ref.quick_gelu(q_ref.size(), q_ref.data());
+    ok = same_nan_pattern(q.data(), q_ref.data(), q.size());
+    for (size_t i = 0; i < q.size(); ++i) ok = ok && std::isnan(q[i]) == (i == pos && (nan || special < 0));
+    if (special == INFINITY) ok = ok && q[pos] == INFINITY;
+    report(ok, what("quick_gelu"));
+  }
+  // rope: one head of hd = 2n (even), the special in x of row 1
+  const size_t hd = 2 * n;
+  std::vector<float> s(rows * hd), c(rows * hd);
+  for (size_t i = 0; i < s.size(); ++i) s[i] = std::sin(float(i)), c[i] = std::cos(float(i));
+  for (RopeForm form : {RopeForm::kInterleaved, RopeForm::kHalf}) {
+    std::vector<float> y = x;
+    y[hd + at] = special;
+    std::vector<float> y_ref = y;
+    kt.rope(rows, 1, hd, form, y.data(), hd, s.data(), c.data(), hd, 0);
+    ref.rope(rows, 1, hd, form, y_ref.data(), hd, s.data(), c.data(), hd, 0);
+    const size_t partner = form == RopeForm::kInterleaved ? (at ^ 1) : (at < n ? at + n : at - n);
+    bool ok = same_nan_pattern(y.data(), y_ref.data(), y.size());
+    if (nan)
+      for (size_t i = 0; i < y.size(); ++i) ok = ok && std::isnan(y[i]) == (i == hd + at || i == hd + partner);
+    report(ok, what(form == RopeForm::kHalf ? "rope half" : "rope interleaved"));
+  }
+}
+
+// ops.cc's attention op: without a bias exactly the sequence the executor ran before biases
+// existed (f32_gemm, softmax(s, scale), f32_gemm); with one, every ISA equals ref bit for bit
+// and ref is within 1e-5 of softmax(q k^T scale + bias) v in double.
+void test_attend(const KernelTable& kt, size_t Tq, size_t T, size_t dh, unsigned seed) {
+  Rng r(seed);
+  const KernelTable& ref = *ref_kernels();
+  const std::vector<float> q = spread(r, Tq * dh, -2, 2, false), k = spread(r, T * dh, -2, 2, false),
+                           v = spread(r, T * dh, -2, 2, false), bias = spread(r, Tq * T, -3, 3, false);
+  std::vector<float> kp(packed::f32_floats(T, dh)), vp(packed::f32_floats(dh, T));
+  pack_f32_b(k.data(), dh, T, dh, true, kp.data());
+  pack_f32_b(v.data(), T, dh, dh, false, vp.data());
+  const float scale = 1.0f / std::sqrt(float(dh));
+  std::vector<float> s(Tq * T), o(Tq * dh), o_ref(Tq * dh), o_old(Tq * dh);
+  attend_f32(kt, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, nullptr, 0, s.data(), o.data(), dh);
+  kt.f32_gemm(Tq, T, dh, q.data(), dh, kp.data(), nullptr, s.data(), T);
+  kt.softmax(Tq, T, scale, s.data(), T);
+  kt.f32_gemm(Tq, dh, T, s.data(), T, vp.data(), nullptr, o_old.data(), dh);
+  report(same_bits(o, o_old), shape(kt.name, "attend_f32 without bias = the old sequence", Tq, T, dh));
+  attend_f32(kt, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, bias.data(), T, s.data(), o.data(), dh);
+  attend_f32(ref, Tq, T, dh, q.data(), dh, kp.data(), vp.data(), scale, bias.data(), T, s.data(), o_ref.data(), dh);
+  report(same_bits(o, o_ref), shape(kt.name, "attend_f32 with bias", Tq, T, dh));
+  if (std::string(kt.name) != "ref") return;
+  std::vector<float> want(Tq * dh);
+  for (size_t i = 0; i < Tq; ++i) {
+    std::vector<double> p(T);
+    double mx = -INFINITY, sum = 0;
+    for (size_t j = 0; j < T; ++j) {
+      double d = 0;
+      for (size_t c = 0; c < dh; ++c) d += double(q[i * dh + c]) * k[j * dh + c];
+      p[j] = d * scale + bias[i * T + j];
+      mx = std::max(mx, p[j]);
+    }
+    for (size_t j = 0; j < T; ++j) sum += p[j] = std::exp(p[j] - mx);
+    for (size_t c = 0; c < dh; ++c) {
+      double acc = 0;
+      for (size_t j = 0; j < T; ++j) acc += p[j] / sum * v[j * dh + c];
+      want[i * dh + c] = float(acc);
+    }
+  }
+  report(close(o_ref, want, 1e-5, 1e-5), shape("ref", "attend_f32 with bias accuracy", Tq, T, dh));
+}
+
+// apply_rope leaves the prefix tokens alone and rotates the rest with the tables' rows from 0.
+void test_apply_rope(const KernelTable& kt, size_t T, size_t prefix, size_t heads, size_t hd, bool per_head,
+                     unsigned seed) {
+  Rng r(seed);
+  const size_t D = heads * hd, n = T - prefix;
+  const std::vector<float> x = spread(r, T * 3 * D, -3, 3, false);  // a qkv buffer: rotate k
+  std::vector<float> s = spread(r, (per_head ? heads : 1) * n * hd, -1, 1, false), c = s;
+  for (auto& v : c) v = std::sqrt(1 - v * v);
+  std::vector<float> y = x;
+  apply_rope(kt, T, prefix, heads, hd, RopeForm::kHalf, y.data() + D, 3 * D, s.data(), c.data(), per_head);
+  bool ok = std::memcmp(y.data(), x.data(), (prefix * 3 * D + D) * sizeof(float)) == 0;
+  std::vector<float> want = x;
+  for (size_t t = prefix; t < T; ++t)
+    ref_kernels()->rope(1, heads, hd, RopeForm::kHalf, want.data() + t * 3 * D + D, 0, s.data() + (t - prefix) * hd,
+                        c.data() + (t - prefix) * hd, 0, per_head ? n * hd : 0);
+  ok = ok && same_bits(y, want);
+  report(ok, shape(kt.name, "apply_rope prefix", T, prefix, hd, per_head ? " per-head" : ""));
+}
+
+void test_newops(const KernelTable& kt, unsigned& seed) {
+  for (size_t n = 1; n <= 17; ++n) test_gated(kt, 3, n, -8, 8, n > 5, seed++);
+  for (size_t n : {31, 32, 33, 63, 64, 65, 197, 768, 1025}) test_gated(kt, 2, n, -8, 8, true, seed++);
+  test_gated(kt, 2, 300, -100, 100, false, seed++);  // both exp tails, past the -88 cut
+  test_gated(kt, 2, 300, -1e-3f, 1e-3f, false, seed++);
+  for (size_t hd : {2, 4, 6, 8, 10, 14, 16, 18, 24, 30, 32, 34, 64, 66, 80, 128})
+    for (size_t heads : {1, 3})
+      for (RopeForm form : {RopeForm::kInterleaved, RopeForm::kHalf})
+        for (bool per_head : {false, true}) {
+          test_rope(kt, 1, heads, hd, form, per_head, seed++);  // T = 1
+          test_rope(kt, 5, heads, hd, form, per_head, seed++);
+        }
+  test_rope(kt, 196, 3, 64, RopeForm::kInterleaved, false, seed++);  // eva02_tiny's shape
+  test_rope(kt, 196, 3, 64, RopeForm::kHalf, true, seed++);
+  for (size_t n : {1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 50, 197, 257}) test_scale_add(kt, 3, n, seed++);
+  for (size_t T : {1, 2, 17, 50, 197})
+    for (size_t dh : {1, 7, 32, 64}) test_attend(kt, std::min<size_t>(T, 9), T, dh, seed++);
+  for (size_t prefix : {0, 1, 5})
+    for (bool per_head : {false, true}) test_apply_rope(kt, 12, prefix, 3, 10, per_head, seed++);
+  const float specials[] = {from_bits(0x7FC00000u), from_bits(0xFFC00000u), from_bits(0x7F800001u), INFINITY, -INFINITY};
+  for (size_t n : {1, 3, 4, 7, 8, 9, 16, 17, 33})
+    for (float sp : specials)
+      for (size_t at : {size_t(0), n / 2, n - 1}) test_newops_nonfinite(kt, n, sp, at, seed++);
+}
+
 // The ISA list (cpu/isas.h) and the tables tables.cc assembles from it: a table exactly when
 // the ISA is built, named as listed, every kernel set; the composite tables take their base's
 // float kernels and their own integer GEMMs. Fetching any table runs no ISA code (it is
@@ -580,7 +855,8 @@ void test_isa_tables() {
     report((t != nullptr) == isa.built, std::string("isa list: table exactly when built: ") + isa.name);
     if (!t) continue;
     const bool complete = t->quantize_rows && t->absmax && t->qd8_f32_qc8w_gemm && t->qd8_f32_qb4w_gemm &&
-                          t->f32_gemm && t->layernorm && t->softmax && t->softmax_q8 && t->gelu && t->add;
+                          t->f32_gemm && t->layernorm && t->softmax && t->softmax_q8 && t->gelu && t->add &&
+                          t->scale_add && t->swiglu && t->quick_gelu && t->rope;
     report(std::string(t->name) == isa.name && complete, std::string("isa list: table complete: ") + isa.name);
   }
   auto composite = [](const KernelTable* t, const KernelTable* base, const char* what) {
@@ -588,7 +864,8 @@ void test_isa_tables() {
     const bool floats_shared = t->quantize_rows == base->quantize_rows && t->absmax == base->absmax &&
                                t->f32_gemm == base->f32_gemm && t->layernorm == base->layernorm &&
                                t->softmax == base->softmax && t->softmax_q8 == base->softmax_q8 &&
-                               t->gelu == base->gelu && t->add == base->add;
+                               t->gelu == base->gelu && t->add == base->add && t->scale_add == base->scale_add &&
+                               t->swiglu == base->swiglu && t->quick_gelu == base->quick_gelu && t->rope == base->rope;
     const bool own_gemms = t->qd8_f32_qc8w_gemm != base->qd8_f32_qc8w_gemm &&
                            t->qd8_f32_qb4w_gemm != base->qd8_f32_qb4w_gemm;
     report(floats_shared && own_gemms, std::string("isa list: ") + what);
@@ -616,6 +893,7 @@ int main() {
   test_float_accuracy(4, 192, -40, 40, 0, 2001);
   test_float_accuracy(4, 384, -2, 2, 1000, 2002);
   test_gelu_dense();
+  test_gated_accuracy();
   for (const auto& name : available_isas()) {
     const KernelTable& kt = *kernels_for(name);
     for (size_t M = 1; M <= 17; ++M)
@@ -668,6 +946,7 @@ int main() {
     test_nonfinite_all(kt, seed);
     test_threads(kt);
     test_f32_row_invariance(kt);
+    test_newops(kt, seed);
   }
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed ? 1 : 0;
