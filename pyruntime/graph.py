@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from .errors import FormatError
 
-__all__ = ["OP_KINDS", "OP_KEYS", "IMAGE", "Linear", "check_ops", "lower", "ops_of", "infer_shapes", "linears",
+__all__ = ["OP_KINDS", "OP_KEYS", "IMAGE", "Linear", "check_ops", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
            "layer_names", "num_tokens", "op_macs", "weight_shapes", "depth", "tokens_chain", "block_ends"]
 
 IMAGE = "image"  # the program's input: one normalised image [C, H, W]
@@ -360,9 +360,43 @@ def check_ops(ops: Any, max_ops: Optional[int] = None) -> None:
 
 def ops_of(graph: Mapping) -> List[Mapping]:
     """The program of a graph: its ``ops``, or for a graph without them (format 2/3, or one
-    built in memory from ``arch`` and ``exits``) their lowering."""
+    built in memory from ``arch`` and ``exits``) their lowering. ``graph.exits`` says where
+    the exit heads are: a graph whose exits were edited (calibrators re-time a copy without
+    them) gets its exit ops moved to match (:func:`with_exits`)."""
     ops = graph.get("ops")
-    return ops if ops is not None else lower(graph)
+    if ops is None:
+        return lower(graph)
+    return with_exits(ops, [e["block"] for e in graph.get("exits", []) if isinstance(e, Mapping)])
+
+
+def with_exits(ops: List[Mapping], blocks: Sequence[int]) -> List[Mapping]:
+    """``ops`` with exit ops after exactly ``blocks`` (a well-formed program; unchanged when
+    they already are). A new exit pools like the program's own ``pool`` and normalises with
+    the eps of its last LayerNorm, as the lowering does."""
+    have = [op["block"] for op in ops if op["op"] == "exit"]
+    if have == list(blocks):
+        return ops
+    ends = block_ends(ops)
+    template = next((op for op in ops if op["op"] == "exit"), None)
+    if template is None:
+        pool = next(op for op in ops if op["op"] == "pool")
+        eps = [op for op in ops if op["op"] == "layernorm"][-1]["attrs"]["eps"]
+        n = _infer(ops)[ops[-1]["in"][0]][0]
+        attrs = {**pool["attrs"], "eps": eps, "out_features": n}
+    else:
+        attrs = dict(template["attrs"])
+    out: List[Mapping] = []
+    wanted = set(blocks)
+    for i, op in enumerate(ops):
+        if op["op"] == "exit":
+            continue
+        out.append(op)
+        b = op["block"]
+        if b in wanted and ends.get(b) == i:
+            out.append(_op("exit", f"exits.{b}", [op["out"][0]], dict(attrs),
+                           {"norm.weight": f"exits.{b}.norm.weight", "norm.bias": f"exits.{b}.norm.bias",
+                            LAYER: f"exits.{b}.fc"}, b, outs=[f"exits.{b}.logits", f"exits.{b}.features"]))
+    return out
 
 
 def linears(ops: Sequence[Mapping]) -> List[Linear]:
@@ -484,6 +518,33 @@ def _block(i: int, x: str, a: Mapping) -> List[dict]:
         h = f"{p}.ls2"
     ops.append(_op("add", f"{p}.residual2", [f"{p}.residual1", h], block=i))
     return ops
+
+
+def executor_ops(graph: Mapping) -> List[Mapping]:
+    """The program the C++ executor parses (csrc/bindings/executor_bindings.cc): a graph
+    handed straight to it has not been through modelfile's checks, so the sizes the lowering
+    loops over are checked before it runs, with the executor's own messages."""
+    if graph.get("ops") is None:
+        _check_sizes(graph["arch"])
+    return ops_of(graph)
+
+
+def _check_sizes(a: Mapping) -> None:
+    from ._core import limits
+
+    lim = dict(limits())
+    bounds = {"depth": lim["max_depth"], "embed_dim": lim["max_dim"], "mlp_hidden": lim["max_dim"],
+              "num_classes": lim["max_dim"], "in_chans": lim["max_dim"], "num_heads": lim["max_dim"],
+              "reg_tokens": lim["max_tokens"]}
+    sides = {"image height": ("img_size", 0), "image width": ("img_size", 1)}
+    for what, (key, i) in sides.items():
+        v = a[key][i] if isinstance(a.get(key), (list, tuple)) and len(a[key]) == 2 else None
+        if not _is_int(v) or not 0 < v <= lim["max_image_side"]:
+            raise FormatError(f"arch: {what} must be in 1..{lim['max_image_side']}, got {v!r:.40}")
+    for key, most in bounds.items():
+        v = a.get(key)
+        if not _is_int(v) or not (0 if key == "reg_tokens" else 1) <= v <= most:
+            raise FormatError(f"arch: {key} must be in 1..{most}, got {v!r:.40}")
 
 
 def lower(graph: Mapping) -> List[dict]:

@@ -419,8 +419,8 @@ def _op_owner(graph: Mapping) -> Dict[str, Tuple[str, object]]:
     ("layers", [names]), from the graph's op list and the names the executor times them by:
     the patch unfold apart from the patch linear, the token assembly (prefix tokens,
     position embedding, norm_pre) as one "embed", every block op by its name (the attention
-    core as ``<name>.core``; a layer scale inside its residual add), an exit head whole by its
-    name, and everything after the last block as one "head"."""
+    core as ``<name>.core``), an exit head whole by its name, and everything after the last
+    block as one "head" (csrc/bindings/executor_bindings.cc, ``timer_name``)."""
     owner: Dict[str, Tuple[str, object]] = {}
     head: List[str] = []
     seen_block = False
@@ -439,7 +439,7 @@ def _op_owner(graph: Mapping) -> Dict[str, Tuple[str, object]]:
             owner[f"{name}.core"] = ("attention", b)
         elif layer is not None:
             owner[name] = ("layers", [layer])
-        elif kind != "layer_scale":
+        else:
             owner[name] = ("block", b)
     owner["head"] = ("layers", head)
     return owner

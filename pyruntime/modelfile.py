@@ -388,7 +388,7 @@ def _max_ops() -> int:
 def _check_ops_lowering(graph: Mapping) -> None:
     """While the C++ executor runs the plain ViT of ``arch``, a graph's own (well-formed) op
     list must be exactly the lowering of ``arch`` and ``exits``."""
-    ops = graph["ops"]
+    ops = opgraph.ops_of(graph)  # exit ops where graph.exits puts them
     want = opgraph.lower(graph)
     if ops != want:
         i = next((i for i, (a, b) in enumerate(zip(ops, want)) if a != b), min(len(ops), len(want)))

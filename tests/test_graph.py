@@ -234,3 +234,48 @@ def test_writer_adds_the_op_list_without_touching_the_callers_graph(tmp_path):
     write_model(tmp_path / "m.pyrt", g, random_tensors(g), "{}", {})
     assert g == before
     assert read_header(tmp_path / "m.pyrt").graph["ops"] == opgraph.lower(g)
+
+
+# --- the C++ executor runs the op list, not arch -----------------------------------------------
+
+def test_executor_runs_the_programs_ops_not_the_arch():
+    """Given a program that differs from its arch (no final norm, average pooling), the
+    executor follows the ops: it answers as the model whose arch says so."""
+    from pyruntime import _core
+
+    plain = tiny_graph(exits=[{"block": 0, "rule": "confidence", "threshold": 0.6}], layer_scale=True)
+    other = dict(plain, arch=dict(plain["arch"], final_norm=False, global_pool="avg"))
+    t = random_tensors(plain, seed=2)
+    t_other = {k: v for k, v in t.items() if not k.startswith("norm.")}
+    x = _images(plain, n=5)
+    by_arch = _core.Executor(other, t_other).run(x, tokens=True)
+    by_ops = _core.Executor(dict(plain, ops=opgraph.lower(other)), t_other).run(x, tokens=True)
+    for field in ("logits", "exit_block", "bops", "features", "tokens"):
+        np.testing.assert_array_equal(by_ops[field], by_arch[field])
+    assert not np.array_equal(by_ops["logits"], _core.Executor(plain, t).run(x)["logits"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ops: ops[_index(ops, "blocks.0.mlp.gelu")].update(op="swish"), r"op 'blocks.0.mlp.gelu': unknown op kind 'swish'"),
+    (lambda ops: ops[_index(ops, "head")].update({"in": ["pooled"]}), r"op 'head': input tensor 'pooled' is produced by no earlier op"),
+    (lambda ops: ops[_index(ops, "blocks.1.attn")]["attrs"].update(heads=5), r"op 'blocks.1.attn': input width is not 3 x heads"),
+])
+def test_executor_parses_the_op_list_with_clear_errors(edit, message):
+    from pyruntime import _core
+
+    g = tiny_graph()
+    ops = opgraph.lower(g)
+    edit(ops)
+    with pytest.raises(ValueError, match=message):
+        _core.Executor(dict(g, ops=ops), random_tensors(g))
+
+
+def test_profile_names_are_the_latency_tables_ops():
+    """Every op the executor times has a place in the latency table, and nothing else."""
+    from pyruntime import latency
+
+    g = tiny_graph(exits=[{"block": 0, "rule": "confidence", "threshold": 1.0}], layer_scale=True, dist_token=True)
+    ex = pyruntime._core.Executor(g, random_tensors(g))
+    ex.set_profiling(True)
+    ex.run(_images(g, n=2))
+    assert set(ex.profile()) == set(latency._op_owner(g))
