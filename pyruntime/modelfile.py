@@ -386,8 +386,10 @@ def _max_ops() -> int:
 
 
 def _check_ops_lowering(graph: Mapping) -> None:
-    """While the C++ executor runs the plain ViT of ``arch``, a graph's own (well-formed) op
-    list must be exactly the lowering of ``arch`` and ``exits``."""
+    """While the lowering of ``arch`` is the one mapper from a model to ops (and the rest of
+    pyruntime reads ``arch`` for the model's summary: depth, widths, classes), a graph's own
+    well-formed op list must be exactly the lowering of ``arch`` and ``exits``, so that the
+    two can never describe different models."""
     ops = opgraph.ops_of(graph)  # exit ops where graph.exits puts them
     want = opgraph.lower(graph)
     if ops != want:
@@ -395,7 +397,7 @@ def _check_ops_lowering(graph: Mapping) -> None:
         got = f"op #{i} {ops[i].get('name')!r}" if i < len(ops) else f"the end after {len(ops)} ops"
         expect = f"op #{i} {want[i]['name']!r} ({want[i]['op']})" if i < len(want) else "the end"
         raise FormatError(f"graph.ops disagree with graph.arch and graph.exits at {got}: expected {expect}; this "
-                          f"runtime executes the op list of a plain timm VisionTransformer")
+                          f"runtime's files hold the op list of a plain timm VisionTransformer")
 
 
 def _graph_gates(gates: Any) -> Optional[GatePolicy]:
