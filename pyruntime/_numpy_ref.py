@@ -18,8 +18,8 @@ from typing import Mapping, Optional, Tuple
 import numpy as np
 
 from .bops import FP32_BITS
-from .modelfile import (attention_bits, check_graph, check_tensors, graph_layer_shapes, graph_reduced_layers,
-                        num_patches, num_prefix_tokens, unpack_int4)
+from . import graph as opgraph
+from .modelfile import attention_bits, check_graph, check_tensors, graph_layer_shapes, graph_reduced_layers, unpack_int4
 from .policy import GATE_TENSORS
 
 __all__ = ["forward", "gate_path"]
@@ -217,15 +217,24 @@ def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32
 # --- the model ----------------------------------------------------------------------------
 
 class _Model:
-    """Graph + tensors arranged for the forward pass."""
+    """Graph + tensors arranged for the forward pass: the op list, linear layers by name."""
 
     def __init__(self, graph: Mapping, tensors: Mapping[str, np.ndarray]):
         check_graph(graph)
         check_tensors(graph, tensors)
         self.g, self.t, self.a = graph, tensors, graph["arch"]
-        self.eps = float(_F32(self.a["eps"]))
+        self.ops = opgraph.ops_of(graph)
+        self.block_ends = {i: b for b, i in opgraph.block_ends(self.ops).items()}
+        self.block_starts = {}
+        for i, op in enumerate(self.ops):
+            if op["block"] is not None:
+                self.block_starts.setdefault(op["block"], i)
+        self.block_starts = {i: b for b, i in self.block_starts.items()}
+        self.depth = opgraph.depth(self.ops)
+        self.tokens_chain = opgraph.tokens_chain(self.ops)
         self.lin = {name: _load_linear(graph, tensors, name) for name in graph["layers"]}
         self.lo = {name: _load_linear(graph, tensors, f"{name}:lo") for name in graph_reduced_layers(graph)}
+        self.lo_blocks = {op["block"] for op in self.ops if op["weights"].get("layer") in self.lo}
         self.exits = {e["block"]: e for e in graph["exits"]}
         gates = graph.get("gates")
         self.gates = {}
@@ -242,48 +251,120 @@ class _Model:
         self.pred_chunk = pred["chunk"] if pred is not None else 0
         self.attn_bits = attention_bits(graph)
 
-    def norm(self, x: np.ndarray, prefix: str) -> np.ndarray:
-        return _layernorm(x, self.t[f"{prefix}.weight"], self.t[f"{prefix}.bias"], self.eps)
-
-    def patches(self, img: np.ndarray) -> np.ndarray:
-        """[P, C*ph*pw] in (c, i, j) order, patches row-major over the grid."""
-        C, (ph, pw) = self.a["in_chans"], self.a["patch_size"]
-        gh, gw = self.a["img_size"][0] // ph, self.a["img_size"][1] // pw
-        p = img.reshape(C, gh, ph, gw, pw).transpose(1, 3, 0, 2, 4)
-        return np.ascontiguousarray(p.reshape(gh * gw, C * ph * pw))
-
-    def embed(self, h: np.ndarray) -> np.ndarray:
-        """Prefix tokens [cls, dist, reg...] + patch tokens, plus position embeddings."""
-        a, t = self.a, self.t
-        prefix = [t[k].reshape(-1, a["embed_dim"]) for k, on in
-                  (("cls_token", a["cls_token"]), ("dist_token", a["dist_token"]), ("reg_token", a["reg_tokens"]))
-                  if on]
-        pos = t["pos_embed"][0]
-        if a["no_embed_class"]:
-            return np.concatenate(prefix + [h + pos], axis=0)
-        return np.concatenate(prefix + [h], axis=0) + pos
-
-    def attention(self, qkv: np.ndarray) -> np.ndarray:
-        """Multi-head self-attention, qkv split as timm does ([T, 3, heads, dh])."""
-        T, H, D = qkv.shape[0], self.a["num_heads"], self.a["embed_dim"]
-        dh = D // H
-        q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
-        scale = _F32(1) / np.sqrt(_F32(dh))
-        if self.attn_bits == 8:
-            return np.stack([_attention_q8(q[h], k[h], v[h], scale) for h in range(H)]).transpose(1, 0, 2).reshape(T, D)
-        attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
-        return _matmul(attn, v).transpose(1, 0, 2).reshape(T, D)
-
-    def pool(self, x: np.ndarray) -> np.ndarray:
-        if self.a["global_pool"] == "token":
-            return x[0]
-        return x[num_prefix_tokens(self.a):].astype(np.float64).mean(axis=0).astype(_F32)
+    def weight(self, op: Mapping, role: str) -> np.ndarray:
+        return self.t[op["weights"][role]]
 
     def range_statistic(self, x: np.ndarray) -> np.float32:
         """Mean over chunks of ``chunk`` consecutive values (last one partial) of max |x|."""
         flat, c = np.abs(x.reshape(-1)), self.pred_chunk
         maxima = [float(flat[i:i + c].max()) for i in range(0, flat.size, c)]
         return _F32(np.mean(maxima)) if maxima else _F32(0)
+
+
+class _Run:
+    """One image's pass: the state the ops share (precision path, predictor statistic, BOPs)."""
+
+    def __init__(self, m: _Model, quantized: bool):
+        self.m, self.quantized = m, quantized
+        self.bops, self.stat = 0, None
+        self.precision = 1  # 1 full, 2 reduced (after a gate sent the image down the reduced path)
+        self.block_path = np.zeros(m.depth, dtype=np.uint8)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        m = self.m
+        layer = m.lo[name] if self.precision == 2 and name in m.lo else m.lin[name]
+        self.bops += x.shape[0] * layer.bops_per_row
+        return _linear(layer, x, self.quantized, self.stat)
+
+
+# --- one function per op kind: (run, op, inputs) -> outputs --------------------------------
+
+def _pool(x: np.ndarray, attrs: Mapping) -> np.ndarray:
+    if attrs["mode"] == "token":
+        return x[attrs["start"]]
+    return x[attrs["start"]:].astype(np.float64).mean(axis=0).astype(_F32)
+
+
+def _op_patch_embed(r: _Run, op: Mapping, img: np.ndarray):
+    """[P, C*ph*pw] in (c, i, j) order, patches row-major over the grid, through the layer."""
+    a = op["attrs"]
+    C, (ph, pw) = a["in_chans"], a["patch_size"]
+    gh, gw = a["img_size"][0] // ph, a["img_size"][1] // pw
+    p = img.reshape(C, gh, ph, gw, pw).transpose(1, 3, 0, 2, 4)
+    return [r.linear(op["weights"]["layer"], np.ascontiguousarray(p.reshape(gh * gw, C * ph * pw)))]
+
+
+def _op_prefix_tokens(r: _Run, op: Mapping, x: np.ndarray):
+    """[cls, dist, reg...] before the rows of ``x``."""
+    D = x.shape[1]
+    prefix = [r.m.weight(op, role).reshape(-1, D) for role in ("cls", "dist", "reg") if role in op["weights"]]
+    return [np.concatenate(prefix + [x], axis=0)]
+
+
+def _op_pos_embed(r: _Run, op: Mapping, x: np.ndarray):
+    return [x + r.m.weight(op, "pos")[0]]
+
+
+def _op_layernorm(r: _Run, op: Mapping, x: np.ndarray):
+    return [_layernorm(x, r.m.weight(op, "weight"), r.m.weight(op, "bias"), float(_F32(op["attrs"]["eps"])))]
+
+
+def _op_linear(r: _Run, op: Mapping, x: np.ndarray):
+    if x.ndim == 1:
+        return [r.linear(op["weights"]["layer"], x[None])[0]]
+    return [r.linear(op["weights"]["layer"], x)]
+
+
+def _op_attention(r: _Run, op: Mapping, qkv: np.ndarray):
+    """Multi-head self-attention, qkv split as timm does ([T, 3, heads, dh])."""
+    T, H = qkv.shape[0], op["attrs"]["heads"]
+    D = qkv.shape[1] // 3
+    dh = D // H
+    r.bops += 2 * T * T * D * r.m.attn_bits ** 2
+    q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
+    scale = _F32(1) / np.sqrt(_F32(dh))
+    if r.m.attn_bits == 8:
+        return [np.stack([_attention_q8(q[h], k[h], v[h], scale) for h in range(H)]).transpose(1, 0, 2).reshape(T, D)]
+    attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
+    return [_matmul(attn, v).transpose(1, 0, 2).reshape(T, D)]
+
+
+def _op_gelu(r: _Run, op: Mapping, x: np.ndarray):
+    return [_gelu(x)]
+
+
+def _op_layer_scale(r: _Run, op: Mapping, x: np.ndarray):
+    return [r.m.weight(op, "gamma") * x]
+
+
+def _op_add(r: _Run, op: Mapping, x: np.ndarray, y: np.ndarray):
+    return [x + y]
+
+
+def _op_average(r: _Run, op: Mapping, x: np.ndarray, y: np.ndarray):
+    return [(x + y) / _F32(2)]
+
+
+def _op_pool(r: _Run, op: Mapping, x: np.ndarray):
+    return [_pool(x, op["attrs"])]
+
+
+def _op_exit(r: _Run, op: Mapping, x: np.ndarray):
+    """The exit head's (logits, features); whether the image leaves is the interpreter's."""
+    a = op["attrs"]
+    features = _layernorm(_pool(x, a), r.m.weight(op, "norm.weight"), r.m.weight(op, "norm.bias"), float(_F32(a["eps"])))
+    return [r.linear(op["weights"]["layer"], features[None])[0], features]
+
+
+def _op_output(r: _Run, op: Mapping, *ins: np.ndarray):
+    return []
+
+
+_OPS = {"patch_embed": _op_patch_embed, "prefix_tokens": _op_prefix_tokens, "pos_embed": _op_pos_embed,
+        "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "gelu": _op_gelu,
+        "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
+        "exit": _op_exit, "output": _op_output}
+assert set(_OPS) == set(opgraph.OP_KINDS), "every op kind needs its function here"
 
 
 def _exit_taken(rule: str, threshold: float, logits: np.ndarray) -> bool:
@@ -331,57 +412,40 @@ def gate_path(logits: np.ndarray, gate: Mapping[str, np.ndarray], lam: float, to
 
 
 def _forward_image(m: _Model, img: np.ndarray, quantized: bool) -> Tuple[np.ndarray, int, int, np.ndarray, np.ndarray, np.ndarray]:
-    a = m.a
-    T, D, depth = num_patches(a) + num_prefix_tokens(a), a["embed_dim"], a["depth"]
-    bops, stat = 0, None
-    precision = 1  # 1 full, 2 reduced (after a gate sent the image down the reduced path)
-    block_path = np.zeros(depth, dtype=np.uint8)
+    """Interpret the op list on one image: (logits, exit block, BOPs, block path, features, tokens)."""
+    r = _Run(m, quantized)
+    env = {opgraph.IMAGE: img}
 
-    def final_tokens(x: np.ndarray) -> np.ndarray:
-        return m.norm(x, "norm") if a["final_norm"] else x
+    def leave(op: Mapping, block: int):
+        """An image leaving at ``op``'s exit: its head's outputs, and its tokens through the
+        ops that make the program's tokens output (the final LayerNorm)."""
+        x = env[op["in"][0]]
+        for t_op in m.tokens_chain:
+            x = _OPS[t_op["op"]](r, t_op, x)[0]
+        return env[op["out"][0]], block, r.bops, r.block_path, env[op["out"][1]], x
 
-    def lin(name: str, x: np.ndarray) -> np.ndarray:
-        nonlocal bops
-        layer = m.lo[name] if precision == 2 and name in m.lo else m.lin[name]
-        bops += x.shape[0] * layer.bops_per_row
-        return _linear(layer, x, quantized, stat)
-
-    x = m.embed(lin("patch_embed", m.patches(img)))
-    if a["norm_pre"]:
-        x = m.norm(x, "norm_pre")
-    for i in range(depth):
-        p = f"blocks.{i}"
-        # Reduced only where the block has a reduced copy of some layer (else it ran full weights).
-        block_path[i] = 2 if precision == 2 and any(n.startswith(f"{p}.") for n in m.lo) else 1
-        h = lin(f"{p}.attn.proj", m.attention(lin(f"{p}.attn.qkv", m.norm(x, f"{p}.norm1"))))
-        bops += 2 * T * T * D * m.attn_bits ** 2
-        x = x + (m.t[f"{p}.ls1.gamma"] * h if a["layer_scale"] else h)
-        h = lin(f"{p}.mlp.fc2", _gelu(lin(f"{p}.mlp.fc1", m.norm(x, f"{p}.norm2"))))
-        x = x + (m.t[f"{p}.ls2.gamma"] * h if a["layer_scale"] else h)
-        if i == m.pred_block:
-            stat = m.range_statistic(x)
-        if i in m.exits:
-            e = m.exits[i]
-            features = m.norm(m.pool(x), f"exits.{i}.norm")
-            logits = lin(f"exits.{i}.fc", features[None])[0]
+    for i, op in enumerate(m.ops):
+        if i in m.block_starts:
+            b = m.block_starts[i]
+            # Reduced only where the block has a reduced copy of some layer (else it ran full weights).
+            r.block_path[b] = 2 if r.precision == 2 and b in m.lo_blocks else 1
+        outs = _OPS[op["op"]](r, op, *(env[t] for t in op["in"]))
+        env.update(zip(op["out"], outs))
+        if m.block_ends.get(i) == m.pred_block:
+            r.stat = m.range_statistic(env[op["out"][0]])
+        if op["op"] == "exit":
+            b, logits = op["block"], outs[0]
+            e = m.exits[b]
             if e["rule"] == "gate":
-                path = gate_path(logits, m.gates[i], m.lam, m.topk)
-                bops += (m.hidden * (m.topk + 1) + 3 * m.hidden) * FP32_BITS  # the gate's MLP
+                path = gate_path(logits, m.gates[b], m.lam, m.topk)
+                r.bops += (m.hidden * (m.topk + 1) + 3 * m.hidden) * FP32_BITS  # the gate's MLP
                 if path == 0:
-                    return logits, i, bops, block_path, features, final_tokens(x)
-                precision = path
+                    return leave(op, b)
+                r.precision = path
             elif _exit_taken(e["rule"], e["threshold"], logits):
-                return logits, i, bops, block_path, features, final_tokens(x)
-    x = final_tokens(x)
-    pooled = m.pool(x)
-    if a["fc_norm"]:
-        pooled = m.norm(pooled, "fc_norm")
-    logits = lin("head", pooled[None])[0]
-    features = pooled
-    if a["dist_token"]:
-        logits = (logits + lin("head_dist", x[1][None])[0]) * _F32(0.5)
-        features = (pooled + x[1]) / _F32(2)
-    return logits, depth - 1, bops, block_path, features, x
+                return leave(op, b)
+    logits, features, tokens = (env[t] for t in m.ops[-1]["in"])
+    return logits, m.depth - 1, r.bops, r.block_path, features, tokens
 
 
 def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
@@ -401,10 +465,10 @@ def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
         raise ValueError(f"x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], got {x.shape}")
     B, n = x.shape[0], a["num_classes"]
     logits = np.zeros((B, n), dtype=_F32)
-    exit_block = np.full(B, a["depth"] - 1, dtype=np.int32)
+    exit_block = np.full(B, m.depth - 1, dtype=np.int32)
     bops = np.zeros(B, dtype=np.int64)
-    block_path = np.zeros((B, a["depth"]), dtype=np.uint8)
-    T = num_patches(a) + num_prefix_tokens(a)
+    block_path = np.zeros((B, m.depth), dtype=np.uint8)
+    T = opgraph.num_tokens(m.ops)
     features = np.zeros((B, a["embed_dim"]), dtype=_F32)
     tokens = np.zeros((B, T, a["embed_dim"]), dtype=_F32)
     for i in range(B):

@@ -29,12 +29,12 @@ together. NumPy only.
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .modelfile import (attention_bits, check_graph, graph_layer_names, graph_layer_shapes, layer_precision,
-                        num_patches, num_tokens, read_header)
+from . import graph as opgraph
+from .modelfile import attention_bits, check_graph, graph_reduced_layers, layer_precision, read_header
 
 __all__ = ["FP32_BITS", "layer_macs", "layer_bops", "static", "block_bops", "expected", "expected_by_precision",
            "per_image", "reach_from_exits", "reach_from_paths", "gate_bops"]
@@ -51,13 +51,27 @@ def _graph(path_or_graph: GraphOrPath) -> Mapping:
     return read_header(path_or_graph).graph
 
 
-def _layer_rows(graph: Mapping, name: str) -> int:
-    """Rows one image feeds through a linear layer: patches, tokens, or one pooled vector."""
-    if name == "patch_embed":
-        return num_patches(graph["arch"])
-    if name.startswith("blocks."):
-        return num_tokens(graph["arch"])
-    return 1
+def _costs(graph: Mapping, reduced: bool = False) -> List[Tuple[Mapping, str, int, int]]:
+    """[(op, what, MACs of one image, b_w x b_a)] in execution order: the one place BOPs are
+    counted per op kind. Linear-bearing ops count each layer (and, with ``reduced``, its
+    QuEE copy ``<layer>:lo`` right after it) at its precision, fp32 as 32 x 32; attention
+    counts its two matmuls at the graph's attention bits; every other kind is free."""
+    lo = graph_reduced_layers(graph) if reduced else {}
+    attn = attention_bits(graph) ** 2
+    out = []
+    for op, macs in opgraph.op_macs(opgraph.ops_of(graph)):
+        for what, m in macs.items():
+            if op["op"] == "attention":
+                out.append((op, what, m, attn))
+                continue
+            out.append((op, what, m, _linear_bits(layer_precision(graph, what))))
+            if what in lo:
+                out.append((op, f"{what}:lo", m, _linear_bits(lo[what])))
+    return out
+
+
+def _linear_bits(lp: Mapping) -> int:
+    return FP32_BITS if lp["w_bits"] == 32 else lp["w_bits"] * lp["a_bits"]
 
 
 def layer_macs(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
@@ -65,60 +79,39 @@ def layer_macs(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
     ``blocks.{i}.attn.qk`` and ``blocks.{i}.attn.av``), in execution order. ``reduced=True``
     also lists the QuEE reduced copies ``<layer>:lo`` (which an image runs *instead of* their
     layer: never add both)."""
-    graph = _graph(graph)
-    a = graph["arch"]
-    T, D = num_tokens(a), a["embed_dim"]
-    shapes = graph_layer_shapes(graph, reduced)
-    macs: Dict[str, int] = {}
-    for name in graph_layer_names(graph, reduced):
-        N, K = shapes[name]
-        macs[name] = _layer_rows(graph, name) * N * K
-        if name.endswith(".attn.qkv"):
-            block = name.rsplit(".", 2)[0]
-            macs[f"{block}.attn.qk"] = T * T * D
-            macs[f"{block}.attn.av"] = T * T * D
-    return macs
-
-
-def _bits(graph: Mapping, name: str) -> int:
-    """b_w x b_a of a layer; attention matmuls at the graph's attention bits, fp32 32 x 32."""
-    if name.endswith((".attn.qk", ".attn.av")):
-        return attention_bits(graph) ** 2
-    lp = layer_precision(graph, name) if name.endswith(":lo") or name in graph["layers"] else None
-    if lp is None or lp["w_bits"] == 32:
-        return FP32_BITS
-    return lp["w_bits"] * lp["a_bits"]
+    return {what: m for _, what, m, _ in _costs(_graph(graph), reduced)}
 
 
 def layer_bops(graph: GraphOrPath, reduced: bool = False) -> Dict[str, int]:
     """BOPs of one image through every layer (see :func:`layer_macs`)."""
-    graph = _graph(graph)
-    return {name: m * _bits(graph, name) for name, m in layer_macs(graph, reduced).items()}
+    return {what: m * bits for _, what, m, bits in _costs(_graph(graph), reduced)}
 
 
-def _owner(name: str) -> str:
-    """Which cost bucket a layer belongs to: 'embed', 'blocks', 'exits' or 'head'."""
-    if name == "patch_embed":
-        return "embed"
-    return name.split(".")[0] if name.startswith(("blocks.", "exits.")) else "head"
+def _embed_ops(graph: Mapping) -> set:
+    """Names of the ops before the first block."""
+    ops = opgraph.ops_of(graph)
+    first = next(i for i, op in enumerate(ops) if op["block"] is not None)
+    return {op["name"] for op in ops[:first]}
 
 
 def _buckets(graph: Mapping):
-    """(embed BOPs, per-block BOPs [depth], per-exit-block BOPs {b}, final-head BOPs)."""
+    """(embed BOPs, per-block BOPs [depth], per-exit-block BOPs {b}, final-head BOPs), by the
+    ops' blocks: ops before the first block are the embedding, after the last the head."""
     embed, head = 0, 0
     blocks = np.zeros(graph["arch"]["depth"], dtype=np.int64)
     exits: Dict[int, int] = {}
-    for name, b in layer_bops(graph).items():
-        kind = _owner(name)
-        if kind == "embed":
-            embed += b
-        elif kind == "head":
-            head += b
-        elif kind == "blocks":
-            blocks[int(name.split(".")[1])] += b
+    in_head, embed_ops = False, _embed_ops(graph)
+    for op, _, m, bits in _costs(graph):
+        b = op["block"]
+        in_head = in_head or b is None and op["name"] not in embed_ops
+        if b is None and not in_head:
+            embed += m * bits
+        elif b is None:
+            head += m * bits
+        elif op["op"] == "exit":
+            exits[b] = exits.get(b, 0) + m * bits
         else:
-            i = int(name.split(".")[1])
-            exits[i] = exits.get(i, 0) + b
+            blocks[b] += m * bits
     for e in graph["exits"]:
         if e["rule"] == "gate":
             exits[e["block"]] = exits.get(e["block"], 0) + gate_bops(graph)
@@ -137,10 +130,11 @@ def gate_bops(graph: Mapping) -> int:
 def _reduced_blocks(graph: Mapping, blocks: np.ndarray) -> np.ndarray:
     """Per-block BOPs of an image running each block at reduced precision."""
     out = blocks.copy()
-    lb = layer_bops(graph, reduced=True)
-    for name, b in lb.items():
-        if name.endswith(":lo"):
-            out[int(name.split(".")[1])] += b - lb[name[:-3]]
+    full = {}
+    for op, what, m, bits in _costs(graph, reduced=True):
+        if what.endswith(":lo"):
+            out[op["block"]] += m * bits - full[what[:-3]]
+        full[what] = m * bits
     return out
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ._atomic import check_target
 from .errors import PolicyError
+from . import graph as opgraph
 from .modelfile import graph_layer_names, linear_tensors, set_attention_bits, write_model
 from .policy import SHORTHANDS, LayerPolicy, Policy
 
@@ -587,5 +588,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
+    graph["ops"] = opgraph.lower(graph)  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

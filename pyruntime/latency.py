@@ -60,6 +60,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import graph as opgraph
 from ._atomic import atomic_write_bytes
 from .bops import GraphOrPath, _check_reach, _graph
 from .modelfile import attention_bits, check_graph, graph_layer_names, linear_tensors, read_model, set_attention_bits
@@ -73,11 +74,6 @@ TABLE_VERSION = 2  # 2: attention kept apart from blocks, per attention precisio
 PRECISIONS = {"fp32": 32, "w8a8": 8, "w4a8": 4}  # profiled precision -> the weight bits it measures
 ATTN8_RUN = "w8a8-attn8"  # the extra profiled run whose attention cores give attention[8]
 TICK = 2.0 ** -40  # seconds; see the module docstring
-EMBED_OPS = ("patch_embed.unfold", "embed")
-ATTENTION_OP = "attn.core"
-BLOCK_OPS = ("norm1", "residual1", "norm2", "mlp.gelu", "residual2")
-BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-HEAD_LINEARS = ("head", "head_dist")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -299,16 +295,21 @@ class LatencyTable:
         embed, head = self.embed, 0.0
         blocks = np.asarray(self.blocks, dtype=np.float64) + np.asarray(self.attention[attention_bits(graph)])
         exits: Dict[int, float] = {}
-        for name in graph_layer_names(graph):
+        seen_block = False
+        for op in opgraph.ops_of(graph):
+            b, name = op["block"], op["weights"].get("layer")
+            seen_block = seen_block or b is not None
+            if name is None:
+                continue
             s = self.layer(name, graph["layers"][name]["w_bits"])
-            if name == "patch_embed":
+            if b is None and not seen_block:
                 embed += s
-            elif name.startswith("blocks."):
-                blocks[int(name.split(".")[1])] += s
-            elif name.startswith("exits."):
-                exits[int(name.split(".")[1])] = s
-            else:
+            elif b is None:
                 head += s
+            elif op["op"] == "exit":
+                exits[b] = s
+            else:
+                blocks[b] += s
         return embed, blocks, exits, head
 
     def block_latency(self, graph: GraphOrPath) -> np.ndarray:
@@ -415,17 +416,32 @@ def _profile_images(graph: Mapping, images: Optional[np.ndarray]) -> np.ndarray:
 
 def _op_owner(graph: Mapping) -> Dict[str, Tuple[str, object]]:
     """Where each timed op's seconds go: ("embed", None), ("block", i), ("attention", i) or
-    ("layers", [names])."""
-    depth = graph["arch"]["depth"]
-    owner: Dict[str, Tuple[str, object]] = {op: ("embed", None) for op in EMBED_OPS}
-    owner["patch_embed"] = ("layers", ["patch_embed"])
-    for i in range(depth):
-        owner.update({f"blocks.{i}.{op}": ("block", i) for op in BLOCK_OPS})
-        owner[f"blocks.{i}.{ATTENTION_OP}"] = ("attention", i)
-        owner.update({f"blocks.{i}.{op}": ("layers", [f"blocks.{i}.{op}"]) for op in BLOCK_LINEARS})
-    for e in graph["exits"]:
-        owner[f"exits.{e['block']}"] = ("layers", [f"exits.{e['block']}.fc"])
-    owner["head"] = ("layers", [n for n in HEAD_LINEARS if n in graph["layers"]])
+    ("layers", [names]), from the graph's op list and the names the executor times them by:
+    the patch unfold apart from the patch linear, the token assembly (prefix tokens,
+    position embedding, norm_pre) as one "embed", every block op by its name (the attention
+    core as ``<name>.core``), an exit head whole by its name, and everything after the last
+    block as one "head" (csrc/bindings/executor_bindings.cc, ``timer_name``)."""
+    owner: Dict[str, Tuple[str, object]] = {}
+    head: List[str] = []
+    seen_block = False
+    for op in opgraph.ops_of(graph):
+        kind, b, name = op["op"], op["block"], op["name"]
+        layer = op["weights"].get("layer")
+        seen_block = seen_block or b is not None
+        if kind == "patch_embed":
+            owner["patch_embed.unfold"] = ("embed", None)
+            owner[name] = ("layers", [layer])
+        elif b is None and not seen_block:
+            owner["embed"] = ("embed", None)
+        elif b is None:
+            head += [layer] if layer else []
+        elif kind == "attention":
+            owner[f"{name}.core"] = ("attention", b)
+        elif layer is not None:
+            owner[name] = ("layers", [layer])
+        else:
+            owner[name] = ("block", b)
+    owner["head"] = ("layers", head)
     return owner
 
 

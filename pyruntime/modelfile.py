@@ -1,9 +1,10 @@
-"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 3).
+"""Reader and writer of the pyruntime model file (docs/model_format.md, format version 4).
 
 The container is safetensors; everything pyruntime-specific lives in its ``__metadata__``.
 The reader trusts nothing: it checks sizes before parsing, the magic and version before the
 graph, the header's SHA-256 (version 3), every tensor's CRC-32, the runtime's size limits,
-and that the graph and the tensors agree exactly (names, dtypes, shapes), so that the C++
+the graph's op list (version 4, ``pyruntime.graph``; older graphs are lowered to one), and
+that the graph and the tensors agree exactly (names, dtypes, shapes), so that the C++
 executor is only ever handed a consistent model. Every problem is a
 :class:`~pyruntime.errors.FormatError` naming the file and what is wrong.
 
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import graph as opgraph
 from ._atomic import atomic_path
 from .errors import FormatError, PolicyError
 from .policy import ATTN_BITS, GATE_TENSORS, ExitPolicy, GatePolicy, LayerPolicy, Policy, PredictorPolicy, check_attn_bits
@@ -56,10 +58,12 @@ __all__ = [
 ]
 
 MAGIC = "pyruntime-vit"
-# 2 added graph.attention; 3 added the header checksum (KEY_HEADER_SHA256). Every file is
-# written as 3: a corrupt header must never load silently, and only 3 can say so.
-FORMAT_VERSION = 3
+# 2 added graph.attention; 3 added the header checksum (KEY_HEADER_SHA256); 4 added
+# graph.ops, the typed op list (pyruntime.graph). Every file is written as 4; 2 and 3 load
+# through the lowering of their arch to ops.
+FORMAT_VERSION = 4
 HEADER_CHECKSUM_VERSION = 3
+OPS_VERSION = 4
 
 KEY_MAGIC = "pyruntime.magic"
 KEY_VERSION = "pyruntime.format_version"
@@ -74,7 +78,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 _GRAPH_KEYS = ("arch", "preprocess", "layers", "exits", "predictor")
 # Absent or null: none (gates: files written before gates stay valid; attention: fp32).
-_OPTIONAL_GRAPH_KEYS = ("gates", "attention")
+_OPTIONAL_GRAPH_KEYS = ("gates", "attention", "ops")
 _GRAPH_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced")
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
 _PREPROCESS_KEYS = ("mean", "std", "input_size")
@@ -125,10 +129,6 @@ def num_tokens(arch: Mapping) -> int:
     return num_patches(arch) + num_prefix_tokens(arch)
 
 
-def _exit_blocks(graph: Mapping) -> List[int]:
-    return [int(e["block"]) for e in graph.get("exits", [])]
-
-
 def graph_reduced_layers(graph: Mapping) -> Dict[str, dict]:
     """``{layer: precision}`` of the layers with a QuEE reduced-precision copy (``gates.reduced``;
     empty without gates)."""
@@ -137,42 +137,23 @@ def graph_reduced_layers(graph: Mapping) -> Dict[str, dict]:
 
 
 def graph_layer_names(graph: Mapping, reduced: bool = False) -> List[str]:
-    """Every linear layer of the graph, in execution order (needs ``arch`` and ``exits``):
-    the keys of ``graph.layers``. With ``reduced=True`` each layer with a QuEE
-    reduced-precision copy is followed by that copy, named ``<layer>:lo`` (its tensors'
-    prefix; never a key of ``graph.layers``: its precision is ``gates.reduced[<layer>]``)."""
-    arch = graph["arch"]
-    exits = set(_exit_blocks(graph))
-    lo = graph_reduced_layers(graph) if reduced else {}
-    names = ["patch_embed"]
-    for i in range(arch["depth"]):
-        for kind in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
-            names.append(f"blocks.{i}.{kind}")
-            if names[-1] in lo:
-                names.append(f"{names[-1]}:lo")
-        if i in exits:
-            names.append(f"exits.{i}.fc")
-    names.append("head")
-    if arch["dist_token"]:
-        names.append("head_dist")
-    return names
+    """Every linear layer of the graph, in execution order (from its op list: ``ops``, or the
+    lowering of ``arch`` and ``exits``): the keys of ``graph.layers``. With ``reduced=True``
+    each layer with a QuEE reduced-precision copy is followed by that copy, named
+    ``<layer>:lo`` (its tensors' prefix; never a key of ``graph.layers``: its precision is
+    ``gates.reduced[<layer>]``)."""
+    return list(graph_layer_shapes(graph, reduced))
 
 
 def graph_layer_shapes(graph: Mapping, reduced: bool = False) -> Dict[str, Tuple[int, int]]:
-    """``{layer: (N, K)}``: output and input features of every linear layer (and, with
-    ``reduced=True``, of every ``<layer>:lo`` copy: the same as its layer's)."""
-    a = graph["arch"]
-    D, F, n = a["embed_dim"], a["mlp_hidden"], a["num_classes"]
-    patch_dim = a["in_chans"] * a["patch_size"][0] * a["patch_size"][1]
-    by_kind = {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (F, D), "mlp.fc2": (D, F)}
-    shapes = {}
-    for name in graph_layer_names(graph, reduced):
-        if name == "patch_embed":
-            shapes[name] = (D, patch_dim)
-        elif name.startswith("blocks."):
-            shapes[name] = by_kind[name.split(":")[0].split(".", 2)[2]]
-        else:  # head, head_dist, exits.{b}.fc
-            shapes[name] = (n, D)
+    """``{layer: (N, K)}``: output and input features of every linear layer, in execution
+    order (and, with ``reduced=True``, of every ``<layer>:lo`` copy: the same as its layer's)."""
+    lo = graph_reduced_layers(graph) if reduced else {}
+    shapes: Dict[str, Tuple[int, int]] = {}
+    for lin in opgraph.linears(opgraph.ops_of(graph)):
+        shapes[lin.layer] = (lin.N, lin.K)
+        if lin.layer in lo:
+            shapes[f"{lin.layer}:lo"] = (lin.N, lin.K)
     return shapes
 
 
@@ -381,14 +362,42 @@ def set_attention_bits(graph: dict, bits: int) -> dict:
 
 
 def _feature_version(graph: Mapping) -> int:
-    """The oldest format version whose features hold ``graph`` (int8 attention came in 2)."""
+    """The oldest format version whose features hold ``graph`` (int8 attention came in 2,
+    the op list in 4)."""
+    if "ops" in graph:
+        return OPS_VERSION
     return 2 if attention_bits(graph) != 32 else 1
 
 
 def format_version(graph: Mapping) -> int:
-    """The format version :func:`write_model` writes ``graph`` as: the oldest that holds it
-    and carries the header checksum."""
+    """The format version a file holding ``graph`` is written as: the oldest that holds it
+    and carries the header checksum (:func:`write_model` always adds the op list: 4)."""
     return max(HEADER_CHECKSUM_VERSION, _feature_version(graph))
+
+
+def with_ops(graph: Mapping) -> dict:
+    """``graph`` (a copy) with its op list: its own, or the lowering of its ``arch``."""
+    return {**graph, "ops": opgraph.ops_of(graph)}
+
+
+def _max_ops() -> int:
+    # A block of the lowering has at most 13 ops; the embedding and head at most 12.
+    return 16 * (limits()["max_depth"] + 2)
+
+
+def _check_ops_lowering(graph: Mapping) -> None:
+    """While the lowering of ``arch`` is the one mapper from a model to ops (and the rest of
+    pyruntime reads ``arch`` for the model's summary: depth, widths, classes), a graph's own
+    well-formed op list must be exactly the lowering of ``arch`` and ``exits``, so that the
+    two can never describe different models."""
+    ops = opgraph.ops_of(graph)  # exit ops where graph.exits puts them
+    want = opgraph.lower(graph)
+    if ops != want:
+        i = next((i for i, (a, b) in enumerate(zip(ops, want)) if a != b), min(len(ops), len(want)))
+        got = f"op #{i} {ops[i].get('name')!r}" if i < len(ops) else f"the end after {len(ops)} ops"
+        expect = f"op #{i} {want[i]['name']!r} ({want[i]['op']})" if i < len(want) else "the end"
+        raise FormatError(f"graph.ops disagree with graph.arch and graph.exits at {got}: expected {expect}; this "
+                          f"runtime's files hold the op list of a plain timm VisionTransformer")
 
 
 def _graph_gates(gates: Any) -> Optional[GatePolicy]:
@@ -424,6 +433,10 @@ def check_graph(graph: Any) -> None:
     arch = graph["arch"]
     _check_arch(arch)
     _check_preprocess(graph["preprocess"], arch)
+    if not isinstance(graph["exits"], list) or not all(isinstance(e, Mapping) and "block" in e for e in graph["exits"]):
+        raise FormatError("graph.exits must be a list of exits, each with a block")
+    if "ops" in graph:
+        opgraph.check_ops(graph["ops"], _max_ops())
     try:
         pol = _graph_policy(graph)
         blocks = [e.block for e in pol.exits]
@@ -446,6 +459,8 @@ def check_graph(graph: Any) -> None:
             raise FormatError(f"gates hidden {pol.gates.hidden} exceeds the runtime's limit max_dim={limits()['max_dim']}")
     except PolicyError as e:
         raise FormatError(f"inconsistent graph: {e}") from None
+    if "ops" in graph:
+        _check_ops_lowering(graph)
     _check_layer_limits(graph)
 
 
@@ -474,41 +489,15 @@ def _linear_specs(name: str, N: int, K: int, lp: Mapping, bias: Optional[bool]) 
 
 
 def expected_tensors(graph: Mapping) -> Dict[str, TensorSpec]:
-    """Every tensor the graph uses, with dtype and shape; ``required=False`` marks optional
-    biases (only the qkv bias is fixed by the graph, through ``arch.qkv_bias``)."""
-    a = graph["arch"]
-    D, R = a["embed_dim"], a["reg_tokens"]
-    vec = TensorSpec(_F32, (D,))
-    specs: Dict[str, TensorSpec] = {}
-
-    def norm(prefix: str) -> None:
-        specs[f"{prefix}.weight"] = vec
-        specs[f"{prefix}.bias"] = vec
-
-    for tok, present in (("cls_token", a["cls_token"]), ("dist_token", a["dist_token"])):
-        if present:
-            specs[tok] = TensorSpec(_F32, (1, 1, D))
-    if R:
-        specs["reg_token"] = TensorSpec(_F32, (1, R, D))
-    pos_len = num_patches(a) if a["no_embed_class"] else num_tokens(a)
-    specs["pos_embed"] = TensorSpec(_F32, (1, pos_len, D))
-    for flag, prefix in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm")):
-        if a[flag]:
-            norm(prefix)
-    for i in range(a["depth"]):
-        norm(f"blocks.{i}.norm1")
-        norm(f"blocks.{i}.norm2")
-        if a["layer_scale"]:
-            specs[f"blocks.{i}.ls1.gamma"] = vec
-            specs[f"blocks.{i}.ls2.gamma"] = vec
-    for b in _exit_blocks(graph):
-        norm(f"exits.{b}.norm")
-    for name, (N, K) in graph_layer_shapes(graph, reduced=True).items():
-        if name.endswith(":lo"):  # a reduced copy: its own weights, the layer's bias
-            specs.update(_linear_specs(name, N, K, layer_precision(graph, name), False))
-            continue
-        bias = a["qkv_bias"] if name.endswith(".attn.qkv") else None
-        specs.update(_linear_specs(name, N, K, graph["layers"][name], bias))
+    """Every tensor the graph uses, with dtype and shape, from its op list; ``required=False``
+    marks optional biases (a linear op's ``bias`` null: the file decides)."""
+    ops = opgraph.ops_of(graph)
+    specs: Dict[str, TensorSpec] = {k: TensorSpec(_F32, tuple(shape)) for k, shape in opgraph.weight_shapes(ops).items()}
+    lo = graph_reduced_layers(graph)
+    for lin in opgraph.linears(ops):
+        specs.update(_linear_specs(lin.layer, lin.N, lin.K, graph["layers"][lin.layer], lin.bias))
+        if lin.layer in lo:  # a reduced copy: its own weights, the layer's bias
+            specs.update(_linear_specs(f"{lin.layer}:lo", lin.N, lin.K, lo[lin.layer], False))
     gates = graph.get("gates")
     if gates is not None:
         h, k1 = gates["hidden"], gates["topk"] + 1
@@ -548,11 +537,13 @@ def _crc32(a: np.ndarray) -> int:
 
 def write_model(path: Union[str, os.PathLike], graph: Mapping, tensors: Mapping[str, np.ndarray],
                 policy_json: str, provenance: Mapping, *, inputs: Sequence[Union[str, os.PathLike]] = ()) -> None:
-    """Validate, then write one model file atomically (a failure leaves ``path`` untouched).
+    """Validate, then write one model file atomically (a failure leaves ``path`` untouched),
+    as format version 4: with the graph's op list (the lowering of ``arch`` if it has none).
 
     ``inputs``: files the model was made from (checkpoint, policy, ...); ``path`` must not be
     one of them (ValueError), nor an existing non-regular file such as a device or a symlink."""
     check_graph(graph)
+    graph = with_ops(graph)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     check_tensors(graph, tensors)
     json.loads(policy_json)  # must be JSON; the policy itself was validated by its producer
@@ -750,9 +741,13 @@ def _read_header(path: Path) -> Header:
     if not isinstance(checksums, dict) or set(checksums) != set(header):
         raise _fail(path, "checksums do not list exactly the file's tensors")
     if version < _feature_version(graph):
-        raise _fail(path, f"format version {version} cannot hold this graph (graph.attention needs version "
+        what = "graph.ops" if "ops" in graph else "graph.attention"
+        raise _fail(path, f"format version {version} cannot hold this graph ({what} needs version "
                           f"{_feature_version(graph)})")
-    return Header(graph, policy_json, provenance, checksums, header, 8 + n, version)
+    if version >= OPS_VERSION and "ops" not in graph:
+        raise _fail(path, f"graph.ops is missing (format version {version} requires it)")
+    # Older files are lowered, so that every reader sees one form: a graph with its op list.
+    return Header(with_ops(graph), policy_json, provenance, checksums, header, 8 + n, version)
 
 
 def _load_tensors(path: Path) -> Dict[str, np.ndarray]:

@@ -41,7 +41,7 @@ def test_inspect_names_version_attention_layers_and_bops(model_file, capsys):
     path, graph = model_file
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "format:      version 3" in out  # int8 attention needs version 2
+    assert "format:      version 4" in out  # every file is written as 4 (the op list)
     assert "attention:   q.k^T and attn.v on int8 operands" in out
     assert "after block 0 (confidence >= 0.5)" in out
     for name in graph["layers"]:

@@ -14,7 +14,7 @@ from _graphs import W4A8, W8A8, random_tensors, tiny_graph
 from pyruntime import modelfile
 from pyruntime.errors import FormatError
 from pyruntime.modelfile import (FORMAT_VERSION, KEY_HEADER_SHA256, MAGIC, graph_layer_names, graph_layer_shapes, pack_int4,
-                                 read_header, read_model, unpack_int4, write_model)
+                                 read_header, read_model, unpack_int4, with_ops, write_model)
 
 POLICY = json.dumps({"version": 1, "name": "test"})
 PROVENANCE = {"source": "unit-test", "checkpoint_sha256": None}
@@ -61,11 +61,13 @@ def rewrite_header(path, edit, sealed=True):
 
 def write_raw(path, graph, tensors, **meta_overrides):
     """A safetensors file with pyruntime metadata but none of write_model's checks: sealed
-    (format version 3) unless the overrides name an older version, which has no checksum."""
+    (format version 3 or later) unless the overrides name an older version, which has no
+    checksum; the graph gets its op list when the version (default: the current) has one."""
+    version = int(meta_overrides.get("pyruntime.format_version", FORMAT_VERSION))
     meta = {
         "pyruntime.magic": MAGIC,
         "pyruntime.format_version": str(FORMAT_VERSION),
-        "pyruntime.graph": json.dumps(graph),
+        "pyruntime.graph": json.dumps(with_ops(graph) if version >= 4 else graph),
         "pyruntime.policy": POLICY,
         "pyruntime.provenance": json.dumps(PROVENANCE),
         "pyruntime.checksums": json.dumps({k: modelfile._crc32(v) for k, v in tensors.items()}),
@@ -81,7 +83,7 @@ def write_raw(path, graph, tensors, **meta_overrides):
 def test_round_trip(model):
     path, graph, tensors = model
     g, t, policy_json, provenance = read_model(path)
-    assert g == graph
+    assert g == with_ops(graph) and "ops" not in graph
     assert policy_json == POLICY and provenance == PROVENANCE
     assert set(t) == set(tensors)
     for k in tensors:
@@ -94,7 +96,7 @@ def test_metadata_keys(model):
     with safe_open(str(path), framework="numpy") as f:
         meta = f.metadata()
     assert meta["pyruntime.magic"] == "pyruntime-vit"
-    assert meta["pyruntime.format_version"] == "3"
+    assert meta["pyruntime.format_version"] == "4"
     assert len(meta[KEY_HEADER_SHA256]) == 64 and int(meta[KEY_HEADER_SHA256], 16) >= 0
     checksums = json.loads(meta["pyruntime.checksums"])
     assert set(checksums) == set(tensors)
@@ -103,7 +105,7 @@ def test_metadata_keys(model):
 
 def test_read_header_reads_no_tensors(model):
     path, graph, _ = model
-    assert read_header(path).graph == graph
+    assert read_header(path).graph == with_ops(graph)
 
 
 def test_int4_pack_round_trip():
@@ -160,17 +162,17 @@ def test_newer_version(model):
         read_model(path)
 
 
-def test_every_file_is_written_as_version_3(tmp_path):
+def test_every_file_is_written_as_version_4(tmp_path):
     graph = tiny_graph()
     tensors = random_tensors(graph)
     graph["attention"] = {"bits": 8}
     path = tmp_path / "a8.pyrt"
     write_model(path, graph, tensors, POLICY, PROVENANCE)
     h = read_header(path)
-    assert h.version == 3 and h.graph["attention"] == {"bits": 8}
+    assert h.version == 4 and h.graph["attention"] == {"bits": 8} and h.graph["ops"] == with_ops(graph)["ops"]
     graph["attention"] = {"bits": 32}
     write_model(tmp_path / "a32.pyrt", graph, tensors, POLICY, PROVENANCE)
-    assert read_header(tmp_path / "a32.pyrt").version == 3
+    assert read_header(tmp_path / "a32.pyrt").version == 4
 
 
 def test_version_1_file_cannot_claim_int8_attention(tmp_path):
@@ -411,7 +413,7 @@ def test_policy_json_must_be_json(tmp_path):
     (b'"num_heads\\":2', b'"num_heads\\":1'),          # two bits: the attention splits differently
     (b'"eps\\":1e-06', b'"eps\\":1e-04'),              # LayerNorm changes silently
     (b'\\"threshold\\":0.7', b'\\"threshold\\":0.3'),    # exits fire on other images
-    (b'"pyruntime.format_version":"3"', b'"pyruntime.format_version":"1"'),  # no skipping the check
+    (b'"pyruntime.format_version":"4"', b'"pyruntime.format_version":"1"'),  # no skipping the check
     (b'"dtype":"F32"', b'"dtype":"I32"'),              # the tensor table is covered too
 ])
 def test_flipped_header_bytes_fail_the_header_checksum(model, old, new):
@@ -440,7 +442,7 @@ def test_old_versions_without_header_checksum_still_load(tmp_path, version, atte
     write_raw(path, graph, tensors, **{"pyruntime.format_version": version})  # the old layout, by hand
     assert KEY_HEADER_SHA256 not in header_of(path)[0]["__metadata__"]
     g, t, _, _ = read_model(path)
-    assert g == graph and read_header(path).version == int(version)
+    assert g == with_ops(graph) and read_header(path).version == int(version)
 
 
 # --- deeply nested JSON ---------------------------------------------------------------------------

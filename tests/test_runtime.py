@@ -258,7 +258,7 @@ def test_bad_files_raise_format_error(tmp_path):
         "truncated": raw[: len(raw) - 100],
         "tiny": raw[:5],
         "flipped": raw[:-40] + bytes([raw[-40] ^ 0x10]) + raw[-39:],
-        "newer": raw.replace(b'"pyruntime.format_version":"3"', b'"pyruntime.format_version":"9"'),
+        "newer": raw.replace(b'"pyruntime.format_version":"4"', b'"pyruntime.format_version":"9"'),
         "magic": raw.replace(b"pyruntime-vit", b"pyruntime-xyz"),
         "garbage": b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"{not json at all}" + b"\x00" * 40,
     }

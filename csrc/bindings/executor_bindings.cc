@@ -5,9 +5,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <optional>
 #include <string>
+#include <variant>
 
 #include "bindings/gil.h"
 #include "cpu/cpu.h"
@@ -177,84 +180,215 @@ Gate gate(const py::dict& graph, const py::dict& t, int block) {
   return g;
 }
 
-ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
-  ModelSpec s;
-  const py::dict ad = get<py::dict>(graph, "arch", "graph");
-  Arch& a = s.arch;
-  const auto img = get<std::vector<size_t>>(ad, "img_size", "arch");
-  const auto patch = get<std::vector<size_t>>(ad, "patch_size", "arch");
-  if (img.size() != 2 || patch.size() != 2) bad("arch: img_size and patch_size must have two values");
-  a.img_h = img[0];
-  a.img_w = img[1];
-  a.patch_h = patch[0];
-  a.patch_w = patch[1];
-  a.in_chans = get<size_t>(ad, "in_chans", "arch");
-  a.embed_dim = get<size_t>(ad, "embed_dim", "arch");
-  a.depth = get<size_t>(ad, "depth", "arch");
-  a.num_heads = get<size_t>(ad, "num_heads", "arch");
-  a.mlp_hidden = get<size_t>(ad, "mlp_hidden", "arch");
-  a.num_classes = get<size_t>(ad, "num_classes", "arch");
-  a.cls_token = get<bool>(ad, "cls_token", "arch");
-  a.dist_token = get<bool>(ad, "dist_token", "arch");
-  a.reg_tokens = get<size_t>(ad, "reg_tokens", "arch");
-  a.no_embed_class = get<bool>(ad, "no_embed_class", "arch");
-  const std::string pool = get<std::string>(ad, "global_pool", "arch");
-  if (pool != "token" && pool != "avg") bad("arch: unsupported global_pool '" + pool + "'");
-  a.avg_pool = pool == "avg";
-  a.fc_norm = get<bool>(ad, "fc_norm", "arch");
-  a.final_norm = get<bool>(ad, "final_norm", "arch");
-  a.norm_pre = get<bool>(ad, "norm_pre", "arch");
-  a.eps = get<float>(ad, "eps", "arch");
-  try {
-    check_arch_limits(a);
-  } catch (const std::invalid_argument& e) {
-    bad(e.what());
-  }
+// --- the op list -> typed op structs ---------------------------------------------------------
 
-  const size_t D = a.embed_dim;
-  s.patch_embed = linear(graph, t, "patch_embed", D, a.patch_dim());
-  if (a.cls_token) s.cls_token = floats(t, "cls_token");
-  if (a.dist_token) s.dist_token = floats(t, "dist_token");
-  if (a.reg_tokens) s.reg_token = floats(t, "reg_token");
-  s.pos_embed = floats(t, "pos_embed");
-  if (a.norm_pre) s.norm_pre = norm(t, "norm_pre");
-  if (a.final_norm) s.norm = norm(t, "norm");
-  if (a.fc_norm) s.fc_norm = norm(t, "fc_norm");
-  for (size_t i = 0; i < a.depth; ++i) {
-    const std::string b = "blocks." + std::to_string(i);
-    Block blk;
-    blk.norm1 = norm(t, b + ".norm1");
-    blk.norm2 = norm(t, b + ".norm2");
-    blk.qkv = linear(graph, t, b + ".attn.qkv", 3 * D, D);
-    blk.proj = linear(graph, t, b + ".attn.proj", D, D);
-    blk.fc1 = linear(graph, t, b + ".mlp.fc1", a.mlp_hidden, D);
-    blk.fc2 = linear(graph, t, b + ".mlp.fc2", D, a.mlp_hidden);
-    blk.qkv_lo = linear_lo(graph, t, b + ".attn.qkv", 3 * D, D);
-    blk.proj_lo = linear_lo(graph, t, b + ".attn.proj", D, D);
-    blk.fc1_lo = linear_lo(graph, t, b + ".mlp.fc1", a.mlp_hidden, D);
-    blk.fc2_lo = linear_lo(graph, t, b + ".mlp.fc2", D, a.mlp_hidden);
-    blk.ls1 = floats_if(t, b + ".ls1.gamma");
-    blk.ls2 = floats_if(t, b + ".ls2.gamma");
-    s.blocks.push_back(std::move(blk));
+// What parsing one op knows: the graph, the tensors, the tensor ids and shapes so far.
+struct Parser {
+  const py::dict& graph;
+  const py::dict& t;
+  ModelSpec& s;
+  std::map<std::string, int> ids{{"image", 0}};
+
+  int input(const std::string& op, const std::string& name) const {
+    const auto it = ids.find(name);
+    if (it == ids.end()) bad("op '" + op + "': input tensor '" + name + "' is produced by no earlier op");
+    return it->second;
   }
-  if (graph.contains("exits") && !graph["exits"].is_none()) {
+  int output(const std::string& op, const std::string& name, TensorShape shape) {
+    if (ids.count(name)) bad("op '" + op + "': output tensor '" + name + "' is already defined");
+    if (shape.rows > kMaxTokens)
+      bad("op '" + op + "': " + std::to_string(shape.rows) + " tokens per image exceed the limit of " + std::to_string(kMaxTokens));
+    if (shape.rows == 0 || shape.width == 0 || shape.width > 3 * kMaxDim)
+      bad("op '" + op + "': output '" + name + "' has an unsupported shape");
+    ids[name] = int(s.tensors.size());
+    s.tensors.push_back(shape);
+    return ids[name];
+  }
+};
+
+size_t bounded(const py::dict& attrs, const char* key, const std::string& op, size_t most) {
+  const size_t v = get<size_t>(attrs, key, "op '" + op + "'");
+  if (v == 0 || v > most) bad("op '" + op + "': " + key + " must be in 1.." + std::to_string(most));
+  return v;
+}
+
+std::string str_of(const py::dict& d, const char* key, const std::string& where) { return get<std::string>(d, key, where); }
+
+// The exit entry of graph.exits for a block: rule, threshold, gate.
+ExitHead exit_entry(const py::dict& graph, const py::dict& t, int block) {
+  if (graph.contains("exits") && !graph["exits"].is_none())
     for (const py::handle& h : graph["exits"].cast<py::list>()) {
       const py::dict e = h.cast<py::dict>();
+      if (get<int>(e, "block", "exit") != block) continue;
       ExitHead x;
-      x.block = get<int>(e, "block", "exit");
-      const std::string n = "exits." + std::to_string(x.block);
-      x.norm = norm(t, n + ".norm");
-      x.fc = linear(graph, t, n + ".fc", a.num_classes, D);
+      x.block = block;
+      const std::string n = "exits." + std::to_string(block);
       const std::string rule = get<std::string>(e, "rule", n);
       if (rule != "confidence" && rule != "margin" && rule != "gate") bad(n + ": unknown exit rule '" + rule + "'");
       x.rule = rule == "confidence" ? ExitRule::kConfidence : rule == "margin" ? ExitRule::kMargin : ExitRule::kGate;
       x.threshold = get<float>(e, "threshold", n);
       if (x.rule == ExitRule::kGate) x.gate = gate(graph, t, x.block);
-      s.exits.push_back(std::move(x));
+      return x;
     }
+  bad("an exit op after block " + std::to_string(block) + " has no entry in graph.exits");
+}
+
+// The name profiles time an op by: the embedding's token assembly as one "embed", the head as
+// one "head", the attention core as "<name>.core", everything else by its name
+// (pyruntime/latency.py reads these).
+std::string timer_name(const std::string& kind, const std::string& name, int block, bool before_blocks) {
+  if (block < 0 && kind != "patch_embed") return before_blocks ? "embed" : "head";
+  return kind == "attention" ? name + ".core" : name;
+}
+
+// One op of the graph as its typed struct, with its output tensors' shapes: one case per kind.
+Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
+  Op op;
+  op.name = str_of(d, "name", "op");
+  const std::string kind = str_of(d, "op", op.name);
+  const std::string& n = op.name;
+  const py::dict attrs = get<py::dict>(d, "attrs", n);
+  const py::dict w = get<py::dict>(d, "weights", n);
+  op.block = d["block"].is_none() ? -1 : get<int>(d, "block", n);
+  const auto ins = get<std::vector<std::string>>(d, "in", n), outs = get<std::vector<std::string>>(d, "out", n);
+  for (const std::string& i : ins) op.in.push_back(ps.input(n, i));
+  op.timer = timer_name(kind, n, op.block, before_blocks);
+  auto arity = [&](size_t ni, size_t no) {
+    if (ins.size() != ni || outs.size() != no)
+      bad("op '" + n + "' (" + kind + "): takes " + std::to_string(ni) + " inputs and gives " + std::to_string(no));
+  };
+  auto x = [&](size_t i = 0) { return ps.s.tensors[size_t(op.in[i])]; };
+  auto role = [&](const char* r) { return str_of(w, r, n + " weights"); };
+  auto out = [&](TensorShape sh, size_t i = 0) { op.out.push_back(ps.output(n, outs[i], sh)); };
+  auto same_shape = [&] {
+    if (op.in[0] == 0) bad("op '" + n + "' (" + kind + "): cannot take the image");
+  };
+  Arch& a = ps.s.arch;
+  if (kind == "patch_embed") {
+    arity(1, 1);
+    if (op.in[0] != 0) bad("op '" + n + "': patch_embed takes the image");
+    const auto img = get<std::vector<size_t>>(attrs, "img_size", n), patch = get<std::vector<size_t>>(attrs, "patch_size", n);
+    if (img.size() != 2 || patch.size() != 2) bad("op '" + n + "': img_size and patch_size must have two values");
+    a.img_h = img[0], a.img_w = img[1], a.patch_h = patch[0], a.patch_w = patch[1];
+    a.in_chans = get<size_t>(attrs, "in_chans", n);
+    a.embed_dim = get<size_t>(attrs, "out_features", n);
+    a.depth = a.num_classes = 1;  // checked for real once known
+    try {
+      check_arch_limits(a);
+    } catch (const std::invalid_argument& e) {
+      bad(e.what());
+    }
+    if (a.img_h % a.patch_h || a.img_w % a.patch_w) bad("image size is not a multiple of the patch size");
+    op.kind = PatchEmbedOp{linear(ps.graph, ps.t, role("layer"), a.embed_dim, a.patch_dim())};
+    out({a.num_patches(), a.embed_dim});
+  } else if (kind == "prefix_tokens") {
+    arity(1, 1);
+    same_shape();
+    PrefixTokensOp k;
+    size_t count = 0;
+    for (const auto& [r, flag] : {std::pair<const char*, const char*>{"cls", "cls"}, {"dist", "dist"}, {"reg", "reg"}}) {
+      const size_t m = std::string(r) == "reg" ? get<size_t>(attrs, flag, n) : size_t(get<bool>(attrs, flag, n));
+      if (m > kMaxTokens) bad("op '" + n + "': too many prefix tokens");
+      if (m == 0) continue;
+      const std::vector<float> v = floats(ps.t, role(r));
+      if (v.size() != m * x().width) bad("op '" + n + "': tensor '" + role(r) + "' has the wrong size");
+      k.rows.insert(k.rows.end(), v.begin(), v.end());
+      count += m;
+    }
+    a.num_prefix = count;
+    out({x().rows + count, x().width});
+    op.kind = std::move(k);
+  } else if (kind == "pos_embed") {
+    arity(1, 1);
+    same_shape();
+    op.kind = PosEmbedOp{floats(ps.t, role("pos"))};
+    out(x());
+  } else if (kind == "layernorm") {
+    arity(1, 1);
+    same_shape();
+    op.kind = LayerNormOp{{floats(ps.t, role("weight")), floats(ps.t, role("bias"))}, get<float>(attrs, "eps", n)};
+    out(x());
+  } else if (kind == "linear") {
+    arity(1, 1);
+    same_shape();
+    const size_t N = bounded(attrs, "out_features", n, kMaxDim), K = bounded(attrs, "in_features", n, kMaxDim);
+    if (K != x().width) bad("op '" + n + "': input has " + std::to_string(x().width) + " features, in_features is " + std::to_string(K));
+    const std::string layer = role("layer");
+    op.kind = LinearOp{linear(ps.graph, ps.t, layer, N, K), linear_lo(ps.graph, ps.t, layer, N, K)};
+    out({x().rows, N});
+  } else if (kind == "attention") {
+    arity(1, 1);
+    same_shape();
+    const size_t heads = bounded(attrs, "heads", n, kMaxDim);
+    if (x().width % (3 * heads)) bad("op '" + n + "': input width is not 3 x heads x head width");
+    op.kind = AttentionOp{heads};
+    out({x().rows, x().width / 3});
+  } else if (kind == "gelu" || kind == "add" || kind == "average") {
+    const bool binary = kind != "gelu";
+    arity(binary ? 2 : 1, 1);
+    same_shape();
+    if (binary && (x(1).rows != x().rows || x(1).width != x().width)) bad("op '" + n + "': inputs differ in shape");
+    if (kind == "gelu") op.kind = GeluOp{};
+    else if (kind == "add") op.kind = AddOp{};
+    else op.kind = AverageOp{};
+    out(x());
+  } else if (kind == "layer_scale") {
+    arity(1, 1);
+    same_shape();
+    op.kind = LayerScaleOp{floats(ps.t, role("gamma"))};
+    out(x());
+  } else if (kind == "pool" || kind == "exit") {
+    arity(1, kind == "pool" ? 1 : 2);
+    same_shape();
+    const std::string mode = str_of(attrs, "mode", n);
+    if (mode != "token" && mode != "avg") bad("op '" + n + "': unsupported pooling mode '" + mode + "'");
+    const size_t start = get<size_t>(attrs, "start", n);
+    if (start >= x().rows) bad("op '" + n + "': start " + std::to_string(start) + " is outside the tokens");
+    if (kind == "pool") {
+      op.kind = PoolOp{mode == "avg", start};
+      out({1, x().width});
+    } else {
+      if (op.block < 0) bad("op '" + n + "': an exit belongs to a block");
+      ExitOp k{exit_entry(ps.graph, ps.t, op.block), mode == "avg", start};
+      const size_t NC = bounded(attrs, "out_features", n, kMaxDim);
+      k.head.norm = {floats(ps.t, role("norm.weight")), floats(ps.t, role("norm.bias"))};
+      k.head.eps = get<float>(attrs, "eps", n);
+      k.head.fc = linear(ps.graph, ps.t, role("layer"), NC, x().width);
+      out({1, NC}, 0);
+      out({1, x().width}, 1);
+      op.kind = std::move(k);
+    }
+  } else if (kind == "output") {
+    arity(3, 0);
+    a.num_classes = x(0).floats();
+    op.kind = OutputOp{};
+  } else {
+    bad("op '" + n + "': unknown op kind '" + kind + "'");
   }
-  s.head = linear(graph, t, "head", a.num_classes, D);
-  if (a.dist_token) s.head_dist = linear(graph, t, "head_dist", a.num_classes, D);
+  return op;
+}
+
+ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
+  ModelSpec s;
+  s.tensors.push_back({});  // the image
+  // A graph without its op list (format 2/3, or built in memory) runs its lowering.
+  const py::list ops = py::module_::import("pyruntime.graph").attr("executor_ops")(graph).cast<py::list>();
+  if (ops.size() < 2 || ops.size() > 64 * (kMaxDepth + 2)) bad("graph.ops must hold a program (2 to many ops)");
+  Parser ps{graph, t, s};
+  int depth = 0;
+  for (const py::handle& h : ops) {
+    const py::dict d = h.cast<py::dict>();
+    s.ops.push_back(parse_op(ps, d, depth == 0));
+    depth = std::max(depth, s.ops.back().block + 1);
+    if (s.ops.size() == 1 && !std::holds_alternative<PatchEmbedOp>(s.ops[0].kind)) bad("the program must start with patch_embed");
+  }
+  Arch& a = s.arch;
+  a.depth = size_t(depth);
+  try {
+    check_arch_limits(a);
+  } catch (const std::invalid_argument& e) {
+    bad(e.what());
+  }
   if (graph.contains("gates") && !graph["gates"].is_none())
     s.gate_lambda = get<float>(graph["gates"].cast<py::dict>(), "lambda", "gates");
   if (graph.contains("attention") && !graph["attention"].is_none())
@@ -265,6 +399,11 @@ ModelSpec build_spec(const py::dict& graph, const py::dict& t) {
     s.predictor.chunk = get<size_t>(p, "chunk", "predictor");
   }
   return s;
+}
+
+size_t exit_count(const Executor& ex) {
+  return size_t(std::count_if(ex.spec().ops.begin(), ex.spec().ops.end(),
+                              [](const Op& op) { return std::holds_alternative<ExitOp>(op.kind); }));
 }
 
 py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::optional<long long> threads,
@@ -304,7 +443,7 @@ py::dict run(Executor& ex, py::array_t<float, py::array::c_style> x, std::option
   }
   out["isa"] = std::string(ctx.kt->name);
   if (collect_exits) {
-    py::array_t<float> el({ex.spec().exits.size(), B, a.num_classes});
+    py::array_t<float> el({exit_count(ex), B, a.num_classes});
     std::copy(r.exit_logits.begin(), r.exit_logits.end(), el.mutable_data());
     out["exit_logits"] = el;
   }
@@ -334,11 +473,12 @@ void register_executor(py::module_& m) {
       .def("reset_profile", &Executor::reset_profile)
       .def_property_readonly("scratch_bytes", &Executor::scratch_bytes)
       .def_property_readonly("weight_bytes", [](const Executor& e) {
-        size_t n = e.spec().patch_embed.w.bytes() + e.spec().head.w.bytes();
-        for (const Block& b : e.spec().blocks)
-          for (const LinearLayer* l : {&b.qkv, &b.proj, &b.fc1, &b.fc2, &b.qkv_lo, &b.proj_lo, &b.fc1_lo, &b.fc2_lo})
-            n += l->w.bytes();
-        for (const ExitHead& x : e.spec().exits) n += x.fc.w.bytes();
+        size_t n = 0;
+        for (const Op& op : e.spec().ops) {
+          if (auto* k = std::get_if<PatchEmbedOp>(&op.kind)) n += k->linear.w.bytes();
+          if (auto* k = std::get_if<LinearOp>(&op.kind)) n += k->full.w.bytes() + k->reduced.w.bytes();
+          if (auto* k = std::get_if<ExitOp>(&op.kind)) n += k->head.fc.w.bytes();
+        }
         return n;
       });
 }

@@ -83,19 +83,6 @@ void layernorm_rows(const RunContext& ctx, const LayerNormParams& p, float eps, 
   });
 }
 
-// x += gamma * h (gamma empty: x += h).
-void residual(const RunContext& ctx, const std::vector<float>& gamma, const float* h, size_t rows,
-              size_t D, float* x) {
-  parallel_rows(ctx, rows, D, [&](size_t r0, size_t r1) {
-    if (gamma.empty()) {
-      ctx.kt->add((r1 - r0) * D, x + r0 * D, h + r0 * D, x + r0 * D);
-      return;
-    }
-    for (size_t r = r0; r < r1; ++r)
-      for (size_t d = 0; d < D; ++d) x[r * D + d] += gamma[d] * h[r * D + d];
-  });
-}
-
 float eval_poly(const std::vector<float>& c, float r) {
   double s = 0.0;
   for (size_t k = c.size(); k-- > 0;) s = s * r + c[k];
@@ -286,19 +273,19 @@ void check_arch_limits(const Arch& a) {
   within(a.in_chans, kMaxDim, "in_chans");
   within(a.embed_dim, kMaxDim, "embed_dim");
   within(a.depth, kMaxDepth, "depth");
-  within(a.num_heads, a.embed_dim, "num_heads");
-  within(a.mlp_hidden, kMaxDim, "mlp_hidden");
   within(a.num_classes, kMaxDim, "num_classes");
-  if (a.reg_tokens > kMaxTokens) fail("arch: reg_tokens exceeds " + std::to_string(kMaxTokens));
+  if (a.num_prefix > kMaxTokens) fail("arch: " + std::to_string(a.num_prefix) + " prefix tokens exceed " + std::to_string(kMaxTokens));
   // in_chans * patch area is the patch embedding's K; the patch sides are bounded by the image's.
   if (a.patch_dim() > kMaxK) fail("arch: a patch holds " + std::to_string(a.patch_dim()) + " values, more than " + std::to_string(kMaxK));
   if (a.tokens() > kMaxTokens)
     fail("arch: " + std::to_string(a.tokens()) + " tokens per image exceed the limit of " + std::to_string(kMaxTokens));
-  if (!(a.eps > 0.0f) || !std::isfinite(a.eps)) fail("arch: eps must be a positive finite float32");
 }
 
 struct ExecWorkspace {
-  AlignedBuffer<float> patches, x, h, qkv, attn, mlp, pooled, pooled2, logits, logits2;
+  // x: the residual stream of the batch; slots: the buffers a segment's tensors live in
+  // (Plan); patches: the patch embedding's unfolded input; the rest: the exit heads'.
+  AlignedBuffer<float> patches, x, pooled, pooled2, logits;
+  std::vector<AlignedBuffer<float>> slots;
   AttnScratch attn_scratch;
   QuantizedActs qa;
   std::vector<float> row_scale;
@@ -306,9 +293,10 @@ struct ExecWorkspace {
   // Calls f on every buffer.
   template <typename F>
   void each(F&& f) {
-    for (auto* b : {&patches, &x, &h, &qkv, &attn, &mlp, &pooled, &pooled2, &logits, &logits2, &attn_scratch.kv_pack,
-                    &attn_scratch.kv_scales, &qa.scale, &qa.inv_scale})
+    for (auto* b : {&patches, &x, &pooled, &pooled2, &logits, &attn_scratch.kv_pack, &attn_scratch.kv_scales,
+                    &qa.scale, &qa.inv_scale})
       f(*b);
+    for (auto& b : slots) f(b);
     f(attn_scratch.kv_q8);
     f(qa.q);
     f(qa.bsum);
@@ -358,8 +346,162 @@ void reset_executor_locks_in_child() {
   for (Executor* e : registry()) new (&e->mu_) std::mutex;
 }
 
+
+// --- the plan: the op list cut into segments, each tensor in a buffer slot ----------------------
+
+namespace {
+constexpr int kStream = -1;  // the residual stream ws.x (a block's or the head's input)
+constexpr int kImage = -2;   // the input images
+
+// Ops whose output may overwrite their first input once nothing reads it any more.
+bool in_place(const OpKind& k) {
+  return std::holds_alternative<LayerNormOp>(k) || std::holds_alternative<GeluOp>(k) ||
+         std::holds_alternative<LayerScaleOp>(k) || std::holds_alternative<AddOp>(k) ||
+         std::holds_alternative<AverageOp>(k) || std::holds_alternative<PosEmbedOp>(k);
+}
+}  // namespace
+
+// Ops run together on a group of images: the embedding, one block's body, or the head.
+struct Segment {
+  std::vector<size_t> ops;          // indices into ModelSpec::ops, in order
+  int in = -1, out = -1;            // tensor ids: what the segment reads and leaves
+  std::map<int, int> slot;          // tensor -> buffer slot, kStream or kImage
+  std::vector<size_t> slot_floats;  // per slot: the most floats one image's tensor there needs
+  size_t max_floats = 0;            // the largest tensor of one image (sets the group size)
+};
+
+struct Plan {
+  Segment embed, head;
+  std::vector<Segment> blocks;
+  std::vector<int> exit_of_block;   // op index of the block's exit, -1 for none
+  std::vector<const ExitOp*> exits; // in block order (collect_exits' order)
+  std::vector<uint8_t> has_reduced; // per block: some linear has a QuEE copy
+  std::vector<size_t> tokens_chain; // head ops from the stream to the tokens output
+  int logits = -1, features = -1, tokens = -1;
+};
+
+void Executor::PlanDeleter::operator()(Plan* p) const { delete p; }
+
+namespace {
+
+// Slots by liveness: an in-place op takes over its first input's slot when that input is read
+// no further; every other output takes a free slot (or a new one). `keep` are read after the
+// segment (never freed).
+Segment plan_segment(const ModelSpec& s, std::vector<size_t> ops, int in, int in_slot, const std::set<int>& keep) {
+  Segment g;
+  g.ops = std::move(ops);
+  g.in = in;
+  g.slot[in] = in_slot;
+  std::map<int, size_t> last;
+  for (size_t i = 0; i < g.ops.size(); ++i)
+    for (int t : s.ops[g.ops[i]].in) last[t] = i;
+  std::vector<int> free;
+  auto floats = [&](int t) { return s.tensors[size_t(t)].floats(); };
+  if (in_slot != kImage) g.max_floats = floats(in);
+  for (size_t i = 0; i < g.ops.size(); ++i) {
+    const Op& op = s.ops[g.ops[i]];
+    for (int t : op.in)
+      if (!g.slot.count(t)) fail(op.name + ": input tensor " + std::to_string(t) + " is not computed in its segment");
+    std::vector<int> dying;
+    for (int t : op.in)
+      if (last[t] == i && !keep.count(t) && std::find(dying.begin(), dying.end(), t) == dying.end()) dying.push_back(t);
+    for (size_t o = 0; o < op.out.size(); ++o) {
+      const int t = op.out[o];
+      g.max_floats = std::max(g.max_floats, floats(t));
+      const int first = op.in.empty() ? kImage : op.in[0];
+      const auto it = std::find(dying.begin(), dying.end(), first);
+      if (o == 0 && in_place(op.kind) && it != dying.end() && g.slot[first] != kImage && floats(first) == floats(t)) {
+        g.slot[t] = g.slot[first];
+        dying.erase(it);
+        continue;
+      }
+      int k;
+      if (!free.empty()) {
+        k = free.back();
+        free.pop_back();
+      } else {
+        k = int(g.slot_floats.size());
+        g.slot_floats.push_back(0);
+      }
+      g.slot_floats[size_t(k)] = std::max(g.slot_floats[size_t(k)], floats(t));
+      g.slot[t] = k;
+    }
+    for (int t : dying)
+      if (g.slot[t] >= 0) free.push_back(g.slot[t]);
+  }
+  g.out = g.ops.empty() ? in : s.ops[g.ops.back()].out[0];
+  return g;
+}
+
+Plan make_plan(const ModelSpec& s) {
+  Plan p;
+  const size_t depth = s.arch.depth, n = s.ops.size();
+  if (n < 2 || !std::holds_alternative<PatchEmbedOp>(s.ops[0].kind) || !std::holds_alternative<OutputOp>(s.ops[n - 1].kind))
+    fail("the program must start with patch_embed and end with output");
+  size_t i = 0;
+  std::vector<size_t> embed;
+  for (; i < n && s.ops[i].block < 0; ++i) embed.push_back(i);
+  p.embed = plan_segment(s, embed, 0, kImage, {});
+  int stream = p.embed.out;
+  p.exit_of_block.assign(depth, -1);
+  p.has_reduced.assign(depth, 0);
+  for (size_t b = 0; b < depth; ++b) {
+    std::vector<size_t> body;
+    for (; i < n && s.ops[i].block == int(b) && !std::holds_alternative<ExitOp>(s.ops[i].kind); ++i) {
+      body.push_back(i);
+      if (auto* l = std::get_if<LinearOp>(&s.ops[i].kind)) p.has_reduced[b] |= l->reduced.w.bits != 0;
+      if (std::holds_alternative<PatchEmbedOp>(s.ops[i].kind) || std::holds_alternative<OutputOp>(s.ops[i].kind) ||
+          std::holds_alternative<PrefixTokensOp>(s.ops[i].kind))
+        fail(s.ops[i].name + ": this op kind cannot run inside a block");
+    }
+    if (body.empty()) fail("block " + std::to_string(b) + " has no ops (blocks must come in order)");
+    p.blocks.push_back(plan_segment(s, body, stream, kStream, {}));
+    stream = p.blocks.back().out;
+    const TensorShape& st = s.tensors[size_t(stream)];
+    if (st.rows != s.arch.tokens() || st.width != s.arch.embed_dim)
+      fail("block " + std::to_string(b) + " must leave token rows [T x D]");
+    if (i < n && s.ops[i].block == int(b)) {  // its exit
+      const auto* e = std::get_if<ExitOp>(&s.ops[i].kind);
+      if (s.ops[i].in.size() != 1 || s.ops[i].in[0] != stream)
+        fail(s.ops[i].name + ": an exit reads its block's output");
+      p.exit_of_block[b] = int(i);
+      p.exits.push_back(e);
+      ++i;
+    }
+  }
+  std::vector<size_t> head;
+  for (; i + 1 < n; ++i) {
+    if (s.ops[i].block >= 0) fail(s.ops[i].name + ": block ops after the head started");
+    head.push_back(i);
+  }
+  const Op& out = s.ops[n - 1];
+  if (out.in.size() != 3) fail("output takes logits, features and tokens");
+  p.logits = out.in[0];
+  p.features = out.in[1];
+  p.tokens = out.in[2];
+  p.head = plan_segment(s, head, stream, kStream, {p.logits, p.features, p.tokens});
+  for (int t : {p.logits, p.features, p.tokens})
+    if (!p.head.slot.count(t)) fail("output: its inputs must be computed after the last block");
+  // The ops an early-exiting image's tokens go through: single-input in-place ops from the
+  // stream to the tokens output.
+  std::map<int, size_t> producer;
+  for (size_t k : head) producer[s.ops[k].out[0]] = k;
+  for (int t = p.tokens; t != stream;) {
+    const auto it = producer.find(t);
+    if (it == producer.end()) fail("output: tokens must come from the last block's output");
+    const Op& op = s.ops[it->second];
+    if (op.in.size() != 1 || !in_place(op.kind)) fail(op.name + ": the tokens output must come through single-input elementwise ops");
+    p.tokens_chain.insert(p.tokens_chain.begin(), it->second);
+    t = op.in[0];
+  }
+  return p;
+}
+
+}  // namespace
+
 Executor::Executor(ModelSpec spec) : spec_(std::move(spec)), ws_(new ExecWorkspace) {
   validate();
+  plan_.reset(new Plan(make_plan(spec_)));
   static std::once_flag at_fork;
   std::call_once(at_fork, [] { pthread_atfork(nullptr, nullptr, reset_executor_locks_in_child); });
   std::lock_guard<std::mutex> lk(registry_mutex());
@@ -371,84 +513,81 @@ Executor::~Executor() {
   registry().erase(this);
 }
 
+// Every op's weights against the shapes of its tensors, and the scale sources' order.
 void Executor::validate() const {
   const Arch& a = spec_.arch;
   check_arch_limits(a);
-  if (!a.img_h || !a.img_w || !a.patch_h || !a.patch_w || !a.in_chans || !a.embed_dim || !a.depth ||
-      !a.num_heads || !a.mlp_hidden || !a.num_classes)
-    fail("architecture has a zero dimension");
-  if (a.img_h % a.patch_h || a.img_w % a.patch_w) fail("image size is not a multiple of the patch size");
-  if (a.embed_dim % a.num_heads) fail("embed_dim is not a multiple of num_heads");
-  if (!a.avg_pool && !a.cls_token) fail("token pooling needs a class token");
-  if (a.avg_pool && a.num_patches() == 0) fail("average pooling needs patches");
-  const size_t D = a.embed_dim;
-  expect_linear(spec_.patch_embed, D, a.patch_dim());
-  expect_size(spec_.cls_token, a.cls_token ? D : 0, "cls_token");
-  expect_size(spec_.dist_token, a.dist_token ? D : 0, "dist_token");
-  expect_size(spec_.reg_token, a.reg_tokens * D, "reg_token");
-  expect_size(spec_.pos_embed, (a.no_embed_class ? a.num_patches() : a.tokens()) * D, "pos_embed");
-  if (a.norm_pre) expect_norm(spec_.norm_pre, D, "norm_pre");
-  if (a.final_norm) expect_norm(spec_.norm, D, "norm");
-  if (a.fc_norm) expect_norm(spec_.fc_norm, D, "fc_norm");
-  if (spec_.blocks.size() != a.depth) fail("graph has a different number of blocks than depth");
-  for (size_t i = 0; i < a.depth; ++i) {
-    const Block& b = spec_.blocks[i];
-    const std::string n = "blocks." + std::to_string(i);
-    expect_norm(b.norm1, D, n + ".norm1");
-    expect_norm(b.norm2, D, n + ".norm2");
-    expect_linear(b.qkv, 3 * D, D);
-    expect_linear(b.proj, D, D);
-    expect_linear(b.fc1, a.mlp_hidden, D);
-    expect_linear(b.fc2, D, a.mlp_hidden);
-    auto expect_lo = [&](const LinearLayer& lo, size_t N, size_t K) {
-      if (lo.w.bits != 0) expect_linear(lo, N, K);
-    };
-    expect_lo(b.qkv_lo, 3 * D, D);
-    expect_lo(b.proj_lo, D, D);
-    expect_lo(b.fc1_lo, a.mlp_hidden, D);
-    expect_lo(b.fc2_lo, D, a.mlp_hidden);
-    if (!b.ls1.empty()) expect_size(b.ls1, D, n + ".ls1.gamma");
-    if (!b.ls2.empty()) expect_size(b.ls2, D, n + ".ls2.gamma");
-  }
-  int prev = -1;
-  for (const ExitHead& e : spec_.exits) {
-    if (e.block <= prev || e.block >= int(a.depth) - 1)
-      fail("exit blocks must be increasing and < depth - 1 (the final head answers after the last block)");
-    prev = e.block;
-    expect_norm(e.norm, D, "exits." + std::to_string(e.block) + ".norm");
-    expect_linear(e.fc, a.num_classes, D);
-    if (!(e.threshold >= 0.0f && e.threshold <= 1.0f)) fail("exit thresholds must lie in [0, 1]");
-    if (e.rule == ExitRule::kGate) {
-      const Gate& g = e.gate;
-      const std::string n = "gates." + std::to_string(e.block);
-      if (g.topk < 1 || g.topk > a.num_classes || g.hidden < 1) fail(n + ": bad gate sizes");
-      expect_size(g.w1, g.hidden * (g.topk + 1), n + ".fc1.weight");
-      expect_size(g.b1, g.hidden, n + ".fc1.bias");
-      expect_size(g.w2, 3 * g.hidden, n + ".fc2.weight");
-      expect_size(g.b2, 3, n + ".fc2.bias");
-      for (float c : g.cost)
-        if (!(c >= 0.0f) || !std::isfinite(c)) fail(n + ": path costs must be finite and >= 0");
+  const size_t D = a.embed_dim, NC = a.num_classes;
+  const Predictor& pr = spec_.predictor;
+  if (pr.block >= int(a.depth) || (pr.block >= 0 && pr.chunk == 0)) fail("bad scale predictor");
+  auto check_predicted = [&](const LinearLayer& l, int block) {
+    if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && (pr.block < 0 || block <= pr.block))
+      fail(l.name + ": a predicted scale needs a predictor at an earlier block");
+  };
+  auto shape = [&](const Op& op, int t) -> const TensorShape& {
+    if (t < 0 || size_t(t) >= spec_.tensors.size()) fail(op.name + ": tensor id out of range");
+    return spec_.tensors[size_t(t)];
+  };
+  int prev_exit = -1;
+  for (const Op& op : spec_.ops) {
+    for (int t : op.in) shape(op, t);
+    for (int t : op.out) shape(op, t);
+    const int order = op.block < 0 ? (&op == &spec_.ops.front() ? -1 : int(a.depth)) : op.block;
+    const TensorShape* x = op.in.empty() ? nullptr : &shape(op, op.in[0]);
+    if (auto* k = std::get_if<PatchEmbedOp>(&op.kind)) {
+      expect_linear(k->linear, D, a.patch_dim());
+      check_predicted(k->linear, -1);
+    } else if (auto* k = std::get_if<PrefixTokensOp>(&op.kind)) {
+      expect_size(k->rows, a.num_prefix * D, op.name + " prefix tokens");
+    } else if (auto* k = std::get_if<PosEmbedOp>(&op.kind)) {
+      expect_size(k->pos, x->floats(), op.name + " pos");
+    } else if (auto* k = std::get_if<LayerNormOp>(&op.kind)) {
+      expect_norm(k->p, x->width, op.name);
+      if (!(k->eps > 0.0f) || !std::isfinite(k->eps)) fail(op.name + ": eps must be a positive finite float32");
+    } else if (auto* k = std::get_if<LinearOp>(&op.kind)) {
+      const TensorShape& y = shape(op, op.out[0]);
+      expect_linear(k->full, y.width, x->width);
+      check_predicted(k->full, order);
+      if (k->reduced.w.bits != 0) {
+        expect_linear(k->reduced, y.width, x->width);
+        check_predicted(k->reduced, order);
+      }
+    } else if (auto* k = std::get_if<AttentionOp>(&op.kind)) {
+      if (x->rows != a.tokens() || x->width != 3 * D || k->heads == 0 || D % k->heads)
+        fail(op.name + ": attention needs qkv [T x 3D] and heads dividing D");
+    } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
+      expect_size(k->gamma, x->width, op.name + " gamma");
+    } else if (auto* k = std::get_if<PoolOp>(&op.kind)) {
+      if (k->start >= x->rows) fail(op.name + ": pooling start outside the tokens");
+    } else if (auto* k = std::get_if<ExitOp>(&op.kind)) {
+      const ExitHead& e = k->head;
+      if (e.block <= prev_exit || e.block >= int(a.depth) - 1 || e.block != op.block)
+        fail("exit blocks must be increasing and < depth - 1 (the final head answers after the last block)");
+      prev_exit = e.block;
+      if (k->start >= x->rows) fail(op.name + ": pooling start outside the tokens");
+      expect_norm(e.norm, D, op.name + ".norm");
+      expect_linear(e.fc, NC, D);
+      check_predicted(e.fc, e.block);
+      if (!(e.threshold >= 0.0f && e.threshold <= 1.0f)) fail("exit thresholds must lie in [0, 1]");
+      if (e.rule == ExitRule::kGate) {
+        const Gate& g = e.gate;
+        const std::string n = "gates." + std::to_string(e.block);
+        if (g.topk < 1 || g.topk > NC || g.hidden < 1) fail(n + ": bad gate sizes");
+        expect_size(g.w1, g.hidden * (g.topk + 1), n + ".fc1.weight");
+        expect_size(g.b1, g.hidden, n + ".fc1.bias");
+        expect_size(g.w2, 3 * g.hidden, n + ".fc2.weight");
+        expect_size(g.b2, 3, n + ".fc2.bias");
+        for (float c : g.cost)
+          if (!(c >= 0.0f) || !std::isfinite(c)) fail(n + ": path costs must be finite and >= 0");
+      }
+    } else if (std::holds_alternative<OutputOp>(op.kind)) {
+      if (shape(op, op.in[0]).floats() != NC || shape(op, op.in[1]).floats() != D ||
+          shape(op, op.in[2]).rows != a.tokens() || shape(op, op.in[2]).width != D)
+        fail("output: logits [n], features [D] and tokens [T x D] expected");
     }
   }
   if (!(spec_.gate_lambda >= 0.0f) || !std::isfinite(spec_.gate_lambda)) fail("gate lambda must be finite and >= 0");
   if (spec_.attn_bits != 8 && spec_.attn_bits != 32) fail("attention bits must be 8 or 32");
-  expect_linear(spec_.head, a.num_classes, D);
-  if (a.dist_token) expect_linear(spec_.head_dist, a.num_classes, D);
-  const Predictor& p = spec_.predictor;
-  if (p.block >= int(a.depth) || (p.block >= 0 && p.chunk == 0)) fail("bad scale predictor");
-  auto check_predicted = [&](const LinearLayer& l, int block) {
-    if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && (p.block < 0 || block <= p.block))
-      fail(l.name + ": a predicted scale needs a predictor at an earlier block");
-  };
-  check_predicted(spec_.patch_embed, -1);
-  for (size_t i = 0; i < a.depth; ++i)
-    for (const LinearLayer* l : {&spec_.blocks[i].qkv, &spec_.blocks[i].proj, &spec_.blocks[i].fc1, &spec_.blocks[i].fc2,
-                                 &spec_.blocks[i].qkv_lo, &spec_.blocks[i].proj_lo, &spec_.blocks[i].fc1_lo,
-                                 &spec_.blocks[i].fc2_lo})
-      if (l->w.bits != 0) check_predicted(*l, int(i));
-  for (const ExitHead& e : spec_.exits) check_predicted(e.fc, e.block);
-  check_predicted(spec_.head, int(a.depth));
-  if (a.dist_token) check_predicted(spec_.head_dist, int(a.depth));
 }
 
 void Executor::set_profiling(bool on) {
@@ -491,9 +630,10 @@ struct Batch {
 
 class Runner {
  public:
-  Runner(const ModelSpec& s, const RunContext& ctx, ExecWorkspace& workspace, bool profiling,
+  Runner(const ModelSpec& s, const Plan& p, const RunContext& ctx, ExecWorkspace& workspace, bool profiling,
          std::map<std::string, double>& prof)
-      : s_(s), a_(s.arch), ctx_(ctx), ws(workspace), profiling_(profiling), prof_(prof) {}
+      : s_(s), p_(p), a_(s.arch), ctx_(ctx), ws(workspace), profiling_(profiling), prof_(prof),
+        ptr_(s.tensors.size(), nullptr) {}
 
   template <typename F>
   void timed(const std::string& name, F&& f) {
@@ -539,9 +679,9 @@ class Runner {
     gemm_q(ctx_, qa, l.w, l.bias.empty() ? nullptr : l.bias.data(), y, l.N());
   }
 
-  // A block linear over active images [first, first + count) (x and y hold just those):
-  // full-precision images (active[0, n_full)) with the primary weights, reduced-precision ones
-  // with the variant when the layer has one.
+  // A linear over active images [first, first + count) (x and y hold just those), T rows
+  // each: full-precision images (active[0, n_full)) with the primary weights, reduced-precision
+  // ones with the QuEE copy when the layer has one.
   void block_linear(const LinearLayer& full, const LinearLayer& reduced, const float* x, size_t T,
                     float* y, Batch& b, QuantizedActs& qa, std::vector<float>& row_scale,
                     size_t first, size_t count) {
@@ -557,8 +697,8 @@ class Runner {
   // Images are processed in waves so the packed K/V buffers stay small for big batches; each
   // wave packs K and V of every head (separate tasks: an odd head count balances better),
   // then runs query rows in tasks. fp32 or int8 operands as the spec says.
-  void attention(const float* qkv, size_t images, float* out, AttnScratch& ws) {
-    const size_t T = a_.tokens(), D = a_.embed_dim, H = a_.num_heads, dh = D / H;
+  void attention(const float* qkv, size_t images, float* out, AttnScratch& ws, size_t T, size_t D, size_t H) {
+    const size_t dh = D / H;
     const bool q8 = s_.attn_bits == 8;
     const AttnGeometry g(T, dh);
     const size_t threads = size_t(std::max(ctx_.threads, 1));
@@ -618,88 +758,182 @@ class Runner {
     }
   }
 
-  // The pooled token of each image (class token, or mean of the patch tokens).
-  void pool(const float* x, size_t images, float* pooled) {
-    const size_t T = a_.tokens(), D = a_.embed_dim, P0 = a_.num_prefix();
+  // Row `start` of each image's T x D tokens, or the mean of rows start..T-1.
+  void pool(const float* x, size_t images, size_t T, size_t D, bool avg, size_t start, float* pooled) {
     for (size_t i = 0; i < images; ++i) {
       const float* xi = x + i * T * D;
       float* pi = pooled + i * D;
-      if (!a_.avg_pool) {
-        std::memcpy(pi, xi, D * sizeof(float));
+      if (!avg) {
+        std::memcpy(pi, xi + start * D, D * sizeof(float));
         continue;
       }
       std::vector<double> acc(D, 0.0);
-      for (size_t t = P0; t < T; ++t)
+      for (size_t t = start; t < T; ++t)
         for (size_t d = 0; d < D; ++d) acc[d] += xi[t * D + d];
-      for (size_t d = 0; d < D; ++d) pi[d] = float(acc[d] / double(T - P0));
+      for (size_t d = 0; d < D; ++d) pi[d] = float(acc[d] / double(T - start));
     }
   }
 
-  // Patch embedding and token assembly, a group of images at a time: each group's patches are
-  // unfolded, embedded by one GEMM, then written with the prefix tokens and position
-  // embeddings into the residual stream ws.x.
-  void embed(const float* input, size_t B, Batch& batch) {
+  // Patches of `images` images in (c, i, j) order, row-major over the grid, into ws.patches.
+  void unfold(const float* input, size_t images) {
     const Arch& a = a_;
-    const size_t T = a.tokens(), D = a.embed_dim, P = a.num_patches(), PD = a.patch_dim(), P0 = a.num_prefix();
-    const size_t group = std::min(B, std::max<size_t>(1, kBlockGroupBytes / (P * std::max(PD, D) * sizeof(float))));
-    ws.patches.reserve_scratch(group * P * PD);
-    ws.h.reserve_scratch(group * P * D);
-    for (size_t g0 = 0; g0 < B; g0 += group) {
-      const size_t gi = std::min(group, B - g0);
-      timed("patch_embed.unfold", [&] {
-        // Over the input's rows in memory order (one task row = one image row of patches): each
-        // image row is read once, sequentially, and scattered to its grid row's patches; (c, i, j)
-        // order within a patch, like the conv weight.
-        const size_t gh = a.grid_h(), gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
-        const size_t C = a.in_chans;
-        const float* in = input + g0 * C * H * W;
-        parallel_rows(ctx_, gi * gh, gw * PD, [&](size_t r0, size_t r1) {
-          for (size_t r = r0; r < r1; ++r) {
-            const size_t img = r / gh, gy = r % gh;
-            float* dst = ws.patches.data() + (img * P + gy * gw) * PD;
-            for (size_t c = 0; c < C; ++c)
-              for (size_t i = 0; i < ph; ++i) {
-                const float* src = in + ((img * C + c) * H + gy * ph + i) * W;
-                for (size_t gx = 0; gx < gw; ++gx)
-                  std::memcpy(dst + gx * PD + (c * ph + i) * pw, src + gx * pw, pw * sizeof(float));
-              }
+    const size_t P = a.num_patches(), PD = a.patch_dim();
+    ws.patches.reserve_scratch(images * P * PD);
+    // Over the input's rows in memory order (one task row = one image row of patches): each
+    // image row is read once, sequentially, and scattered to its grid row's patches; (c, i, j)
+    // order within a patch, like the conv weight.
+    const size_t gh = a.grid_h(), gw = a.grid_w(), ph = a.patch_h, pw = a.patch_w, H = a.img_h, W = a.img_w;
+    const size_t C = a.in_chans;
+    parallel_rows(ctx_, images * gh, gw * PD, [&](size_t r0, size_t r1) {
+      for (size_t r = r0; r < r1; ++r) {
+        const size_t img = r / gh, gy = r % gh;
+        float* dst = ws.patches.data() + (img * P + gy * gw) * PD;
+        for (size_t c = 0; c < C; ++c)
+          for (size_t i = 0; i < ph; ++i) {
+            const float* src = input + ((img * C + c) * H + gy * ph + i) * W;
+            for (size_t gx = 0; gx < gw; ++gx)
+              std::memcpy(dst + gx * PD + (c * ph + i) * pw, src + gx * pw, pw * sizeof(float));
           }
+      }
+    });
+  }
+
+  // One op on active images [first, first + count), whose tensors ptr_ points at (each
+  // tensor's images `floats()` apart). The one place each op kind's semantics live in C++.
+  void exec(const Op& op, Batch& b, size_t first, size_t count) {
+    const float* x = op.in.empty() ? nullptr : ptr_[size_t(op.in[0])];
+    const TensorShape& xs = s_.tensors[size_t(op.in.empty() ? 0 : op.in[0])];
+    float* y = op.out.empty() ? nullptr : ptr_[size_t(op.out[0])];
+    const TensorShape& ys = s_.tensors[size_t(op.out.empty() ? 0 : op.out[0])];
+    const size_t rows = count * xs.rows;
+    auto copy_in = [&] {
+      if (y != x) std::memmove(y, x, count * xs.floats() * sizeof(float));
+    };
+    if (auto* k = std::get_if<PatchEmbedOp>(&op.kind)) {
+      timed(op.timer + ".unfold", [&] { unfold(x, count); });
+      timed(op.timer, [&] {
+        linear_rows(k->linear, ws.patches.data(), count * ys.rows, ys.rows, y, b, ws.qa, ws.row_scale, first);
+      });
+    } else if (auto* k = std::get_if<PrefixTokensOp>(&op.kind)) {
+      timed(op.timer, [&] {
+        const size_t n = k->rows.size(), xf = xs.floats();
+        for (size_t i = 0; i < count; ++i) {
+          std::memcpy(y + i * (n + xf), k->rows.data(), n * sizeof(float));
+          std::memcpy(y + i * (n + xf) + n, x + i * xf, xf * sizeof(float));
+        }
+      });
+    } else if (auto* k = std::get_if<PosEmbedOp>(&op.kind)) {
+      timed(op.timer, [&] {
+        copy_in();
+        const size_t f = xs.floats();
+        for (size_t i = 0; i < count; ++i)
+          for (size_t j = 0; j < f; ++j) y[i * f + j] += k->pos[j];
+      });
+    } else if (auto* k = std::get_if<LayerNormOp>(&op.kind)) {
+      timed(op.timer, [&] { layernorm_rows(ctx_, k->p, k->eps, x, rows, xs.width, y); });
+    } else if (auto* k = std::get_if<LinearOp>(&op.kind)) {
+      timed(op.timer, [&] { block_linear(k->full, k->reduced, x, xs.rows, y, b, ws.qa, ws.row_scale, first, count); });
+    } else if (auto* k = std::get_if<AttentionOp>(&op.kind)) {
+      // Int8 attention quantises q, k and v with scales from their maxima: a non-finite value
+      // there would quietly become zeros, so it is caught here.
+      if (s_.attn_bits == 8) b.check_finite(*ctx_.kt, x, first, count, xs.floats());
+      const size_t T = xs.rows, D = ys.width;
+      const int64_t bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * s_.attn_bits * s_.attn_bits;
+      for (size_t i = 0; i < count; ++i) b.res->bops[b.active[first + i]] += bops;
+      timed(op.timer, [&] { attention(x, count, y, ws.attn_scratch, T, D, k->heads); });
+    } else if (std::holds_alternative<GeluOp>(op.kind)) {
+      timed(op.timer, [&] {
+        copy_in();
+        const size_t W = xs.width;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->gelu((r1 - r0) * W, y + r0 * W); });
+      });
+    } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
+      timed(op.timer, [&] {
+        const size_t W = xs.width;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) {
+          for (size_t r = r0; r < r1; ++r)
+            for (size_t d = 0; d < W; ++d) y[r * W + d] = k->gamma[d] * x[r * W + d];
         });
       });
-      timed("patch_embed", [&] {
-        linear_rows(s_.patch_embed, ws.patches.data(), gi * P, P, ws.h.data(), batch, ws.qa, ws.row_scale, g0);
+    } else if (std::holds_alternative<AddOp>(op.kind)) {
+      const float* h = ptr_[size_t(op.in[1])];
+      timed(op.timer, [&] {
+        const size_t W = xs.width;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->add((r1 - r0) * W, x + r0 * W, h + r0 * W, y + r0 * W); });
       });
-      // Tokens: [cls, dist, reg..., patches] plus position embeddings.
-      timed("embed", [&] {
-        for (size_t img = 0; img < gi; ++img) {
-          float* xi = ws.x.data() + (g0 + img) * T * D;
-          size_t t = 0;
-          if (a.cls_token) std::memcpy(xi + (t++) * D, s_.cls_token.data(), D * sizeof(float));
-          if (a.dist_token) std::memcpy(xi + (t++) * D, s_.dist_token.data(), D * sizeof(float));
-          for (size_t r = 0; r < a.reg_tokens; ++r) std::memcpy(xi + (t++) * D, s_.reg_token.data() + r * D, D * sizeof(float));
-          std::memcpy(xi + P0 * D, ws.h.data() + img * P * D, P * D * sizeof(float));
-          const size_t first = a.no_embed_class ? P0 : 0;
-          for (size_t i = 0; i < (T - first) * D; ++i) xi[first * D + i] += s_.pos_embed[i];
-        }
-        float* xg = ws.x.data() + g0 * T * D;
-        if (a.norm_pre) layernorm_rows(ctx_, s_.norm_pre, a.eps, xg, gi * T, D, xg);
+    } else if (std::holds_alternative<AverageOp>(op.kind)) {
+      const float* h = ptr_[size_t(op.in[1])];
+      timed(op.timer, [&] {
+        for (size_t j = 0; j < count * xs.floats(); ++j) y[j] = (x[j] + h[j]) / 2.0f;
       });
+    } else if (auto* k = std::get_if<PoolOp>(&op.kind)) {
+      timed(op.timer, [&] { pool(x, count, xs.rows, xs.width, k->avg, k->start, y); });
+    } else {
+      fail(op.name + ": this op kind runs only where the executor places it (exit, output)");
+    }
+  }
+
+  // Points ptr_ at the buffers of a segment's tensors for a group of `count` images: the
+  // stream slice `stream` (or the images), and slot k's start for the rest.
+  void bind(const Segment& g, const float* input, float* stream, size_t count) {
+    for (size_t k = 0; k < g.slot_floats.size(); ++k) {
+      if (ws.slots.size() <= k) ws.slots.resize(k + 1);
+      ws.slots[k].reserve_scratch(count * g.slot_floats[k]);
+    }
+    for (const auto& [t, k] : g.slot)
+      ptr_[size_t(t)] = k == kStream ? stream : k == kImage ? const_cast<float*>(input) : ws.slots[size_t(k)].data();
+  }
+
+  // Runs a segment's ops on active images [first, first + count).
+  void run_segment(const Segment& g, Batch& b, size_t first, size_t count) {
+    for (size_t i : g.ops) exec(s_.ops[i], b, first, count);
+  }
+
+  // The embedding, a group of images at a time, into the residual stream ws.x.
+  void embed(const float* input, size_t B, Batch& batch) {
+    const Segment& g = p_.embed;
+    const size_t TD = a_.tokens() * a_.embed_dim, CHW = a_.in_chans * a_.img_h * a_.img_w;
+    const size_t per_image = std::max(g.max_floats, a_.num_patches() * a_.patch_dim());
+    const size_t group = std::min(B, std::max<size_t>(1, kBlockGroupBytes / (per_image * sizeof(float))));
+    for (size_t g0 = 0; g0 < B; g0 += group) {
+      const size_t gi = std::min(group, B - g0);
+      float* xg = ws.x.data() + g0 * TD;
+      bind(g, input + g0 * CHW, xg, gi);
+      run_segment(g, batch, g0, gi);
+      if (ptr_[size_t(g.out)] != xg) std::memcpy(xg, ptr_[size_t(g.out)], gi * TD * sizeof(float));
+    }
+  }
+
+  // Block l's body on the active images, `group` images at a time, reusing the start of the
+  // slot buffers, so that each op's output is still in L2 when the next op reads it (at batch 8
+  // whole-batch ops were 10-18% slower per image than at batch 1, from L3 traffic).
+  void block(size_t l, Batch& batch) {
+    const Segment& g = p_.blocks[l];
+    const size_t TD = a_.tokens() * a_.embed_dim, imgs = batch.active.size();
+    const size_t group = std::max<size_t>(1, kBlockGroupBytes / (g.max_floats * sizeof(float)));
+    for (size_t g0 = 0; g0 < imgs; g0 += group) {
+      const size_t gi = std::min(group, imgs - g0);
+      float* xg = ws.x.data() + g0 * TD;
+      bind(g, nullptr, xg, gi);
+      run_segment(g, batch, g0, gi);
+      if (ptr_[size_t(g.out)] != xg) std::memcpy(xg, ptr_[size_t(g.out)], gi * TD * sizeof(float));
+      batch.check_finite(*ctx_.kt, xg, g0, gi, TD);
     }
   }
 
   // An exit head after block l: every active image's logits; with collect_exits they are only
   // recorded, else each image exits, continues at full precision or (a gate) at reduced
   // precision, and the images that go on are compacted to the front of the residual stream.
-  void exit_head(const ExitHead& e, size_t exit_index, size_t l, Batch& batch, const RunOptions& opts,
+  void exit_head(const ExitOp& op, size_t exit_index, size_t l, Batch& batch, const RunOptions& opts,
                  std::vector<double>& probs) {
+    const ExitHead& e = op.head;
     const bool collect_exits = opts.collect_exits;
-    const Arch& a = a_;
-    const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, B = batch.stat.size();
+    const size_t T = a_.tokens(), D = a_.embed_dim, NC = a_.num_classes, B = batch.stat.size();
     RunResult& res = *batch.res;
     const size_t imgs = batch.active.size();
     float* x = ws.x.data();
-    pool(x, imgs, ws.pooled.data());
-    ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), a.eps, ws.pooled2.data(), D);
+    pool(x, imgs, T, D, op.avg, op.start, ws.pooled.data());
+    ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, e.norm.weight.data(), e.norm.bias.data(), e.eps, ws.pooled2.data(), D);
     linear_rows(e.fc, ws.pooled2.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
     if (collect_exits) {
       for (size_t i = 0; i < imgs; ++i)
@@ -719,20 +953,22 @@ class Runner {
         const size_t orig = batch.active[i];
         std::memcpy(res.logits.data() + orig * NC, li, NC * sizeof(float));
         std::memcpy(res.features.data() + orig * D, ws.pooled2.data() + i * D, D * sizeof(float));
-        if (opts.tokens) final_tokens(x + i * T * D, 1, res.tokens.data() + orig * T * D);
+        if (opts.tokens) final_tokens(x + i * T * D, i, batch, res.tokens.data() + orig * T * D);
         res.exit_block[orig] = int32_t(l);
       }
     }
     compact(path, T * D, batch);
   }
 
-  // `images` images' tokens through the final norm (timm's forward_features), into `out`.
-  void final_tokens(const float* x, size_t images, float* out) {
-    const size_t rows = images * a_.tokens(), D = a_.embed_dim;
-    if (a_.final_norm) {
-      layernorm_rows(ctx_, s_.norm, a_.eps, x, rows, D, out);
-    } else {
-      std::memcpy(out, x, rows * D * sizeof(float));
+  // One image's tokens (active image i) through the ops that make the tokens output (the final
+  // norm: timm's forward_features), into `out`.
+  void final_tokens(const float* x, size_t i, Batch& b, float* out) {
+    std::memcpy(out, x, a_.tokens() * a_.embed_dim * sizeof(float));
+    for (size_t k : p_.tokens_chain) {
+      const Op& op = s_.ops[k];
+      ptr_[size_t(op.in[0])] = out;
+      ptr_[size_t(op.out[0])] = out;
+      exec(op, b, i, 1);
     }
   }
 
@@ -773,51 +1009,33 @@ class Runner {
     batch.n_full = full.size();
   }
 
-  // The final norm, pooling and classifier of the images still running.
-  void final_head(Batch& batch, const RunOptions& opts) {
-    const Arch& a = a_;
-    const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes, imgs = batch.active.size();
-    float* x = ws.x.data();
+  // The ops after the last block on the images still running, then their outputs.
+  void head(Batch& batch, const RunOptions& opts) {
+    const Segment& g = p_.head;
+    const size_t T = a_.tokens(), D = a_.embed_dim, NC = a_.num_classes, imgs = batch.active.size();
     RunResult& res = *batch.res;
-    // Only the rows that pooling reads need the final norm, unless every token is returned.
-    if (a.final_norm) {
-      if (a.avg_pool || opts.tokens) {
-        layernorm_rows(ctx_, s_.norm, a.eps, x, imgs * T, D, x);
-      } else {
-        for (size_t i = 0; i < imgs; ++i)
-          ctx_.kt->layernorm(a.dist_token ? 2 : 1, D, x + i * T * D, D, s_.norm.weight.data(), s_.norm.bias.data(), a.eps, x + i * T * D, D);
-      }
+    bind(g, nullptr, ws.x.data(), imgs);
+    run_segment(g, batch, 0, imgs);
+    const float* logits = ptr_[size_t(p_.logits)];
+    const float* features = ptr_[size_t(p_.features)];
+    const float* tokens = ptr_[size_t(p_.tokens)];
+    for (size_t i = 0; i < imgs; ++i) {
+      const size_t orig = batch.active[i];
+      std::memcpy(res.logits.data() + orig * NC, logits + i * NC, NC * sizeof(float));
+      std::memcpy(res.features.data() + orig * D, features + i * D, D * sizeof(float));
+      if (opts.tokens) std::memcpy(res.tokens.data() + orig * T * D, tokens + i * T * D, T * D * sizeof(float));
     }
-    if (opts.tokens)
-      for (size_t i = 0; i < imgs; ++i)
-        std::memcpy(res.tokens.data() + batch.active[i] * T * D, x + i * T * D, T * D * sizeof(float));
-    pool(x, imgs, ws.pooled.data());
-    if (a.fc_norm)
-      ctx_.kt->layernorm(imgs, D, ws.pooled.data(), D, s_.fc_norm.weight.data(), s_.fc_norm.bias.data(), a.eps, ws.pooled.data(), D);
-    for (size_t i = 0; i < imgs; ++i)
-      std::memcpy(res.features.data() + batch.active[i] * D, ws.pooled.data() + i * D, D * sizeof(float));
-    linear_rows(s_.head, ws.pooled.data(), imgs, 1, ws.logits.data(), batch, ws.qa, ws.row_scale);
-    if (a.dist_token) {
-      for (size_t i = 0; i < imgs; ++i) std::memcpy(ws.pooled2.data() + i * D, x + (i * T + 1) * D, D * sizeof(float));
-      // timm's pre-logits of a distilled model: the mean of the two tokens.
-      for (size_t i = 0; i < imgs; ++i) {
-        float* f = res.features.data() + batch.active[i] * D;
-        for (size_t d = 0; d < D; ++d) f[d] = (f[d] + ws.pooled2[i * D + d]) / 2.0f;
-      }
-      linear_rows(s_.head_dist, ws.pooled2.data(), imgs, 1, ws.logits2.data(), batch, ws.qa, ws.row_scale);
-      for (size_t i = 0; i < imgs * NC; ++i) ws.logits[i] = (ws.logits[i] + ws.logits2[i]) * 0.5f;
-    }
-    for (size_t i = 0; i < imgs; ++i)
-      std::memcpy(res.logits.data() + batch.active[i] * NC, ws.logits.data() + i * NC, NC * sizeof(float));
   }
 
  private:
   const ModelSpec& s_;
+  const Plan& p_;
   const Arch& a_;
   const RunContext& ctx_;
   ExecWorkspace& ws;
   bool profiling_;
   std::map<std::string, double>& prof_;
+  std::vector<float*> ptr_;  // each tensor's data for the current group (see bind)
 };
 
 // ScalePredictor's robust range statistic: the mean over chunks of `chunk` consecutive values
@@ -835,13 +1053,14 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, con
   const bool collect_exits = opts.collect_exits;
   std::lock_guard<std::mutex> lk(mu_);
   const Arch& a = spec_.arch;
-  const size_t T = a.tokens(), D = a.embed_dim, F = a.mlp_hidden, NC = a.num_classes;
+  const Plan& plan = *plan_;
+  const size_t T = a.tokens(), D = a.embed_dim, NC = a.num_classes;
   RunResult res;
   res.logits.assign(B * NC, 0.0f);
   res.exit_block.assign(B, int32_t(a.depth) - 1);
   res.bops.assign(B, 0);
   res.stat.assign(B, std::numeric_limits<float>::quiet_NaN());
-  if (collect_exits) res.exit_logits.assign(spec_.exits.size() * B * NC, 0.0f);
+  if (collect_exits) res.exit_logits.assign(plan.exits.size() * B * NC, 0.0f);
   res.features.assign(B * D, 0.0f);
   if (opts.tokens) res.tokens.assign(B * T * D, 0.0f);
   res.block_path.assign(B * a.depth, 0);
@@ -856,63 +1075,28 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, con
     ExecWorkspace& ws;
     ~Trim() { ws.release_large(); }
   } trim{ws};
-  Runner run(spec_, ctx, ws, profiling_, profile_);
+  Runner run(spec_, plan, ctx, ws, profiling_, profile_);
 
   // The residual stream of the whole batch is the one buffer that must hold every image; the
-  // rest of the scratch is sized to one group of images (patch embedding or block), so its
-  // size does not grow with the batch.
+  // slots are sized to one group of images (embedding or block), so their size does not grow
+  // with the batch (the head's hold one vector per image).
   ws.x.reserve_scratch(B * T * D);
   run.embed(input, B, batch);
 
-  // Images per group of a block: its largest intermediate (qkv or MLP hidden) within ~L2.
-  const size_t group = std::max<size_t>(1, kBlockGroupBytes / (T * std::max(F, 3 * D) * sizeof(float)));
-  ws.h.reserve_scratch(std::min(group, B) * T * D);
-  ws.qkv.reserve_scratch(std::min(group, B) * T * 3 * D);
-  ws.attn.reserve_scratch(std::min(group, B) * T * D);
-  ws.mlp.reserve_scratch(std::min(group, B) * T * F);
   ws.pooled.reserve_scratch(B * D);
   ws.pooled2.reserve_scratch(B * D);
   ws.logits.reserve_scratch(B * NC);
-  ws.logits2.reserve_scratch(B * NC);
-  const int64_t attn_bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * spec_.attn_bits * spec_.attn_bits;
   size_t next_exit = 0;
   std::vector<double> probs;
 
   for (size_t l = 0; l < a.depth && !batch.active.empty(); ++l) {
-    const Block& blk = spec_.blocks[l];
-    const std::string bn = "blocks." + std::to_string(l);
     const size_t imgs = batch.active.size();
     float* x = ws.x.data();
     // An image past a gate's "reduced" decision runs reduced only where the block has a
     // reduced copy of some layer; otherwise it ran the block's full weights, and says so.
-    const bool has_reduced = blk.qkv_lo.w.bits || blk.proj_lo.w.bits || blk.fc1_lo.w.bits || blk.fc2_lo.w.bits;
-    for (size_t i = 0; i < imgs; ++i) {
-      res.bops[batch.active[i]] += attn_bops;
-      res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full || !has_reduced ? kPathFull : kPathReduced;
-    }
-    // The block runs on groups of `group` images at a time, reusing the start of the scratch
-    // buffers, so that each op's output is still in L2 when the next op reads it (at batch 8
-    // whole-batch ops were 10-18% slower per image than at batch 1, from L3 traffic).
-    for (size_t g0 = 0; g0 < imgs; g0 += group) {
-      const size_t gi = std::min(group, imgs - g0), grows = gi * T;
-      float* xg = x + g0 * T * D;
-      run.timed(bn + ".norm1", [&] { layernorm_rows(ctx, blk.norm1, a.eps, xg, grows, D, ws.h.data()); });
-      run.timed(bn + ".attn.qkv", [&] { run.block_linear(blk.qkv, blk.qkv_lo, ws.h.data(), T, ws.qkv.data(), batch, ws.qa, ws.row_scale, g0, gi); });
-      // Int8 attention quantises q, k and v with scales from their maxima: a non-finite value
-      // there would quietly become zeros, so it is caught here.
-      if (spec_.attn_bits == 8) batch.check_finite(*ctx.kt, ws.qkv.data(), g0, gi, T * 3 * D);
-      run.timed(bn + ".attn.core", [&] { run.attention(ws.qkv.data(), gi, ws.attn.data(), ws.attn_scratch); });
-      run.timed(bn + ".attn.proj", [&] { run.block_linear(blk.proj, blk.proj_lo, ws.attn.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
-      run.timed(bn + ".residual1", [&] { residual(ctx, blk.ls1, ws.h.data(), grows, D, xg); });
-      run.timed(bn + ".norm2", [&] { layernorm_rows(ctx, blk.norm2, a.eps, xg, grows, D, ws.h.data()); });
-      run.timed(bn + ".mlp.fc1", [&] { run.block_linear(blk.fc1, blk.fc1_lo, ws.h.data(), T, ws.mlp.data(), batch, ws.qa, ws.row_scale, g0, gi); });
-      run.timed(bn + ".mlp.gelu", [&] {
-        parallel_rows(ctx, grows, F, [&](size_t r0, size_t r1) { ctx.kt->gelu((r1 - r0) * F, ws.mlp.data() + r0 * F); });
-      });
-      run.timed(bn + ".mlp.fc2", [&] { run.block_linear(blk.fc2, blk.fc2_lo, ws.mlp.data(), T, ws.h.data(), batch, ws.qa, ws.row_scale, g0, gi); });
-      run.timed(bn + ".residual2", [&] { residual(ctx, blk.ls2, ws.h.data(), grows, D, xg); });
-      batch.check_finite(*ctx.kt, xg, g0, gi, T * D);
-    }
+    for (size_t i = 0; i < imgs; ++i)
+      res.block_path[batch.active[i] * a.depth + l] = i < batch.n_full || !plan.has_reduced[l] ? kPathFull : kPathReduced;
+    run.block(l, batch);
 
     if (spec_.predictor.block == int(l)) {
       for (size_t i = 0; i < imgs; ++i) {
@@ -922,13 +1106,14 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, con
       }
     }
 
-    if (next_exit < spec_.exits.size() && spec_.exits[next_exit].block == int(l)) {
+    if (plan.exit_of_block[l] >= 0) {
       const size_t exit_index = next_exit++;
-      run.timed("exits." + std::to_string(l), [&] { run.exit_head(spec_.exits[exit_index], exit_index, l, batch, opts, probs); });
+      const Op& op = spec_.ops[size_t(plan.exit_of_block[l])];
+      run.timed(op.timer, [&] { run.exit_head(*plan.exits[exit_index], exit_index, l, batch, opts, probs); });
     }
   }
 
-  if (!batch.active.empty()) run.timed("head", [&] { run.final_head(batch, opts); });
+  if (!batch.active.empty()) run.head(batch, opts);
 
   // Images that met a non-finite value answer NaN (every head's logits, with collect_exits).
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -939,7 +1124,7 @@ RunResult Executor::run(const float* input, size_t B, const RunContext& ctx, con
     std::fill(res.logits.begin() + img * NC, res.logits.begin() + (img + 1) * NC, nan);
     std::fill_n(res.features.begin() + img * D, D, nan);
     if (opts.tokens) std::fill_n(res.tokens.begin() + img * T * D, T * D, nan);
-    for (size_t e = 0; collect_exits && e < spec_.exits.size(); ++e)
+    for (size_t e = 0; collect_exits && e < plan.exits.size(); ++e)
       std::fill_n(res.exit_logits.begin() + (e * B + img) * NC, NC, nan);
   }
   return res;

@@ -1,5 +1,6 @@
-// The ViT executor: the whole forward pass of a batch in one call, with per-layer precision,
-// per-image activation scales, exit heads and compaction of the images that have left.
+// The executor: runs a model's program -- its typed op list (docs/model_format.md "Ops") --
+// on a whole batch in one call, with per-layer precision, per-image activation scales, exit
+// heads and compaction of the images that have left.
 //
 // Semantics are those of docs/model_format.md; pyruntime/_numpy_ref.py is the same forward
 // pass written in numpy and the tests hold the two together.
@@ -10,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "../ops/ops.h"
@@ -38,15 +40,6 @@ struct LayerNormParams {
   std::vector<float> weight, bias;
 };
 
-struct Block {
-  LayerNormParams norm1, norm2;
-  LinearLayer qkv, proj, fc1, fc2;
-  // QuEE's reduced-precision variants; a layer without one (w.bits == 0) runs its primary
-  // weights for every image.
-  LinearLayer qkv_lo, proj_lo, fc1_lo, fc2_lo;
-  std::vector<float> ls1, ls2;  // empty: no layer scale
-};
-
 // A QuEE gate on an exit head: features of the head's softmax (top-k probabilities, entropy)
 // go through a two-layer MLP predicting the error probability of each path -- exit here,
 // continue at full precision, continue at reduced precision -- and the image takes
@@ -63,34 +56,30 @@ enum Path : uint8_t { kPathExit = 0, kPathFull = 1, kPathReduced = 2 };
 struct ExitHead {
   int block = 0;
   LayerNormParams norm;
+  float eps = 1e-6f;
   LinearLayer fc;
   ExitRule rule = ExitRule::kConfidence;
   float threshold = 1.0f;
   Gate gate;  // rule == kGate
 };
 
+// The program's geometry, from its ops: the input image (patch_embed), the token stream every
+// block runs on, the classes of the output.
 struct Arch {
   size_t img_h = 0, img_w = 0, patch_h = 0, patch_w = 0, in_chans = 0;
-  size_t embed_dim = 0, depth = 0, num_heads = 0, mlp_hidden = 0, num_classes = 0;
-  bool cls_token = true, dist_token = false;
-  size_t reg_tokens = 0;
-  bool no_embed_class = false;
-  bool avg_pool = false;
-  bool fc_norm = false, final_norm = true, norm_pre = false;
-  float eps = 1e-6f;
+  size_t embed_dim = 0, depth = 0, num_classes = 0, num_prefix = 0;
 
   size_t grid_h() const { return img_h / patch_h; }
   size_t grid_w() const { return img_w / patch_w; }
   size_t num_patches() const { return grid_h() * grid_w(); }
-  size_t num_prefix() const { return (cls_token ? 1 : 0) + (dist_token ? 1 : 0) + reg_tokens; }
-  size_t tokens() const { return num_patches() + num_prefix(); }
+  size_t tokens() const { return num_patches() + num_prefix; }
   size_t patch_dim() const { return in_chans * patch_h * patch_w; }
 };
 
 // Throws std::invalid_argument unless every size `a` declares lies within runtime_limits.h
-// (image sides, dimensions, depth, tokens per image, the patch embedding's K) and eps is a
-// positive finite float. The bindings call it before computing any shape from the sizes; the
-// Executor's own validation calls it again.
+// (image sides, dimensions, depth, tokens per image, the patch embedding's K). The bindings
+// call it before computing any shape from the sizes; the Executor's own validation calls it
+// again.
 void check_arch_limits(const Arch& a);
 
 struct Predictor {
@@ -98,14 +87,45 @@ struct Predictor {
   size_t chunk = 0;
 };
 
+// --- the program: one struct per op kind (docs/model_format.md "Ops") -----------------------
+// A new op kind is a struct here, its case in Runner::exec (executor.cc), its parser in the
+// bindings, and its function in pyruntime/_numpy_ref.py.
+
+struct PatchEmbedOp { LinearLayer linear; };           // patches in (c, i, j) order -> linear
+struct PrefixTokensOp { std::vector<float> rows; };    // [n x D] rows put before the input's
+struct PosEmbedOp { std::vector<float> pos; };         // + pos [rows x D]
+struct LayerNormOp { LayerNormParams p; float eps = 1e-6f; };
+struct LinearOp { LinearLayer full, reduced; };        // reduced.w.bits == 0: no QuEE copy
+struct AttentionOp { size_t heads = 1; };              // on fused qkv [T x 3D]
+struct GeluOp {};
+struct LayerScaleOp { std::vector<float> gamma; };
+struct AddOp {};
+struct AverageOp {};                                   // (a + b) / 2
+struct PoolOp { bool avg = false; size_t start = 0; }; // token `start`, or mean of rows start..
+struct ExitOp { ExitHead head; bool avg = false; size_t start = 0; };
+struct OutputOp {};                                    // in: logits, features, tokens
+
+using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, GeluOp,
+                            LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
+
+struct Op {
+  std::string name;
+  std::string timer;         // the name profiles time it by
+  std::vector<int> in, out;  // tensor ids
+  int block = -1;            // -1: outside the blocks
+  OpKind kind;
+};
+
+// One activation tensor of one image: `rows` rows of `width` values (rows 1: a vector).
+struct TensorShape {
+  size_t rows = 0, width = 0;
+  size_t floats() const { return rows * width; }
+};
+
 struct ModelSpec {
   Arch arch;
-  LinearLayer patch_embed;
-  std::vector<float> cls_token, dist_token, reg_token, pos_embed;
-  LayerNormParams norm_pre, norm, fc_norm;
-  std::vector<Block> blocks;
-  std::vector<ExitHead> exits;  // sorted by block
-  LinearLayer head, head_dist;  // head_dist used when arch.dist_token
+  std::vector<Op> ops;
+  std::vector<TensorShape> tensors;  // by id; id 0 is the image (its shape unused)
   Predictor predictor;
   float gate_lambda = 0.0f;
   // Operand bits of the attention matmuls (q.k^T and attn.v) in every block: 32 (fp32) or 8
@@ -137,6 +157,7 @@ struct RunOptions {
 };
 
 struct ExecWorkspace;  // scratch kept between runs (executor.cc)
+struct Plan;           // the program cut into segments, with buffer slots (executor.cc)
 
 class Executor {
  public:
@@ -164,10 +185,14 @@ class Executor {
   struct WorkspaceDeleter {
     void operator()(ExecWorkspace* w) const;
   };
+  struct PlanDeleter {
+    void operator()(Plan* p) const;
+  };
   void validate() const;
   friend void reset_executor_locks_in_child();
 
   ModelSpec spec_;
+  std::unique_ptr<Plan, PlanDeleter> plan_;
   // Scratch kept between runs (guarded by mu_) so small models do not pay for allocation.
   std::unique_ptr<ExecWorkspace, WorkspaceDeleter> ws_;
   mutable std::mutex mu_;
