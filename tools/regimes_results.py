@@ -86,8 +86,9 @@ class Regime:
     last: int = 0        # ends: the last ``last`` blocks at 8 bits
 
 
-def regimes(quick: bool = False) -> List[Regime]:
-    """The sweep, fp32 first. ``quick``: W{8,4} x A{8,4}, min-max and p99.99, ends (1, 1)
+def regimes(depth: int, quick: bool = False) -> List[Regime]:
+    """The sweep, fp32 first; ends rules that leave no 4-bit block in ``depth`` blocks are
+    dropped (they are uniform W8). ``quick``: W{8,4} x A{8,4}, min-max and p99.99, ends (1, 1)
     (for tests and a first look)."""
     a_grid = (8, 4) if quick else A_GRID
     pcts = (99.99,) if quick else PERCENTILES
@@ -100,7 +101,7 @@ def regimes(quick: bool = False) -> List[Regime]:
         out.append(Regime("static", f"w{w}a{a}-minmax", w, a, "minmax"))
         out += [Regime("static", f"w{w}a{a}-p{p:g}", w, a, f"p{p:g}") for p in pcts]
     out += [Regime("ends", f"f{f}l{l}-w8/4a{a}", 4, a, "dynamic", first=f, last=l)
-            for a in ENDS_A if a in a_grid for f, l in ends]
+            for a in ENDS_A if a in a_grid for f, l in ends if f + l < depth]
     return out
 
 
@@ -539,7 +540,7 @@ def main(argv=None) -> int:
         tx, ty = tx[:args.test_limit], ty[:args.test_limit]
     images = {"validation": np.asarray(val.images), "test": normalize(tx, mean, std)}
     sha = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()
-    sweep = regimes(args.quick)
+    sweep = regimes(source.depth, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="regimes-") as tmp:
         work = args.workdir or Path(tmp)
