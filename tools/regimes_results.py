@@ -364,6 +364,7 @@ def summary(rows: Sequence[Row], points: Sequence[dict], measured, labels, outli
                    f"(test paired 95% interval below 0) in "
                    f"{len(loses)} of {len(q)} regimes: " + "; ".join(
                        f"{r.policy} {_pp(r.test_diff)} pp [{_pp(r.test_diff_lo)}, {_pp(r.test_diff_hi)}]"
+                       + (f" (McNemar p={r.test_p:.2g}: at the edge)" if r.test_p > 0.05 else "")
                        for r in loses) + ". These are where bit allocation and scale choice have something to win.")
     else:
         out.append(f"No regime loses significantly against fp32 on the test images ({len(q)} regimes): the model "
@@ -448,7 +449,10 @@ def write_md(rows, points, measured, labels, outliers, ctx: dict, path: Path) ->
              "interval of top-1 minus fp32's on the same images, the exact McNemar p, and the verdict (loses: the "
              "interval lies below 0). BOPs: the runtime's per-image count (patch embedding and head fp32; attention "
              "matmuls 32 x 32 unless int8). chosen_on: the split whose labels chose the row (validation), or none "
-             "for fixed grid points; the test labels choose nothing.", "", "## Summary", ""]
+             "for fixed grid points; the test labels choose nothing.", ""]
+    if ctx.get("holdout_note"):
+        lines += [ctx["holdout_note"], ""]
+    lines += ["## Summary", ""]
     lines += [f"- {s}" for s in summary(rows, points, measured, labels, outliers)]
     lines += ["", "## Regimes", "", TABLE_HEAD, "|" + "---|" * (TABLE_HEAD.count("|") - 1)]
     lines += [_row_line(r) for r in rows]
@@ -526,6 +530,22 @@ def _check_workdir(work: Path, config: dict) -> None:
     path.write_text(json.dumps(config, indent=1))
 
 
+def holdout_note(checkpoint: Path) -> str:
+    """A warning when the checkpoint's training saw the calibration and validation parts (its
+    metadata records no holdout covering them, as the shipped model's does not)."""
+    from pyruntime.calibrate.common import REFERENCE_PARTS
+    from pyruntime.reference import read_metadata
+
+    held = read_metadata(checkpoint).get("holdout")
+    held = json.loads(held) if isinstance(held, str) else held
+    lo, hi = REFERENCE_PARTS["calibration"][0], REFERENCE_PARTS["validation"][1]
+    if held and held[0] <= lo and held[1] >= hi:
+        return ""
+    return (f"**This checkpoint was trained on training images {lo}..{hi - 1}** (its metadata records no holdout "
+            f"covering them): its calibration and validation parts are images it has seen, so validation top-1 "
+            f"is optimistic. The test split is unaffected.")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
@@ -563,7 +583,7 @@ def main(argv=None) -> int:
            "command": "python tools/regimes_results.py" + (f" --checkpoint {ckpt}" if args.checkpoint else "")
            + (" --quick" if args.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
-           "minutes": (time.time() - t_start) / 60}
+           "minutes": (time.time() - t_start) / 60, "holdout_note": holdout_note(ckpt)}
     write_csv(rows, args.out / "results.csv")
     (args.out / "outliers.json").write_text(json.dumps(outliers, indent=1))
     (args.out / "choices.json").write_text(json.dumps({"chosen_on": chosen, "operating_points": points}, indent=1))
