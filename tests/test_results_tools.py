@@ -219,3 +219,13 @@ def test_holdout_note_warns_only_when_the_parts_were_trained_on(tiny_checkpoint,
         path = tmp_path / f"held{held[1:6]}.safetensors"
         save_file(tensors, str(path), metadata=dict(meta, holdout=held))
         assert bool(rr.holdout_note(path)) is warned
+
+
+def test_outlier_verdict_reads_the_layernorm_fed_channels():
+    def o(layer, ratio, chan):
+        return {"layer": layer, "max_over_p": ratio, "channel_ratio": chan}
+
+    calm = [o("blocks.0.attn.qkv", 1.2, 2.0), o("blocks.0.mlp.fc1", 1.3, 2.1), o("blocks.0.mlp.fc2", 2.5, 14.0)]
+    assert "lacks the heavy activation outliers" in rr.outlier_verdict(calm)   # fc2's sparse GELU output alone
+    assert "Heavy outliers" in rr.outlier_verdict(calm + [o("blocks.1.mlp.fc1", 1.5, 30.0)])
+    assert "Heavy outliers" in rr.outlier_verdict(calm + [o("blocks.1.attn.proj", 12.0, 3.0)])
