@@ -16,7 +16,6 @@ pytest.importorskip("timm")
 
 from pyruntime import datasets  # noqa: E402
 from pyruntime.calibrate.uniform import ends_policy  # noqa: E402
-from pyruntime.policy import LayerPolicy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
