@@ -6,6 +6,11 @@ measured against]; :func:`uniform_under_budget` picks the most expensive uniform
 that fits a budget, so ``pyruntime calibrate --method uniform --budget-bops X`` is the
 uniform answer to the same question LampQ answers. ``attn_bits`` / ``attention`` 8 also runs
 the attention matmuls on int8 operands (and costs them so).
+
+:func:`ends_policy` is the simplest non-uniform rule [ours: the "keep the first and last
+blocks at higher precision" habit of PTQ practice, no measurement involved]: the first and
+last blocks' linears at 8-bit weights, the rest at 4, so a bit-allocation method has a
+rule of thumb to beat at the same BOPs, not only uniform bits.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from ..policy import LayerPolicy, Policy, check_attn_bits
 from . import ilp
 from .common import CostModel, Source, policy_cost
 
-__all__ = ["uniform_policy", "uniform_under_budget", "UNIFORM_CANDIDATES"]
+__all__ = ["uniform_policy", "uniform_under_budget", "ends_policy", "UNIFORM_CANDIDATES"]
 
 #: (w_bits, a_bits) tried by :func:`uniform_under_budget`, cheapest BOPs first.
 UNIFORM_CANDIDATES: Tuple[Tuple[int, int], ...] = ((4, 4), (4, 6), (8, 4), (4, 8), (8, 6), (8, 8))
@@ -59,3 +64,23 @@ def uniform_under_budget(source: Source, budget: float, kind: str = "bops", scop
     out = policy(w, a)
     out.meta = {"method": "uniform", "cost_kind": kind, "budget": float(budget), "cost": int(cost)}
     return out
+
+
+def ends_policy(depth: int, first: int, last: int, a_bits: int = 8, hi_bits: int = 8, lo_bits: int = 4,
+                attn_bits: int = 32, block_size: int = 32, name: Optional[str] = None) -> Policy:
+    """Blocks ``0..first-1`` and the last ``last`` blocks at ``hi_bits`` weights, every other
+    block at ``lo_bits``, all at ``a_bits`` activations with dynamic scales (patch embedding and
+    head fp32, as :func:`uniform_policy` with scope "blocks"). Named ``f{first}l{last}-w{hi}/{lo}a{a}``."""
+    if not (isinstance(depth, int) and depth >= 1):
+        raise ValueError(f"depth must be a positive int, got {depth!r}")
+    if not (0 <= first and 0 <= last and first + last <= depth):
+        raise ValueError(f"first ({first}) and last ({last}) blocks must be >= 0 and add up to at most depth {depth}")
+    attn_bits = check_attn_bits(attn_bits)
+    high = set(range(first)) | set(range(depth - last, depth))
+
+    def layer(w: int) -> LayerPolicy:
+        return LayerPolicy(w, a_bits, "dynamic", None, block_size if w == 4 else 32)
+
+    layers = {f"blocks.{b}.*": layer(hi_bits if b in high else lo_bits) for b in range(depth)}
+    name = name or (f"f{first}l{last}-w{hi_bits}/{lo_bits}a{a_bits}" + ("" if attn_bits == 32 else f"-attn{attn_bits}"))
+    return Policy(layers=layers, name=name, attn_bits=attn_bits)
