@@ -12,6 +12,7 @@
 #include <pthread.h>
 #include <stdexcept>
 
+#include "../kernels/packed_layout.h"
 #include "../ops/threadpool.h"
 #include "../runtime_limits.h"
 
@@ -150,10 +151,10 @@ struct AttnGeometry {
   size_t k_bytes, q8_bytes;  // int8: packed K [T x kd], then V^T [dh x kt]
   size_t k_scales, q8_scales; // int8: K's per-token scales, then V's per-channel ones
   AttnGeometry(size_t t, size_t d)
-      : T(t), dh(d), kp(num_panels(t) * kNR * d), vp(num_panels(d) * kNR * t),
-        kd(round_up(d, kKAlign)), kt(round_up(t, kKAlign)),
-        k_bytes(num_panels(t) * kNR * kd), q8_bytes(k_bytes + num_panels(d) * kNR * kt),
-        k_scales(num_panels(t) * kNR), q8_scales(k_scales + num_panels(d) * kNR) {}
+      : T(t), dh(d), kp(packed::f32_floats(t, d)), vp(packed::f32_floats(d, t)),
+        kd(packed::qc8w_kp(d)), kt(packed::qc8w_kp(t)),
+        k_bytes(packed::qc8w_bytes(t, kd)), q8_bytes(k_bytes + packed::qc8w_bytes(d, kt)),
+        k_scales(packed::qc8w_scale_count(t)), q8_scales(k_scales + packed::qc8w_scale_count(d)) {}
 };
 
 struct AttnScratch {
@@ -177,14 +178,14 @@ void quantize_rows_q8(const KernelTable& kt, size_t rows, size_t K, size_t Kp, c
                       size_t x_stride, float* scale, Q8Rows& buf) {
   buf.inv.reserve_scratch(rows);
   buf.q.reserve_scratch(rows * Kp);
-  buf.bsum.reserve_scratch(rows * (Kp / kKAlign));
+  buf.bsum.reserve_scratch(rows * packed::act_bsums(Kp));
   for (size_t r = 0; r < rows; ++r) {
     const ScalePair s = usable_scale(kt.absmax(K, x + r * x_stride) / 127.0f);
     scale[r] = s.scale;
     buf.inv[r] = s.inv;
   }
   kt.quantize_rows(rows, K, Kp, x, x_stride, buf.inv.data(), 127, buf.q.data(), Kp, buf.bsum.data(),
-                   Kp / kKAlign);
+                   packed::act_bsums(Kp));
 }
 
 // One head's K [T x dh] (rows `stride` apart in qkv) as int8 qc8w "weights", a scale per
@@ -205,7 +206,7 @@ void pack_k_q8(const KernelTable& kt, const AttnGeometry& g, const float* k, siz
 void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, size_t stride, int8_t* out,
                float* scales) {
   thread_local Q8Rows buf;
-  const size_t T = g.T, dh = g.dh, dp = round_up(dh, kKAlign);
+  const size_t T = g.T, dh = g.dh, dp = packed::qc8w_kp(dh);
   buf.scale.reserve_scratch(dh);
   float* inv = buf.scale.data();
   std::fill(inv, inv + dh, 0.0f);
@@ -223,19 +224,19 @@ void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, siz
   buf.inv.reserve_scratch(T);
   std::fill(buf.inv.data(), buf.inv.data() + T, 1.0f);
   buf.q.reserve_scratch(g.kt * dp);
-  buf.bsum.reserve_scratch(T * (dp / kKAlign));
+  buf.bsum.reserve_scratch(T * packed::act_bsums(dp));
   kt.quantize_rows(T, dh, dp, buf.f.data(), dh, buf.inv.data(), 127, buf.q.data(), dp, buf.bsum.data(),
-                   dp / kKAlign);
+                   packed::act_bsums(dp));
   std::memset(buf.q.data() + T * dp, 0, (g.kt - T) * dp);  // padding tokens
   // Packed: panel p, k-group gk (tokens 4gk..4gk+3), channel c, j holds V[4gk + j][16p + c];
   // channels >= dh are zero already (quantize_rows pads each token's row to dp >= 16 panels).
   const int8_t* vq = buf.q.data();
   for (size_t p = 0; p < num_panels(dh); ++p)
     for (size_t gk = 0; gk < g.kt / kKGroup; ++gk) {
-      int8_t* dst = out + p * g.kt * kNR + gk * kNR * kKGroup;
+      int8_t* dst = out + p * packed::qc8w_panel_bytes(g.kt) + packed::qc8w_group_offset(gk, 0);
       const int8_t* src = vq + gk * kKGroup * dp + p * kNR;
       for (size_t c = 0; c < kNR; ++c)
-        for (size_t j = 0; j < kKGroup; ++j) dst[c * kKGroup + j] = src[j * dp + c];
+        for (size_t j = 0; j < kKGroup; ++j) dst[packed::qc8w_group_offset(0, c) + j] = src[j * dp + c];
     }
 }
 
