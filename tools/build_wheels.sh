@@ -487,8 +487,9 @@ done
 
 # The cross-built wheels that cannot be run here: the C-API symbols the extension imports must
 # all be exported by that CPython version's libpython (names are the same on every
-# architecture; pyenv's x86_64 build is a shared one), which catches headers of another version
-# or a symbol the extension would not find at import.
+# architecture; pyenv's x86_64 build is a shared one): a symbol the extension would not find at
+# import fails it, and so do most builds against another version's headers (3.9's against
+# 3.13's library, or 3.13's against 3.9's, do; 3.10's against 3.9's happens not to).
 CAPI='import sys, zipfile, io
 from elftools.elf.elffile import ELFFile
 def dynsyms(data, defined):
