@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,9 @@ def _wheel_arch(plat: str) -> str:
 
 def test_dist_has_one_wheel_per_supported_python_and_architecture():
     found = sorted((_wheel_tags(w)[0], _wheel_arch(_wheel_tags(w)[2])) for w in _dist("pyruntime_vit-*.whl"))
-    assert found == sorted((py, arch) for py in SUPPORTED_PYTHONS for arch in ARCHES)
+    expected = sorted((py, arch) for py in SUPPORTED_PYTHONS for arch in ARCHES)
+    extra = list((Counter(found) - Counter(expected)).elements())
+    assert found == expected, f"missing: {sorted(set(expected) - set(found))}; unexpected or doubled: {extra}"
 
 
 def test_wheels_are_pyruntime_vit_with_types_model_and_one_extension():
