@@ -501,7 +501,8 @@ with zipfile.ZipFile(whl) as z:
     need = {n for n in dynsyms(z.read(core), False) if n.startswith(("Py", "_Py"))}
 with open(lib, "rb") as f:
     missing = sorted(need - dynsyms(f.read(), True))
-print(f"  {core}: imports {len(need)} C-API symbols; not exported by {lib}: {missing or 'none'}")
+nothing = "none"
+print(f"  {core}: imports {len(need)} C-API symbols; not exported by {lib}: {missing or nothing}")
 sys.exit(1 if missing or not need else 0)'
 for entry in "${CROSS_WHEELS[@]}"; do
   IFS=: read -r v whl <<<"$entry"; tag=cp${v/./}
