@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 DIST = REPO / "dist"
 STUB = Path(pyruntime.__file__).parent / "_core.pyi"
 NAME = "pyruntime-vit"
+# What tools/build_wheels.sh ships (the README's Install table): a wheel for every CPython the
+# project supports, on both architectures.
+SUPPORTED_PYTHONS = ["cp39", "cp310", "cp311", "cp312", "cp313"]
+ARCHES = ["x86_64", "aarch64"]
 
 # The torch-free tests the rebuilt wheel must pass: the runtime, model files, the command
 # line, kernels on every ISA this CPU has (the largest ViT shape cut, as in
@@ -195,11 +200,24 @@ def _wheel_tags(whl: Path) -> tuple:
     return py, abi, plat
 
 
+def _wheel_arch(plat: str) -> str:
+    # manylinux2014_aarch64.manylinux_2_17_aarch64 -> aarch64
+    return plat.rsplit("_2_17_", 1)[1]
+
+
+def test_dist_has_one_wheel_per_supported_python_and_architecture():
+    found = sorted((_wheel_tags(w)[0], _wheel_arch(_wheel_tags(w)[2])) for w in _dist("pyruntime_vit-*.whl"))
+    expected = sorted((py, arch) for py in SUPPORTED_PYTHONS for arch in ARCHES)
+    extra = list((Counter(found) - Counter(expected)).elements())
+    assert found == expected, f"missing: {sorted(set(expected) - set(found))}; unexpected or doubled: {extra}"
+
+
 def test_wheels_are_pyruntime_vit_with_types_model_and_one_extension():
     for whl in _dist("pyruntime_vit-*.whl"):
         py, abi, plat = _wheel_tags(whl)
         assert "manylinux_2_17_" in plat, whl.name
-        arch = plat.rsplit("_2_17_", 1)[1]
+        assert abi == py, whl.name
+        arch = _wheel_arch(plat)
         with zipfile.ZipFile(whl) as z:
             names = z.namelist()
             meta = email.parser.Parser().parsestr(

@@ -40,6 +40,8 @@ SUFFIX=.cpython-311-aarch64-linux-gnu.so
 STEP_NAME=arm64_python_test STEP_WIDTH=44
 # shellcheck source=tools/_steps.sh
 source "$ROOT/tools/_steps.sh"
+# shellcheck source=tools/_arm64_sysroot.sh
+source "$ROOT/tools/_arm64_sysroot.sh"
 
 # --------------------------------------------------------------------------------------------
 section "host tools"
@@ -61,61 +63,7 @@ phase_done "host tools"
 
 # --------------------------------------------------------------------------------------------
 section "arm64 sysroot: Debian bookworm python3.11 (private apt dir, dpkg -x)"
-A=$W/apt
-mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/etc/sources.list.d" "$A/etc/preferences.d" "$A/state"
-[ -e "$A/status" ] || : > "$A/status"  # an empty dpkg status: apt resolves the whole closure
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-cat > "$A/etc/sources.list" <<EOF
-deb [arch=arm64 signed-by=$KEYRING] http://deb.debian.org/debian bookworm main
-deb [arch=arm64 signed-by=$KEYRING] http://deb.debian.org/debian bookworm-updates main
-deb [arch=arm64 signed-by=$KEYRING] http://deb.debian.org/debian-security bookworm-security main
-EOF
-APT_OPTS=(
-  -o "Dir::State=$A/state" -o "Dir::State::Lists=$A/lists" -o "Dir::State::status=$A/status"
-  -o "Dir::Cache=$A/cache" -o "Dir::Etc::SourceList=$A/etc/sources.list"
-  -o "Dir::Etc::SourceParts=$A/etc/sources.list.d" -o "Dir::Etc::Preferences=$A/etc/preferences"
-  -o "Dir::Etc::PreferencesParts=$A/etc/preferences.d"
-  -o APT::Architecture=arm64 -o APT::Architectures::=arm64
-  -o APT::Sandbox::User=root -o Debug::NoLocking=1 -o APT::Install-Recommends=0
-)
-# python3.11-minimal + libpython3.11-stdlib: the interpreter and the standard library (their
-# dependencies bring libc6, libexpat1, zlib1g, libffi8, libssl3, libbz2, liblzma5, libsqlite3,
-# libuuid1, libncursesw6, libtinfo6, libreadline8, libdb5.3, ...); libpython3.11-dev: the
-# headers (Python.h, aarch64-linux-gnu/python3.11/pyconfig.h); libstdc++6 + libgcc-s1: for
-# the C++ extension itself.
-DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libpython3.11-dev libstdc++6 libgcc-s1)
-fetch_debs() { apt-get "${APT_OPTS[@]}" -q -y -d install "${DEBS[@]}"; }
-if [ -n "${ARM64_PY_REFRESH:-}" ] || [ -z "$(ls "$A/lists" 2>/dev/null | grep _Packages)" ]; then
-  apt-get "${APT_OPTS[@]}" -q update
-fi
-# Stale lists name versions the mirror no longer has: re-read them once and retry.
-fetch_debs >"$W/apt.log" 2>&1 || { apt-get "${APT_OPTS[@]}" -q update && fetch_debs >"$W/apt.log" 2>&1; } \
-  || { cat "$W/apt.log"; die "could not download the arm64 packages"; }
-grep -E "^(Get:|Download complete)" "$W/apt.log" | sed 's/^/  /' | tail -3 || true
-apt-get "${APT_OPTS[@]}" -q autoclean >/dev/null  # drop superseded versions from the cache
-stamp=$(cd "$A/cache/archives" && ls *.deb | sha256sum | cut -c1-16)
-if [ "$(cat "$SYSROOT/.stamp" 2>/dev/null)" != "$stamp" ]; then
-  rm -rf "$SYSROOT"; mkdir -p "$SYSROOT"
-  for deb in "$A/cache/archives"/*.deb; do dpkg -x "$deb" "$SYSROOT"; done
-  echo "$stamp" > "$SYSROOT/.stamp"
-  echo "unpacked $(ls "$A/cache/archives"/*.deb | wc -l) packages into $SYSROOT ($(du -sh "$SYSROOT" | cut -f1))"
-else
-  echo "sysroot up to date ($(ls "$A/cache/archives"/*.deb | wc -l) packages)"
-fi
-PY_ARM=$SYSROOT/usr/bin/python3.11
-[ -x "$PY_ARM" ] || die "no $PY_ARM"
-[ -f "$SYSROOT/usr/include/aarch64-linux-gnu/python3.11/pyconfig.h" ] || die "no arm64 pyconfig.h in the sysroot"
-
-# An x86 shell script that starts the arm64 interpreter under qemu: CMake's FindPython and
-# pybind11 query it for the target's version and extension suffix, and the tests' subprocesses
-# run it as sys.executable (no binfmt_misc here, so an arm64 binary can't be exec'd directly;
-# qemu-user passes exec to the host kernel, which runs this script natively).
-mkdir -p "$W/bin"
-cat > "$W/bin/python3.11" <<EOF
-#!/bin/sh
-exec "$QEMU" -L "$SYSROOT" -cpu "\${QEMU_CPU:-max}" "$PY_ARM" "\$@"
-EOF
-chmod +x "$W/bin/python3.11"
+arm64_sysroot "$W" 3.11
 PY_WRAP=$W/bin/python3.11
 phase_done "sysroot (apt, dpkg -x)"
 
@@ -138,17 +86,6 @@ if [ "$(cat "$SITE/.stamp" 2>/dev/null)" != "${pins[*]}" ]; then
 fi
 ls "$W/wheels" | sed 's/^/  /'
 
-# A sitecustomize module first on the arm64 sys.path: makes sys.executable the qemu wrapper
-# above, so that tests which start `sys.executable -c ...` get an arm64 interpreter too.
-# (It shadows Debian's /etc/python3.11/sitecustomize.py, which only hooks apport.)
-mkdir -p "$W/shim"
-cat > "$W/shim/sitecustomize.py" <<'EOF'
-import os
-import sys
-
-if os.environ.get("PYRT_ARM64_PYTHON"):
-    sys.executable = os.environ["PYRT_ARM64_PYTHON"]
-EOF
 phase_done "wheels (pip download, unzip)"
 
 # --------------------------------------------------------------------------------------------

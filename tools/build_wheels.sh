@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Release artefacts into dist/: the lean sdist, manylinux wheels for x86_64 (every CPython
-# 3.9-3.13 this machine has) and aarch64 (CPython 3.11), each repaired and checked with
-# auditwheel, each installed into a fresh environment (numpy + safetensors only, no torch)
-# and run on model files whose logits must equal the source build's bit for bit.
+# Release artefacts into dist/: the lean sdist, manylinux wheels for x86_64 and aarch64, each
+# CPython 3.9-3.13, each repaired and checked with auditwheel, and each that can be run here
+# installed into a fresh environment (numpy + safetensors only, no torch) and run on model files
+# whose logits must equal the source build's bit for bit.
 #
 #   bash tools/build_wheels.sh
 #
@@ -11,9 +11,15 @@
 # whatever the build machine has, and links libc++ statically, so the wheel needs nothing but
 # glibc, libm and libpthread. No container image is needed.
 #
-# aarch64 needs tools/arm64_python_test.sh to have run first (tools/test.sh runs it before this
-# script): its build-arm64-py/ holds the arm64 Python 3.11 sysroot (headers, interpreter for
-# qemu) and the aarch64 numpy/safetensors wheels this script reuses.
+# Which wheel is built and checked how:
+#   x86_64 cp39-cp313: built by pyenv's CPython of that version, run natively (+ qemu CPUs)
+#   aarch64 cp39, cp311, cp313: built by Debian's arm64 CPython of that version (bullseye,
+#     bookworm, trixie packages; tools/_arm64_sysroot.sh) under qemu-aarch64, run under qemu
+#   aarch64 cp310, cp312: no Debian release ships them and nothing else reachable here has an
+#     arm64 build, so they are cross-built by pyenv's x86_64 CPython of that version with an
+#     aarch64 pyconfig.h; audited, their C-API imports checked against that version's
+#     libpython, NOT run. The method is checked by cross-building cp311 the same way (not
+#     shipped) and running that under qemu like the others.
 #
 # Checks, per wheel:
 #   auditwheel show: the policy is manylinux_2_17 (nothing above glibc 2.17, no external C++ lib)
@@ -24,16 +30,20 @@
 #     models written by tools/cross_isa_check.py write: mixed fp32/W8A8/W4A8 with int8 attention
 #     and a confidence exit, and all-fp32; no torch needed)
 #   run-time dispatch, one wheel on every CPU: the host-Python x86 wheel under
-#     qemu-x86_64 -cpu Nehalem (expect ref) and -cpu Haswell (expect avx2); the aarch64 wheel
-#     under qemu-aarch64 -cpu cortex-a57 (expect neon) and -cpu max (expect neondot); under
-#     qemu the probe, then the dispatched ISA on the first 32 images of both models, logits
-#     and exit blocks identical to every ISA of the source build
+#     qemu-x86_64 -cpu Nehalem (expect ref) and -cpu Haswell (expect avx2); every aarch64
+#     wheel that can run here under qemu-aarch64 -cpu max (expect neondot), the first also
+#     under -cpu cortex-a57 (expect neon); under qemu the probe, then the dispatched ISA on
+#     the first 32 images of both models, logits and exit blocks identical to every ISA of
+#     the source build
 # A failed check is recorded and the run goes on; the summary lists every check, and the
 # script exits 1 if any failed.
 #
 # Knobs (environment):
 #   WHEEL_PYTHONS="3.11 3.12"  x86_64 CPython versions (default: every 3.9-3.13 pyenv has)
 #   WHEEL_ARCHES="x86_64"      architectures (default: "x86_64 aarch64")
+#   WHEEL_ARM_PYTHONS="3.11"   aarch64, built and run under qemu (default: "3.9 3.11 3.13")
+#   WHEEL_ARM_CROSS_PYTHONS="" aarch64, cross-built, not run (default: "3.10 3.12")
+#   WHEEL_ARM_CROSS_CHECK=""   the cross-built version run as the method check (default: 3.11)
 #   WHEEL_JOBS=N               build jobs (default: nproc)
 #
 # Everything else it builds lies under build-wheels/ (git-ignored); a second run is faster:
@@ -44,16 +54,16 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 W=$ROOT/build-wheels
 DIST=$ROOT/dist
-ARM=$ROOT/build-arm64-py
 JOBS=${WHEEL_JOBS:-$(nproc)}
 HOST_PY=${PYTHON:-python3}
 ARCHES=${WHEEL_ARCHES:-x86_64 aarch64}
 FLOOR=2_17
-ARM_PY_VERSION=3.11  # the version of tools/arm64_python_test.sh's sysroot
 
 STEP_NAME=build_wheels STEP_WIDTH=48
 # shellcheck source=tools/_steps.sh
 source "$ROOT/tools/_steps.sh"
+# shellcheck source=tools/_arm64_sysroot.sh
+source "$ROOT/tools/_arm64_sysroot.sh"
 
 # --------------------------------------------------------------------------------------------
 section "tools: qemu-user-static, ccache (apt); zig, auditwheel, scikit-build-core (PyPI)"
@@ -123,10 +133,11 @@ phase_done "sdist"
 # versions the extension imports, and grafts nothing (libc++ is linked in). --plat auto: the
 # most compatible tag (a named --plat must be of the host's architecture); then the tag must be
 # the floor.
-repair() {  # repair RAW_WHEEL ARCH: auditwheel repair into dist/, show it; sets REPAIRED
-  auditwheel repair --plat auto -w "$DIST" "$1" >"$W/repair.log" 2>&1 \
+repair() {  # repair RAW_WHEEL ARCH [DIR]: auditwheel repair into DIR (dist/), show it; sets REPAIRED
+  local out=${3:-$DIST}
+  auditwheel repair --plat auto -w "$out" "$1" >"$W/repair.log" 2>&1 \
     || { cat "$W/repair.log"; die "auditwheel repair $1"; }
-  REPAIRED=$(ls -t "$DIST"/*"$2".whl | head -1)
+  REPAIRED=$(ls -t "$out"/*"$2".whl | head -1)
   auditwheel show "$REPAIRED" >"$W/show.log" 2>&1 || { cat "$W/show.log"; die "auditwheel show $REPAIRED"; }
   tr '\n' ' ' <"$W/show.log" | sed 's/  */ /g' | fold -s -w 100 | sed 's/^/  /'
   echo
@@ -240,12 +251,26 @@ check_wheel() {
 # --------------------------------------------------------------------------------------------
 # x86_64: one wheel per CPython on this machine, each built by that CPython (scikit-build-core
 # in a build environment of its own), headers from that CPython (same ABI on any glibc).
+PYENV_DIR=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+pyenv_python() {  # pyenv_python 3.X: the newest pyenv CPython 3.X's root (nothing if none)
+  ls -d "$PYENV_DIR/versions/$1".* 2>/dev/null | sort -V | tail -1
+}
 x86_pythons() {
-  local root v
-  root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-  for v in ${WHEEL_PYTHONS:-3.9 3.10 3.11 3.12 3.13}; do
-    ls -d "$root/versions/$v".* 2>/dev/null | sort -V | tail -1
-  done
+  local v
+  for v in ${WHEEL_PYTHONS:-3.9 3.10 3.11 3.12 3.13}; do pyenv_python "$v"; done
+}
+# build_env PYROOT: a virtual environment of that x86_64 CPython with the build backend and
+# pybind11 (made once); prints its path.
+build_env() {
+  local v tag bv
+  v=$(basename "$1"); tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .); bv=$W/build-env/$tag
+  if [ ! -f "$bv/.ok" ]; then
+    rm -rf "$bv"; "$1/bin/python" -m venv "$bv"
+    "$bv/bin/python" -m pip install -q -U pip "scikit-build-core>=1.0" "pybind11>=2.12" >"$W/pip-$tag.log" 2>&1 \
+      || { cat "$W/pip-$tag.log" >&2; die "build environment for CPython $v"; }
+    touch "$bv/.ok"
+  fi
+  echo "$bv"
 }
 X86_WHEELS=()
 if [[ " $ARCHES " == *" x86_64 "* ]]; then
@@ -254,13 +279,7 @@ if [[ " $ARCHES " == *" x86_64 "* ]]; then
   for pyroot in $PYS; do
     v=$(basename "$pyroot"); tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .)
     section "x86_64 wheel, CPython $v ($tag)"
-    BV=$W/build-env/$tag
-    if [ ! -f "$BV/.ok" ]; then
-      rm -rf "$BV"; "$pyroot/bin/python" -m venv "$BV"
-      "$BV/bin/python" -m pip install -q -U pip "scikit-build-core>=1.0" "pybind11>=2.12" >"$W/pip-$tag.log" 2>&1 \
-        || { cat "$W/pip-$tag.log"; die "build environment for CPython $v"; }
-      touch "$BV/.ok"
-    fi
+    BV=$(build_env "$pyroot")
     RAW=$W/raw/$tag; rm -rf "$RAW"
     t0=$(date +%s)
     # shellcheck disable=SC2046
@@ -276,55 +295,136 @@ if [[ " $ARCHES " == *" x86_64 "* ]]; then
 fi
 
 # --------------------------------------------------------------------------------------------
-# aarch64: built by the arm64 CPython itself under qemu (so scikit-build-core sees the real
-# interpreter, its tag and extension suffix); CMake, zig and ninja run natively (qemu-user hands
-# exec of an x86 program to the host kernel). The sysroot's sitecustomize shim makes
-# sys.executable the qemu wrapper, so that CMake can run the interpreter too.
-ARM_WHEEL=
+# aarch64: one wheel per arm64 CPython that Debian ships (3.9 bullseye, 3.11 bookworm, 3.13
+# trixie; tools/_arm64_sysroot.sh), each built by that interpreter itself under qemu (so
+# scikit-build-core sees the real interpreter, its tag and extension suffix, and the headers
+# are the target's own); CMake, zig and ninja run natively (qemu-user hands exec of an x86
+# program to the host kernel). The sysroot's sitecustomize shim makes sys.executable the qemu
+# wrapper, so that CMake can run the interpreter too.
+ARM_WHEELS=()
+arm_pythons() {  # the arm64 CPython versions asked for that Debian has
+  local v
+  for v in ${WHEEL_ARM_PYTHONS:-3.9 3.11 3.13}; do
+    arm64_suite_of "$v" >/dev/null || die "no arm64 CPython $v to build or test with (Debian ships 3.9, 3.11, 3.13)"
+    echo "$v"
+  done
+}
 if [[ " $ARCHES " == *" aarch64 "* ]]; then
-  section "aarch64 wheel, CPython $ARM_PY_VERSION (built under qemu-aarch64)"
-  SYSROOT=$ARM/sysroot
-  PY_WRAP=$ARM/bin/python$ARM_PY_VERSION
-  [ -x "$PY_WRAP" ] && [ -f "$SYSROOT/usr/include/aarch64-linux-gnu/python$ARM_PY_VERSION/pyconfig.h" ] \
-    && [ -f "$ARM/shim/sitecustomize.py" ] && ls "$ARM"/wheels/numpy-*.whl >/dev/null 2>&1 \
-    || die "no arm64 Python sysroot in $ARM: run tools/arm64_python_test.sh first (tools/test.sh does)"
-  # The backend and pybind11 (pure Python) for the arm64 interpreter, which has no pip.
-  ABS=$W/arm-build-site
-  if [ ! -f "$ABS/.ok" ]; then
-    rm -rf "$ABS"
-    $TPY -m pip install -q --target "$ABS" --only-binary=:all: --python-version "$ARM_PY_VERSION" \
-      --platform manylinux2014_aarch64 --implementation cp "scikit-build-core>=1.0" "pybind11>=2.12"
-    touch "$ABS/.ok"
-  fi
-  # Debian's Python.h includes <aarch64-linux-gnu/python3.11/pyconfig.h>: expose only that
-  # multiarch directory of the sysroot (zig brings its own glibc 2.17 headers).
-  mkdir -p "$W/arm-pyinc"
-  ln -sfn "$SYSROOT/usr/include/aarch64-linux-gnu" "$W/arm-pyinc/aarch64-linux-gnu"
-  RAW=$W/raw/aarch64; rm -rf "$RAW"; mkdir -p "$RAW"
-  mapfile -t settings < <(skbuild_settings aarch64 "$W/cmake/{wheel_tag}" \
-    CMAKE_SYSTEM_NAME=Linux CMAKE_SYSTEM_PROCESSOR=aarch64 \
-    "Python_INCLUDE_DIR=$SYSROOT/usr/include/python$ARM_PY_VERSION" "CMAKE_CXX_FLAGS=-isystem $W/arm-pyinc")
+  section "arm64 CPython sysroots (Debian packages, private apt dir)"
+  for v in $(arm_pythons); do arm64_sysroot "$W/arm64-py/$v" "$v"; done
+  phase_done "aarch64: sysroots (apt, dpkg -x)"
   # PEP 517 by hand: -C options become the config_settings dict.
   BUILD_PY='import sys
 from scikit_build_core.build import build_wheel
 cfg = dict(a[2:].split("=", 1) for a in sys.argv[2:])
 print(build_wheel(sys.argv[1], cfg))'
-  t0=$(date +%s)
-  env QEMU_CPU=max QEMU_LD_PREFIX="$SYSROOT" PYTHONHOME="$SYSROOT/usr" PYTHONNOUSERSITE=1 \
-    PYTHONPATH="$ARM/shim:$ABS" PYRT_ARM64_PYTHON="$PY_WRAP" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
-    "$PY_WRAP" -c "$BUILD_PY" "$RAW" "${settings[@]}" >"$W/wheel-aarch64.log" 2>&1 \
-    || { cat "$W/wheel-aarch64.log"; die "wheel build, aarch64"; }
-  grep -E "warning:" "$W/wheel-aarch64.log" | sort -u | sed 's/^/  compiler: /' || true
-  echo "  built in $(( $(date +%s) - t0 )) s"
-  repair "$RAW"/*.whl aarch64
-  ARM_WHEEL=$REPAIRED
-  phase_done "aarch64 cp311: build (under qemu) + auditwheel"
+  for v in $(arm_pythons); do
+    tag=cp${v/./}
+    section "aarch64 wheel, CPython $v ($tag, built under qemu-aarch64)"
+    A64=$W/arm64-py/$v
+    SYSROOT=$A64/sysroot
+    # The backend and pybind11 (pure Python) for the arm64 interpreter, which has no pip.
+    # pip judges environment markers by the Python it runs on, not by --python-version: the
+    # backports scikit-build-core needs before 3.11 are named here.
+    ABS=$A64/build-site
+    backports=()
+    [ "${v#3.}" -ge 11 ] || backports=("tomli>=1.2.2" "exceptiongroup>=1.0" "typing-extensions>=4")
+    if [ ! -f "$ABS/.ok" ]; then
+      rm -rf "$ABS"
+      $TPY -m pip install -q --target "$ABS" --only-binary=:all: --python-version "$v" \
+        --platform manylinux2014_aarch64 --implementation cp "scikit-build-core>=1.0" "pybind11>=2.12" "${backports[@]}" \
+        >"$W/pip-build-$tag-aarch64.log" 2>&1 || { cat "$W/pip-build-$tag-aarch64.log"; die "build backend for arm64 CPython $v"; }
+      touch "$ABS/.ok"
+    fi
+    # Debian's Python.h includes <aarch64-linux-gnu/pythonV/pyconfig.h>: expose only that
+    # multiarch directory of the sysroot (zig brings its own glibc 2.17 headers), and 3.9's
+    # includes <crypt.h>, which zig's glibc headers lack: the sysroot's. One directory for
+    # every version, pointed at this one's sysroot: the flag is on every object's command
+    # line, and the same flag lets ccache serve all objects but the bindings' across versions.
+    mkdir -p "$W/arm-pyinc"
+    ln -sfn "$SYSROOT/usr/include/aarch64-linux-gnu" "$W/arm-pyinc/aarch64-linux-gnu"
+    ln -sfn "$SYSROOT/usr/include/crypt.h" "$W/arm-pyinc/crypt.h"
+    RAW=$W/raw/$tag-aarch64; rm -rf "$RAW"; mkdir -p "$RAW"
+    mapfile -t settings < <(skbuild_settings aarch64 "$W/cmake/{wheel_tag}" \
+      CMAKE_SYSTEM_NAME=Linux CMAKE_SYSTEM_PROCESSOR=aarch64 \
+      "Python_INCLUDE_DIR=$SYSROOT/usr/include/python$v" "CMAKE_CXX_FLAGS=-isystem $W/arm-pyinc")
+    t0=$(date +%s)
+    env QEMU_CPU=max QEMU_LD_PREFIX="$SYSROOT" PYTHONHOME="$SYSROOT/usr" PYTHONNOUSERSITE=1 \
+      PYTHONPATH="$A64/shim:$ABS" PYRT_ARM64_PYTHON="$A64/bin/python$v" CMAKE_BUILD_PARALLEL_LEVEL="$JOBS" \
+      "$A64/bin/python$v" -c "$BUILD_PY" "$RAW" "${settings[@]}" >"$W/wheel-$tag-aarch64.log" 2>&1 \
+      || { cat "$W/wheel-$tag-aarch64.log"; die "wheel build, aarch64 CPython $v"; }
+    grep -E "warning:" "$W/wheel-$tag-aarch64.log" | sort -u | sed 's/^/  compiler: /' || true
+    echo "  built in $(( $(date +%s) - t0 )) s"
+    repair "$RAW"/*.whl aarch64
+    ARM_WHEELS+=("$v:$REPAIRED:built under qemu")
+    phase_done "aarch64 $tag: build (under qemu) + auditwheel"
+  done
+fi
+
+# --------------------------------------------------------------------------------------------
+# aarch64 for the CPython versions no Debian release ships (3.10, 3.12): no arm64 interpreter
+# of theirs can be had here, so each is cross-built by that version's x86_64 CPython (pyenv)
+# and cannot be run here. The headers are that CPython's own but for pyconfig.h, made for
+# aarch64 by arm64_pyconfig; scikit-build-core takes the platform tag from
+# _PYTHON_HOST_PLATFORM and the extension suffix from SETUPTOOLS_EXT_SUFFIX, and pybind11 the
+# suffix from PYTHON_MODULE_EXTENSION. The method is checked where it can be: the same cross
+# build for 3.11 (WHEEL_ARM_CROSS_CHECK, not shipped) runs under qemu with Debian's 3.11 below.
+#
+# arm64_pyconfig X86_PYCONFIG: an aarch64 Linux pyconfig.h from an x86_64 Linux one. What
+# differs between the two architectures (both LP64, glibc, little-endian; the same sizes of
+# every C type): x87/x86-64 inline assembly is x86's only, and aarch64's wchar_t is unsigned
+# (so usable as UCS4). The other lines in which Debian's aarch64 pyconfig.h differs from
+# pyenv's x86_64 one are build options (shared libpython, dtrace, computed gotos, ...) that no
+# extension's ABI depends on.
+arm64_pyconfig() {
+  sed -E '/^#define HAVE_GCC_ASM_FOR_X(64|87) /d' "$1"
+  printf '\n/* aarch64: wchar_t is an unsigned 32-bit type */\n#ifndef HAVE_USABLE_WCHAR_T\n#define HAVE_USABLE_WCHAR_T 1\n#endif\n'
+}
+CROSS_WHEELS=()
+CROSS_CHECK=()
+if [[ " $ARCHES " == *" aarch64 "* ]]; then
+  for v in ${WHEEL_ARM_CROSS_PYTHONS-3.10 3.12} ${WHEEL_ARM_CROSS_CHECK-3.11}; do
+    tag=cp${v/./}
+    pyroot=$(pyenv_python "$v")
+    [ -n "$pyroot" ] || die "no x86_64 CPython $v under pyenv to cross-build the aarch64 $tag wheel with"
+    section "aarch64 wheel, CPython $v ($tag, cross-built by x86_64 CPython $(basename "$pyroot"))"
+    BV=$(build_env "$pyroot")
+    # The headers: pyenv's, with pyconfig.h for aarch64 (Python.h includes "pyconfig.h" from
+    # its own directory). The native builds' -isystem flag too, unused here but the same
+    # command line, so that ccache serves every object but the bindings'.
+    HDR=$W/arm64-hdr/$v
+    rm -rf "$HDR"; mkdir -p "$HDR"
+    cp -r "$pyroot/include/python$v" "$HDR/"
+    arm64_pyconfig "$pyroot/include/python$v/pyconfig.h" > "$HDR/python$v/pyconfig.h"
+    suffix=.cpython-${v/./}-aarch64-linux-gnu.so
+    RAW=$W/raw/$tag-aarch64-cross; rm -rf "$RAW"
+    mapfile -t settings < <(skbuild_settings aarch64 "$W/cmake/{wheel_tag}-cross" \
+      CMAKE_SYSTEM_NAME=Linux CMAKE_SYSTEM_PROCESSOR=aarch64 "Python_INCLUDE_DIR=$HDR/python$v" \
+      "PYTHON_MODULE_EXTENSION=$suffix" "CMAKE_CXX_FLAGS=-isystem $W/arm-pyinc")
+    t0=$(date +%s)
+    env _PYTHON_HOST_PLATFORM=linux-aarch64 SETUPTOOLS_EXT_SUFFIX="$suffix" \
+      "$BV/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$RAW" . "${settings[@]}" \
+      >"$W/wheel-$tag-aarch64-cross.log" 2>&1 \
+      || { cat "$W/wheel-$tag-aarch64-cross.log"; die "wheel build, aarch64 CPython $v (cross)"; }
+    echo "  built in $(( $(date +%s) - t0 )) s"
+    if [ "$v" = "${WHEEL_ARM_CROSS_CHECK-3.11}" ]; then
+      # The method check: repaired and audited like the others, but not shipped.
+      rm -rf "$W/cross-check"
+      repair "$RAW"/*.whl aarch64 "$W/cross-check"
+      CROSS_CHECK=("$v:$REPAIRED:cross-built, method check")
+    else
+      repair "$RAW"/*.whl aarch64
+      CROSS_WHEELS+=("$v:$REPAIRED")
+    fi
+    phase_done "aarch64 $tag: cross-build + auditwheel"
+  done
 fi
 
 # --------------------------------------------------------------------------------------------
 # The wheel checked under emulated CPUs too: the host Python's if it was built, else the first.
 HOST_V=$($HOST_PY -c 'import platform; print(platform.python_version())')
-QEMU_V=${X86_WHEELS[0]%%:*}
+QEMU_V=
+((${#X86_WHEELS[@]} == 0)) || QEMU_V=${X86_WHEELS[0]%%:*}
 for entry in "${X86_WHEELS[@]}"; do [ "${entry%%:*}" = "$HOST_V" ] && QEMU_V=$HOST_V; done
 for entry in "${X86_WHEELS[@]}"; do
   IFS=: read -r v pyroot whl <<<"$entry"; tag=cp$(echo "$v" | cut -d. -f1-2 | tr -d .)
@@ -344,26 +444,79 @@ for entry in "${X86_WHEELS[@]}"; do
   phase_done "x86_64 $tag: install + checks"
 done
 
-if [ -n "$ARM_WHEEL" ]; then
-  section "aarch64 cp311: fresh environment (under qemu), import, logits vs the source build"
+# The aarch64 checks: -cpu max (expect neondot) for every wheel; -cpu cortex-a57 (expect neon)
+# for the first only -- dispatch is the same code in every wheel, and each qemu check costs
+# ~10-20 s.
+first_arm=1
+for entry in "${ARM_WHEELS[@]}" "${CROSS_CHECK[@]}"; do
+  IFS=: read -r v whl how <<<"$entry"; tag=cp${v/./}
+  section "aarch64 $tag ($how): fresh environment (under qemu), import, logits vs the source build"
+  A64=$W/arm64-py/$v
+  [ -x "$A64/bin/python$v" ] || die "no arm64 CPython $v to check the $how $tag wheel with (WHEEL_ARM_PYTHONS)"
+  SYSROOT=$A64/sysroot
+  # numpy and safetensors for this arm64 CPython, fetched once; the wheels its glibc can load.
+  plats=(--platform manylinux2014_aarch64)
+  for m in $(seq 17 "$(arm64_glibc_minor "$A64")"); do plats+=(--platform "manylinux_2_${m}_aarch64"); done
+  DEPS=(numpy safetensors)
+  if [ "$(cat "$A64/wheels/.stamp" 2>/dev/null)" != "${DEPS[*]}" ]; then
+    rm -rf "$A64/wheels"
+    $TPY -m pip download -q --only-binary=:all: "${plats[@]}" --python-version "$v" --implementation cp \
+      -d "$A64/wheels" "${DEPS[@]}" >"$W/pip-deps-$tag-aarch64.log" 2>&1 \
+      || { cat "$W/pip-deps-$tag-aarch64.log"; die "pip download (aarch64, CPython $v) ${DEPS[*]}"; }
+    echo "${DEPS[*]}" > "$A64/wheels/.stamp"
+  fi
   # The environment: pip installs the wheel and its dependencies for aarch64 into a directory
-  # (the arm64 interpreter has no pip); the dependencies come from build-arm64-py/wheels only.
-  EV=$W/check/aarch64
+  # (the arm64 interpreter has no pip); the dependencies from the directory above only.
+  EV=$W/check/$tag-aarch64
   rm -rf "$EV"
-  # shellcheck disable=SC2046
-  $TPY -m pip install -q --target "$EV" --no-index --find-links "$ARM/wheels" --only-binary=:all: \
-    --python-version "$ARM_PY_VERSION" --implementation cp --platform manylinux2014_aarch64 \
-    $(for m in $(seq 17 36); do echo "--platform manylinux_2_${m}_aarch64"; done) \
-    "$ARM_WHEEL" >"$W/pip-aarch64.log" 2>&1 || { cat "$W/pip-aarch64.log"; die "pip install (aarch64) $ARM_WHEEL"; }
+  $TPY -m pip install -q --target "$EV" --no-index --find-links "$A64/wheels" --only-binary=:all: \
+    --python-version "$v" --implementation cp "${plats[@]}" \
+    "$whl" >"$W/pip-$tag-aarch64.log" 2>&1 || { cat "$W/pip-$tag-aarch64.log"; die "pip install (aarch64) $whl"; }
   # PYTHONPATH is the environment; the sysroot's own site-packages are empty.
   run_arm() {
     (cd "$W" && env QEMU_CPU="$QCPU" QEMU_LD_PREFIX="$SYSROOT" PYTHONHOME="$SYSROOT/usr" \
-       PYTHONPATH="$EV" PYTHONNOUSERSITE=1 "$PY_WRAP" "$@")
+       PYTHONPATH="$EV" PYTHONNOUSERSITE=1 "$A64/bin/python$v" "$@")
   }
-  QCPU=max check_wheel "aarch64 cp311 qemu -cpu max" neondot quick run_arm
-  QCPU=cortex-a57 check_wheel "aarch64 cp311 qemu -cpu cortex-a57" neon quick run_arm
-  phase_done "aarch64 cp311: install + checks (qemu)"
-fi
+  QCPU=max check_wheel "aarch64 $tag ($how) qemu -cpu max" neondot quick run_arm
+  if ((first_arm)); then
+    QCPU=cortex-a57 check_wheel "aarch64 $tag ($how) qemu -cpu cortex-a57" neon quick run_arm
+    first_arm=0
+  fi
+  phase_done "aarch64 $tag ($how): install + checks (qemu)"
+done
+
+# The cross-built wheels that cannot be run here: the C-API symbols the extension imports must
+# all be exported by that CPython version's libpython (names are the same on every
+# architecture; pyenv's x86_64 build is a shared one): a symbol the extension would not find at
+# import fails it, and so do most builds against another version's headers (3.9's against
+# 3.13's library, or 3.13's against 3.9's, do; 3.10's against 3.9's happens not to).
+CAPI='import sys, zipfile, io
+from elftools.elf.elffile import ELFFile
+def dynsyms(data, defined):
+    syms = ELFFile(io.BytesIO(data)).get_section_by_name(".dynsym").iter_symbols()
+    return {s.name for s in syms if s.name and (s["st_shndx"] != "SHN_UNDEF") == defined}
+whl, lib = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z:
+    (core,) = [n for n in z.namelist() if n.startswith("pyruntime/_core.") and n.endswith(".so")]
+    need = {n for n in dynsyms(z.read(core), False) if n.startswith(("Py", "_Py"))}
+with open(lib, "rb") as f:
+    missing = sorted(need - dynsyms(f.read(), True))
+nothing = "none"
+print(f"  {core}: imports {len(need)} C-API symbols; not exported by {lib}: {missing or nothing}")
+sys.exit(1 if missing or not need else 0)'
+for entry in "${CROSS_WHEELS[@]}"; do
+  IFS=: read -r v whl <<<"$entry"; tag=cp${v/./}
+  section "aarch64 $tag (cross-built): C-API symbols vs CPython $v's; not run (no arm64 CPython $v here)"
+  pyroot=$(pyenv_python "$v")
+  name="aarch64 $tag (cross-built) C-API symbols"
+  if $TPY -c "$CAPI" "$whl" "$pyroot/lib/libpython$v.so" >"$W/capi-$tag.log" 2>&1; then
+    cat "$W/capi-$tag.log"; RESULTS+=("$(printf '%-46s passed' "$name")")
+  else
+    sed 's/^/  | /' "$W/capi-$tag.log"; RESULTS+=("$(printf '%-46s FAILED (%s)' "$name" "$W/capi-$tag.log")"); status=1
+  fi
+  RESULTS+=("$(printf '%-46s not run: no arm64 CPython %s here' "aarch64 $tag (cross-built) logits" "$v")")
+  phase_done "aarch64 $tag (cross-built): C-API symbols"
+done
 
 # --------------------------------------------------------------------------------------------
 section "summary"
