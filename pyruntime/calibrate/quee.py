@@ -180,39 +180,58 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> Tuple[np.n
     return centres, assign
 
 
-def cluster_targets(assign: np.ndarray, errors: np.ndarray, k: int, prior: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+def cluster_targets(assign: np.ndarray, errors: np.ndarray, k: int, prior: float = 0.0,
+                    weight: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(ê [k, P], sizes [k]): per cluster and path, the error rate of the path over the
     cluster's images, shrunk towards the overall rate by ``prior`` pseudo-images:
-    ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior). An empty cluster gets ē."""
+    ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior). An empty cluster gets ē.
+    With ``weight`` (>= 0 per sample: how often a path target's (image, history) pair occurs)
+    every sum and count is weighted, and sizes are the weighted counts (float64)."""
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 2 or len(errors) != len(assign):
         raise ValueError(f"errors must be [N, paths] with N = {len(assign)}, got {errors.shape}")
     if prior < 0:
         raise ValueError(f"prior must be >= 0, got {prior}")
-    overall = errors.mean(0)
-    sizes = np.bincount(assign, minlength=k).astype(np.float64)
+    w = _sample_weight(weight, len(errors))
+    overall = (errors * w[:, None]).sum(0) / w.sum()
+    sizes = np.bincount(assign, weights=w, minlength=k)
     sums = np.zeros((k, errors.shape[1]))
-    np.add.at(sums, assign, errors)
+    np.add.at(sums, assign, errors * w[:, None])
     denom = sizes + prior
     safe = np.where(denom > 0, denom, 1.0)
     e_hat = np.where(denom[:, None] > 0, (sums + prior * overall[None]) / safe[:, None], overall[None])
-    return e_hat, sizes.astype(np.int64)
+    return e_hat, (sizes.astype(np.int64) if weight is None else sizes)
+
+
+def _sample_weight(weight: Optional[np.ndarray], n: int) -> np.ndarray:
+    """Per-sample weights as float64 (ones by default); negative, non-finite or all-zero refused."""
+    if weight is None:
+        return np.ones(n)
+    w = np.asarray(weight, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weight must be [{n}] finite, >= 0 and not all zero")
+    return w
 
 
 def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps: int = 2000, lr: float = 0.02,
-                   seed: int = 0) -> Tuple[Dict[str, np.ndarray], float]:
+                   seed: int = 0, weight: Optional[np.ndarray] = None) -> Tuple[Dict[str, np.ndarray], float]:
     """(float32 weights by GATE_TENSORS name, final BCE loss): full-batch Adam on
-    BCE(sigmoid(W2 relu(W1 f + b1) + b2), targets), float64, seeded initialisation."""
+    BCE(sigmoid(W2 relu(W1 f + b1) + b2), targets), float64, seeded initialisation; with
+    ``weight`` the BCE is the weighted mean over samples."""
     x = np.asarray(features, dtype=np.float64)
     t = np.clip(np.asarray(targets, dtype=np.float64), 0.0, 1.0)
     n, d = x.shape
     P = t.shape[1]
+    w = _sample_weight(weight, n)
+    w = w / w.sum()
     rng = np.random.default_rng(seed)
-    mu, sd = x.mean(0), x.std(0) + 1e-6  # train on standardised inputs, fold back at the end
+    mu = (x * w[:, None]).sum(0)  # train on standardised inputs, fold back at the end
+    sd = np.sqrt((w[:, None] * (x - mu) ** 2).sum(0)) + 1e-6
+    t_mean = np.clip((t * w[:, None]).sum(0), 1e-3, 1 - 1e-3)
     xs = (x - mu) / sd
     params = [rng.standard_normal((hidden, d)) * np.sqrt(2.0 / d), np.full(hidden, 0.1),
               rng.standard_normal((P, hidden)) * 0.1 / np.sqrt(hidden),
-              np.log(np.clip(t.mean(0), 1e-3, 1 - 1e-3) / (1 - np.clip(t.mean(0), 1e-3, 1 - 1e-3)))]
+              np.log(t_mean / (1 - t_mean))]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     b1_, b2_ = 0.9, 0.999
@@ -224,14 +243,10 @@ def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps
         o = h @ w2.T + b2
         return z, h, o
 
-    def loss_of(o):
-        # BCE with logits, stable: max(o, 0) - o t + log(1 + exp(-|o|))
-        return float(np.mean(np.maximum(o, 0) - o * t + np.log1p(np.exp(-np.abs(o)))))
-
     for step in range(1, steps + 1):
         w1, b1, w2, b2 = params
         z, h, o = forward(params)
-        g_o = (1.0 / (1.0 + np.exp(-o)) - t) / (n * P)
+        g_o = (1.0 / (1.0 + np.exp(-o)) - t) * (w[:, None] / P)
         g_w2, g_b2 = g_o.T @ h, g_o.sum(0)
         g_z = (g_o @ w2) * (z > 0)
         g_w1, g_b1 = g_z.T @ xs, g_z.sum(0)
@@ -247,7 +262,7 @@ def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps
     weights = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in weights.items()}
     pred = gate_errors(x, weights)
     eps = 1e-12
-    loss = float(-np.mean(t * np.log(pred + eps) + (1 - t) * np.log(1 - pred + eps)))
+    loss = float(-(w[:, None] * (t * np.log(pred + eps) + (1 - t) * np.log(1 - pred + eps))).sum() / P)
     return weights, loss
 
 
@@ -296,6 +311,7 @@ class GateFit:
     cluster_sizes: np.ndarray                # [clusters]
     loss: float                              # final BCE against the cluster targets
     fit_mae: float                           # mean |MLP - cluster target| on the calibration images
+    features: np.ndarray = field(default=None, repr=False)   # the inputs it was trained on
 
     def summary(self) -> dict:
         return {"block": self.block, "cost": [round(c, 6) for c in self.cost],
@@ -317,6 +333,9 @@ class QueeFit:
     fp32_bops: int                    # BOPs of the fp32 model without exits (bops_ratio's normaliser)
     features: Dict[int, np.ndarray]   # calibration features per gate (for default_lambdas)
     meta: dict = field(default_factory=dict)
+    # targets="path": per gate, the (image row, mask of segments run reduced before it, weight)
+    # of every pair its MLP was trained on
+    histories: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def gate_blocks(self) -> List[int]:
@@ -417,6 +436,89 @@ def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final",
     return out, norm
 
 
+MAX_PATH_GATES = 6
+
+
+class _SegmentRuns:
+    """Static runs of the probe on the calibration images with a fixed precision per segment
+    (bit s of ``mask`` set: the segment after gate s runs reduced), memoised: every gate
+    head's logits, then the final logits."""
+
+    def __init__(self, graph, tensors, segs, x, batch, num_threads):
+        self.graph, self.tensors, self.segs, self.x = graph, tensors, segs, x
+        self.batch, self.num_threads = batch, num_threads
+        self.cache: Dict[int, List[np.ndarray]] = {}
+
+    def heads(self, mask: int) -> List[np.ndarray]:
+        if mask not in self.cache:
+            blocks = [b for s, (first, last) in enumerate(self.segs) if mask >> s & 1 for b in range(first, last + 1)]
+            g, t = static_variant(self.graph, self.tensors, blocks)
+            r = _probe_run(executor(g, t), self.x, True, self.batch, self.num_threads)
+            self.cache[mask] = list(r["exit_logits"]) + [r["logits"]]
+        return self.cache[mask]
+
+    def logits(self, rows: np.ndarray, masks: np.ndarray, head: int) -> np.ndarray:
+        """[len(rows), classes]: head ``head``'s logits of each image under its own mask."""
+        out = np.empty((len(rows), self.heads(0)[-1].shape[-1]), np.float32)
+        for m in np.unique(masks):
+            sel = masks == m
+            out[sel] = self.heads(int(m))[head][rows[sel]]
+        return out
+
+
+def _fit_gate(j: int, block: int, runs: _SegmentRuns, rows: np.ndarray, masks: np.ndarray, weight, y, topk, hidden,
+              clusters, prior, horizon, targets, steps, lr, seed, cost) -> GateFit:
+    """Gate j's MLP trained on the images ``rows``, each arriving with the segments of its
+    ``masks`` run reduced: features from gate j's head under that mask; path errors: exit
+    there, or the next segment at full / reduced precision, then the horizon at full precision."""
+    m = len(runs.segs)
+    after = m if horizon == "final" else j + 1   # the head that answers a continuing path
+    red_next = (1 << j) if targets != "static" else sum(1 << s for s in range(m))
+    wrong = lambda logits: (logits.argmax(-1) != y[rows]).astype(np.float64)
+    errors = np.stack([wrong(runs.logits(rows, masks, j)), wrong(runs.logits(rows, masks, after)),
+                       wrong(runs.logits(rows, masks | red_next, after))], 1)
+    f = gate_features(runs.logits(rows, masks, j), topk)
+    _, assign = kmeans(f, clusters, seed=seed + j)
+    k = int(assign.max()) + 1
+    e_hat, sizes = cluster_targets(assign, errors, k, prior, weight)
+    target = e_hat[assign]
+    weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j, weight=weight)
+    w = np.ones(len(rows)) if weight is None else np.asarray(weight, np.float64)
+    mae = float((np.abs(gate_errors(f, weights) - target).mean(1) * w).sum() / w.sum())
+    path_error = tuple(float(v) for v in (errors * w[:, None]).sum(0) / w.sum())
+    return GateFit(block, cost, weights, path_error, e_hat, sizes, loss, mae, f)
+
+
+def _path_fits(seg_fits: List[GateFit], fit_gate, runs: _SegmentRuns, n: int, topk: int, path_costs, sim_points: int = 8):
+    """Gates trained in order on the trajectories images take (targets="path"): each image is
+    followed through the gates already trained at every lambda of a simulation grid (0 and
+    quantiles of the decision flips of the gates fitted on the full-precision trajectory);
+    gate j is trained on every (image, history) pair that reaches it at some lambda, weighted
+    by the share of the grid at which it does. Gate 0 sees one history (all full precision),
+    so it is the segment fit's."""
+    sim = _flip_lambdas(seg_fits, sim_points)
+    L, m = len(sim), len(seg_fits)
+    mask = np.zeros((L, n), np.int64)
+    alive = np.ones((L, n), bool)
+    fits, histories = [], {}
+    for j in range(m):
+        keys, counts = np.unique((np.arange(n)[None, :] * (1 << m) + mask)[alive], return_counts=True)
+        if keys.size == 0:  # every image left before this gate at every lambda: nothing to learn from
+            fits.append(seg_fits[j])
+            continue
+        rows, masks, weight = keys >> m, keys & ((1 << m) - 1), counts / L
+        gf = seg_fits[j] if j == 0 else fit_gate(j, rows, masks, weight)
+        fits.append(gf)
+        histories[gf.block] = (rows, masks, weight)
+        for li, lam in enumerate(sim):
+            here = np.flatnonzero(alive[li])
+            f = gate_features(runs.logits(here, mask[li, here], j), topk)
+            d = gate_decisions(f, gf.weights, lam, gf.cost)
+            alive[li, here[d == 0]] = False
+            mask[li, here[d == 2]] |= 1 << j
+    return fits, histories, sim
+
+
 def _base_policy(base: Any, attention: Optional[int] = None) -> Policy:
     """A copy of ``base`` (no exits, no gates) with its attention bits resolved against
     ``attention`` (:func:`.common.resolve_attention`); turned to int8 attention, its name says so."""
@@ -479,47 +581,31 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     path_costs, fp32_cost = _costs(graph, gates, horizon, costs)
     fp32_bops = int(_cost_terms(graph, None)[3])
 
-    x, y = data.images, np.asarray(data.labels)
-    g_run, t_run = static_variant(graph, tensors)
-    full = _probe_run(executor(g_run, t_run), x, True, batch, num_threads)
-    heads_full = list(full["exit_logits"]) + [full["logits"]]  # gate j's head, then the final head
-    segs = _segments(gates, depth)
-    if targets == "static":
-        gs, ts = static_variant(graph, tensors, range(gates[0] + 1, depth))
-        static = _probe_run(executor(gs, ts), x, True, batch, num_threads)
-        heads_static = list(static["exit_logits"]) + [static["logits"]]
-
-    fits, feats = [], {}
-    for j, (g, (first, last)) in enumerate(zip(gates, segs)):
-        if targets == "segment":
-            keep = [] if last == depth - 1 or horizon == "final" else [last]
-            gs, ts = static_variant(graph, tensors, range(first, last + 1), exit_blocks=keep, threshold=0.0)
-            r = _probe_run(executor(gs, ts), x, False, batch, num_threads)
-            reduced_next = r["logits"]  # the head at the end of the segment, or the final head
-        else:
-            reduced_next = heads_static[j + 1] if horizon == "next" else heads_static[-1]
-        full_next = heads_full[j + 1] if horizon == "next" else heads_full[-1]
-        wrong = lambda logits: (np.asarray(logits).argmax(-1) != y).astype(np.float64)
-        errors = np.stack([wrong(heads_full[j]), wrong(full_next), wrong(reduced_next)], 1)
-        f = gate_features(heads_full[j], topk)
-        _, assign = kmeans(f, clusters, seed=seed + j)
-        k = int(assign.max()) + 1
-        e_hat, sizes = cluster_targets(assign, errors, k, prior)
-        target = e_hat[assign]
-        weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j)
-        mae = float(np.abs(gate_errors(f, weights) - target).mean())
-        fits.append(GateFit(g, path_costs[j], weights, tuple(float(v) for v in errors.mean(0)), e_hat, sizes, loss, mae))
-        feats[g] = f
+    y = np.asarray(data.labels)
+    runs = _SegmentRuns(graph, tensors, _segments(gates, depth), data.images, batch, num_threads)
+    if len(gates) > MAX_PATH_GATES and targets == "path":
+        raise ValueError(f"targets='path' may run the calibration images once per combination of segment "
+                         f"precisions (2^gates); at most {MAX_PATH_GATES} gates, got {len(gates)}")
+    fit_gate = lambda j, rows, mask, w: _fit_gate(j, gates[j], runs, rows, mask, w, y, topk, hidden, clusters,
+                                                   prior, horizon, targets, steps, lr, seed, path_costs[j])
+    everyone = np.arange(len(y))
+    fits = [fit_gate(j, everyone, np.zeros(len(y), np.int64), None) for j in range(len(gates))]
+    histories, sim = {}, []
+    if targets == "path":
+        fits, histories, sim = _path_fits(fits, fit_gate, runs, len(y), topk, path_costs)
+    feats = {gf.block: gf.features for gf in fits}
+    full = runs.heads(0)
 
     meta = {
         "method": "quee", "base": base_pol.name, "reduced": reduced.to_dict(), "gate_blocks": gates,
         "targets": targets, "horizon": horizon, "topk": topk, "hidden": hidden, "clusters": clusters, "prior": prior, "steps": steps,
         "lr": lr, "seed": seed, "data": dict(data.summary), "cost_kind": "bops" if costs is None else costs.kind,
         "cost_normaliser_fp32": fp32_cost,
-        "full_top1": float((full["logits"].argmax(-1) == y).mean()),
+        "full_top1": float((full[-1].argmax(-1) == y).mean()), "static_runs": len(runs.cache),
+        "sim_lambdas": sim,
         "gates": [gf.summary() for gf in fits],
     }
-    return QueeFit(base_pol, reduced, topk, hidden, fits, graph, tensors, fp32_bops, feats, meta)
+    return QueeFit(base_pol, reduced, topk, hidden, fits, graph, tensors, fp32_bops, feats, meta, histories)
 
 
 def calibrate_quee(source: Source, data: CalibrationData, lam: float = 0.0, **kwargs) -> Policy:
@@ -546,9 +632,14 @@ def default_lambdas(fit: QueeFit, n: int = 12) -> List[float]:
     """0 and ``n`` quantiles of the positive lambdas at which a gate's decision flips on the
     calibration images (where (e_p - e_q) / (c_q - c_p) > 0), plus one beyond which every
     image exits at the first gate."""
+    return _flip_lambdas(fit.gates, n)
+
+
+def _flip_lambdas(gates: Sequence[GateFit], n: int) -> List[float]:
+    """:func:`default_lambdas` over the gates' own training features."""
     cands = []
-    for gf in fit.gates:
-        e = gate_errors(fit.features[gf.block], gf.weights)
+    for gf in gates:
+        e = gate_errors(gf.features, gf.weights)
         c = np.asarray(gf.cost)
         for p in range(3):
             for q in range(p + 1, 3):
