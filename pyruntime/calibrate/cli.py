@@ -46,7 +46,9 @@ Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split
 by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
 sizes are reported and recorded); the operating point -- maqee's exit thresholds, quee's
 lambda -- is chosen on the validation part alone (the policy's meta says ``chosen_on:
-validation``). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
+validation``). quee on the reference model without ``--data`` instead fits its gates on all
+the calibration images (training images 50000..54999) and chooses lambda on ``--holdout``
+times as many drawn from the validation images (55000..59999). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
 of fp32 at full depth, ``--budget-bops`` the most accurate within that mean BOPs per image;
 ``--lam`` sets lambda by hand instead (gates then fitted on all images). ``--report`` adds
 which validation images went where (per exit / gate: count, share, top-1);
@@ -410,11 +412,23 @@ def _maqee(args, source, data, kind, budget, table=None):
 
 
 def _quee_search(args, source, data, reduced, kind, budget):
-    """Gates fitted on the fit part, lambda chosen on the validation part."""
+    """Gates fitted on the fit part, lambda chosen on the validation part: for the reference
+    model the calibration images are the fit part and the validation part is a draw of
+    ``--holdout`` times as many from its own validation images (training images the model
+    never saw, disjoint from the calibration ones); for user data a ``--holdout`` split."""
+    import numpy as np
+
+    from .common import calibration_data
     from .quee import LambdaNotFound, choose_lambda, fit_quee
 
-    fit_rows, val_rows = data.split_rows(0.25 if args.holdout is None else args.holdout, args.seed)
-    fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
+    holdout = 0.25 if args.holdout is None else args.holdout
+    if args.data is None and _is_reference(args):
+        fit_data, val_rows = data, np.arange(max(1, int(round(holdout * len(data)))))
+        val = calibration_data(len(val_rows), args.seed, source.preprocess["mean"], source.preprocess["std"],
+                               part="validation")
+    else:
+        fit_rows, val_rows = data.split_rows(holdout, args.seed)
+        fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
     fit = fit_quee(source, fit_data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
                    every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
     try:
@@ -423,6 +437,7 @@ def _quee_search(args, source, data, reduced, kind, budget):
     except LambdaNotFound as e:
         raise ValueError(" ".join(str(e).split())) from None
     meta = dict(chosen_on="validation", fit_images=len(fit_data), validation_images=len(val), split_seed=args.seed,
+                validation_data=dict(val.summary),
                 max_drop=None if args.max_drop is None else args.max_drop / 100.0, budget_bops=budget,
                 lambda_search=search.summary())
     lines = [f"lambda {search.lam:g} chosen on the {len(val)} validation images (gates fitted on {len(fit_data)}): "

@@ -99,10 +99,10 @@ __all__ = [
     "TARGETS", "default_gate_blocks", "gate_features", "gate_errors", "gate_decisions", "kmeans",
     "cluster_targets", "train_gate_mlp", "QueeFit", "fit_quee", "calibrate_quee", "CurvePoint",
     "quee_curve", "default_lambdas", "reference_points", "HORIZONS", "LambdaSearch", "choose_lambda",
-    "LambdaNotFound",
+    "LambdaNotFound", "SegmentRuns", "path_errors", "simulate", "path_predictions", "select_point", "check_target",
 ]
 
-TARGETS = ("segment", "static")
+TARGETS = ("segment", "static", "path")
 HORIZONS = ("next", "final")
 PATHS = ("exit", "full", "reduced")
 
@@ -379,6 +379,12 @@ class QueeFit:
         g, t = static_variant(self.graph, self.tensors, reduced_blocks)
         return _probe_run(executor(g, t), x, True, batch, num_threads)
 
+    def segment_runs(self, x: np.ndarray, batch: int = 256, num_threads: Optional[int] = None) -> "SegmentRuns":
+        """Memoised static runs of the probe on normalised images ``x``, one per combination of
+        segment precisions asked for (:func:`simulate`, :func:`path_predictions`)."""
+        return SegmentRuns(self.graph, self.tensors, _segments(self.gate_blocks, self.graph["arch"]["depth"]), x,
+                           batch, num_threads)
+
 
 def _segments(gates: Sequence[int], depth: int) -> List[Tuple[int, int]]:
     """(first, last) block of the segment after each gate."""
@@ -439,7 +445,7 @@ def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final",
 MAX_PATH_GATES = 6
 
 
-class _SegmentRuns:
+class SegmentRuns:
     """Static runs of the probe on the calibration images with a fixed precision per segment
     (bit s of ``mask`` set: the segment after gate s runs reduced), memoised: every gate
     head's logits, then the final logits."""
@@ -466,17 +472,26 @@ class _SegmentRuns:
         return out
 
 
-def _fit_gate(j: int, block: int, runs: _SegmentRuns, rows: np.ndarray, masks: np.ndarray, weight, y, topk, hidden,
+def path_errors(runs: SegmentRuns, rows: np.ndarray, masks: np.ndarray, j: int, labels: np.ndarray, horizon: str,
+                red_next: Optional[int] = None) -> np.ndarray:
+    """[len(rows), 3] float64: whether each path at gate j is wrong for the images ``rows``
+    arriving with the segments of ``masks`` reduced: exit there, or the next segment at full /
+    reduced precision (``red_next``: the segments that then run reduced, default the next one)
+    and the horizon at full precision, answered by the final head (``final``) or the next head."""
+    after = len(runs.segs) if horizon == "final" else j + 1
+    red_next = 1 << j if red_next is None else red_next
+    wrong = lambda logits: (logits.argmax(-1) != labels).astype(np.float64)
+    return np.stack([wrong(runs.logits(rows, masks, j)), wrong(runs.logits(rows, masks, after)),
+                     wrong(runs.logits(rows, masks | red_next, after))], 1)
+
+
+def _fit_gate(j: int, block: int, runs: SegmentRuns, rows: np.ndarray, masks: np.ndarray, weight, y, topk, hidden,
               clusters, prior, horizon, targets, steps, lr, seed, cost) -> GateFit:
     """Gate j's MLP trained on the images ``rows``, each arriving with the segments of its
     ``masks`` run reduced: features from gate j's head under that mask; path errors: exit
     there, or the next segment at full / reduced precision, then the horizon at full precision."""
-    m = len(runs.segs)
-    after = m if horizon == "final" else j + 1   # the head that answers a continuing path
-    red_next = (1 << j) if targets != "static" else sum(1 << s for s in range(m))
-    wrong = lambda logits: (logits.argmax(-1) != y[rows]).astype(np.float64)
-    errors = np.stack([wrong(runs.logits(rows, masks, j)), wrong(runs.logits(rows, masks, after)),
-                       wrong(runs.logits(rows, masks | red_next, after))], 1)
+    red_next = (1 << j) if targets != "static" else sum(1 << s for s in range(len(runs.segs)))
+    errors = path_errors(runs, rows, masks, j, y[rows], horizon, red_next)
     f = gate_features(runs.logits(rows, masks, j), topk)
     _, assign = kmeans(f, clusters, seed=seed + j)
     k = int(assign.max()) + 1
@@ -489,7 +504,56 @@ def _fit_gate(j: int, block: int, runs: _SegmentRuns, rows: np.ndarray, masks: n
     return GateFit(block, cost, weights, path_error, e_hat, sizes, loss, mae, f)
 
 
-def _path_fits(seg_fits: List[GateFit], fit_gate, runs: _SegmentRuns, n: int, topk: int, path_costs, sim_points: int = 8):
+def _advance(gf: GateFit, j: int, runs: SegmentRuns, mask: np.ndarray, alive: np.ndarray, lams: Sequence[float],
+             topk: int) -> np.ndarray:
+    """Gate j's decisions [L, N] (-1: not there) at each lambda, as the executor makes them on
+    the logits of each image's own trajectory; leaving images stop being ``alive``, images
+    going on reduced get bit j in ``mask`` (both updated in place)."""
+    decisions = np.full(mask.shape, -1, np.int64)
+    for li, lam in enumerate(lams):
+        here = np.flatnonzero(alive[li])
+        f = gate_features(runs.logits(here, mask[li, here], j), topk)
+        d = gate_decisions(f, gf.weights, lam, gf.cost)
+        decisions[li, here] = d
+        alive[li, here[d == 0]] = False
+        mask[li, here[d == 2]] |= 1 << j
+    return decisions
+
+
+def simulate(fit: "QueeFit", runs: SegmentRuns, lams: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(masks, decisions), each [lambdas, gates, N]: the segments each image had run reduced on
+    arriving at each gate and what the gate then decided (-1: never got there), computed from
+    static runs (``fit.segment_runs``) -- what the executor does at each lambda, without it."""
+    L, n, m = len(lams), runs.x.shape[0], len(fit.gates)
+    mask, alive = np.zeros((L, n), np.int64), np.ones((L, n), bool)
+    masks, decisions = np.zeros((L, m, n), np.int64), np.zeros((L, m, n), np.int64)
+    for j, gf in enumerate(fit.gates):
+        masks[:, j] = mask
+        decisions[:, j] = _advance(gf, j, runs, mask, alive, lams, fit.topk)
+    return masks, decisions
+
+
+def path_predictions(fit: "QueeFit", runs: SegmentRuns, labels: np.ndarray, lam: float) -> Dict[str, np.ndarray]:
+    """Every (image, gate) pair the gates at ``lam`` bring together on ``runs``' images: gate
+    index, image row, arrival mask, decision, the MLP's predicted error of each path [.., 3]
+    and the path's observed error [.., 3] (:func:`path_errors`, the fit's horizon): the
+    material of a reliability plot."""
+    labels = np.asarray(labels)
+    masks, decisions = simulate(fit, runs, [lam])
+    out = {k: [] for k in ("gate", "row", "mask", "decision", "predicted", "observed")}
+    for j, gf in enumerate(fit.gates):
+        rows = np.flatnonzero(decisions[0, j] >= 0)
+        mk = masks[0, j, rows]
+        out["gate"].append(np.full(len(rows), j))
+        out["row"].append(rows)
+        out["mask"].append(mk)
+        out["decision"].append(decisions[0, j, rows])
+        out["predicted"].append(gate_errors(gate_features(runs.logits(rows, mk, j), fit.topk), gf.weights))
+        out["observed"].append(path_errors(runs, rows, mk, j, labels[rows], fit.meta["horizon"]))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _path_fits(seg_fits: List[GateFit], fit_gate, runs: SegmentRuns, n: int, topk: int, path_costs, sim_points: int = 8):
     """Gates trained in order on the trajectories images take (targets="path"): each image is
     followed through the gates already trained at every lambda of a simulation grid (0 and
     quantiles of the decision flips of the gates fitted on the full-precision trajectory);
@@ -510,12 +574,7 @@ def _path_fits(seg_fits: List[GateFit], fit_gate, runs: _SegmentRuns, n: int, to
         gf = seg_fits[j] if j == 0 else fit_gate(j, rows, masks, weight)
         fits.append(gf)
         histories[gf.block] = (rows, masks, weight)
-        for li, lam in enumerate(sim):
-            here = np.flatnonzero(alive[li])
-            f = gate_features(runs.logits(here, mask[li, here], j), topk)
-            d = gate_decisions(f, gf.weights, lam, gf.cost)
-            alive[li, here[d == 0]] = False
-            mask[li, here[d == 2]] |= 1 << j
+        _advance(gf, j, runs, mask, alive, sim, topk)
     return fits, histories, sim
 
 
@@ -566,6 +625,9 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     gates = sorted(set(default_gate_blocks(depth, every) if gate_blocks is None else [int(b) for b in gate_blocks]))
     if not gates or gates[0] < 0 or gates[-1] > depth - 2:
         raise ValueError(f"gate blocks {gates} must be non-empty and lie in 0..{depth - 2}")
+    if len(gates) > MAX_PATH_GATES and targets == "path":
+        raise ValueError(f"targets='path' may run the calibration images once per combination of segment "
+                         f"precisions (2^gates); at most {MAX_PATH_GATES} gates, got {len(gates)}")
     n_classes = source.arch["num_classes"]
     if not 1 <= topk <= n_classes:
         raise ValueError(f"topk must lie in 1..{n_classes}, got {topk}")
@@ -582,10 +644,7 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     fp32_bops = int(_cost_terms(graph, None)[3])
 
     y = np.asarray(data.labels)
-    runs = _SegmentRuns(graph, tensors, _segments(gates, depth), data.images, batch, num_threads)
-    if len(gates) > MAX_PATH_GATES and targets == "path":
-        raise ValueError(f"targets='path' may run the calibration images once per combination of segment "
-                         f"precisions (2^gates); at most {MAX_PATH_GATES} gates, got {len(gates)}")
+    runs = SegmentRuns(graph, tensors, _segments(gates, depth), data.images, batch, num_threads)
     fit_gate = lambda j, rows, mask, w: _fit_gate(j, gates[j], runs, rows, mask, w, y, topk, hidden, clusters,
                                                    prior, horizon, targets, steps, lr, seed, path_costs[j])
     everyone = np.arange(len(y))
@@ -719,40 +778,62 @@ def fp32_top1(source: Source, images, labels: np.ndarray, batch: int = 256, num_
     return float((r["logits"].argmax(-1) == np.asarray(labels)).mean())
 
 
-def choose_lambda(fit: QueeFit, source: Source, val: CalibrationData, max_drop: Optional[float] = None,
-                  budget_bops: Optional[float] = None, grid: int = 24, batch: int = 256,
-                  num_threads: Optional[int] = None) -> LambdaSearch:
-    """lambda for ``fit`` from the validation images ``val`` alone (module docstring): the
-    cheapest one within ``max_drop`` (a fraction: 0.01 is one top-1 point) of fp32 at full
-    depth, also within ``budget_bops`` when given, or with ``budget_bops`` alone the most
-    accurate one whose mean BOPs per image is within it."""
+def check_target(max_drop: Optional[float], budget_bops: Optional[float]) -> None:
+    """ValueError naming the problem unless the target is usable: at least one of ``max_drop``
+    (a fraction in [0, 1)) and ``budget_bops`` (positive, finite)."""
     if max_drop is None and budget_bops is None:
-        raise ValueError("choose_lambda needs max_drop or budget_bops")
-    if max_drop is not None and not 0 <= max_drop < 1:
+        raise ValueError("choosing an operating point needs max_drop or budget_bops")
+    if max_drop is not None and not (np.isfinite(max_drop) and 0 <= max_drop < 1):
         raise ValueError(f"max_drop is a fraction in [0, 1), got {max_drop}")
     if budget_bops is not None and not (np.isfinite(budget_bops) and budget_bops > 0):
         raise ValueError(f"budget_bops must be positive and finite, got {budget_bops}")
-    ref = fp32_top1(source, val.images, val.labels, batch, num_threads)
-    curve = quee_curve(fit, val.images, val.labels, default_lambdas(fit, grid), batch, num_threads)
 
-    def meets(c: CurvePoint) -> bool:
-        return ((max_drop is None or ref - c.top1 <= max_drop + 1e-12)
+
+def select_point(curve: Sequence[Any], reference_top1: float, max_drop: Optional[float] = None,
+                 budget_bops: Optional[float] = None, what: str = "lambda", images: Optional[int] = None):
+    """The operating point of ``curve`` (items with ``top1`` and ``mean_bops`` measured on
+    validation images) for a target: with ``max_drop`` the cheapest point whose top-1 is at most
+    that far below ``reference_top1`` (and within ``budget_bops`` when given), with only
+    ``budget_bops`` the most accurate point within it; ties to the earlier point. The one rule
+    QuEE's lambda and its baselines' thresholds are chosen by. :class:`LambdaNotFound` names what
+    was reachable when no point qualifies."""
+    check_target(max_drop, budget_bops)
+    curve = list(curve)
+    if not curve:
+        raise ValueError("select_point needs at least one candidate")
+
+    def meets(c) -> bool:
+        return ((max_drop is None or reference_top1 - c.top1 <= max_drop + 1e-12)
                 and (budget_bops is None or c.mean_bops <= budget_bops * (1 + 1e-12)))
 
+    order = {id(c): i for i, c in enumerate(curve)}
     ok = [c for c in curve if meets(c)]
     if not ok:
         best_acc = max(curve, key=lambda c: (c.top1, -c.mean_bops))
         cheapest = min(curve, key=lambda c: (c.mean_bops, -c.top1))
+        name = lambda c: f"{what} {getattr(c, 'lam', getattr(c, 'label', '?'))}"
+        target = " and ".join(t for t in (f"top-1 drop <= {100 * max_drop:g} points" if max_drop is not None else "",
+                                           f"mean BOPs <= {budget_bops:.4g}" if budget_bops is not None else "") if t)
         raise LambdaNotFound(
-            f"no lambda meets the target on the {len(val)} validation images "
-            f"({'top-1 drop <= %g points' % (100 * max_drop) if max_drop is not None else ''}"
-            f"{' and ' if max_drop is not None and budget_bops is not None else ''}"
-            f"{'mean BOPs <= %.4g' % budget_bops if budget_bops is not None else ''}; fp32 full depth top-1 {ref:.4f}): "
-            f"the most accurate lambda {best_acc.lam:g} reaches top-1 {best_acc.top1:.4f} (drop "
-            f"{100 * (ref - best_acc.top1):.2f} points) at {best_acc.mean_bops:.4g} BOPs per image, the cheapest "
-            f"lambda {cheapest.lam:g} costs {cheapest.mean_bops:.4g} BOPs at top-1 {cheapest.top1:.4f}")
+            f"no {what} meets the target on the {images if images is not None else '?'} validation images ({target}; "
+            f"fp32 full depth top-1 {reference_top1:.4f}): the most accurate {name(best_acc)} reaches top-1 "
+            f"{best_acc.top1:.4f} (drop {100 * (reference_top1 - best_acc.top1):.2f} points) at "
+            f"{best_acc.mean_bops:.4g} BOPs per image, the cheapest {name(cheapest)} costs {cheapest.mean_bops:.4g} "
+            f"BOPs at top-1 {cheapest.top1:.4f}")
     if max_drop is not None:
-        chosen = min(ok, key=lambda c: (c.mean_bops, -c.top1, c.lam))
-    else:
-        chosen = max(ok, key=lambda c: (c.top1, -c.mean_bops, -c.lam))
+        return min(ok, key=lambda c: (c.mean_bops, -c.top1, order[id(c)]))
+    return max(ok, key=lambda c: (c.top1, -c.mean_bops, -order[id(c)]))
+
+
+def choose_lambda(fit: QueeFit, source: Source, val: CalibrationData, max_drop: Optional[float] = None,
+                  budget_bops: Optional[float] = None, grid: int = 24, batch: int = 256,
+                  num_threads: Optional[int] = None) -> LambdaSearch:
+    """lambda for ``fit`` from the validation images ``val`` alone (module docstring) by
+    :func:`select_point`: the cheapest one within ``max_drop`` (a fraction: 0.01 is one top-1
+    point) of fp32 at full depth, also within ``budget_bops`` when given, or with ``budget_bops``
+    alone the most accurate one whose mean BOPs per image is within it."""
+    check_target(max_drop, budget_bops)
+    ref = fp32_top1(source, val.images, val.labels, batch, num_threads)
+    curve = quee_curve(fit, val.images, val.labels, default_lambdas(fit, grid), batch, num_threads)
+    chosen = select_point(curve, ref, max_drop, budget_bops, "lambda", len(val))
     return LambdaSearch(chosen.lam, chosen, ref, curve, len(val))
