@@ -26,6 +26,7 @@ from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
 import _teacher  # noqa: E402
 from _teacher import teacher_data  # noqa: E402
+from test_calibrate_cli import checkpoint, exit_checkpoint  # noqa: E402,F401  (fixtures: the tiny reference checkpoints)
 
 pytestmark = pytest.mark.torch
 
@@ -471,3 +472,25 @@ def test_select_point_is_one_rule_for_any_curve():
     assert select_point(curve, 0.9, max_drop=0.2, budget_bops=5.0).label == "c"
     with pytest.raises(LambdaNotFound, match="no threshold meets .*the cheapest threshold c"):
         select_point(curve, 0.9, budget_bops=1.0, what="threshold", images=5)
+
+
+# --- the command line: the reference model's validation images choose lambda ---------------------------
+
+def test_cli_chooses_lambda_on_the_reference_validation_images(exit_checkpoint, tmp_path, capsys):
+    """Without --data, quee fits its gates on the calibration images (50000..54999) and picks
+    lambda on --holdout x as many validation images (55000..59999); --targets path reaches the
+    fit; --targets is refused for other methods."""
+    from test_calibrate_cli import calibrate
+
+    ckpt = exit_checkpoint
+    out = tmp_path / "q.json"
+    assert calibrate(ckpt, out, "--method", "quee", "--every", "1", "--targets", "path", "--budget-bops", "1x",
+                     "--threads", "1") == 0
+    meta = Policy.load(out).meta
+    assert meta["chosen_on"] == "validation" and meta["fit_images"] == 64 and meta["validation_images"] == 16
+    assert meta["validation_data"]["part"] == "validation" and meta["validation_data"]["range"] == [55000, 60000]
+    assert meta["calibration"]["targets"] == "path" and meta["calibration"]["data"]["part"] == "calibration"
+    assert meta["lambda_search"]["mean_bops"] <= meta["budget_bops"]
+    capsys.readouterr()
+    assert calibrate(ckpt, tmp_path / "u.json", "--method", "uniform", "--targets", "path") == 2
+    assert "--targets applies to quee, not uniform" in capsys.readouterr().err

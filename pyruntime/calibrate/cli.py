@@ -192,6 +192,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--reduced", type=_precision, default=None,
                    help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
     c.add_argument("--every", type=positive_int, default=3, help="quee: a gate after every N-th block (default 3)")
+    c.add_argument("--targets", choices=("segment", "static", "path"), default=None,
+                   help="quee: where the gates' error targets are measured -- segment (default: each gate on the "
+                        "full-precision trajectory), static, or path (gates trained in order on the trajectories "
+                        "images take under the gates already trained; up to 2^gates calibration runs)")
     c.add_argument("--attention", type=_attention, default=None, metavar="{32,8}",
                    help="bits of the attention matmuls' operands (q.k^T, attn.v) in the result: 32 fp32 (default), "
                         "8 int8 -- emulated while calibrating, written into the policy, counted at 8x8 BOPs in costs "
@@ -298,8 +302,10 @@ def _check_options(args) -> None:
         if args.lam is not None and (args.max_drop is not None or args.budget_bops is not None):
             raise ValueError("quee: --lam sets lambda by hand; --max-drop / --budget-bops choose it on the validation "
                              "images -- pass one or the other")
-    elif args.lam is not None:
-        raise ValueError(f"--lam applies to quee, not {args.method}")
+    else:
+        for flag, value in (("--lam", args.lam), ("--targets", args.targets)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to quee, not {args.method}")
 
 
 def _attention_bits(args) -> int:
@@ -430,7 +436,8 @@ def _quee_search(args, source, data, reduced, kind, budget):
         fit_rows, val_rows = data.split_rows(holdout, args.seed)
         fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
     fit = fit_quee(source, fit_data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention,
+                   targets=args.targets or "segment")
     try:
         search = choose_lambda(fit, source, val, None if args.max_drop is None else args.max_drop / 100.0, budget,
                                num_threads=args.threads)
@@ -465,7 +472,8 @@ def _quee(args, source, data, kind, budget):
     else:
         lam = 0.0 if args.lam is None else args.lam
         fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                       every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+                       every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention,
+                       targets=args.targets or "segment")
         part, rows, search_lines, meta = data, np.arange(len(data)), [], {}
         where = f"{len(data)} calibration images (lambda set by hand; the gates were fitted on them too)"
     policy = fit.policy(lam)

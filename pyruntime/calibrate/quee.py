@@ -26,7 +26,8 @@ images (<= 1,024 Fashion-MNIST training images, fixed seed):
   ``final``), or only up to the head at g_{j+1} (horizon ``next``; the final head after the
   last gate);
   ``targets="static"`` instead uses one run with every block after the first gate reduced
-  (the same for the first gate, more pessimistic for later ones; one run instead of m).
+  (the same for the first gate, more pessimistic for later ones; one run instead of m);
+  ``targets="path"`` measures them on the trajectories images actually take (below).
 
 For image i at gate g_j the path errors are e_0 = [head g_j of F is wrong] and, for the
 continuing paths, the outcome on the full-precision trajectory (the one every image is on at
@@ -48,6 +49,27 @@ Fashion-MNIST ViT, depth 6, gates after every block, W8A8 / W4A4: top-1 at lambd
 The features at gate g_j are those the executor computes from F's exit logits there: the
 top-``topk`` softmax probabilities (descending) and the entropy -sum p ln p (float64).
 
+Path targets (``targets="path"``) [ours]. With "segment" targets every gate is trained on the
+full-precision trajectory, but the executor decides again at every gate on the features the
+image actually arrives with: an image sent reduced at g_j reaches g_{j+1} with reduced-
+precision features, which its gate never saw in training. The seed says only that the
+predictors estimate the probability of error of each remaining path (papers.md, "QuEE"); our
+reading: train the gates in order, following each image through the gates already trained.
+Every static run above is one *mask* (the set of segments run reduced), memoised per mask
+(:class:`SegmentRuns`; at most ``2^gates`` runs, hence :data:`MAX_PATH_GATES`). The gates are
+first fitted with segment targets; the lambdas at which their decisions flip (0 and 8
+quantiles, as :func:`default_lambdas`) are the *simulation grid* (``meta["sim_lambdas"]``).
+Gate 0 sees one history (everything full precision), so it is the segment fit's. For gate j
+> 0, every calibration image is followed through gates 0..j-1 at each simulated lambda (the
+executor's rule on the head logits of the image's own mask: :func:`simulate`, checked per
+image against the executor); each (image, mask) pair that reaches g_j at some lambda becomes
+a training sample with weight = the share of the grid at which it does. Its features are g_j's
+head under its mask; its path errors are exit there, or the next segment at full / reduced
+precision on top of its mask, then the horizon at full precision. Cluster rates and the MLP's
+BCE are weighted by those weights. What stays myopic: beyond the next segment the horizon
+still assumes full precision and no exit (the later gates are not trained yet when g_j is).
+The MLPs still do not depend on lambda, so one fit serves the whole curve.
+
 Clusters and predictors [ours]: k-means (k-means++ seeding, Lloyd, fixed seed) on the gate's
 features with ``clusters`` centres; for cluster k and path p,
 ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior), ē_p the gate-wide error rate
@@ -65,8 +87,10 @@ images; :func:`calibrate_quee` returns the policy for one lambda. The gate MLPs 
 depend on lambda, so one :func:`fit_quee` serves the whole curve.
 
 Operating point from the user's data [ours]: :func:`choose_lambda` measures that curve on
-*validation* images the gates were not fitted on (a fixed-seed split of the calibration
-images) and picks lambda there alone: with ``max_drop`` the cheapest lambda (least mean BOPs
+*validation* images the gates were not fitted on (for the reference model, training images 55000..59999,
+:func:`.common.calibration_data` ``part="validation"``; for user data the CLI's held-out
+split) and picks lambda there alone by :func:`select_point` (the rule
+``tools/results_quee.py`` also applies to its baselines' thresholds): with ``max_drop`` the cheapest lambda (least mean BOPs
 per image) whose top-1 is at most ``max_drop`` below the fp32 model at full depth on the same
 images (also within ``budget_bops`` when both are given), with only ``budget_bops`` the most
 accurate lambda whose mean BOPs per image is within it. The candidates are 0, quantiles of the
@@ -607,8 +631,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         the reduced copies of the block linears after the first gate.
     gate_blocks / every: where the gates go. topk, hidden: gate features and MLP width.
     clusters, prior: k-means centres per gate and the shrinkage of their error rates.
-    targets: "segment" (default) or "static"; horizon: "final" (default) or "next" (see the
-        module docstring).
+    targets: "segment" (default), "static" or "path"; horizon: "final" (default) or "next"
+        (see the module docstring).
     steps, lr, seed: MLP training (Adam, full batch) and every random choice.
     costs: what a path costs -- BOPs (default) or, with a cost model built on a device's
         :class:`~pyruntime.latency.LatencyTable`, its seconds (normalised by the fp32 model's).
