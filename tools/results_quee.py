@@ -46,7 +46,7 @@ Every QuEE point is run by the runtime (the in-memory executor of the converted 
 chosen points are also converted to model files and loaded with ``pyruntime.load``, and must
 give the same logits and BOPs. Baseline points the tables use are rerun by the runtime on the
 first ``CONFIRM_IMAGES`` test images and compared image by image with the simulation (listed in
-results.md). ``--workdir`` caches the fits, the exit heads' logits and the measured curves, so
+results.md). ``--workdir`` caches the exit heads' logits and the measured curves, so
 a rerun with more ``--configs`` only measures what is new. On the shared 2-core machine (load
 ~18) one configuration takes ~15-20 min; on an idle one a few minutes.
 """
@@ -231,19 +231,6 @@ def _digest(x) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()[:12]
-
-
-def cached_fit(work: Path, key: str, make):
-    """A QuEE fit pickled in the work directory (a rerun skips the calibration runs)."""
-    import hashlib
-    import pickle
-
-    path = work / f"fit-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
-    if path.is_file():
-        return pickle.loads(path.read_bytes())
-    fit = make()
-    path.write_bytes(pickle.dumps(fit))
-    return fit
 
 
 def exit_selection(fit, runs, y: np.ndarray, lam: float) -> dict:
@@ -541,9 +528,8 @@ def main(argv=None) -> int:
             print(f"config {config}", flush=True)
             fits, cs = {}, []
             for name, kind in (("quee-static", "segment"), ("quee-path", "path")):
-                fit = cached_fit(work, f"{config}-{kind}-{args.images}-{args.seed}-{source.checkpoint}",
-                                 lambda: fit_quee(source, calib, base="w8a8", reduced=reduced, gate_blocks=gates,
-                                                  targets=kind, seed=args.seed, num_threads=2, workdir=work))
+                fit = fit_quee(source, calib, base="w8a8", reduced=reduced, gate_blocks=gates, targets=kind,
+                               seed=args.seed, num_threads=2, workdir=work)
                 fits[name] = fit
                 labels, runs, _ = quee_candidates(fit, args.grid)
                 cs.append(measured_curve(name, config, labels, runs, val, tx, ty, work))
