@@ -335,6 +335,43 @@ def ece(pred: np.ndarray, obs: np.ndarray, bins: int = 10) -> float:
                      for b in range(bins) if (idx == b).any()))
 
 
+def why_lines(rows: List[dict], curves: Dict[str, List[Curve]], selections: Dict[str, dict],
+              calib: Dict[str, List[dict]]) -> List[str]:
+    """Why QuEE loses (or wins), from this run's own numbers."""
+    out = ["**Why, from the measurements above and below.**", ""]
+    for config, cs in curves.items():
+        tops = {c.method: max(p["top1"] for p in c.test) for c in cs}
+        q = max(tops[m] for m in ("quee-static", "quee-path"))
+        b = max(v for m, v in tops.items() if not m.startswith("quee"))
+        out.append(f"* gates {config}: the most accurate QuEE candidate reaches {100 * q:.2f}% test top-1, the most "
+                   f"accurate baseline candidate {100 * b:.2f}%. Even at lambda = 0 a gate lets an image exit whenever "
+                   f"its predicted exit error is no higher than continuing's, so QuEE's curve stops below the "
+                   f"baselines' top.")
+    for name, d in selections.items():
+        out.append(f"* {name.replace(' | ', ', ')}: at the first gate (same trajectory for every image) it lets "
+                   f"{d['exit']} of {d['images']} test images exit, {100 * d['quee_wrong']:.2f}% of them wrong; the "
+                   f"{d['exit']} most confident images are {100 * d['confident_wrong']:.2f}% wrong. The gate sees "
+                   f"only the head's softmax (top-k, entropy) -- what the confidence rule sees -- through cluster "
+                   f"error rates of ~1,000 calibration images, a coarser ranking than the max softmax itself.")
+    for name, tab in calib.items():
+        red = [t for t in tab if t["history"].startswith("a reduced")]
+        if red:
+            out.append(f"* {name.replace(' | ', ', ')}: for images with a reduced segment behind, predicted vs "
+                       f"observed error " + ", ".join(f"{t['path']} {t['predicted']:.3f} vs {t['observed']:.3f}"
+                                                      for t in red) + ".")
+    pv = [r for r in rows if r["method"] == "quee-path vs quee-static" and r["verdict"]]
+    if pv:
+        counts = {v: sum(r["verdict"] == v for r in pv) for v in ("beats", "ties", "loses")}
+        out.append(f"* path targets against static-trajectory targets at equal or higher cost: beats "
+                   f"{counts['beats']}, ties {counts['ties']}, loses {counts['loses']} of {len(pv)} targets.")
+    for config, cs in curves.items():
+        full = {c.method: c.test[0]["top1"] for c in cs if c.method.startswith("quee")}  # lambda = 0
+        out.append(f"* gates {config} at lambda = 0: static targets {100 * full['quee-static']:.2f}%, path targets "
+                   f"{100 * full['quee-path']:.2f}% test top-1 (the reduced path's own cost in accuracy is what "
+                   f"the path targets can add information about).")
+    return out
+
+
 # --- output ---------------------------------------------------------------------------------------------
 
 def _f(v, pct=False, digits=4):
@@ -621,6 +658,7 @@ def main(argv=None) -> int:
                             f"{r['vs'].replace('strongest: ', '')} ({r['vs_point']}) | {100 * r['vs_top1']:.2f}% | "
                             f"{r['vs_bops'] / 1e9:.3f} | {r['diff_pp']:+.2f} [{r['ci_low_pp']:+.2f}, "
                             f"{r['ci_high_pp']:+.2f}] | {r['mcnemar_p']:.3g} | {r['verdict']} |")
+        headline += [""] + why_lines(rows, curves, selections, calib_tables)
         ctx = {"command": "python tools/results_quee.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "minutes": (time.time() - t0) / 60, "images": len(calib), "val_images": len(val),
                "test_images": len(tx), "fp32_val": fp32_val, "fp32_test": fp32_test, "w8": w8,
