@@ -350,9 +350,11 @@ def why_lines(rows: List[dict], curves: Dict[str, List[Curve]], selections: Dict
     for name, d in selections.items():
         out.append(f"* {name.replace(' | ', ', ')}: at the first gate (same trajectory for every image) it lets "
                    f"{d['exit']} of {d['images']} test images exit, {100 * d['quee_wrong']:.2f}% of them wrong; the "
-                   f"{d['exit']} most confident images are {100 * d['confident_wrong']:.2f}% wrong. The gate sees "
-                   f"only the head's softmax (top-k, entropy) -- what the confidence rule sees -- through cluster "
-                   f"error rates of ~1,000 calibration images, a coarser ranking than the max softmax itself.")
+                   f"{d['exit']} most confident images are {100 * d['confident_wrong']:.2f}% wrong."
+                   + (" The gate sees only the head's softmax (top-k, entropy) -- what the confidence rule sees -- "
+                      "through cluster error rates of ~1,000 calibration images, here a coarser ranking than the max "
+                      "softmax itself." if d["quee_wrong"] > d["confident_wrong"] else
+                      " Here its exit set is as good as the confidence rule's; the loss comes from elsewhere."))
     for name, tab in calib.items():
         red = [t for t in tab if t["history"].startswith("a reduced")]
         if red:
