@@ -16,15 +16,17 @@ pytest.importorskip("timm")
 import pyruntime  # noqa: E402
 from pyruntime import _numpy_ref, bops  # noqa: E402
 from pyruntime.calibrate.common import CalibrationData, torch_source  # noqa: E402
-from pyruntime.calibrate.quee import (cluster_targets, default_gate_blocks, default_lambdas, fit_quee,  # noqa: E402
-                                      gate_decisions, gate_errors, gate_features, kmeans, quee_curve,
-                                      reference_points, static_variant, train_gate_mlp)
+from pyruntime.calibrate.quee import (LambdaNotFound, choose_lambda, cluster_targets, default_gate_blocks,  # noqa: E402
+                                      default_lambdas, fit_quee, gate_decisions, gate_errors, gate_features,
+                                      kmeans, path_predictions, quee_curve, reference_points, select_point,
+                                      simulate, static_variant, train_gate_mlp)
 from pyruntime.convert import convert  # noqa: E402
 from pyruntime.modelfile import read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
 import _teacher  # noqa: E402
 from _teacher import teacher_data  # noqa: E402
+from test_calibrate_cli import checkpoint, exit_checkpoint  # noqa: E402,F401  (fixtures: the tiny reference checkpoints)
 
 pytestmark = pytest.mark.torch
 
@@ -318,6 +320,16 @@ def test_bad_arguments(setup, kw, match):
         fit_quee(source, data, **dict(dict(gate_blocks=GATES, exits=exit_heads(model)), **kw))
 
 
+def test_path_targets_refuse_too_many_gates(setup, monkeypatch):
+    """Path targets may need one static run per combination of segment precisions (2^gates)."""
+    import pyruntime.calibrate.quee as quee
+
+    model, source, data, _, _ = setup
+    monkeypatch.setattr(quee, "MAX_PATH_GATES", 1)
+    with pytest.raises(ValueError, match=r"targets='path' .*2\^gates.*at most 1 gates, got 2"):
+        fit_quee(source, data, gate_blocks=GATES, exits=exit_heads(model), targets="path")
+
+
 # --- int8 attention ---------------------------------------------------------------------------------
 
 def test_int8_attention_from_the_base_policy(setup):
@@ -351,3 +363,134 @@ def test_int8_attention_from_the_base_policy(setup):
         fit_quee(source, small, base="w8a8-attn8", attention=32, **kw)
     with pytest.raises(ValueError, match="attention bits must be one of"):
         fit_quee(source, small, attention=4, **kw)
+
+
+# --- path targets: gates trained on the trajectories images take -------------------------------------
+
+@pytest.fixture(scope="module")
+def path_fit(setup):
+    model, source, data, _, _ = setup
+    return fit_quee(source, data, gate_blocks=GATES, reduced=LayerPolicy(4, a_bits=6), topk=2, hidden=8,
+                    clusters=12, steps=600, seed=0, exits=exit_heads(model), num_threads=1, targets="path")
+
+
+def test_path_targets_follow_the_images_that_went_reduced(setup, path_fit):
+    """Gate 0 sees one trajectory (full precision), so it is the segment fit's gate. Gate 1 is
+    trained on (image, history) pairs: those sent reduced at gate 0 at some simulated lambda
+    arrive with segment 0 (blocks 2, 3) reduced, and their features and path errors are the
+    static run's with those blocks reduced -- not the full-precision trajectory's."""
+    _, _, data, _, seg = setup
+    y = data.labels
+    g0s, g0p = seg.gates[0], path_fit.gates[0]
+    assert all(np.array_equal(g0s.weights[k], g0p.weights[k]) for k in g0s.weights)
+    rows, masks, weight = path_fit.histories[GATES[1]]
+    assert set(masks.tolist()) == {0, 1} and (weight > 0).all() and (weight <= 1).all()
+    F, R0 = seg.static_run(data.images), seg.static_run(data.images, reduced_blocks=[2, 3])
+    R01, R1 = seg.static_run(data.images, reduced_blocks=[2, 3, 4]), seg.static_run(data.images, reduced_blocks=[4])
+    red = masks == 1
+    np.testing.assert_allclose(path_fit.gates[1].features[red], gate_features(R0["exit_logits"][1][rows[red]], 2))
+    np.testing.assert_allclose(path_fit.gates[1].features[~red], gate_features(F["exit_logits"][1][rows[~red]], 2))
+    wrong = lambda z, r: (z.argmax(-1) != y[r]).astype(float)
+    e = np.where(red[:, None],
+                 np.stack([wrong(R0["exit_logits"][1][rows], rows), wrong(R0["logits"][rows], rows),
+                           wrong(R01["logits"][rows], rows)], 1),
+                 np.stack([wrong(F["exit_logits"][1][rows], rows), wrong(F["logits"][rows], rows),
+                           wrong(R1["logits"][rows], rows)], 1))
+    assert path_fit.gates[1].path_error == pytest.approx(tuple((e * weight[:, None]).sum(0) / weight.sum()))
+    # the targets differ from the static trajectory's where images went reduced
+    assert path_fit.gates[1].path_error != pytest.approx(seg.gates[1].path_error)
+    assert (e[red] != np.stack([wrong(F["exit_logits"][1][rows[red]], rows[red]), wrong(F["logits"][rows[red]], rows[red]),
+                                wrong(R1["logits"][rows[red]], rows[red])], 1)).any()
+    # every weight is the share of the simulation grid at which the pair reaches gate 1
+    sim = path_fit.meta["sim_lambdas"]
+    masks_sim, dec = simulate(path_fit, path_fit.segment_runs(data.images), sim)
+    reached = dec[:, 1] >= 0
+    for r, mk, w in zip(rows[::17], masks[::17], weight[::17]):
+        assert w == pytest.approx((reached[:, r] & (masks_sim[:, 1, r] == mk)).mean())
+    assert path_fit.meta["targets"] == "path" and path_fit.meta["static_runs"] == 4
+
+
+def test_simulated_trajectories_are_the_runtimes(path_fit, setup):
+    """simulate() (static runs + the gate rule) predicts, per image, where the executor exits
+    and which segments it runs reduced."""
+    _, _, _, held, _ = setup
+    lams = default_lambdas(path_fit)
+    pick = [0.0, lams[len(lams) // 3], lams[2 * len(lams) // 3]]
+    runs = path_fit.segment_runs(held.images)
+    masks, dec = simulate(path_fit, runs, pick)
+    for li, lam in enumerate(pick):
+        r = path_fit.run(held.images, lam, num_threads=1)
+        for j, b in enumerate(GATES):
+            np.testing.assert_array_equal(decided_at(r, b), dec[li, j])
+        went_reduced = (r["block_path"][:, 4] == 2) & (r["exit_block"] > 3)
+        np.testing.assert_array_equal(went_reduced, dec[li, 1] == 2)
+        assert ((masks[li, 1] == 1) == (dec[li, 0] == 2)).all()
+    p = path_predictions(path_fit, runs, held.labels, pick[1])
+    assert len(p["row"]) == int((dec[1] >= 0).sum()) and p["predicted"].shape == p["observed"].shape == (len(p["row"]), 3)
+    assert ((p["predicted"] > 0) & (p["predicted"] < 1)).all() and set(np.unique(p["observed"])) <= {0.0, 1.0}
+
+
+def test_lambda_chosen_on_validation_meets_the_target_there(setup, path_fit):
+    model, source, data, held, _ = setup
+    val = CalibrationData(held.images[:96], held.labels[:96], {"part": "validation"})
+    curve = quee_curve(path_fit, val.images, val.labels, default_lambdas(path_fit, 6), num_threads=1)
+    budget = float(np.median([c.mean_bops for c in curve]))
+    s = choose_lambda(path_fit, source, val, budget_bops=budget, grid=6, num_threads=1)
+    assert s.point.mean_bops <= budget and s.images == 96
+    # the chosen point is the most accurate within the budget, measured on those images again
+    again = quee_curve(path_fit, val.images, val.labels, [s.lam], num_threads=1)[0]
+    assert again.mean_bops == s.point.mean_bops and again.top1 == s.point.top1
+    assert s.point.top1 == max(c.top1 for c in s.curve if c.mean_bops <= budget)
+    d = choose_lambda(path_fit, source, val, max_drop=0.2, grid=6, num_threads=1)
+    assert d.reference_top1 - d.point.top1 <= 0.2
+    assert d.point.mean_bops == min(c.mean_bops for c in d.curve if d.reference_top1 - c.top1 <= 0.2)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(), "needs max_drop or budget_bops"),
+    (dict(budget_bops=-1.0), "positive and finite"),
+    (dict(budget_bops=float("nan")), "positive and finite"),
+    (dict(budget_bops=float("inf")), "positive and finite"),
+    (dict(max_drop=1.5), r"fraction in \[0, 1\)"),
+    (dict(max_drop=-0.01), r"fraction in \[0, 1\)"),
+    (dict(budget_bops=1.0), "no lambda meets the target on the 40 validation images .*mean BOPs <= 1.*the cheapest"),
+])
+def test_bad_targets_are_refused(setup, path_fit, kw, match):
+    _, source, _, held, _ = setup
+    val = CalibrationData(held.images[:40], held.labels[:40], {})
+    with pytest.raises(ValueError, match=match):
+        choose_lambda(path_fit, source, val, grid=3, num_threads=1, **kw)
+
+
+def test_select_point_is_one_rule_for_any_curve():
+    from types import SimpleNamespace as P
+
+    curve = [P(label="a", top1=0.90, mean_bops=10.0), P(label="b", top1=0.89, mean_bops=6.0),
+             P(label="c", top1=0.80, mean_bops=3.0), P(label="d", top1=0.89, mean_bops=6.0)]
+    assert select_point(curve, 0.9, max_drop=0.015).label == "b"           # cheapest within the drop; first of ties
+    assert select_point(curve, 0.9, budget_bops=7.0).label == "b"          # most accurate within the budget
+    assert select_point(curve, 0.9, max_drop=0.2, budget_bops=5.0).label == "c"
+    with pytest.raises(LambdaNotFound, match="no threshold meets .*the cheapest threshold c"):
+        select_point(curve, 0.9, budget_bops=1.0, what="threshold", images=5)
+
+
+# --- the command line: the reference model's validation images choose lambda ---------------------------
+
+def test_cli_chooses_lambda_on_the_reference_validation_images(exit_checkpoint, tmp_path, capsys):
+    """Without --data, quee fits its gates on the calibration images (50000..54999) and picks
+    lambda on --holdout x as many validation images (55000..59999); --targets path reaches the
+    fit; --targets is refused for other methods."""
+    from test_calibrate_cli import calibrate
+
+    ckpt = exit_checkpoint
+    out = tmp_path / "q.json"
+    assert calibrate(ckpt, out, "--method", "quee", "--every", "1", "--targets", "path", "--budget-bops", "1x",
+                     "--threads", "1") == 0
+    meta = Policy.load(out).meta
+    assert meta["chosen_on"] == "validation" and meta["fit_images"] == 64 and meta["validation_images"] == 16
+    assert meta["validation_data"]["part"] == "validation" and meta["validation_data"]["range"] == [55000, 60000]
+    assert meta["calibration"]["targets"] == "path" and meta["calibration"]["data"]["part"] == "calibration"
+    assert meta["lambda_search"]["mean_bops"] <= meta["budget_bops"]
+    capsys.readouterr()
+    assert calibrate(ckpt, tmp_path / "u.json", "--method", "uniform", "--targets", "path") == 2
+    assert "--targets applies to quee, not uniform" in capsys.readouterr().err

@@ -46,7 +46,9 @@ Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split
 by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
 sizes are reported and recorded); the operating point -- maqee's exit thresholds, quee's
 lambda -- is chosen on the validation part alone (the policy's meta says ``chosen_on:
-validation``). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
+validation``). quee on the reference model without ``--data`` instead fits its gates on all
+the calibration images (training images 50000..54999) and chooses lambda on ``--holdout``
+times as many drawn from the validation images (55000..59999). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
 of fp32 at full depth, ``--budget-bops`` the most accurate within that mean BOPs per image;
 ``--lam`` sets lambda by hand instead (gates then fitted on all images). ``--report`` adds
 which validation images went where (per exit / gate: count, share, top-1);
@@ -190,6 +192,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--reduced", type=_precision, default=None,
                    help="quee: precision of the reduced path, e.g. w4a8 (default) or w4a6")
     c.add_argument("--every", type=positive_int, default=3, help="quee: a gate after every N-th block (default 3)")
+    c.add_argument("--targets", choices=("segment", "static", "path"), default=None,
+                   help="quee: where the gates' error targets are measured -- segment (default: each gate on the "
+                        "full-precision trajectory), static, or path (gates trained in order on the trajectories "
+                        "images take under the gates already trained; up to 2^gates calibration runs)")
     c.add_argument("--attention", type=_attention, default=None, metavar="{32,8}",
                    help="bits of the attention matmuls' operands (q.k^T, attn.v) in the result: 32 fp32 (default), "
                         "8 int8 -- emulated while calibrating, written into the policy, counted at 8x8 BOPs in costs "
@@ -296,8 +302,10 @@ def _check_options(args) -> None:
         if args.lam is not None and (args.max_drop is not None or args.budget_bops is not None):
             raise ValueError("quee: --lam sets lambda by hand; --max-drop / --budget-bops choose it on the validation "
                              "images -- pass one or the other")
-    elif args.lam is not None:
-        raise ValueError(f"--lam applies to quee, not {args.method}")
+    else:
+        for flag, value in (("--lam", args.lam), ("--targets", args.targets)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to quee, not {args.method}")
 
 
 def _attention_bits(args) -> int:
@@ -410,19 +418,33 @@ def _maqee(args, source, data, kind, budget, table=None):
 
 
 def _quee_search(args, source, data, reduced, kind, budget):
-    """Gates fitted on the fit part, lambda chosen on the validation part."""
+    """Gates fitted on the fit part, lambda chosen on the validation part: for the reference
+    model the calibration images are the fit part and the validation part is a draw of
+    ``--holdout`` times as many from its own validation images (training images the model
+    never saw, disjoint from the calibration ones); for user data a ``--holdout`` split."""
+    import numpy as np
+
+    from .common import calibration_data
     from .quee import LambdaNotFound, choose_lambda, fit_quee
 
-    fit_rows, val_rows = data.split_rows(0.25 if args.holdout is None else args.holdout, args.seed)
-    fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
+    holdout = 0.25 if args.holdout is None else args.holdout
+    if args.data is None and _is_reference(args):
+        fit_data, val_rows = data, np.arange(max(1, int(round(holdout * len(data)))))
+        val = calibration_data(len(val_rows), args.seed, source.preprocess["mean"], source.preprocess["std"],
+                               part="validation")
+    else:
+        fit_rows, val_rows = data.split_rows(holdout, args.seed)
+        fit_data, val = data.take(fit_rows, "fit"), data.take(val_rows, "validation")
     fit = fit_quee(source, fit_data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+                   every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention,
+                   targets=args.targets or "segment")
     try:
         search = choose_lambda(fit, source, val, None if args.max_drop is None else args.max_drop / 100.0, budget,
                                num_threads=args.threads)
     except LambdaNotFound as e:
         raise ValueError(" ".join(str(e).split())) from None
     meta = dict(chosen_on="validation", fit_images=len(fit_data), validation_images=len(val), split_seed=args.seed,
+                validation_data=dict(val.summary),
                 max_drop=None if args.max_drop is None else args.max_drop / 100.0, budget_bops=budget,
                 lambda_search=search.summary())
     lines = [f"lambda {search.lam:g} chosen on the {len(val)} validation images (gates fitted on {len(fit_data)}): "
@@ -450,7 +472,8 @@ def _quee(args, source, data, kind, budget):
     else:
         lam = 0.0 if args.lam is None else args.lam
         fit = fit_quee(source, data, base=args.base or "w8a8", reduced=reduced, gate_blocks=args.exit_blocks,
-                       every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention)
+                       every=args.every, seed=args.seed, num_threads=args.threads, attention=args.attention,
+                       targets=args.targets or "segment")
         part, rows, search_lines, meta = data, np.arange(len(data)), [], {}
         where = f"{len(data)} calibration images (lambda set by hand; the gates were fitted on them too)"
     policy = fit.policy(lam)

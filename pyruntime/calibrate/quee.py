@@ -26,7 +26,8 @@ images (<= 1,024 Fashion-MNIST training images, fixed seed):
   ``final``), or only up to the head at g_{j+1} (horizon ``next``; the final head after the
   last gate);
   ``targets="static"`` instead uses one run with every block after the first gate reduced
-  (the same for the first gate, more pessimistic for later ones; one run instead of m).
+  (the same for the first gate, more pessimistic for later ones; one run instead of m);
+  ``targets="path"`` measures them on the trajectories images actually take (below).
 
 For image i at gate g_j the path errors are e_0 = [head g_j of F is wrong] and, for the
 continuing paths, the outcome on the full-precision trajectory (the one every image is on at
@@ -48,6 +49,27 @@ Fashion-MNIST ViT, depth 6, gates after every block, W8A8 / W4A4: top-1 at lambd
 The features at gate g_j are those the executor computes from F's exit logits there: the
 top-``topk`` softmax probabilities (descending) and the entropy -sum p ln p (float64).
 
+Path targets (``targets="path"``) [ours]. With "segment" targets every gate is trained on the
+full-precision trajectory, but the executor decides again at every gate on the features the
+image actually arrives with: an image sent reduced at g_j reaches g_{j+1} with reduced-
+precision features, which its gate never saw in training. The seed says only that the
+predictors estimate the probability of error of each remaining path (papers.md, "QuEE"); our
+reading: train the gates in order, following each image through the gates already trained.
+Every static run above is one *mask* (the set of segments run reduced), memoised per mask
+(:class:`SegmentRuns`; at most ``2^gates`` runs, hence :data:`MAX_PATH_GATES`). The gates are
+first fitted with segment targets; the lambdas at which their decisions flip (0 and 8
+quantiles, as :func:`default_lambdas`) are the *simulation grid* (``meta["sim_lambdas"]``).
+Gate 0 sees one history (everything full precision), so it is the segment fit's. For gate j
+> 0, every calibration image is followed through gates 0..j-1 at each simulated lambda (the
+executor's rule on the head logits of the image's own mask: :func:`simulate`, checked per
+image against the executor); each (image, mask) pair that reaches g_j at some lambda becomes
+a training sample with weight = the share of the grid at which it does. Its features are g_j's
+head under its mask; its path errors are exit there, or the next segment at full / reduced
+precision on top of its mask, then the horizon at full precision. Cluster rates and the MLP's
+BCE are weighted by those weights. What stays myopic: beyond the next segment the horizon
+still assumes full precision and no exit (the later gates are not trained yet when g_j is).
+The MLPs still do not depend on lambda, so one fit serves the whole curve.
+
 Clusters and predictors [ours]: k-means (k-means++ seeding, Lloyd, fixed seed) on the gate's
 features with ``clusters`` centres; for cluster k and path p,
 ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior), ē_p the gate-wide error rate
@@ -65,8 +87,10 @@ images; :func:`calibrate_quee` returns the policy for one lambda. The gate MLPs 
 depend on lambda, so one :func:`fit_quee` serves the whole curve.
 
 Operating point from the user's data [ours]: :func:`choose_lambda` measures that curve on
-*validation* images the gates were not fitted on (a fixed-seed split of the calibration
-images) and picks lambda there alone: with ``max_drop`` the cheapest lambda (least mean BOPs
+*validation* images the gates were not fitted on (for the reference model, training images 55000..59999,
+:func:`.common.calibration_data` ``part="validation"``; for user data the CLI's held-out
+split) and picks lambda there alone by :func:`select_point` (the rule
+``tools/results_quee.py`` also applies to its baselines' thresholds): with ``max_drop`` the cheapest lambda (least mean BOPs
 per image) whose top-1 is at most ``max_drop`` below the fp32 model at full depth on the same
 images (also within ``budget_bops`` when both are given), with only ``budget_bops`` the most
 accurate lambda whose mean BOPs per image is within it. The candidates are 0, quantiles of the
@@ -99,10 +123,10 @@ __all__ = [
     "TARGETS", "default_gate_blocks", "gate_features", "gate_errors", "gate_decisions", "kmeans",
     "cluster_targets", "train_gate_mlp", "QueeFit", "fit_quee", "calibrate_quee", "CurvePoint",
     "quee_curve", "default_lambdas", "reference_points", "HORIZONS", "LambdaSearch", "choose_lambda",
-    "LambdaNotFound",
+    "LambdaNotFound", "SegmentRuns", "path_errors", "simulate", "path_predictions", "select_point", "check_target",
 ]
 
-TARGETS = ("segment", "static")
+TARGETS = ("segment", "static", "path")
 HORIZONS = ("next", "final")
 PATHS = ("exit", "full", "reduced")
 
@@ -180,39 +204,58 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100) -> Tuple[np.n
     return centres, assign
 
 
-def cluster_targets(assign: np.ndarray, errors: np.ndarray, k: int, prior: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+def cluster_targets(assign: np.ndarray, errors: np.ndarray, k: int, prior: float = 0.0,
+                    weight: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(ê [k, P], sizes [k]): per cluster and path, the error rate of the path over the
     cluster's images, shrunk towards the overall rate by ``prior`` pseudo-images:
-    ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior). An empty cluster gets ē."""
+    ê_{k,p} = (sum_{i in k} e_{i,p} + prior * ē_p) / (n_k + prior). An empty cluster gets ē.
+    With ``weight`` (>= 0 per sample: how often a path target's (image, history) pair occurs)
+    every sum and count is weighted, and sizes are the weighted counts (float64)."""
     errors = np.asarray(errors, dtype=np.float64)
     if errors.ndim != 2 or len(errors) != len(assign):
         raise ValueError(f"errors must be [N, paths] with N = {len(assign)}, got {errors.shape}")
     if prior < 0:
         raise ValueError(f"prior must be >= 0, got {prior}")
-    overall = errors.mean(0)
-    sizes = np.bincount(assign, minlength=k).astype(np.float64)
+    w = _sample_weight(weight, len(errors))
+    overall = (errors * w[:, None]).sum(0) / w.sum()
+    sizes = np.bincount(assign, weights=w, minlength=k)
     sums = np.zeros((k, errors.shape[1]))
-    np.add.at(sums, assign, errors)
+    np.add.at(sums, assign, errors * w[:, None])
     denom = sizes + prior
     safe = np.where(denom > 0, denom, 1.0)
     e_hat = np.where(denom[:, None] > 0, (sums + prior * overall[None]) / safe[:, None], overall[None])
-    return e_hat, sizes.astype(np.int64)
+    return e_hat, (sizes.astype(np.int64) if weight is None else sizes)
+
+
+def _sample_weight(weight: Optional[np.ndarray], n: int) -> np.ndarray:
+    """Per-sample weights as float64 (ones by default); negative, non-finite or all-zero refused."""
+    if weight is None:
+        return np.ones(n)
+    w = np.asarray(weight, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weight must be [{n}] finite, >= 0 and not all zero")
+    return w
 
 
 def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps: int = 2000, lr: float = 0.02,
-                   seed: int = 0) -> Tuple[Dict[str, np.ndarray], float]:
+                   seed: int = 0, weight: Optional[np.ndarray] = None) -> Tuple[Dict[str, np.ndarray], float]:
     """(float32 weights by GATE_TENSORS name, final BCE loss): full-batch Adam on
-    BCE(sigmoid(W2 relu(W1 f + b1) + b2), targets), float64, seeded initialisation."""
+    BCE(sigmoid(W2 relu(W1 f + b1) + b2), targets), float64, seeded initialisation; with
+    ``weight`` the BCE is the weighted mean over samples."""
     x = np.asarray(features, dtype=np.float64)
     t = np.clip(np.asarray(targets, dtype=np.float64), 0.0, 1.0)
     n, d = x.shape
     P = t.shape[1]
+    w = _sample_weight(weight, n)
+    w = w / w.sum()
     rng = np.random.default_rng(seed)
-    mu, sd = x.mean(0), x.std(0) + 1e-6  # train on standardised inputs, fold back at the end
+    mu = (x * w[:, None]).sum(0)  # train on standardised inputs, fold back at the end
+    sd = np.sqrt((w[:, None] * (x - mu) ** 2).sum(0)) + 1e-6
+    t_mean = np.clip((t * w[:, None]).sum(0), 1e-3, 1 - 1e-3)
     xs = (x - mu) / sd
     params = [rng.standard_normal((hidden, d)) * np.sqrt(2.0 / d), np.full(hidden, 0.1),
               rng.standard_normal((P, hidden)) * 0.1 / np.sqrt(hidden),
-              np.log(np.clip(t.mean(0), 1e-3, 1 - 1e-3) / (1 - np.clip(t.mean(0), 1e-3, 1 - 1e-3)))]
+              np.log(t_mean / (1 - t_mean))]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     b1_, b2_ = 0.9, 0.999
@@ -224,14 +267,10 @@ def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps
         o = h @ w2.T + b2
         return z, h, o
 
-    def loss_of(o):
-        # BCE with logits, stable: max(o, 0) - o t + log(1 + exp(-|o|))
-        return float(np.mean(np.maximum(o, 0) - o * t + np.log1p(np.exp(-np.abs(o)))))
-
     for step in range(1, steps + 1):
         w1, b1, w2, b2 = params
         z, h, o = forward(params)
-        g_o = (1.0 / (1.0 + np.exp(-o)) - t) / (n * P)
+        g_o = (1.0 / (1.0 + np.exp(-o)) - t) * (w[:, None] / P)
         g_w2, g_b2 = g_o.T @ h, g_o.sum(0)
         g_z = (g_o @ w2) * (z > 0)
         g_w1, g_b1 = g_z.T @ xs, g_z.sum(0)
@@ -247,7 +286,7 @@ def train_gate_mlp(features: np.ndarray, targets: np.ndarray, hidden: int, steps
     weights = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in weights.items()}
     pred = gate_errors(x, weights)
     eps = 1e-12
-    loss = float(-np.mean(t * np.log(pred + eps) + (1 - t) * np.log(1 - pred + eps)))
+    loss = float(-(w[:, None] * (t * np.log(pred + eps) + (1 - t) * np.log(1 - pred + eps))).sum() / P)
     return weights, loss
 
 
@@ -296,6 +335,7 @@ class GateFit:
     cluster_sizes: np.ndarray                # [clusters]
     loss: float                              # final BCE against the cluster targets
     fit_mae: float                           # mean |MLP - cluster target| on the calibration images
+    features: np.ndarray = field(default=None, repr=False)   # the inputs it was trained on
 
     def summary(self) -> dict:
         return {"block": self.block, "cost": [round(c, 6) for c in self.cost],
@@ -317,6 +357,9 @@ class QueeFit:
     fp32_bops: int                    # BOPs of the fp32 model without exits (bops_ratio's normaliser)
     features: Dict[int, np.ndarray]   # calibration features per gate (for default_lambdas)
     meta: dict = field(default_factory=dict)
+    # targets="path": per gate, the (image row, mask of segments run reduced before it, weight)
+    # of every pair its MLP was trained on
+    histories: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def gate_blocks(self) -> List[int]:
@@ -359,6 +402,12 @@ class QueeFit:
         nobody leaving, with the block linears of ``reduced_blocks`` at reduced precision."""
         g, t = static_variant(self.graph, self.tensors, reduced_blocks)
         return _probe_run(executor(g, t), x, True, batch, num_threads)
+
+    def segment_runs(self, x: np.ndarray, batch: int = 256, num_threads: Optional[int] = None) -> "SegmentRuns":
+        """Memoised static runs of the probe on normalised images ``x``, one per combination of
+        segment precisions asked for (:func:`simulate`, :func:`path_predictions`)."""
+        return SegmentRuns(self.graph, self.tensors, _segments(self.gate_blocks, self.graph["arch"]["depth"]), x,
+                           batch, num_threads)
 
 
 def _segments(gates: Sequence[int], depth: int) -> List[Tuple[int, int]]:
@@ -417,6 +466,142 @@ def _costs(graph: Mapping, gates: Sequence[int], horizon: str = "final",
     return out, norm
 
 
+MAX_PATH_GATES = 6
+
+
+class SegmentRuns:
+    """Static runs of the probe on the calibration images with a fixed precision per segment
+    (bit s of ``mask`` set: the segment after gate s runs reduced), memoised: every gate
+    head's logits, then the final logits."""
+
+    def __init__(self, graph, tensors, segs, x, batch, num_threads):
+        self.graph, self.tensors, self.segs, self.x = graph, tensors, segs, x
+        self.batch, self.num_threads = batch, num_threads
+        self.cache: Dict[int, List[np.ndarray]] = {}
+
+    def heads(self, mask: int) -> List[np.ndarray]:
+        if mask not in self.cache:
+            blocks = [b for s, (first, last) in enumerate(self.segs) if mask >> s & 1 for b in range(first, last + 1)]
+            g, t = static_variant(self.graph, self.tensors, blocks)
+            r = _probe_run(executor(g, t), self.x, True, self.batch, self.num_threads)
+            self.cache[mask] = list(r["exit_logits"]) + [r["logits"]]
+        return self.cache[mask]
+
+    def logits(self, rows: np.ndarray, masks: np.ndarray, head: int) -> np.ndarray:
+        """[len(rows), classes]: head ``head``'s logits of each image under its own mask."""
+        out = np.empty((len(rows), self.heads(0)[-1].shape[-1]), np.float32)
+        for m in np.unique(masks):
+            sel = masks == m
+            out[sel] = self.heads(int(m))[head][rows[sel]]
+        return out
+
+
+def path_errors(runs: SegmentRuns, rows: np.ndarray, masks: np.ndarray, j: int, labels: np.ndarray, horizon: str,
+                red_next: Optional[int] = None) -> np.ndarray:
+    """[len(rows), 3] float64: whether each path at gate j is wrong for the images ``rows``
+    arriving with the segments of ``masks`` reduced: exit there, or the next segment at full /
+    reduced precision (``red_next``: the segments that then run reduced, default the next one)
+    and the horizon at full precision, answered by the final head (``final``) or the next head."""
+    after = len(runs.segs) if horizon == "final" else j + 1
+    red_next = 1 << j if red_next is None else red_next
+    wrong = lambda logits: (logits.argmax(-1) != labels).astype(np.float64)
+    return np.stack([wrong(runs.logits(rows, masks, j)), wrong(runs.logits(rows, masks, after)),
+                     wrong(runs.logits(rows, masks | red_next, after))], 1)
+
+
+def _fit_gate(j: int, block: int, runs: SegmentRuns, rows: np.ndarray, masks: np.ndarray, weight, y, topk, hidden,
+              clusters, prior, horizon, targets, steps, lr, seed, cost) -> GateFit:
+    """Gate j's MLP trained on the images ``rows``, each arriving with the segments of its
+    ``masks`` run reduced: features from gate j's head under that mask; path errors: exit
+    there, or the next segment at full / reduced precision, then the horizon at full precision."""
+    red_next = (1 << j) if targets != "static" else sum(1 << s for s in range(len(runs.segs)))
+    errors = path_errors(runs, rows, masks, j, y[rows], horizon, red_next)
+    f = gate_features(runs.logits(rows, masks, j), topk)
+    _, assign = kmeans(f, clusters, seed=seed + j)
+    k = int(assign.max()) + 1
+    e_hat, sizes = cluster_targets(assign, errors, k, prior, weight)
+    target = e_hat[assign]
+    weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j, weight=weight)
+    w = np.ones(len(rows)) if weight is None else np.asarray(weight, np.float64)
+    mae = float((np.abs(gate_errors(f, weights) - target).mean(1) * w).sum() / w.sum())
+    path_error = tuple(float(v) for v in (errors * w[:, None]).sum(0) / w.sum())
+    return GateFit(block, cost, weights, path_error, e_hat, sizes, loss, mae, f)
+
+
+def _advance(gf: GateFit, j: int, runs: SegmentRuns, mask: np.ndarray, alive: np.ndarray, lams: Sequence[float],
+             topk: int) -> np.ndarray:
+    """Gate j's decisions [L, N] (-1: not there) at each lambda, as the executor makes them on
+    the logits of each image's own trajectory; leaving images stop being ``alive``, images
+    going on reduced get bit j in ``mask`` (both updated in place)."""
+    decisions = np.full(mask.shape, -1, np.int64)
+    for li, lam in enumerate(lams):
+        here = np.flatnonzero(alive[li])
+        f = gate_features(runs.logits(here, mask[li, here], j), topk)
+        d = gate_decisions(f, gf.weights, lam, gf.cost)
+        decisions[li, here] = d
+        alive[li, here[d == 0]] = False
+        mask[li, here[d == 2]] |= 1 << j
+    return decisions
+
+
+def simulate(fit: "QueeFit", runs: SegmentRuns, lams: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(masks, decisions), each [lambdas, gates, N]: the segments each image had run reduced on
+    arriving at each gate and what the gate then decided (-1: never got there), computed from
+    static runs (``fit.segment_runs``) -- what the executor does at each lambda, without it."""
+    L, n, m = len(lams), runs.x.shape[0], len(fit.gates)
+    mask, alive = np.zeros((L, n), np.int64), np.ones((L, n), bool)
+    masks, decisions = np.zeros((L, m, n), np.int64), np.zeros((L, m, n), np.int64)
+    for j, gf in enumerate(fit.gates):
+        masks[:, j] = mask
+        decisions[:, j] = _advance(gf, j, runs, mask, alive, lams, fit.topk)
+    return masks, decisions
+
+
+def path_predictions(fit: "QueeFit", runs: SegmentRuns, labels: np.ndarray, lam: float) -> Dict[str, np.ndarray]:
+    """Every (image, gate) pair the gates at ``lam`` bring together on ``runs``' images: gate
+    index, image row, arrival mask, decision, the MLP's predicted error of each path [.., 3]
+    and the path's observed error [.., 3] (:func:`path_errors`, the fit's horizon): the
+    material of a reliability plot."""
+    labels = np.asarray(labels)
+    masks, decisions = simulate(fit, runs, [lam])
+    out = {k: [] for k in ("gate", "row", "mask", "decision", "predicted", "observed")}
+    for j, gf in enumerate(fit.gates):
+        rows = np.flatnonzero(decisions[0, j] >= 0)
+        mk = masks[0, j, rows]
+        out["gate"].append(np.full(len(rows), j))
+        out["row"].append(rows)
+        out["mask"].append(mk)
+        out["decision"].append(decisions[0, j, rows])
+        out["predicted"].append(gate_errors(gate_features(runs.logits(rows, mk, j), fit.topk), gf.weights))
+        out["observed"].append(path_errors(runs, rows, mk, j, labels[rows], fit.meta["horizon"]))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _path_fits(seg_fits: List[GateFit], fit_gate, runs: SegmentRuns, n: int, topk: int, path_costs, sim_points: int = 8):
+    """Gates trained in order on the trajectories images take (targets="path"): each image is
+    followed through the gates already trained at every lambda of a simulation grid (0 and
+    quantiles of the decision flips of the gates fitted on the full-precision trajectory);
+    gate j is trained on every (image, history) pair that reaches it at some lambda, weighted
+    by the share of the grid at which it does. Gate 0 sees one history (all full precision),
+    so it is the segment fit's."""
+    sim = _flip_lambdas(seg_fits, sim_points)
+    L, m = len(sim), len(seg_fits)
+    mask = np.zeros((L, n), np.int64)
+    alive = np.ones((L, n), bool)
+    fits, histories = [], {}
+    for j in range(m):
+        keys, counts = np.unique((np.arange(n)[None, :] * (1 << m) + mask)[alive], return_counts=True)
+        if keys.size == 0:  # every image left before this gate at every lambda: nothing to learn from
+            fits.append(seg_fits[j])
+            continue
+        rows, masks, weight = keys >> m, keys & ((1 << m) - 1), counts / L
+        gf = seg_fits[j] if j == 0 else fit_gate(j, rows, masks, weight)
+        fits.append(gf)
+        histories[gf.block] = (rows, masks, weight)
+        _advance(gf, j, runs, mask, alive, sim, topk)
+    return fits, histories, sim
+
+
 def _base_policy(base: Any, attention: Optional[int] = None) -> Policy:
     """A copy of ``base`` (no exits, no gates) with its attention bits resolved against
     ``attention`` (:func:`.common.resolve_attention`); turned to int8 attention, its name says so."""
@@ -446,8 +631,8 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
         the reduced copies of the block linears after the first gate.
     gate_blocks / every: where the gates go. topk, hidden: gate features and MLP width.
     clusters, prior: k-means centres per gate and the shrinkage of their error rates.
-    targets: "segment" (default) or "static"; horizon: "final" (default) or "next" (see the
-        module docstring).
+    targets: "segment" (default), "static" or "path"; horizon: "final" (default) or "next"
+        (see the module docstring).
     steps, lr, seed: MLP training (Adam, full batch) and every random choice.
     costs: what a path costs -- BOPs (default) or, with a cost model built on a device's
         :class:`~pyruntime.latency.LatencyTable`, its seconds (normalised by the fp32 model's).
@@ -464,6 +649,9 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     gates = sorted(set(default_gate_blocks(depth, every) if gate_blocks is None else [int(b) for b in gate_blocks]))
     if not gates or gates[0] < 0 or gates[-1] > depth - 2:
         raise ValueError(f"gate blocks {gates} must be non-empty and lie in 0..{depth - 2}")
+    if len(gates) > MAX_PATH_GATES and targets == "path":
+        raise ValueError(f"targets='path' may run the calibration images once per combination of segment "
+                         f"precisions (2^gates); at most {MAX_PATH_GATES} gates, got {len(gates)}")
     n_classes = source.arch["num_classes"]
     if not 1 <= topk <= n_classes:
         raise ValueError(f"topk must lie in 1..{n_classes}, got {topk}")
@@ -479,47 +667,28 @@ def fit_quee(source: Source, data: CalibrationData, *, base: Any = "w8a8",
     path_costs, fp32_cost = _costs(graph, gates, horizon, costs)
     fp32_bops = int(_cost_terms(graph, None)[3])
 
-    x, y = data.images, np.asarray(data.labels)
-    g_run, t_run = static_variant(graph, tensors)
-    full = _probe_run(executor(g_run, t_run), x, True, batch, num_threads)
-    heads_full = list(full["exit_logits"]) + [full["logits"]]  # gate j's head, then the final head
-    segs = _segments(gates, depth)
-    if targets == "static":
-        gs, ts = static_variant(graph, tensors, range(gates[0] + 1, depth))
-        static = _probe_run(executor(gs, ts), x, True, batch, num_threads)
-        heads_static = list(static["exit_logits"]) + [static["logits"]]
-
-    fits, feats = [], {}
-    for j, (g, (first, last)) in enumerate(zip(gates, segs)):
-        if targets == "segment":
-            keep = [] if last == depth - 1 or horizon == "final" else [last]
-            gs, ts = static_variant(graph, tensors, range(first, last + 1), exit_blocks=keep, threshold=0.0)
-            r = _probe_run(executor(gs, ts), x, False, batch, num_threads)
-            reduced_next = r["logits"]  # the head at the end of the segment, or the final head
-        else:
-            reduced_next = heads_static[j + 1] if horizon == "next" else heads_static[-1]
-        full_next = heads_full[j + 1] if horizon == "next" else heads_full[-1]
-        wrong = lambda logits: (np.asarray(logits).argmax(-1) != y).astype(np.float64)
-        errors = np.stack([wrong(heads_full[j]), wrong(full_next), wrong(reduced_next)], 1)
-        f = gate_features(heads_full[j], topk)
-        _, assign = kmeans(f, clusters, seed=seed + j)
-        k = int(assign.max()) + 1
-        e_hat, sizes = cluster_targets(assign, errors, k, prior)
-        target = e_hat[assign]
-        weights, loss = train_gate_mlp(f, target, hidden, steps=steps, lr=lr, seed=seed + j)
-        mae = float(np.abs(gate_errors(f, weights) - target).mean())
-        fits.append(GateFit(g, path_costs[j], weights, tuple(float(v) for v in errors.mean(0)), e_hat, sizes, loss, mae))
-        feats[g] = f
+    y = np.asarray(data.labels)
+    runs = SegmentRuns(graph, tensors, _segments(gates, depth), data.images, batch, num_threads)
+    fit_gate = lambda j, rows, mask, w: _fit_gate(j, gates[j], runs, rows, mask, w, y, topk, hidden, clusters,
+                                                   prior, horizon, targets, steps, lr, seed, path_costs[j])
+    everyone = np.arange(len(y))
+    fits = [fit_gate(j, everyone, np.zeros(len(y), np.int64), None) for j in range(len(gates))]
+    histories, sim = {}, []
+    if targets == "path":
+        fits, histories, sim = _path_fits(fits, fit_gate, runs, len(y), topk, path_costs)
+    feats = {gf.block: gf.features for gf in fits}
+    full = runs.heads(0)
 
     meta = {
         "method": "quee", "base": base_pol.name, "reduced": reduced.to_dict(), "gate_blocks": gates,
         "targets": targets, "horizon": horizon, "topk": topk, "hidden": hidden, "clusters": clusters, "prior": prior, "steps": steps,
         "lr": lr, "seed": seed, "data": dict(data.summary), "cost_kind": "bops" if costs is None else costs.kind,
         "cost_normaliser_fp32": fp32_cost,
-        "full_top1": float((full["logits"].argmax(-1) == y).mean()),
+        "full_top1": float((full[-1].argmax(-1) == y).mean()), "static_runs": len(runs.cache),
+        "sim_lambdas": sim,
         "gates": [gf.summary() for gf in fits],
     }
-    return QueeFit(base_pol, reduced, topk, hidden, fits, graph, tensors, fp32_bops, feats, meta)
+    return QueeFit(base_pol, reduced, topk, hidden, fits, graph, tensors, fp32_bops, feats, meta, histories)
 
 
 def calibrate_quee(source: Source, data: CalibrationData, lam: float = 0.0, **kwargs) -> Policy:
@@ -546,9 +715,14 @@ def default_lambdas(fit: QueeFit, n: int = 12) -> List[float]:
     """0 and ``n`` quantiles of the positive lambdas at which a gate's decision flips on the
     calibration images (where (e_p - e_q) / (c_q - c_p) > 0), plus one beyond which every
     image exits at the first gate."""
+    return _flip_lambdas(fit.gates, n)
+
+
+def _flip_lambdas(gates: Sequence[GateFit], n: int) -> List[float]:
+    """:func:`default_lambdas` over the gates' own training features."""
     cands = []
-    for gf in fit.gates:
-        e = gate_errors(fit.features[gf.block], gf.weights)
+    for gf in gates:
+        e = gate_errors(gf.features, gf.weights)
         c = np.asarray(gf.cost)
         for p in range(3):
             for q in range(p + 1, 3):
@@ -628,40 +802,62 @@ def fp32_top1(source: Source, images, labels: np.ndarray, batch: int = 256, num_
     return float((r["logits"].argmax(-1) == np.asarray(labels)).mean())
 
 
-def choose_lambda(fit: QueeFit, source: Source, val: CalibrationData, max_drop: Optional[float] = None,
-                  budget_bops: Optional[float] = None, grid: int = 24, batch: int = 256,
-                  num_threads: Optional[int] = None) -> LambdaSearch:
-    """lambda for ``fit`` from the validation images ``val`` alone (module docstring): the
-    cheapest one within ``max_drop`` (a fraction: 0.01 is one top-1 point) of fp32 at full
-    depth, also within ``budget_bops`` when given, or with ``budget_bops`` alone the most
-    accurate one whose mean BOPs per image is within it."""
+def check_target(max_drop: Optional[float], budget_bops: Optional[float]) -> None:
+    """ValueError naming the problem unless the target is usable: at least one of ``max_drop``
+    (a fraction in [0, 1)) and ``budget_bops`` (positive, finite)."""
     if max_drop is None and budget_bops is None:
-        raise ValueError("choose_lambda needs max_drop or budget_bops")
-    if max_drop is not None and not 0 <= max_drop < 1:
+        raise ValueError("choosing an operating point needs max_drop or budget_bops")
+    if max_drop is not None and not (np.isfinite(max_drop) and 0 <= max_drop < 1):
         raise ValueError(f"max_drop is a fraction in [0, 1), got {max_drop}")
     if budget_bops is not None and not (np.isfinite(budget_bops) and budget_bops > 0):
         raise ValueError(f"budget_bops must be positive and finite, got {budget_bops}")
-    ref = fp32_top1(source, val.images, val.labels, batch, num_threads)
-    curve = quee_curve(fit, val.images, val.labels, default_lambdas(fit, grid), batch, num_threads)
 
-    def meets(c: CurvePoint) -> bool:
-        return ((max_drop is None or ref - c.top1 <= max_drop + 1e-12)
+
+def select_point(curve: Sequence[Any], reference_top1: float, max_drop: Optional[float] = None,
+                 budget_bops: Optional[float] = None, what: str = "lambda", images: Optional[int] = None):
+    """The operating point of ``curve`` (items with ``top1`` and ``mean_bops`` measured on
+    validation images) for a target: with ``max_drop`` the cheapest point whose top-1 is at most
+    that far below ``reference_top1`` (and within ``budget_bops`` when given), with only
+    ``budget_bops`` the most accurate point within it; ties to the earlier point. The one rule
+    QuEE's lambda and its baselines' thresholds are chosen by. :class:`LambdaNotFound` names what
+    was reachable when no point qualifies."""
+    check_target(max_drop, budget_bops)
+    curve = list(curve)
+    if not curve:
+        raise ValueError("select_point needs at least one candidate")
+
+    def meets(c) -> bool:
+        return ((max_drop is None or reference_top1 - c.top1 <= max_drop + 1e-12)
                 and (budget_bops is None or c.mean_bops <= budget_bops * (1 + 1e-12)))
 
+    order = {id(c): i for i, c in enumerate(curve)}
     ok = [c for c in curve if meets(c)]
     if not ok:
         best_acc = max(curve, key=lambda c: (c.top1, -c.mean_bops))
         cheapest = min(curve, key=lambda c: (c.mean_bops, -c.top1))
+        name = lambda c: f"{what} {getattr(c, 'lam', getattr(c, 'label', '?'))}"
+        target = " and ".join(t for t in (f"top-1 drop <= {100 * max_drop:g} points" if max_drop is not None else "",
+                                           f"mean BOPs <= {budget_bops:.4g}" if budget_bops is not None else "") if t)
         raise LambdaNotFound(
-            f"no lambda meets the target on the {len(val)} validation images "
-            f"({'top-1 drop <= %g points' % (100 * max_drop) if max_drop is not None else ''}"
-            f"{' and ' if max_drop is not None and budget_bops is not None else ''}"
-            f"{'mean BOPs <= %.4g' % budget_bops if budget_bops is not None else ''}; fp32 full depth top-1 {ref:.4f}): "
-            f"the most accurate lambda {best_acc.lam:g} reaches top-1 {best_acc.top1:.4f} (drop "
-            f"{100 * (ref - best_acc.top1):.2f} points) at {best_acc.mean_bops:.4g} BOPs per image, the cheapest "
-            f"lambda {cheapest.lam:g} costs {cheapest.mean_bops:.4g} BOPs at top-1 {cheapest.top1:.4f}")
+            f"no {what} meets the target on the {images if images is not None else '?'} validation images ({target}; "
+            f"fp32 full depth top-1 {reference_top1:.4f}): the most accurate {name(best_acc)} reaches top-1 "
+            f"{best_acc.top1:.4f} (drop {100 * (reference_top1 - best_acc.top1):.2f} points) at "
+            f"{best_acc.mean_bops:.4g} BOPs per image, the cheapest {name(cheapest)} costs {cheapest.mean_bops:.4g} "
+            f"BOPs at top-1 {cheapest.top1:.4f}")
     if max_drop is not None:
-        chosen = min(ok, key=lambda c: (c.mean_bops, -c.top1, c.lam))
-    else:
-        chosen = max(ok, key=lambda c: (c.top1, -c.mean_bops, -c.lam))
+        return min(ok, key=lambda c: (c.mean_bops, -c.top1, order[id(c)]))
+    return max(ok, key=lambda c: (c.top1, -c.mean_bops, -order[id(c)]))
+
+
+def choose_lambda(fit: QueeFit, source: Source, val: CalibrationData, max_drop: Optional[float] = None,
+                  budget_bops: Optional[float] = None, grid: int = 24, batch: int = 256,
+                  num_threads: Optional[int] = None) -> LambdaSearch:
+    """lambda for ``fit`` from the validation images ``val`` alone (module docstring) by
+    :func:`select_point`: the cheapest one within ``max_drop`` (a fraction: 0.01 is one top-1
+    point) of fp32 at full depth, also within ``budget_bops`` when given, or with ``budget_bops``
+    alone the most accurate one whose mean BOPs per image is within it."""
+    check_target(max_drop, budget_bops)
+    ref = fp32_top1(source, val.images, val.labels, batch, num_threads)
+    curve = quee_curve(fit, val.images, val.labels, default_lambdas(fit, grid), batch, num_threads)
+    chosen = select_point(curve, ref, max_drop, budget_bops, "lambda", len(val))
     return LambdaSearch(chosen.lam, chosen, ref, curve, len(val))
