@@ -269,3 +269,36 @@ def test_baselines_keep_the_budget():
     assert uniform_under_budget(src, hi).name == "w8a8"
     costs = CostModel(src, "bops")
     assert costs.unit() == "BOPs"
+
+
+def test_cli_qat_writes_a_checkpoint_that_converts_with_the_policy(tmp_path, capsys):
+    """``calibrate --method lampq --qat-steps N --qat-checkpoint C``: the policy and the trained
+    weights; ``convert reference --checkpoint C --policy P`` gives the allocated bits. Without
+    the checkpoint path the flags are a one-line error."""
+    from test_calibrate_common import write_reference_checkpoint
+
+    from pyruntime.calibrate.cli import main
+    from pyruntime.datasets import fashion_mnist_dir
+    from pyruntime.policy import Policy
+    from pyruntime.reference import convert_reference
+
+    try:
+        fashion_mnist_dir()
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed")
+    ckpt = write_reference_checkpoint(tmp_path / "tiny.safetensors")
+    common = ["calibrate", "--method", "lampq", "--checkpoint", str(ckpt), "--images", "48", "--budget-bops", "0.9x",
+              "--rounds", "0", "--no-progress", "--out", str(tmp_path / "p.json")]
+    assert main(common + ["--qat-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--qat-checkpoint PATH go together" in err and len(err.strip().splitlines()) == 1
+    assert main(common + ["--qat-steps", "2", "--qat-checkpoint", str(tmp_path / "qat.safetensors")]) == 0
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(ckpt)), load_file(str(tmp_path / "qat.safetensors"))
+    assert set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
+    policy = Policy.load(tmp_path / "p.json")
+    assert policy.meta["qat"]["steps"] == 2
+    model = pyruntime.load(convert_reference(tmp_path / "q.pyrt", policy, path=tmp_path / "qat.safetensors"))
+    for name, lp in policy.layers.items():
+        assert model.graph["layers"][name]["w_bits"] == lp.w_bits

@@ -101,7 +101,7 @@ class LampQConfig:
     initial: str = "measured"       # "measured" | "model" (Delta^2/12)
     type_weighting: str = "mean1"  # "mean1" | "fisher" | "none" (see the module docstring)
     qat_steps: int = 0              # QAT steps per round (0: no QAT, bits only)
-    qat_lr: float = 1e-5            # Adam learning rate of the QAT step
+    qat_lr: float = 1e-4            # Adam learning rate of the QAT step
     qat_batch: int = 64             # calibration images per QAT step
     qat_seed: int = 0               # order of the QAT mini-batches
     fisher_batch: int = 64
