@@ -287,7 +287,7 @@ def test_cli_qat_writes_a_checkpoint_that_converts_with_the_policy(tmp_path, cap
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST is not installed")
     ckpt = write_reference_checkpoint(tmp_path / "tiny.safetensors")
-    common = ["calibrate", "--method", "lampq", "--checkpoint", str(ckpt), "--images", "48", "--budget-bops", "0.9x",
+    common = ["calibrate", "--method", "lampq", "--checkpoint", str(ckpt), "--images", "48", "--budget-bops", "0.95x", "--a-bits", "4,8",
               "--rounds", "0", "--no-progress", "--out", str(tmp_path / "p.json")]
     assert main(common + ["--qat-steps", "2"]) == 2
     err = capsys.readouterr().err
