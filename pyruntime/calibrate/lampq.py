@@ -502,7 +502,10 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
 
     ``traces`` and ``initial_errors`` (from an earlier result with the same data and
     options: ``res.traces``, ``res.initial_errors``) skip recomputing what does not depend
-    on the budget, e.g. when sweeping budgets."""
+    on the budget, e.g. when sweeping budgets (they stay the fp32 model's with QAT too).
+
+    With ``cfg.qat_steps`` the weights are trained on a copy: convert ``res.source`` (the
+    trained model, no checkpoint); ``source`` itself is left as it was."""
     cfg = cfg or LampQConfig()
     opts = options(cfg)
     all_layers = source.layer_names()
