@@ -137,15 +137,28 @@ def test_qat_lowers_the_calibration_loss_of_the_quantised_model():
     assert torch.equal(teacher, teacher_logits(src.model, data))
 
 
+def test_qat_that_raises_the_loss_is_reverted():
+    src, data = tiny_source(), tiny_data(32)
+    pick = {n: (8, 8) for n in scope_layers(src.layer_names(), "blocks")}
+    model = copy.deepcopy(src.model)
+    res = qat_finetune(model, pick, data, teacher_logits(src.model, data), steps=3, lr=0.5, batch=16,
+                       show_progress=False)
+    assert res.reverted and res.loss_after == res.loss_before
+    original = src.model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
 def test_converted_qat_model_predicts_what_the_fake_quant_model_predicts(tmp_path):
     src, data = tiny_source(), tiny_data(64)
-    cfg = LampQConfig(a_bits=(4, 8), rounds=1, error_batch=32, qat_steps=4, qat_lr=1e-3, qat_batch=32,
+    cfg = LampQConfig(a_bits=(4, 8), rounds=1, error_batch=32, qat_steps=8, qat_lr=1e-4, qat_batch=32,
                       show_progress=False)
     lo, hi = feasible_range(src, cfg)
     res = calibrate_lampq(src, data, lo + 0.4 * (hi - lo), cfg)
     assert res.qat and res.source is not src and res.source.checkpoint is None
     assert res.qat[-1].pick == res.pick  # the weights end trained at the bits they ship with
-    assert res.policy.meta["qat"]["steps"] == 4 and "QAT 4 steps" in res.report()
+    assert res.policy.meta["qat"]["steps"] == 8 and "QAT 8 steps" in res.report()
+    assert not res.qat[-1].reverted  # this step lowers the loss: the converted weights are trained ones
     model = pyruntime.load(res.source.convert(tmp_path / "qat.pyrt", res.policy))
     for name, (w, a) in res.pick.items():
         lp = model.graph["layers"][name]

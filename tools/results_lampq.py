@@ -79,6 +79,7 @@ class Row:
     chosen_on: str = CHOSEN_ON
     qat_loss_before: float = float("nan")
     qat_loss_after: float = float("nan")
+    qat_reverted: int = 0   # QAT trainings put back because they raised the calibration loss
     calib_s: float = 0.0
     vs: str = ""            # LampQ rows: the strongest baseline at the budget and its QAT setting
     diff_pp: float = float("nan")
@@ -111,7 +112,7 @@ def parse_args(argv=None):
 def budgets(source, fractions) -> List[Tuple[str, str, float, Tuple[int, ...]]]:
     """(group, label, BOPs, activation-bit options) of every budget."""
     out = [("weights+acts", f"= W{w}A{a}", float(policy_cost(source, uniform_policy(w, a), "bops")), (4, 6, 8))
-           for w, a in ((4, 8), (8, 6))]
+           for w, a in ((4, 8), (8, 6))]  # the uniform row at "= WxAy" is WxAy itself
     return out + [("weights", label, b, (8,)) for label, _, b in weight_budgets(source, fractions)]
 
 
@@ -142,13 +143,15 @@ class Calibrator:
         self.traces = self.traces or res.traces
         self.errors.setdefault(a_bits, res.initial_errors)
         print(f"\nLampQ {weighting}{' + QAT' if qat else ''} at {budget:.4g} BOPs:\n{res.report()}", flush=True)
-        return res.policy, res.source, (res.qat[0].loss_before, res.qat[-1].loss_after) if res.qat else None
+        return res.policy, res.source, (res.qat[0].loss_before, res.qat[-1].loss_after,
+                                                sum(q.reverted for q in res.qat)) if res.qat else None
 
-    def baseline(self, method, budget, a_bits, qat):
+    def baseline(self, method, budget, a_bits, qat, named=None):
         cfg = self.cfg(a_bits)
-        if method == "uniform":
-            cands = tuple((w, a) for w in (4, 8) for a in a_bits)
-            policy = uniform_under_budget(self.source, budget, candidates=cands)
+        if method == "uniform" and named is not None:  # "= W4A8": that setting (W8A4 costs the same)
+            policy = uniform_policy(*named)
+        elif method == "uniform":
+            policy = uniform_under_budget(self.source, budget, candidates=tuple((w, 8) for w in (4, 8)))
         elif method == "naive":
             policy = calibrate_naive(self.source, budget, cfg)[0]
         else:
@@ -158,7 +161,7 @@ class Calibrator:
         model = copy.deepcopy(self.source.model)
         q = qat_finetune(model, _pick(policy, self.source, self.names), self.data, self.teacher, self.args.qat_steps,
                          self.args.qat_lr, show_progress=not self.args.no_progress)
-        return policy, qat_source(self.source, model), (q.loss_before, q.loss_after)
+        return policy, qat_source(self.source, model), (q.loss_before, q.loss_after, int(q.reverted))
 
 
 def row_specs(source, fractions, qat_steps):
@@ -166,7 +169,8 @@ def row_specs(source, fractions, qat_steps):
         for qat in ((False, True) if qat_steps else (False,)):
             tag = f"{group}{label.replace(' ', '')}{'+qat' if qat else ''}"
             for m in BASELINES:
-                yield Row(group, label, budget, f"{m}-{tag}", m, qat), ("baseline", m, a_bits)
+                name = f"uniform-w{label[3]}a{label[5]}-{tag}" if m == "uniform" and label.startswith("= W") else f"{m}-{tag}"
+                yield Row(group, label, budget, name, m, qat), ("baseline", m, a_bits)
             for wt in (WEIGHTINGS if not qat else ("mean1",)):
                 yield Row(group, label, budget, f"lampq-{wt}-{tag}", f"lampq-{wt}", qat), ("lampq", wt, a_bits)
 
@@ -234,12 +238,14 @@ def write_md(rows: List[Row], path: Path, context: dict) -> None:
              "| group | budget | policy | QAT | top-1 | GBOPs | 4-bit weights | QAT loss before -> after | "
              "vs strongest baseline | verdict | chosen on |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        qat_loss = f"{r.qat_loss_before:.4g} -> {r.qat_loss_after:.4g}" if r.qat else ""
+        qat_loss = (f"{r.qat_loss_before:.4g} -> {r.qat_loss_after:.4g}"
+                    + (f" ({r.qat_reverted} reverted)" if r.qat_reverted else "")) if r.qat else ""
         lines.append(f"| {r.group} | {r.budget_label} | {r.policy} | {'yes' if r.qat else 'no'} | {100 * r.top1:.2f}% | "
                      f"{r.bops / 1e9:.4f} | {r.w4_layers} | {qat_loss} | {r.vs} {_interval(r)} | {r.verdict} | "
                      f"{r.chosen_on} |")
     lines += ["", "QAT loss: KL(fp32 teacher || quantised model) on the calibration images, before and after the "
-              "last QAT step (the runtime's own weight grid, straight-through estimator).", "",
+              "last QAT step (the runtime's own weight grid, straight-through estimator); a training that raised it is "
+              "reverted (the weights put back) and counted.", "",
               "Figures: `results.png` (top-1 against BOPs), `sensitivity.png` (per-layer Fisher trace by type, and "
               "the sensitivity Omega after each type weighting)."]
     path.write_text("\n".join(lines) + "\n")
@@ -349,10 +355,11 @@ def main(argv=None) -> int:
             if kind == "lampq":
                 policy, src, losses = cal.lampq(row.budget, a_bits, what, row.qat)
             else:
-                policy, src, losses = cal.baseline(what, row.budget, a_bits, row.qat)
+                named = (int(row.budget_label[3]), int(row.budget_label[5])) if row.budget_label.startswith("= W") else None
+                policy, src, losses = cal.baseline(what, row.budget, a_bits, row.qat, named)
             row.calib_s = time.time() - t0
             if losses:
-                row.qat_loss_before, row.qat_loss_after = losses
+                row.qat_loss_before, row.qat_loss_after, row.qat_reverted = losses
             pred, row.bops = run(policy, src, work / f"{row.policy}.pyrt")
             np.save(pred_path, pred)
             row.top1 = float((pred == ty).mean())
