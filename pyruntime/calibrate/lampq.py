@@ -51,7 +51,9 @@ Steps, with what the paper states and what we chose:
    the *original* fp32 model's softmax against the quantised student's over the calibration
    images, rather than cross-entropy on their labels: a few hundred to a thousand labels
    overfit within minutes, while the teacher's full distribution carries more signal per
-   image and asks only that quantisation change nothing. All parameters train (biases and
+   image and asks only that quantisation change nothing. A step that does not lower that
+   loss on the calibration images is undone (Adam's fixed-size steps add noise where the
+   quantised model already matches the teacher). All parameters train (biases and
    LayerNorms can absorb quantisation bias); the result's ``source`` holds the trained model
    (convert that, not the original). With ``attention`` 8 the step trains with fp32
    attention (int8 attention's rounding has no useful gradient; its forward error is left out
