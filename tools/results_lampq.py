@@ -100,6 +100,8 @@ def parse_args(argv=None):
                    help="torch and runtime threads (1: on a shared, oversubscribed machine 2 torch threads ran 15x slower)")
     p.add_argument("--test-limit", type=int, help="first N test images only (default: all 10,000)")
     p.add_argument("--budgets", default="0.5", help="weights group: fractions from all-W4A8 to all-W8A8 BOPs")
+    p.add_argument("--budget-limit", type=int, help="the first N budgets only (in order: = W4A8, = W8A6, then "
+                                                     "--budgets), e.g. to finish a run in the time there is")
     p.add_argument("--rounds", type=int, default=2, help="LampQ refinement rounds")
     p.add_argument("--qat-steps", type=int, default=60, help="QAT steps per training (0: no QAT rows)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
@@ -164,8 +166,8 @@ class Calibrator:
         return policy, qat_source(self.source, model), (q.loss_before, q.loss_after, int(q.reverted))
 
 
-def row_specs(source, fractions, qat_steps):
-    for group, label, budget, a_bits in budgets(source, fractions):
+def row_specs(source, fractions, qat_steps, limit=None):
+    for group, label, budget, a_bits in budgets(source, fractions)[:limit]:
         for qat in ((False, True) if qat_steps else (False,)):
             tag = f"{group}{label.replace(' ', '')}{'+qat' if qat else ''}"
             for m in BASELINES:
@@ -345,7 +347,7 @@ def main(argv=None) -> int:
                "command": "python tools/results_lampq.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows, correct = [], {}
     fractions = [float(v) for v in args.budgets.split(",") if v]
-    for row, (kind, what, a_bits) in row_specs(source, fractions, args.qat_steps):
+    for row, (kind, what, a_bits) in row_specs(source, fractions, args.qat_steps, args.budget_limit):
         pred_path = work / f"{row.policy}-{key}.pred.npy"
         if row.policy in cache and pred_path.is_file():
             row = Row(**cache[row.policy])
