@@ -7,13 +7,16 @@
     pyruntime calibrate --method maqee --budget-latency 0.6x --latency-table T.json --out maqee-lat.json
     pyruntime calibrate --method quee --reduced w4a8 --every 3 --lam 0.5 --out quee.json --report
     pyruntime calibrate --method lampq --budget-bops 0.5x --attention 8 --out lampq-attn8.json
+    pyruntime calibrate --method lampq --budget-bops 0.6x --qat-steps 100 --qat-checkpoint qat.safetensors --out q.json
     pyruntime calibrate --method maqee --model vit_small_patch16_224 --checkpoint my.safetensors \
         --exits heads.safetensors --data my_images/ --budget-bops 0.5x --max-drop 1 --out p.json --report
     pyruntime calibrate --method quee --model deit_tiny_patch16_224 --checkpoint c.pth --exits heads.safetensors \
         --data val.npz --images 2000 --max-drop 1 --out quee.json --report --report-json routes.json
 
 Methods: ``uniform`` (one bit-width everywhere; with a budget, the most expensive uniform
-setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP), ``naive`` (bits by
+setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP; with
+``--qat-steps``, a short quantisation-aware training at each round's bits whose weights go to
+``--qat-checkpoint``), ``naive`` (bits by
 weight range, same ILP: LampQ's baseline), ``scalepredictor`` (per-image activation scales
 predicted from a shallow block's range statistic), ``maqee`` (exit thresholds and per-layer
 bits chosen together under an *expected* cost per image, top-1 at most ``--max-drop``
@@ -165,7 +168,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="lampq: refinement rounds (default 3); maqee: bit re-allocations at most (default 6)")
     c.add_argument("--initial", choices=("measured", "model"), default="measured",
                    help="lampq: first-round layer error measured, or the Delta^2/12 model")
-    c.add_argument("--no-type-aware", action="store_true", help="lampq: alpha_t = 1 (ablation)")
+    c.add_argument("--type-weighting", choices=("mean1", "fisher", "none"), default="mean1",
+                   help="lampq: per-type factor alpha_t of the Fisher sensitivity: mean1 (each type's mean 1, default), "
+                        "fisher (types on the loss scale: 1/2 mean(W^2) of the type), none (alpha_t = 1, ablation)")
+    c.add_argument("--qat-steps", type=non_negative_int, default=0,
+                   help="lampq: quantisation-aware training steps (straight-through, distillation from the fp32 model "
+                        "on the calibration images) at each round's bits; 0 (default): bits only. Needs --qat-checkpoint")
+    c.add_argument("--qat-lr", type=non_negative_float, default=1e-4, help="lampq: Adam learning rate of the QAT steps")
+    c.add_argument("--qat-checkpoint", type=output_file, default=None,
+                   help="lampq with --qat-steps: safetensors file for the trained weights (the original checkpoint's "
+                        "format); convert it with the policy: pyruntime convert ... --checkpoint THIS --policy OUT")
     c.add_argument("--base", type=policy_spec, help="scalepredictor: policy JSON whose scales to predict (default: W8 with --a-bits, "
                                   "static percentile scales); quee: full-precision policy, shorthand (w8a8, w4a8) "
                                   "or policy JSON without exits (default w8a8)")
@@ -348,8 +360,14 @@ def _uniform(args, source, data, kind, budget):
 def _lampq_config(args, kind):
     from .lampq import LampQConfig
 
+    if args.method != "lampq" and (args.qat_steps or args.qat_checkpoint is not None or args.type_weighting != "mean1"):
+        raise ValueError(f"--qat-steps, --qat-checkpoint and --type-weighting apply to lampq, not {args.method}")
+    if bool(args.qat_steps) != (args.qat_checkpoint is not None):
+        raise ValueError("lampq: --qat-steps N (N > 0) and --qat-checkpoint PATH go together: QAT changes the "
+                         "weights, and the policy alone cannot carry them")
     return LampQConfig(w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)), scope=args.scope,
-                       cost=kind, rounds=3 if args.rounds is None else args.rounds, initial=args.initial, type_aware=not args.no_type_aware,
+                       cost=kind, rounds=3 if args.rounds is None else args.rounds, initial=args.initial,
+                       type_weighting=args.type_weighting, qat_steps=args.qat_steps, qat_lr=args.qat_lr,
                        attention=_attention_bits(args), show_progress=not args.no_progress)
 
 
@@ -359,7 +377,13 @@ def _lampq(args, source, data, kind, budget):
     if budget is None:
         raise ValueError("lampq needs a budget: --budget-bops X or --budget-bytes X")
     res = calibrate_lampq(source, data, budget, _lampq_config(args, kind))
-    return _with_scales(res.policy, args, source, data), res.report()
+    report = res.report()
+    if res.qat:
+        from .lampq import save_checkpoint
+
+        save_checkpoint(source, res.source.model, args.qat_checkpoint)
+        report += f"\nQAT weights written to {args.qat_checkpoint} (convert them with this policy)"
+    return _with_scales(res.policy, args, res.source, data), report
 
 
 def _naive(args, source, data, kind, budget):

@@ -7,9 +7,18 @@ Steps, with what the paper states and what we chose:
 1. Sensitivity [stated]: Omega_i = alpha_t * tr(F_i), F_i the diagonal empirical Fisher of
    layer i's weights from squared gradients of the loss on calibration images
    (:mod:`.fisher`: exact per-sample gradients, summed over images).
-   alpha_t [ours] = 1 / mean tr(F) over the allocated layers of type t, t in {qkv, proj,
-   fc1, fc2, patch_embed, head} ("type-aware", [stated] the largest effect in its ablation).
-   ``type_aware=False`` uses alpha = 1 (the ablation).
+   alpha_t per layer type t in {qkv, proj, fc1, fc2, patch_embed, head} ("type-aware":
+   [stated] so that components of different types are measured on one scale; the paper's
+   form is Omega_i = alpha_t tr(F_i), its alpha_t is not in the abstract). ``type_weighting``:
+   * ``"mean1"`` [ours, the default]: alpha_t = 1 / mean tr(F) over the allocated layers of
+     type t -- every type's mean sensitivity is 1, so types count alike whatever their
+     Fisher magnitude.
+   * ``"fisher"`` [ours: the second-order reading of "Fisher-based"]: the loss increase of
+     weight noise delta is ~ 1/2 sum_j F_jj delta_j^2 (diagonal Fisher in place of the
+     Hessian); with E_i the layer's *relative* error, delta_j^2 ~ E_i * mean(W_i^2), so
+     alpha_t = 1/2 * mean over the type's layers of mean(W^2). Types are then compared on
+     the loss scale, weighted by their Fisher information, instead of being forced to mean 1.
+   * ``"none"``: alpha = 1 (the ablation: raw traces).
 2. Layer error E_i(w, a) [ours]: the relative squared error of the layer's output,
    ||y_q - y_fp||^2 / ||y_fp||^2, over the first ``error_images`` (256) calibration images
    (every image contributes tokens x outputs values, so a few hundred suffice), where y_q is the layer at
@@ -24,7 +33,31 @@ Steps, with what the paper states and what we chose:
 4. Refinement [stated: "refined iteratively using the measured quantisation error (a few
    rounds)"]: re-measure every E_i(w, a) with the *current allocation of the other layers
    in place* (layer i's input comes from the quantised model; y_fp from the fp32 model),
-   re-solve, stop when the allocation repeats or after ``rounds`` rounds.
+   re-solve, stop when the allocation repeats or after ``rounds`` rounds. After a QAT step
+   (5.) y_fp is the *trained* model's fp32 output: E_i stays the error quantising layer i adds.
+
+5. QAT [stated: LampQ "integrates quantization-aware training with iterative bit-width
+   refinement"; the step is ours] with ``qat_steps`` > 0: before every re-measurement, and
+   once more at the end if the last allocation changed, :func:`qat_finetune` trains a copy of
+   the model for ``qat_steps`` Adam steps on the calibration images with every allocated
+   layer fake-quantised at its current (w, a): weights through the runtime's own quantiser
+   (``pyruntime.kernels.quantize_weights`` then ``dequantize``: int8 per output channel
+   max/127, int4 per block of ``block_size`` max/8 -- the exact grid the converted file
+   holds), activations at a-bit dynamic per-image scales, both with a straight-through
+   estimator. Scales are *recomputed* from the weights at every step, not learned: the
+   runtime derives them from max |W| when it converts, so a learned scale would not survive
+   conversion, while a recomputed one makes the converted file compute exactly what the
+   trained fake-quant model computes. Loss [ours]: distillation, KL(p_fp32 || p_quant) of
+   the *original* fp32 model's softmax against the quantised student's over the calibration
+   images, rather than cross-entropy on their labels: a few hundred to a thousand labels
+   overfit within minutes, while the teacher's full distribution carries more signal per
+   image and asks only that quantisation change nothing. A step that does not lower that
+   loss on the calibration images is undone (Adam's fixed-size steps add noise where the
+   quantised model already matches the teacher). All parameters train (biases and
+   LayerNorms can absorb quantisation bias); the result's ``source`` holds the trained model
+   (convert that, not the original). With ``attention`` 8 the step trains with fp32
+   attention (int8 attention's rounding has no useful gradient; its forward error is left out
+   of the step, the re-measurement and the conversion include it).
 
 Scales stay dynamic (``scale="dynamic"``); compose with :mod:`.static` or
 :mod:`.scalepredictor` for other scale modes. ``attention`` 8 [ours] measures every E_i
@@ -35,7 +68,10 @@ useful gradient).
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,8 +82,11 @@ from .ilp import format_amount
 from .common import COST_UNITS, CalibrationData, CostModel, Source, batches, layer_type, progress, scope_layers
 from .emulate import QuantModel, apply_layer, dynamic_scale, fake_quant, layer_module
 
-__all__ = ["LampQConfig", "LampQResult", "bits_policy", "fp32_base", "type_aware_sensitivity", "options", "measure_errors",
-           "model_errors", "allocate", "feasible_range", "calibrate_lampq"]
+__all__ = ["LampQConfig", "LampQResult", "TYPE_WEIGHTINGS", "bits_policy", "fp32_base", "type_aware_sensitivity",
+           "weight_energy", "options", "measure_errors", "model_errors", "allocate", "feasible_range", "calibrate_lampq",
+           "QATResult", "qat_finetune", "teacher_logits", "distillation_loss", "qat_source", "save_checkpoint"]
+
+TYPE_WEIGHTINGS = ("mean1", "fisher", "none")
 
 Bits = Tuple[int, int]  # (w_bits, a_bits)
 
@@ -62,13 +101,38 @@ class LampQConfig:
     cost: str = "bops"              # "bops" | "bytes"
     rounds: int = 3                 # refinement rounds after the first allocation
     initial: str = "measured"       # "measured" | "model" (Delta^2/12)
-    type_aware: bool = True
+    type_weighting: str = "mean1"  # "mean1" | "fisher" | "none" (see the module docstring)
+    qat_steps: int = 0              # QAT steps per round (0: no QAT, bits only)
+    qat_lr: float = 1e-4            # Adam learning rate of the QAT step
+    qat_batch: int = 64             # calibration images per QAT step
+    qat_seed: int = 0               # order of the QAT mini-batches
     fisher_batch: int = 64
     error_images: int = 256         # calibration images the layer errors are measured on
     error_batch: int = 128
     block_size: int = 32            # int4 weight block
     attention: int = 32             # attention matmuls: 32 fp32, 8 int8 (emulated, costed, in the policy)
     show_progress: bool = True
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+def _check_int(cfg, name: str, lo: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"LampQConfig.{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_config(cfg: "LampQConfig") -> None:
+    """ValueError naming the field of a LampQConfig value no step could use."""
+    if cfg.type_weighting not in TYPE_WEIGHTINGS:
+        raise ValueError(f"LampQConfig.type_weighting must be one of {TYPE_WEIGHTINGS}, got {cfg.type_weighting!r}")
+    for name, lo in (("qat_steps", 0), ("qat_batch", 1), ("qat_seed", 0), ("rounds", 0), ("error_images", 1),
+                     ("error_batch", 1), ("fisher_batch", 1)):
+        _check_int(cfg, name, lo)
+    lr = cfg.qat_lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"LampQConfig.qat_lr must be a finite number > 0, got {lr!r}")
 
 
 @dataclass
@@ -86,6 +150,8 @@ class LampQResult:
     cost_kind: str
     feasible: Tuple[float, float]           # (smallest, largest) cost over all allocations
     initial_errors: Dict[str, List[float]] = field(default_factory=dict)  # E_i of the first round
+    source: Optional[Source] = None         # what to convert: the QAT-trained model, or the input source
+    qat: List["QATResult"] = field(default_factory=list)  # one per QAT step, in order
 
     def report(self) -> str:
         """Each layer's sensitivity and chosen bits, most sensitive first."""
@@ -100,19 +166,41 @@ class LampQResult:
         lines.append(f"cost {format_amount(self.cost)} {unit} of budget {format_amount(self.budget)} (feasible "
                      f"{format_amount(self.feasible[0])} .. {format_amount(self.feasible[1])}); rounds {len(self.history)}; "
                      f"{sum(1 for b in self.pick.values() if b[0] == 4)} of {len(self.pick)} layers at 4-bit weights")
+        for q in self.qat:
+            lines.append(f"QAT {q.steps} steps at lr {q.lr:g}: calibration distillation loss of the quantised model "
+                         f"{q.loss_before:.4g} -> {q.loss_after:.4g} ({q.seconds:.0f} s)"
+                         + ("; reverted: the step raised it" if q.reverted else ""))
         return "\n".join(lines)
 
 
 # --- sensitivity ---------------------------------------------------------------------------------
 
-def type_aware_sensitivity(traces: Mapping[str, float], type_aware: bool = True) -> Dict[str, float]:
-    """Omega_i = alpha_t * tr(F_i), alpha_t = 1 / mean tr(F) over the layers of i's type."""
-    if not type_aware:
+def weight_energy(model, names: Sequence[str]) -> Dict[str, float]:
+    """mean(W^2) of each layer's weight: what turns a relative error into weight noise."""
+    return {n: float(layer_module(model, n).weight.detach().double().pow(2).mean()) for n in names}
+
+
+def type_aware_sensitivity(traces: Mapping[str, float], weighting: Union[bool, str] = "mean1",
+                           energy: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+    """Omega_i = alpha_t * tr(F_i) with alpha_t by ``weighting`` (module docstring): "mean1"
+    1 / mean tr(F) of i's type, "fisher" 1/2 mean over the type of ``energy`` (mean(W^2) per
+    layer, :func:`weight_energy`), "none" 1. ``True``/``False`` mean "mean1"/"none"."""
+    if isinstance(weighting, bool):
+        weighting = "mean1" if weighting else "none"
+    if weighting not in TYPE_WEIGHTINGS:
+        raise ValueError(f"type weighting must be one of {TYPE_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "none":
         return {n: float(t) for n, t in traces.items()}
-    by_type: Dict[str, List[float]] = {}
-    for n, t in traces.items():
-        by_type.setdefault(layer_type(n), []).append(float(t))
-    alpha = {k: (1.0 / np.mean(v) if np.mean(v) > 0 else 0.0) for k, v in by_type.items()}
+    if weighting == "fisher" and (energy is None or any(n not in energy for n in traces)):
+        raise ValueError("type weighting 'fisher' needs every layer's weight energy mean(W^2) (weight_energy)")
+    by_type: Dict[str, List[str]] = {}
+    for n in traces:
+        by_type.setdefault(layer_type(n), []).append(n)
+    if weighting == "mean1":
+        means = {k: float(np.mean([traces[n] for n in v])) for k, v in by_type.items()}
+        alpha = {k: (1.0 / m if m > 0 else 0.0) for k, m in means.items()}
+    else:
+        alpha = {k: 0.5 * float(np.mean([energy[n] for n in v])) for k, v in by_type.items()}
     return {n: alpha[layer_type(n)] * float(t) for n, t in traces.items()}
 
 
@@ -213,6 +301,169 @@ def _weight_steps(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.repeat(m, block_size, 1)[:, :K]
 
 
+# --- QAT ---------------------------------------------------------------------------------------------
+
+@dataclass
+class QATResult:
+    pick: Dict[str, Bits]     # the allocation trained at
+    steps: int
+    lr: float
+    loss_before: float        # distillation loss of the quantised model on the calibration images
+    loss_after: float
+    seconds: float
+    reverted: bool = False    # training raised the loss: the weights were put back
+
+
+def teacher_logits(model, data: CalibrationData, batch: int = 256):
+    """The fp32 model's logits on every calibration image (torch float32 [N, classes])."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(torch.from_numpy(np.asarray(data.images[lo:hi]))) for lo, hi in batches(len(data), batch)])
+
+
+def _kl(student, teacher):
+    """Mean over images of KL(softmax(teacher) || softmax(student))."""
+    import torch.nn.functional as F
+
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+
+
+def distillation_loss(model, pick: Mapping[str, Bits], data: CalibrationData, teacher, block_size: int = 32,
+                      attn_bits: int = 32, batch: int = 256) -> float:
+    """Mean KL(fp32 teacher || quantised model) over the calibration images, the model run as
+    the runtime would under ``pick`` (:meth:`.emulate.QuantModel.emulate`, attention at
+    ``attn_bits``): the QAT step's loss, measured without the straight-through estimator."""
+    import torch
+
+    qm = QuantModel(model)
+    total = 0.0
+    with torch.no_grad(), qm.emulate(_layer_policies(list(model_layers(model)), pick, block_size), attn_bits=attn_bits):
+        for lo, hi in batches(len(data), batch):
+            total += float(_kl(model(torch.from_numpy(np.asarray(data.images[lo:hi]))), teacher[lo:hi])) * (hi - lo)
+    return total / len(data)
+
+
+def model_layers(model) -> List[str]:
+    """Every linear layer name of a torch ViT (as :meth:`.common.Source.layer_names`)."""
+    from .common import torch_source
+
+    return torch_source(model).layer_names()
+
+
+def _runtime_weight(w, bits: int, block_size: int):
+    """``w`` through the runtime's quantiser and back (exactly what the converted file holds),
+    as a constant tensor of w's shape."""
+    import torch
+
+    from .. import kernels
+
+    flat = np.ascontiguousarray(w.detach().reshape(w.shape[0], -1).cpu().numpy(), np.float32)
+    deq = kernels.dequantize(kernels.quantize_weights(flat, bits, block_size if bits == 4 else None))
+    return torch.from_numpy(np.array(deq, np.float32)).reshape(w.shape)
+
+
+def _ste_weight(bits: int, block_size: int):
+    """A torch parametrisation: the runtime's fake-quantised weight forward, identity backward."""
+    import torch
+
+    class STEWeight(torch.nn.Module):
+        def forward(self, w):
+            return w + (_runtime_weight(w, bits, block_size) - w).detach()
+
+    return STEWeight()
+
+
+def _ste_input_hook(a_bits: int):
+    def hook(module, args):
+        x = args[0]
+        q = fake_quant(x, dynamic_scale(x, a_bits), a_bits)
+        return (x + (q - x).detach(),) + tuple(args[1:])
+    return hook
+
+
+def qat_finetune(model, pick: Mapping[str, Bits], data: CalibrationData, teacher, steps: int, lr: float,
+                 batch: int = 64, block_size: int = 32, seed: int = 0, attn_bits: int = 32,
+                 show_progress: bool = True) -> QATResult:
+    """Train ``model`` in place for ``steps`` Adam steps on mini-batches of ``data`` with
+    every layer of ``pick`` fake-quantised at its (w, a) (straight-through estimator; weights
+    through the runtime's quantiser, scales recomputed), against ``teacher`` logits
+    (:func:`teacher_logits` of the fp32 model). The master weights stay fp32; converting the
+    model quantises them onto the very grid the step trained on. If the step does not lower
+    the calibration loss the weights are restored (``reverted``)."""
+    import time
+
+    import torch
+    from torch.nn.utils import parametrize
+
+    t0 = time.time()
+    before = distillation_loss(model, pick, data, teacher, block_size, attn_bits)
+    start = copy.deepcopy(model.state_dict())
+    rng = np.random.default_rng(seed)
+    handles = []
+    try:
+        for n, (w, a) in pick.items():
+            mod = layer_module(model, n)
+            parametrize.register_parametrization(mod, "weight", _ste_weight(w, block_size))
+            handles.append(mod.register_forward_pre_hook(_ste_input_hook(a)))
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        order = np.zeros(0, np.int64)
+        for _ in progress(range(steps), "QAT", steps, show_progress):
+            if len(order) < min(batch, len(data)):
+                order = np.concatenate([order, rng.permutation(len(data))])
+            idx, order = np.sort(order[:batch]), order[batch:]
+            x = torch.from_numpy(np.asarray(data.images[idx]))
+            with torch.enable_grad():
+                loss = _kl(model(x), teacher[torch.from_numpy(idx)])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+        for n in pick:
+            mod = layer_module(model, n)
+            if parametrize.is_parametrized(mod, "weight"):
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+    model.zero_grad(set_to_none=True)
+    after = distillation_loss(model, pick, data, teacher, block_size, attn_bits)
+    # Where the quantised model already matches the teacher closely, Adam's fixed-size steps
+    # can only add noise (measured: W4A8 on the reference model, 2.5e-4 -> 1.3e-3); keep
+    # the step only if it lowered the calibration loss it optimises.
+    reverted = not after < before
+    if reverted:
+        model.load_state_dict(start)
+    return QATResult(dict(pick), int(steps), float(lr), before, min(before, after), time.time() - t0, reverted)
+
+
+def qat_source(source: Source, model, tag: str = "qat") -> Source:
+    """A :class:`Source` that converts ``model`` (trained weights) with ``source``'s
+    preprocessing and exit heads: no checkpoint, which convert would load over the weights."""
+    return Source(model, None, source.preprocess, name=f"{source.name}-{tag}", exits=source.exits,
+                  notes=list(source.notes) + [f"weights trained by QAT ({tag}); converted from memory"])
+
+
+def save_checkpoint(source: Source, model, path) -> Path:
+    """``model``'s weights as a safetensors state dict at ``path``, keeping the original
+    checkpoint's metadata and exit-head tensors when it is a safetensors file (so a
+    reference-format checkpoint stays one: ``pyruntime convert reference --checkpoint``)."""
+    from safetensors.torch import save
+
+    from .._atomic import atomic_write_bytes
+    from ..modelfile import safetensors_metadata
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = None
+    ckpt = source.checkpoint
+    if ckpt is not None and Path(ckpt).suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        meta = dict(safetensors_metadata(ckpt)) or None
+        tensors.update({k: v for k, v in load_file(str(ckpt)).items() if k.startswith("exits.")})
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
 # --- allocation ------------------------------------------------------------------------------------
 
 def allocate(names: Sequence[str], opts: Sequence[Bits], omega: Mapping[str, float],
@@ -263,7 +514,10 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
 
     ``traces`` and ``initial_errors`` (from an earlier result with the same data and
     options: ``res.traces``, ``res.initial_errors``) skip recomputing what does not depend
-    on the budget, e.g. when sweeping budgets."""
+    on the budget, e.g. when sweeping budgets (they stay the fp32 model's with QAT too).
+
+    With ``cfg.qat_steps`` the weights are trained on a copy: convert ``res.source`` (the
+    trained model, no checkpoint); ``source`` itself is left as it was."""
     cfg = cfg or LampQConfig()
     opts = options(cfg)
     all_layers = source.layer_names()
@@ -275,35 +529,65 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
         raise ilp.InfeasibleBudget(budget, lo, costs.unit())
     model = source.model.eval()
     traces = dict(traces) if traces is not None else fisher_traces_for(model, names, data, cfg)
-    omega = type_aware_sensitivity(traces, cfg.type_aware)
-    qm = QuantModel(model)
+    omega = type_aware_sensitivity(traces, cfg.type_weighting, weight_energy(model, names))
     err_data = data if len(data) <= cfg.error_images else CalibrationData(
         data.images[:cfg.error_images], data.labels[:cfg.error_images], data.summary)
+    qat = _QATRounds(source, data, cfg)
 
     def measured(alloc):
-        return measure_errors(qm, names, opts, err_data, alloc, all_layers, cfg.block_size, cfg.error_batch,
-                              cfg.show_progress, cfg.attention)
+        return measure_errors(QuantModel(qat.model), names, opts, err_data, alloc, all_layers, cfg.block_size,
+                              cfg.error_batch, cfg.show_progress, cfg.attention)
 
     if initial_errors is None:
-        initial_errors = measured({}) if cfg.initial == "measured" else model_errors(qm, names, opts, cfg.block_size)
+        initial_errors = measured({}) if cfg.initial == "measured" else model_errors(QuantModel(model), names, opts,
+                                                                                     cfg.block_size)
     errors = {n: list(v) for n, v in initial_errors.items()}
     pick = allocate(names, opts, omega, errors, costs, budget, fixed, cfg.block_size)
     history = [pick]
     for _ in range(cfg.rounds):
+        qat.train(pick)
         errors = measured(pick)
         new = allocate(names, opts, omega, errors, costs, budget, fixed, cfg.block_size)
         history.append(new)
         if new == pick:
             break
         pick = new
+    qat.train(pick)  # the weights end trained at the bits they ship with (no-op if they are)
     cost = fixed + sum(costs.cost(n, *pick[n], cfg.block_size) for n in names)
     meta = {"calibration": dict(data.summary), "method": "lampq", "cost_kind": costs.kind, "budget": float(budget),
             "cost": _amount(cost, costs.kind), "rounds": len(history), "options": [list(o) for o in opts],
-            "type_aware": cfg.type_aware, "initial": cfg.initial,
+            "type_weighting": cfg.type_weighting, "initial": cfg.initial,
             "sensitivity": {n: float(omega[n]) for n in names}}
+    if qat.results:
+        meta["qat"] = {"steps": cfg.qat_steps, "lr": cfg.qat_lr, "batch": cfg.qat_batch, "loss": "distillation KL",
+                       "loss_before": qat.results[0].loss_before, "loss_after": qat.results[-1].loss_after,
+                       "trainings": len(qat.results)}
     policy = bits_policy({n: pick[n] for n in names}, cfg.block_size, "lampq", meta, attn_bits=cfg.attention)
+    out_source = qat_source(source, qat.model) if qat.results else source
     return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), _amount(cost, costs.kind),
-                       costs.kind, (lo, hi), dict(initial_errors))
+                       costs.kind, (lo, hi), dict(initial_errors), out_source, list(qat.results))
+
+
+class _QATRounds:
+    """The QAT steps of one LampQ run: a copy of the model trained at each allocation in
+    turn (the fp32 teacher stays the original), nothing when ``cfg.qat_steps`` is 0."""
+
+    def __init__(self, source: Source, data: CalibrationData, cfg: LampQConfig):
+        self.cfg, self.data, self.results = cfg, data, []
+        self.model = source.model
+        self.trained_at: Optional[Dict[str, Bits]] = None
+        self.teacher = None
+        if cfg.qat_steps:
+            self.teacher = teacher_logits(source.model, data)
+            self.model = copy.deepcopy(source.model).eval()
+
+    def train(self, pick: Mapping[str, Bits]) -> None:
+        if not self.cfg.qat_steps or pick == self.trained_at:
+            return
+        c = self.cfg
+        self.results.append(qat_finetune(self.model, pick, self.data, self.teacher, c.qat_steps, c.qat_lr, c.qat_batch,
+                                         c.block_size, c.qat_seed + len(self.results), c.attention, c.show_progress))
+        self.trained_at = dict(pick)
 
 
 def _amount(cost: float, kind: str) -> Union[int, float]:
