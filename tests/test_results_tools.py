@@ -174,36 +174,28 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path):
         rr._check_workdir(tmp_path, {"sha256": "b"})
 
 
-# --- what is left of tools/calibration_results.py ----------------------------------------------------
+# --- results_lampq's budget and evaluation pieces --------------------------------------------------
 
-def _old_tool():
-    spec = importlib.util.spec_from_file_location("calibration_results", REPO / "tools" / "calibration_results.py")
+def _lampq_tool():
+    spec = importlib.util.spec_from_file_location("results_lampq", REPO / "tools" / "results_lampq.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_calibration_results_points_to_its_replacements(capsys):
-    cr = _old_tool()
-    assert cr.main([]) == 2
-    err = capsys.readouterr().err
-    assert all(s in err for s in cr.REPLACEMENTS)
-    assert all((REPO / s).is_file() for s in cr.REPLACEMENTS if "regimes" in s)
-
-
-def test_calibration_results_pieces(tiny_checkpoint):
+def test_results_lampq_budgets_and_evaluation(tiny_checkpoint):
     import pyruntime
     from pyruntime.calibrate.common import policy_cost, reference_source
     from pyruntime.calibrate.uniform import uniform_policy
 
-    cr = _old_tool()
+    rl = _lampq_tool()
     source = reference_source(tiny_checkpoint)
-    budgets = cr.weight_budgets(source, [0.0, 0.5, 1.0])
+    budgets = rl.weight_budgets(source, [0.0, 0.5, 1.0])
     lo, hi = (policy_cost(source, uniform_policy(w, 8), "bops") for w in (4, 8))
     assert [b for _, _, b in budgets] == pytest.approx([lo, (lo + hi) / 2, hi])
     path = source.convert(Path(tiny_checkpoint).with_name("w4a8.pyrt"), uniform_policy(4, 8))
     x = np.random.default_rng(0).standard_normal((7, 1, 28, 28)).astype(np.float32)
-    pred, bops = cr.evaluate(pyruntime.load(path), x, False)
+    pred, bops = rl.evaluate(pyruntime.load(path), x, False)
     assert pred.shape == (7,) and bops == lo
 
 

@@ -50,14 +50,25 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from calibration_results import evaluate, weight_budgets  # noqa: E402
 from pyruntime import stats  # noqa: E402
 from pyruntime.calibrate.common import (calibration_data, layer_type, normalize, policy_cost,  # noqa: E402
-                                        reference_source, scope_layers)
-from pyruntime.calibrate.lampq import (LampQConfig, calibrate_lampq, qat_finetune, qat_source,  # noqa: E402
-                                       teacher_logits, type_aware_sensitivity, weight_energy)
+                                        reference_source, run_batches, scope_layers)
+from pyruntime.calibrate.lampq import (LampQConfig, calibrate_lampq, feasible_range, qat_finetune,  # noqa: E402
+                                       qat_source, teacher_logits, type_aware_sensitivity, weight_energy)
 from pyruntime.calibrate.naive import calibrate_naive, calibrate_random  # noqa: E402
 from pyruntime.calibrate.uniform import uniform_policy, uniform_under_budget  # noqa: E402
+
+
+def evaluate(model, x: np.ndarray, show: bool) -> Tuple[np.ndarray, int]:
+    """(predicted classes, mean BOPs per image) over all images, batches of 500."""
+    logits, _, bops, _ = run_batches(model, x, 500, desc="test images", enabled=show)
+    return logits.argmax(1), int(round(float(bops.mean())))
+
+
+def weight_budgets(source, fractions) -> List[Tuple[str, str, float]]:
+    """(label, short label, BOPs) at each fraction of the way from all-W4A8 to all-W8A8."""
+    lo, hi = feasible_range(source, LampQConfig())
+    return [(f"{f:.2f} of W4A8..W8A8", f"@{f:.2f}", lo + f * (hi - lo)) for f in fractions]
 
 BASELINES = ("uniform", "naive", "random")
 WEIGHTINGS = ("mean1", "fisher", "none")
