@@ -179,6 +179,7 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path):
 def _lampq_tool():
     spec = importlib.util.spec_from_file_location("results_lampq", REPO / "tools" / "results_lampq.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["results_lampq"] = mod  # its dataclasses look their module up while being built
     spec.loader.exec_module(mod)
     return mod
 
