@@ -154,6 +154,11 @@ def test_search_takes_the_cheapest_certified_threshold(setup):
             break
         prefix.append(replay.evaluate([t] * E)[2])
     assert best.cost == pytest.approx(min(prefix), rel=1e-12) and best.risk < eps
+    # without a certificate (the fit images' provisional thresholds): the cheapest whose risk
+    # on these images is within eps, anywhere in the grid
+    plain = search_thresholds(replay, grid, eps, None, bsr_max=10.0)
+    within = [replay.evaluate([t] * E)[2] for t, k in zip(grid, lost) if k <= eps * replay.n]
+    assert plain.cost == pytest.approx(min(within), rel=1e-12) and plain.cost <= best.cost
 
 
 def test_search_respects_the_bsr_cap_and_reports_infeasible(setup):

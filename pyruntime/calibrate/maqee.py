@@ -49,8 +49,9 @@ What we built [ours]:
   (:func:`certify`, :func:`pyruntime.stats.learn_then_test`): along the grid from safest to
   boldest, test "risk > epsilon" with the exact binomial p-value P[Bin(n, epsilon) <= lost],
   stop at the first candidate that fails; every candidate before it is certified; the answer
-  is the cheapest certified one. During the alternation this runs on the fit images at level
-  delta (it only sets the reach the bits are chosen for).
+  is the cheapest certified one. During the alternation the fit images only set the reach the
+  bits are chosen for, and a few hundred of them cannot certify a small risk at all, so there
+  the answer is the cheapest threshold whose fit risk is at most epsilon (no certificate).
 * **Sensitivity** (``sensitivity``): ``"exits"`` (default) -- Omega_l is the type-aware trace of
   the Fisher of each image's summed losses over the heads it reaches under the current
   thresholds (:func:`.fisher.exit_fisher_traces`): a layer is weighted by how many images reach
@@ -140,6 +141,7 @@ class MaqeeConfig:
     holdout: float = 0.25                # validation fraction of the calibration images (without ``validation``)
     seed: int = 0
     fisher_batch: int = 64
+    fisher_images: Optional[int] = None  # the first N fit images give the Fisher traces (default all)
     error_images: int = 256
     error_batch: int = 128
     block_size: int = 32
@@ -191,10 +193,14 @@ class Replay:
         """Per image, the last block it runs (its exit head's block, depth - 1 for the final head)."""
         return self.blocks[simulate(self.scores, np.asarray(thresholds, np.float64))]
 
+    def right(self, thresholds: Sequence[float]) -> np.ndarray:
+        """Per image: the head that answers it under ``thresholds`` is right."""
+        head = simulate(self.scores, np.asarray(thresholds, np.float64))
+        return self.correct[head, np.arange(self.n)]
+
     def lost(self, thresholds: Sequence[float]) -> np.ndarray:
         """Per image: the fp32 model at full depth is right and the policy is wrong."""
-        head = simulate(self.scores, np.asarray(thresholds, np.float64))
-        return self.reference & ~self.correct[head, np.arange(self.n)]
+        return self.reference & ~self.right(thresholds)
 
     def evaluate(self, thresholds: Sequence[float]) -> Tuple[float, float, float, float, np.ndarray]:
         """(top-1, risk, expected cost, BSR, reach) of ``thresholds``; risk = the share of
@@ -252,14 +258,25 @@ def certify(replay: Replay, grid: Sequence[float], max_risk: float, delta: float
     return out
 
 
-def search_thresholds(replay: Replay, grid: Sequence[float], max_risk: float, delta: float, bsr_max: float,
+def search_thresholds(replay: Replay, grid: Sequence[float], max_risk: float, delta: Optional[float], bsr_max: float,
                       allowed: Optional[Sequence[bool]] = None) -> Operating:
     """The outer step: the cheapest certified shared threshold (:func:`certify`) whose BSR on
     ``replay``'s images is at most ``bsr_max`` (``allowed``: that mask taken from other images
-    instead); if none is certified, never exiting, marked infeasible."""
+    instead); if none is certified, never exiting, marked infeasible. ``delta`` None: the
+    cheapest whose risk *on these images* is at most ``max_risk``, no certificate (the fit
+    images' provisional thresholds: a few hundred images cannot certify a small risk at all,
+    and they only set the reach the bits are chosen for)."""
+    E = replay.scores.shape[0]
     if allowed is None:
-        allowed = [replay.evaluate([t] * replay.scores.shape[0])[3] <= bsr_max + 1e-12 for t in grid]
-    ok = certify(replay, grid, max_risk, delta, allowed)
+        allowed = [replay.evaluate([t] * E)[3] <= bsr_max + 1e-12 for t in grid]
+    if delta is None:
+        _check_risk(max_risk, 0.5)
+        ops = [replay.evaluate([float(t)] * E) for t, a in zip(grid, allowed) if a]
+        ok = [Operating([float(t)] * E, top1, risk, float("nan"), cost, bsr, reach, True)
+              for t, (top1, risk, cost, bsr, reach) in zip([t for t, a in zip(grid, allowed) if a], ops)
+              if risk <= max_risk]
+    else:
+        ok = certify(replay, grid, max_risk, delta, allowed)
     if ok:
         return min(ok, key=lambda o: (o.cost, -o.top1))
     never = [1.0] * replay.scores.shape[0]
@@ -445,6 +462,8 @@ def _check(cfg: MaqeeConfig, depth: int, budget: float) -> List[int]:
         raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {cfg.sensitivity!r}")
     if not cfg.bsr_max >= 0:
         raise ValueError(f"bsr_max must be >= 0, got {cfg.bsr_max}")
+    if cfg.fisher_images is not None and cfg.fisher_images < 1:
+        raise ValueError(f"fisher_images must be >= 1, got {cfg.fisher_images}")
     if not 0 < cfg.bsr_quantile <= 1:
         raise ValueError(f"bsr_quantile must lie in (0, 1], got {cfg.bsr_quantile}")
     if not (math.isfinite(budget) and budget > 0):
@@ -509,14 +528,16 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
     grid = threshold_grid(scores(fp_fit["exit_logits"], cfg.rule), cfg.grid)
 
     model = source.model.eval()
+    fisher_rows = np.arange(len(fit) if cfg.fisher_images is None else min(cfg.fisher_images, len(fit)))
+    fisher_data = fit.take(fisher_rows, "fit")
     if cfg.sensitivity == "final":
-        traces = dict(traces) if traces is not None else fisher_traces_for(model, names, fit, cfg)
+        traces = dict(traces) if traces is not None else fisher_traces_for(model, names, fisher_data, cfg)
         omega = type_aware_sensitivity(traces, True)
     else:
         traces, omega = {}, {}
         heads = {b: h for b, h in head_params(source, exits).items() if b in blocks}
-        fit_hash = hashlib.sha256(np.ascontiguousarray(np.asarray(fit.images[:len(fit)]), np.float32).tobytes()
-                                  + np.asarray(fit.labels, np.int64).tobytes()).hexdigest()
+        fit_hash = hashlib.sha256(np.ascontiguousarray(np.asarray(fisher_data.images[:len(fisher_data)]), np.float32)
+                                  .tobytes() + np.asarray(fisher_data.labels, np.int64).tobytes()).hexdigest()
     qm = QuantModel(model)
     err_rows = np.arange(min(cfg.error_images, len(fit)))
     err_data = fit.take(err_rows, "fit")
@@ -543,7 +564,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
 
         key = ("exits", fit_hash, tuple(names), tuple(sorted(heads)), last_block.tobytes())
         if key not in fisher_cache:
-            fisher_cache[key] = exit_fisher_traces(model, names, fit, heads, last_block, cfg.fisher_batch,
+            fisher_cache[key] = exit_fisher_traces(model, names, fisher_data, heads, last_block, cfg.fisher_batch,
                                                    cfg.show_progress)
         return type_aware_sensitivity(fisher_cache[key], True)
 
@@ -555,7 +576,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
             return allocate_bits(costs, graph, names, opts, pick, omega, errors, op.reach, budget, 1.0 / len(fit),
                                  cfg.block_size)
         last = fit_replay.last_blocks(op.thresholds)
-        omega = exit_omega(last)
+        omega = exit_omega(last[fisher_rows])
         errors = reach_errors(lambda group, rows: errors_on(pick, group, rows), names, last[err_rows], depth)
         return allocate_bits(costs, graph, names, opts, pick, omega, errors, op.reach, budget, 1.0 / len(fit),
                              cfg.block_size, error_weights=[1.0] * len(names))
@@ -566,7 +587,7 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
         seen = set()
         for k in range(cfg.rounds + 1):
             fit_replays.append(replay(pick, fit, fp_fit, fp_right))
-            op = search_thresholds(fit_replays[-1], grid, cfg.max_drop, cfg.delta, cfg.bsr_max)
+            op = search_thresholds(fit_replays[-1], grid, cfg.max_drop, None, cfg.bsr_max)
             states.append(State(k, dict(pick), op, op.cost <= budget * (1 + 1e-12)))
             seen.add(tuple(sorted(pick.items())))
             if k == cfg.rounds:
