@@ -470,3 +470,17 @@ def test_bad_attention_bits_are_named(setup):
     with pytest.raises(ValueError, match="attention bits"):
         calibrate_maqee(source, data, 1e9, MaqeeConfig(exit_blocks=EXITS, show_progress=False, attention=16),
                         exits=exit_heads(model))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--method", "maqee", "--budget-bops", "1x", "--delta", "0"], "--delta must lie in"),
+    (["--method", "maqee", "--budget-bops", "1x", "--delta", "1.5"], "--delta must lie in"),
+    (["--method", "maqee", "--budget-bops", "1x", "--max-drop", "0"], "risk in percentage points"),
+    (["--method", "lampq", "--budget-bops", "1x", "--sensitivity", "final"], "maqee only"),
+])
+def test_bad_risk_options_are_one_line_cli_errors(argv, match, tmp_path, capsys):
+    from pyruntime.calibrate.cli import main
+
+    assert main(["calibrate", *argv, "--out", str(tmp_path / "p.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1

@@ -284,6 +284,10 @@ def _check_options(args) -> None:
         raise ValueError(f"--max-drop applies to maqee and quee, not {args.method}")
     if (args.delta is not None or args.sensitivity is not None) and args.method != "maqee":
         raise ValueError(f"--delta and --sensitivity apply to --method maqee only, not {args.method}")
+    if args.method == "maqee" and args.delta is not None and not 0 < args.delta < 1:
+        raise ValueError(f"--delta must lie in (0, 1), got {args.delta}")
+    if args.method == "maqee" and args.max_drop is not None and not 0 < args.max_drop < 100:
+        raise ValueError(f"--max-drop for maqee is a risk in percentage points, in (0, 100), got {args.max_drop}")
     if args.budget_latency is not None and args.method != "maqee":
         raise ValueError("--budget-latency applies to --method maqee only")
     if args.budget_latency is not None and not args.latency_table:
@@ -419,18 +423,14 @@ def _maqee(args, source, data, kind, budget, table=None):
     from .maqee import BudgetNotMet, MaqeeConfig, calibrate_maqee
     from .routes import route_rows
 
-    delta = 0.05 if args.delta is None else args.delta
-    if not 0 < delta < 1:
-        raise ValueError(f"--delta must lie in (0, 1), got {delta}")
-    cfg = MaqeeConfig(max_drop=(1.0 if args.max_drop is None else args.max_drop) / 100.0, delta=delta,
+    cfg = MaqeeConfig(max_drop=(1.0 if args.max_drop is None else args.max_drop) / 100.0,
+                      delta=0.05 if args.delta is None else args.delta,
                       rule=args.exit_rule, exit_blocks=args.exit_blocks, sensitivity=args.sensitivity or "exits",
                       bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)),
                       scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
                       holdout=0.25 if args.holdout is None else args.holdout,
                       seed=args.seed, attention=_attention_bits(args), num_threads=args.threads,
                       show_progress=not args.no_progress)
-    if not 0 < cfg.max_drop < 1:
-        raise ValueError(f"--max-drop for maqee is a risk in percentage points, in (0, 100), got {args.max_drop}")
     heads_needed(source, args.exit_blocks or list(range(source.depth - 1)), "maqee")
     costs = CostModel(source, kind, table=table)
     fit, validation = _maqee_validation(args, source, data)
