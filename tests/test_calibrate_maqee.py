@@ -18,8 +18,8 @@ from pyruntime import bops  # noqa: E402
 from pyruntime.convert import convert  # noqa: E402
 from pyruntime.calibrate.common import CostModel, model_graph, policy_cost, torch_source  # noqa: E402
 from pyruntime.calibrate.fisher import exit_fisher_traces, fisher_traces, per_sample_sq_norms  # noqa: E402
-from pyruntime.calibrate.maqee import (BudgetNotMet, MaqeeConfig, Replay, allocate_bits, certify,  # noqa: E402
-                                       calibrate_maqee, layer_block, layer_reach, reach_errors, search_thresholds,
+from pyruntime.calibrate.maqee import (BudgetNotMet, MaqeeConfig, Replay, allocate_bits, certifiable_rate,  # noqa: E402
+                                       certify, calibrate_maqee, layer_block, layer_reach, reach_errors, search_thresholds,
                                        threshold_grid)
 from pyruntime.stats import binomial_tail_p  # noqa: E402
 from pyruntime.calibrate.probe import executor, materialise, run  # noqa: E402
@@ -171,6 +171,14 @@ def test_search_respects_the_bsr_cap_and_reports_infeasible(setup):
     never = search_thresholds(replay, grid, 1e-6, 0.05, bsr_max=10.0)
     assert not never.feasible and never.thresholds == [1.0] * len(EXITS)
     assert never.cost == pytest.approx(replay.c0 + replay.dc.sum(), rel=1e-12)
+
+
+def test_certifiable_rate_is_the_largest_count_the_test_passes():
+    n, eps, level = 2000, 0.01, 0.05
+    r = certifiable_rate(n, eps, level)
+    k = round(r * n)
+    assert binomial_tail_p(k, n, eps) <= level < binomial_tail_p(k + 1, n, eps)
+    assert certifiable_rate(60, 0.03, 0.05) == -1.0  # 0.97^60 > 0.05: not even no lost image
 
 
 @pytest.mark.parametrize("eps, delta", [(0.0, 0.05), (1.0, 0.05), (-0.1, 0.05), (0.1, 0.0), (0.1, 1.0)])

@@ -51,7 +51,11 @@ What we built [ours]:
   stop at the first candidate that fails; every candidate before it is certified; the answer
   is the cheapest certified one. During the alternation the fit images only set the reach the
   bits are chosen for, and a few hundred of them cannot certify a small risk at all, so there
-  the answer is the cheapest threshold whose fit risk is at most epsilon (no certificate).
+  the answer is the cheapest threshold whose fit risk is at most :func:`certifiable_rate` --
+  the largest share of lost images the validation set will still certify (at the level
+  delta / (rounds + 1)): the reach the budget is spent for is the reach validation is expected
+  to allow, not a bolder one (which would leave the bits at 8 while validation then certifies
+  only dearer thresholds).
 * **Sensitivity** (``sensitivity``): ``"exits"`` (default) -- Omega_l is the type-aware trace of
   the Fisher of each image's summed losses over the heads it reaches under the current
   thresholds (:func:`.fisher.exit_fisher_traces`): a layer is weighted by how many images reach
@@ -99,7 +103,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..policy import ExitPolicy, Policy, check_attn_bits
-from ..stats import clopper_pearson, learn_then_test
+from ..stats import binomial_tail_p, clopper_pearson, learn_then_test
 from . import ilp
 from .common import COST_UNITS, CalibrationData, CostModel, Source, model_graph, scope_layers
 from .emulate import QuantModel
@@ -110,7 +114,7 @@ from ..bops import reach_from_exits
 from .thresholds import scores, simulate
 
 __all__ = ["MaqeeConfig", "MaqeeResult", "Replay", "Operating", "SENSITIVITIES", "threshold_grid", "certify",
-           "search_thresholds", "layer_reach", "layer_block", "allocate_bits", "calibrate_maqee", "BudgetNotMet"]
+           "certifiable_rate", "search_thresholds", "layer_reach", "layer_block", "allocate_bits", "calibrate_maqee", "BudgetNotMet"]
 
 Bits = Tuple[int, int]
 SENSITIVITIES = ("exits", "final")
@@ -258,6 +262,17 @@ def certify(replay: Replay, grid: Sequence[float], max_risk: float, delta: float
     return out
 
 
+def certifiable_rate(n: int, max_risk: float, level: float) -> float:
+    """The largest share of lost images on ``n`` images that Learn-then-Test still certifies
+    at most ``max_risk`` at ``level`` (-1 if not even none does): the fit images' stand-in for
+    what the validation images will certify."""
+    _check_risk(max_risk, level)
+    k = -1
+    while k + 1 <= n and binomial_tail_p(k + 1, n, max_risk) <= level:
+        k += 1
+    return k / n if k >= 0 else -1.0
+
+
 def search_thresholds(replay: Replay, grid: Sequence[float], max_risk: float, delta: Optional[float], bsr_max: float,
                       allowed: Optional[Sequence[bool]] = None) -> Operating:
     """The outer step: the cheapest certified shared threshold (:func:`certify`) whose BSR on
@@ -270,7 +285,8 @@ def search_thresholds(replay: Replay, grid: Sequence[float], max_risk: float, de
     if allowed is None:
         allowed = [replay.evaluate([t] * E)[3] <= bsr_max + 1e-12 for t in grid]
     if delta is None:
-        _check_risk(max_risk, 0.5)
+        if not 0 <= max_risk < 1:
+            raise ValueError(f"the fit risk must be a fraction in [0, 1), got {max_risk}")
         ops = [replay.evaluate([float(t)] * E) for t, a in zip(grid, allowed) if a]
         ok = [Operating([float(t)] * E, top1, risk, float("nan"), cost, bsr, reach, True)
               for t, (top1, risk, cost, bsr, reach) in zip([t for t, a in zip(grid, allowed) if a], ops)
@@ -581,13 +597,16 @@ def calibrate_maqee(source: Source, data: CalibrationData, budget: float, cfg: O
         return allocate_bits(costs, graph, names, opts, pick, omega, errors, op.reach, budget, 1.0 / len(fit),
                              cfg.block_size, error_weights=[1.0] * len(names))
 
+    # the fit images aim at what validation will certify: a fit risk no larger than the share of
+    # lost validation images that still passes the test at the level the states will share
+    fit_risk = max(certifiable_rate(len(val), cfg.max_drop, cfg.delta / (cfg.rounds + 1)), 0.0)
     with torch.no_grad():
         states: List[State] = []
         fit_replays: List[Replay] = []
         seen = set()
         for k in range(cfg.rounds + 1):
             fit_replays.append(replay(pick, fit, fp_fit, fp_right))
-            op = search_thresholds(fit_replays[-1], grid, cfg.max_drop, None, cfg.bsr_max)
+            op = search_thresholds(fit_replays[-1], grid, fit_risk, None, cfg.bsr_max)
             states.append(State(k, dict(pick), op, op.cost <= budget * (1 + 1e-12)))
             seen.add(tuple(sorted(pick.items())))
             if k == cfg.rounds:
