@@ -173,7 +173,7 @@ def test_uniform_and_lampq_on_a_folder(user, tmp_path):
 def test_maqee_chooses_on_validation_and_keeps_its_promise_on_unseen_images(user, tmp_path):
     p, routes = tmp_path / "maqee.json", tmp_path / "routes.json"
     text = calibrate_cli(user, "--method", "maqee", "--exits", str(user["heads"]), "--budget-bops", "0.9x",
-                         "--max-drop", "3", "--rounds", "2", "--out", str(p), "--report", "--report-json", str(routes))
+                         "--max-drop", "10", "--rounds", "2", "--out", str(p), "--report", "--report-json", str(routes))
     policy = Policy.load(p)
     meta = policy.meta
     assert meta["chosen_on"] == "validation" and (meta["fit_images"], meta["validation_images"]) == (180, 60)

@@ -19,10 +19,12 @@ setting that fits), ``lampq`` (type-aware Fisher sensitivity + ILP; with
 ``--qat-checkpoint``), ``naive`` (bits by
 weight range, same ILP: LampQ's baseline), ``scalepredictor`` (per-image activation scales
 predicted from a shallow block's range statistic), ``maqee`` (exit thresholds and per-layer
-bits chosen together under an *expected* cost per image, top-1 at most ``--max-drop``
-points below fp32 at full depth), ``quee`` (QuEE gates after every ``--every``-th block
-that send each image to exit, continue at ``--base`` precision or continue at ``--reduced``
-precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percentile`` turns
+bits chosen together under an *expected* cost per image; its risk -- the share of images fp32
+at full depth gets right and the policy gets wrong, which bounds the top-1 drop -- certified
+at most ``--max-drop`` points with probability >= 1 - ``--delta`` by Learn-then-Test on the
+validation images; ``--sensitivity final`` is the final-head-only ablation), ``quee`` (QuEE
+gates after every ``--every``-th block that send each image to exit, continue at ``--base``
+precision or continue at ``--reduced`` precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percentile`` turns
 the result's activation scales static (calibrated; uniform/lampq/naive). A budget is a
 number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per image from
 ``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
@@ -49,9 +51,11 @@ Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split
 by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
 sizes are reported and recorded); the operating point -- maqee's exit thresholds, quee's
 lambda -- is chosen on the validation part alone (the policy's meta says ``chosen_on:
-validation``). quee on the reference model without ``--data`` instead fits its gates on all
-the calibration images (training images 50000..54999) and chooses lambda on ``--holdout``
-times as many drawn from the validation images (55000..59999). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
+validation``). On the reference model without ``--data`` both use images it was not trained
+on: quee fits its gates on all the calibration images (training images 50000..54999) and
+chooses lambda on ``--holdout`` times as many drawn from the validation images (55000..59999);
+maqee fits on 50000..54999 and validates on 55000..59999 (``--images`` split by ``--holdout``
+between the two parts). quee's ``--max-drop`` picks the cheapest lambda within that many top-1 points
 of fp32 at full depth, ``--budget-bops`` the most accurate within that mean BOPs per image;
 ``--lam`` sets lambda by hand instead (gates then fitted on all images). ``--report`` adds
 which validation images went where (per exit / gate: count, share, top-1);
@@ -188,16 +192,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="held-out fraction: scalepredictor's for the degree; maqee/quee: the validation part that "
                         "chooses the operating point (default 0.25)")
     c.add_argument("--max-drop", type=float, default=None,
-                   help="top-1 percentage points the policy may lose against fp32 at full depth: maqee (default 0.5); "
+                   help="top-1 percentage points the policy may lose against fp32 at full depth: maqee (default 1): "
+                        "the risk (images fp32 gets right and the policy wrong) certified on the validation images; "
                         "quee: choose the cheapest lambda within it on the validation images")
+    c.add_argument("--delta", type=float, default=None,
+                   help="maqee: the probability that its risk certificate fails (Learn-then-Test, exact binomial)")
+    c.add_argument("--sensitivity", choices=("exits", "final"), default=None,
+                   help="maqee: layer sensitivity from the reach-weighted exit-head losses (exits) or the final head's "
+                        "alone (final, the ablation)")
     c.add_argument("--exit-rule", choices=("confidence", "margin"), default="confidence", help="maqee: exit rule")
     c.add_argument("--exit-blocks", type=_bits, default=None,
                    help="maqee: blocks with exit heads (default every block but the last); quee: gate blocks "
                         "(default from --every)")
     c.add_argument("--bsr-max", type=non_negative_float, default=0.25,
                    help="maqee: at-risk exit decisions per image (boundary sensitivity risk) at most")
-    c.add_argument("--per-head", action="store_true",
-                   help="maqee: per-head thresholds (2 coordinate-descent sweeps) instead of one shared threshold")
     c.add_argument("--lam", type=non_negative_float, default=None,
                    help="quee: lambda set by hand, predicted error traded per unit of cost (default 0 unless "
                         "--max-drop/--budget-bops choose it)")
@@ -292,6 +300,12 @@ def _check_options(args) -> None:
         raise ValueError(f"--max-drop is in percentage points, 0 <= drop < 100, got {args.max_drop}")
     if args.max_drop is not None and args.method not in ("maqee", "quee"):
         raise ValueError(f"--max-drop applies to maqee and quee, not {args.method}")
+    if (args.delta is not None or args.sensitivity is not None) and args.method != "maqee":
+        raise ValueError(f"--delta and --sensitivity apply to --method maqee only, not {args.method}")
+    if args.method == "maqee" and args.delta is not None and not 0 < args.delta < 1:
+        raise ValueError(f"--delta must lie in (0, 1), got {args.delta}")
+    if args.method == "maqee" and args.max_drop is not None and not 0 < args.max_drop < 100:
+        raise ValueError(f"--max-drop for maqee is a risk in percentage points, in (0, 100), got {args.max_drop}")
     if args.budget_latency is not None and args.method != "maqee":
         raise ValueError("--budget-latency applies to --method maqee only")
     if args.budget_latency is not None and not args.latency_table:
@@ -419,22 +433,41 @@ def _scalepredictor(args, source, data, kind, budget):
     return res.policy, res.report()
 
 
+def _maqee_validation(args, source, data):
+    """(fit, validation) for maqee: on the reference model without --data, --images drawn from
+    its calibration part split by --holdout against as many from its validation part; else
+    None (calibrate_maqee splits --data itself)."""
+    from .common import calibration_data
+
+    if args.data is not None:
+        return data, None
+    holdout = 0.25 if args.holdout is None else args.holdout
+    n_val = max(1, int(round(holdout * len(data))))
+    if not 0 < n_val < len(data):
+        raise ValueError(f"cannot hold out {holdout:.0%} of {len(data)} images")
+    pre = source.preprocess
+    return (calibration_data(len(data) - n_val, args.seed, pre["mean"], pre["std"]),
+            calibration_data(n_val, args.seed, pre["mean"], pre["std"], part="validation"))
+
+
 def _maqee(args, source, data, kind, budget, table=None):
     from .common import CostModel, heads_needed
     from .maqee import BudgetNotMet, MaqeeConfig, calibrate_maqee
     from .routes import route_rows
 
-    cfg = MaqeeConfig(max_drop=(0.5 if args.max_drop is None else args.max_drop) / 100.0, rule=args.exit_rule,
-                      exit_blocks=args.exit_blocks,
+    cfg = MaqeeConfig(max_drop=(1.0 if args.max_drop is None else args.max_drop) / 100.0,
+                      delta=0.05 if args.delta is None else args.delta,
+                      rule=args.exit_rule, exit_blocks=args.exit_blocks, sensitivity=args.sensitivity or "exits",
                       bsr_max=args.bsr_max, w_bits=tuple(args.w_bits or (4, 8)), a_bits=tuple(args.a_bits or (8,)),
                       scope=args.scope, cost=kind, rounds=6 if args.rounds is None else args.rounds,
-                      sweeps=2 if args.per_head else 0, holdout=0.25 if args.holdout is None else args.holdout,
+                      holdout=0.25 if args.holdout is None else args.holdout,
                       seed=args.seed, attention=_attention_bits(args), num_threads=args.threads,
                       show_progress=not args.no_progress)
     heads_needed(source, args.exit_blocks or list(range(source.depth - 1)), "maqee")
     costs = CostModel(source, kind, table=table)
+    fit, validation = _maqee_validation(args, source, data)
     try:
-        res = calibrate_maqee(source, data, budget, cfg, costs=costs)
+        res = calibrate_maqee(source, fit, budget, cfg, validation=validation, costs=costs)
     except BudgetNotMet as e:
         raise ValueError(" ".join(str(e).split())) from None
     rows = route_rows(res.held_rows, res.held_exit_block, res.held_block_path, res.held_logits, res.held_labels)
