@@ -47,6 +47,7 @@ class _Linear:
     w_scale: Optional[np.ndarray] # f32 [N] or [N, nblocks]
     bias: Optional[np.ndarray]
     coeffs: Optional[np.ndarray]  # predicted scale polynomial, float32 like the executor
+    clip: float = 1.0             # dynamic: scale = (max |x| / qmax) * float32(clip)
 
     @property
     def bops_per_row(self) -> int:
@@ -81,7 +82,7 @@ def _load_linear(graph: Mapping, tensors: Mapping[str, np.ndarray], name: str) -
             q = unpack_int4(tensors[f"{name}.weight.q4"], graph_layer_shapes(graph)[base][1]).astype(np.int64)
         weight = _dequantize(q, w_scale, lp["block_size"])
     return _Linear(name, lp["w_bits"], lp["a_bits"], lp["scale"], lp["static_scale"], lp["block_size"],
-                   weight, q, w_scale, tensors.get(f"{base}.bias"), coeffs)
+                   weight, q, w_scale, tensors.get(f"{base}.bias"), coeffs, lp.get("clip", 1.0))
 
 
 # --- the float ops, each float64 inside and float32 out -----------------------------------
@@ -127,7 +128,7 @@ def _act_scale(lin: _Linear, x: np.ndarray, stat: Optional[np.float32]) -> np.fl
         if stat is None:
             raise ValueError(f"{lin.name}: predicted scale before the predictor ran")
         return _predicted_scale(lin.coeffs, stat)
-    return _F32(np.abs(x).max()) / qmax
+    return (_F32(np.abs(x).max()) / qmax) * _F32(lin.clip)
 
 
 def _quantize_acts(x: np.ndarray, s: np.float32, a_bits: int) -> Tuple[np.ndarray, np.float32]:

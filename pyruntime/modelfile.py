@@ -81,6 +81,11 @@ _GRAPH_KEYS = ("arch", "preprocess", "layers", "exits", "predictor")
 _OPTIONAL_GRAPH_KEYS = ("gates", "attention", "ops")
 _GRAPH_GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced")
 _LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
+_LAYER_OPTIONAL_KEYS = ("clip",)  # written only when not its default (dynamic-scale clip 1)
+
+
+def _layer_keys_ok(v: Any) -> bool:
+    return isinstance(v, Mapping) and set(_LAYER_KEYS) <= set(v) <= set(_LAYER_KEYS + _LAYER_OPTIONAL_KEYS)
 _PREPROCESS_KEYS = ("mean", "std", "input_size")
 # timm's eval transform for images of another size (pyruntime.imagedata.Preprocess); files
 # written before it have none of these keys and resize nothing differently: bilinear, crop 1.
@@ -327,8 +332,9 @@ def _graph_policy(graph: Mapping) -> Policy:
     if not isinstance(exits, list):
         raise FormatError("graph.exits must be a list")
     for k, v in layers.items():
-        if isinstance(v, Mapping) and set(v) != set(_LAYER_KEYS):
-            raise FormatError(f"graph layer {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a file)")
+        if isinstance(v, Mapping) and not _layer_keys_ok(v):
+            raise FormatError(f"graph layer {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a file; "
+                              f"optionally {list(_LAYER_OPTIONAL_KEYS)})")
     pred = graph["predictor"]
     return Policy(
         layers={k: LayerPolicy.from_dict(v, f"layer {k!r}") for k, v in layers.items()},
@@ -411,8 +417,9 @@ def _graph_gates(gates: Any) -> Optional[GatePolicy]:
     if not isinstance(reduced, Mapping):
         raise FormatError("graph.gates.reduced must be an object {layer: precision}")
     for k, v in reduced.items():
-        if not isinstance(v, Mapping) or set(v) != set(_LAYER_KEYS):
-            raise FormatError(f"graph.gates.reduced {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a file)")
+        if not _layer_keys_ok(v):
+            raise FormatError(f"graph.gates.reduced {k!r} must have exactly the keys {list(_LAYER_KEYS)} (no defaults in a "
+                              f"file; optionally {list(_LAYER_OPTIONAL_KEYS)})")
         if not isinstance(k, str) or any(c in k for c in "*?["):
             raise FormatError(f"graph.gates.reduced {k!r} is a pattern; a file names layers exactly")
     cost = gates["cost"]

@@ -29,7 +29,9 @@ written as version 1, which older pyruntime versions still read.
                "scale": "dynamic" | "static" | "predicted",   # default "dynamic"
                "static_scale": float | null,  # required for "static": >= 1/FLT_MAX (finite
                                               # float32 reciprocal); any value finite in float32
-               "block_size": 32 * k}          # int4 block along K, default 32
+               "block_size": 32 * k,          # int4 block along K, default 32
+               "clip": float}                 # optional, "dynamic" only: scale = clip * max|x| / qmax,
+                                              # 0 < clip <= 1 (absent: 1, and written only when not 1)
 
 Layer names are timm's (``patch_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``,
 ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``, ``exits.{b}.fc``).
@@ -108,7 +110,7 @@ EXIT_RULES = ("confidence", "margin", "gate")
 GATE_TENSORS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 GATE_PATHS = 3  # exit, continue at full precision, continue at reduced precision
 
-_LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size")
+_LAYER_KEYS = ("w_bits", "a_bits", "scale", "static_scale", "block_size", "clip")
 _EXIT_KEYS = ("block", "rule", "threshold")
 _PREDICTOR_KEYS = ("block", "chunk", "coeffs")
 _GATE_KEYS = ("lambda", "topk", "hidden", "cost", "reduced", "weights")
@@ -134,6 +136,8 @@ def _float(v: Any, what: str) -> float:
 
 
 _F32_MAX = 3.4028234663852886e38
+# The smallest positive normal float32: a clip below it would round towards a zero scale.
+_F32_TINY = 1.1754943508222875e-38
 # The smallest scale whose float32 reciprocal is finite: the quantiser multiplies by
 # float32(1/s), and an infinite one would saturate every activation.
 _MIN_SCALE = 1 / _F32_MAX
@@ -221,6 +225,7 @@ class LayerPolicy:
     scale: str = "dynamic"
     static_scale: Optional[float] = None
     block_size: int = 32
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if _int(self.w_bits, "w_bits") not in W_BITS:
@@ -237,13 +242,20 @@ class LayerPolicy:
         bs = _int(self.block_size, "block_size")
         if bs <= 0 or bs % 32:
             raise PolicyError(f"block_size must be a positive multiple of 32, got {bs}")
+        clip = _float(self.clip, "clip")
+        if not _F32_TINY <= clip <= 1.0:
+            raise PolicyError(f"clip must lie in (0, 1] (a positive float32), got {clip!r}")
+        if clip != 1.0 and self.scale != "dynamic":
+            raise PolicyError(f"clip applies to dynamic scales only, got clip {clip} with scale {self.scale!r}")
+        object.__setattr__(self, "clip", clip)
 
     @property
     def quantized(self) -> bool:
         return self.w_bits != 32
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in _LAYER_KEYS}
+        """Without ``clip`` when it is 1, so policies and files that do not clip keep their JSON."""
+        return {k: getattr(self, k) for k in _LAYER_KEYS if k != "clip" or self.clip != 1.0}
 
     @classmethod
     def from_dict(cls, d: Any, what: str = "layer") -> "LayerPolicy":

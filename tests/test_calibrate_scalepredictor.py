@@ -137,3 +137,81 @@ def test_targets_lie_on_the_clip_grid():
     layers = uniform_policy(8, 4).resolve(src.layer_names(), src.depth)
     t = collect_targets(src, layers, ["blocks.1.attn.qkv"], data, DEFAULT_RATIOS, show_progress=False)
     assert t["blocks.1.attn.qkv"].shape == (16,) and (t["blocks.1.attn.qkv"] > 0).all()
+
+
+def _summed_error(src, data, base, name, scale_of):
+    """sum over images of ||Q(x; s) - x||^2 for layer ``name`` with s = scale_of(x) [B]."""
+    from pyruntime.calibrate.static import _dynamic
+
+    layers = _dynamic(base.resolve(src.layer_names(), src.depth))
+    total = [0.0]
+
+    def tap(n, x):
+        if n == name:
+            total[0] += float((fake_quant(x, scale_of(x), layers[n].a_bits) - x).double().square().sum())
+
+    with torch.no_grad(), QuantModel(src.model).emulate(layers, taps=(tap,)):
+        src.model(torch.from_numpy(data.images))
+    return total[0]
+
+
+def test_mse_static_clip_is_below_minmax_with_less_error():
+    src, data = tiny_source(), tiny_data(24)
+    base = uniform_policy(8, 4)
+    mm = static_policy(src, data, base, "minmax", show_progress=False)
+    mse = static_policy(src, data, base, "mse", show_progress=False)
+    clipped = 0
+    for n, lp in mse.layers.items():
+        if lp.w_bits == 32:
+            continue
+        s_mm, s_mse = mm.layers[n].static_scale, lp.static_scale
+        assert 0 < s_mse <= s_mm * (1 + 1e-7)
+        e = {s: _summed_error(src, data, base, n, lambda x, s=s: x.new_full((x.shape[0],), float(np.float32(s))))
+             for s in (s_mm, s_mse)}
+        assert e[s_mse] <= e[s_mm] * (1 + 1e-9)
+        clipped += s_mse < s_mm and e[s_mse] < e[s_mm]
+    assert clipped >= 3  # at 4 bits clipping pays on most layers
+
+
+def test_fixed_ratio_dynamic_clip_is_the_least_error_ratio():
+    from pyruntime.calibrate.emulate import dynamic_scale
+    from pyruntime.calibrate.static import clipped_dynamic_policy
+
+    src, data = tiny_source(), tiny_data(24)
+    base = uniform_policy(8, 4)
+    pol = clipped_dynamic_policy(src, data, base, show_progress=False)
+    n = "blocks.1.mlp.fc1"
+    rho = pol.layers[n].clip
+    assert pol.layers[n].scale == "dynamic" and 0 < rho < 1
+    err = {c: _summed_error(src, data, base, n, lambda x, c=c: dynamic_scale(x, 4, c)) for c in (rho, 1.0, 0.5, 0.95)}
+    assert all(err[rho] <= e * (1 + 1e-9) for e in err.values()), err
+
+
+def test_ste_lowers_the_calibration_loss(tmp_path):
+    from pyruntime.calibrate.scalepredictor import ScalePredictorConfig
+
+    src, data = tiny_source(), tiny_data(256)
+    with torch.no_grad():  # confident logits, so that 4-bit activations cost a measurable distillation loss
+        src.model.head.weight.mul_(30)
+    base = static_policy(src, data, uniform_policy(8, 4), "percentile", 99.9, show_progress=False)
+    closed = calibrate_scalepredictor(src, data, base, block=0, chunk=16, show_progress=False)
+    res = calibrate_scalepredictor(src, data, base, block=0, chunk=16, show_progress=False,
+                                   config=ScalePredictorConfig(ste_steps=30, ste_batch=64, ste_lr=0.01))
+    t = res.ste
+    assert t.accepted and t.loss_refined < t.loss_closed_form
+    changed = [n for n in res.policy.predictor.coeffs
+               if res.policy.predictor.coeffs[n] != closed.policy.predictor.coeffs[n]]
+    assert changed
+    assert res.policy.meta["scalepredictor"]["ste"]["steps"] == 30
+    # the refined policy converts and runs
+    logits = pyruntime.load(src.convert(tmp_path / "ste.pyrt", res.policy)).run(data.images).logits
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kw", [dict(ste_steps=-1), dict(ste_steps=1.5), dict(ste_lr=0), dict(ste_lr=float("nan")),
+                                dict(ste_batch=0)])
+def test_bad_ste_options_are_refused(kw):
+    from pyruntime.calibrate.scalepredictor import ScalePredictorConfig
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        ScalePredictorConfig(**kw)

@@ -139,6 +139,7 @@ LinearLayer linear_from(const py::dict& graph, const py::dict& p, const py::dict
     const std::string scale = p.contains("scale") ? p["scale"].cast<std::string>() : "dynamic";
     if (scale == "dynamic") {
       l.scale = ScaleSource::kDynamic;
+      if (p.contains("clip")) l.clip = get<float>(p, "clip", name);
     } else if (scale == "static") {
       l.scale = ScaleSource::kStatic;
       l.static_scale = get<float>(p, "static_scale", name);

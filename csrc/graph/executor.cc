@@ -61,6 +61,7 @@ void expect_linear(const LinearLayer& l, size_t N, size_t K) {
   if (l.w.bits != 32 && (l.a_bits < 4 || l.a_bits > 8)) fail(l.name + ": activation bits must be 4..8");
   if (l.w.bits != 32 && l.scale == ScaleSource::kStatic && !(l.static_scale > 0 && std::isfinite(l.static_scale)))
     fail(l.name + ": static activation scale must be positive");
+  if (l.w.bits != 32 && !(l.clip > 0 && l.clip <= 1)) fail(l.name + ": dynamic scale clip must lie in (0, 1]");
   if (l.w.bits != 32 && l.scale == ScaleSource::kPredicted && (l.coeffs.empty() || !all_finite(l.coeffs)))
     fail(l.name + ": predicted scale needs finite polynomial coefficients");
 }
@@ -670,7 +671,7 @@ class Runner {
     for (size_t i = 0; i < images; ++i) {
       const auto first = row_scale.begin() + i * rows_per_image, last = first + rows_per_image;
       const bool finite = std::all_of(first, last, [](float v) { return std::isfinite(v); });
-      float s = finite ? *std::max_element(first, last) / qmax : 0.0f;
+      float s = finite ? (*std::max_element(first, last) / qmax) * l.clip : 0.0f;
       if (l.scale == ScaleSource::kStatic) s = l.static_scale;
       if (l.scale == ScaleSource::kPredicted) s = eval_poly(l.coeffs, b.stat[active[i]]);
       if (!finite || !std::isfinite(s)) b.mark_nonfinite(first_image + i);

@@ -28,6 +28,7 @@ struct LinearLayer {
   int a_bits = 8;           // ignored for fp32 weights
   ScaleSource scale = ScaleSource::kDynamic;
   float static_scale = 0.0f;
+  float clip = 1.0f;          // dynamic: scale = (max |x| / qmax) * clip, 0 < clip <= 1
   std::vector<float> coeffs;  // predicted: scale = sum_k coeffs[k] r^k
 
   size_t N() const { return w.N; }

@@ -188,6 +188,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--block", type=non_negative_int, default=0, help="scalepredictor: block whose output gives the statistic")
     c.add_argument("--chunk", type=positive_int, default=64, help="scalepredictor: values per chunk of the statistic")
     c.add_argument("--max-degree", type=int, default=3, choices=(1, 2, 3), help="scalepredictor: highest degree tried")
+    c.add_argument("--ste-steps", type=non_negative_int, default=0,
+                   help="scalepredictor: straight-through refinement of the polynomials, Adam steps on the calibration "
+                        "images with a distillation loss against the fp32 model (0: closed-form fit only)")
     c.add_argument("--holdout", type=fraction, default=None,
                    help="held-out fraction: scalepredictor's for the degree; maqee/quee: the validation part that "
                         "chooses the operating point (default 0.25)")
@@ -413,7 +416,7 @@ def _naive(args, source, data, kind, budget):
 
 def _scalepredictor(args, source, data, kind, budget):
     from ..policy import Policy
-    from .scalepredictor import calibrate_scalepredictor
+    from .scalepredictor import ScalePredictorConfig, calibrate_scalepredictor
     from .static import static_policy
     from .uniform import uniform_policy
 
@@ -429,7 +432,8 @@ def _scalepredictor(args, source, data, kind, budget):
                              show_progress=not args.no_progress)
     res = calibrate_scalepredictor(source, data, base, args.block, args.chunk, tuple(range(1, args.max_degree + 1)),
                                    0.25 if args.holdout is None else args.holdout,
-                                   show_progress=not args.no_progress, attention=args.attention)
+                                   show_progress=not args.no_progress, attention=args.attention,
+                                   config=ScalePredictorConfig(ste_steps=args.ste_steps))
     return res.policy, res.report()
 
 

@@ -43,10 +43,12 @@ def layer_module(model, name: str):
     return model.patch_embed.proj if name == "patch_embed" else model.get_submodule(name)
 
 
-def dynamic_scale(x, a_bits: int):
-    """Per-image float32(max |x|) / float32(qmax) over all of the image's rows, shape [B]."""
+def dynamic_scale(x, a_bits: int, clip: float = 1.0):
+    """Per-image (float32(max |x|) / float32(qmax)) * float32(clip) over all of the image's
+    rows, shape [B] (the runtime's order of float32 operations)."""
     qmax = float((1 << (a_bits - 1)) - 1)
-    return x.detach().abs().flatten(1).amax(1).float() / qmax
+    s = x.detach().abs().flatten(1).amax(1).float() / qmax
+    return s if clip == 1.0 else s * float(np.float32(clip))
 
 
 def fake_quant(x, scale, a_bits: int):
@@ -278,7 +280,7 @@ class QuantModel:
             if lp.w_bits == 32:
                 return None
             if lp.scale == "dynamic":
-                s = dynamic_scale(x, lp.a_bits)
+                s = dynamic_scale(x, lp.a_bits, lp.clip)
             elif lp.scale == "static":
                 s = x.new_full((x.shape[0],), float(np.float32(lp.static_scale)))
             else:
