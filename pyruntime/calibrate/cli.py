@@ -47,6 +47,17 @@ transform exactly as the converted file records it, so calibration sees what inf
 ``--images N`` takes N of them drawn by ``--seed`` (default: all). Without ``--data`` the
 reference model calibrates on 1,024 Fashion-MNIST training images (``--images``).
 
+When to use which (measured on the Fashion-MNIST reference; README "What the four methods
+are worth here"): start with uniform (W8A8 with per-image scales is within noise of fp32 on
+ViTs without heavy activation outliers; W4A8 when weight memory matters). lampq when a uniform
+setting you can afford loses significantly on your validation images and the budget lies
+between two uniform settings (it tied uniform there); --qat-steps when the quantised model's
+calibration loss is high. scalepredictor only for activations of 5 bits or fewer, and compare
+it with a fixed clip ratio on dynamic scales, which won there. maqee for exits and bits with a
+certified risk (--max-drop, --delta) on a few hundred images the model was not trained on (it
+tied PTQ + exits there). quee is a research baseline: a confidence threshold over the same
+exits beat it at every operating point there.
+
 Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split the images
 by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
 sizes are reported and recorded); the operating point -- maqee's exit thresholds, quee's
@@ -129,7 +140,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c = subparsers.add_parser("calibrate", help="fit a policy (bits, activation scales) on calibration images",
                               description=__doc__.split("\n\n")[0],
                               epilog="\n\n".join(p for p in __doc__.split("\n\n")
-                                                 if p.startswith(("Model:", "Data:", "Fit and", "Memory:"))),
+                                                 if p.startswith(("When to use", "Model:", "Data:", "Fit and", "Memory:"))),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--method", choices=METHODS, required=True)
     c.add_argument("--out", type=output_file, required=True, help="policy JSON to write")
