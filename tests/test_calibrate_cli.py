@@ -112,8 +112,8 @@ def test_add_parser_registers_the_subcommand(tmp_path):
     args = p.parse_args(["calibrate", "--method", "quee", "--reduced", "w4a6", "--out", "x.json", "--lam", "0.5"])
     assert args.reduced == LayerPolicy(4, 6) and args.lam == 0.5 and args.every == 3 and args.base is None
     args = p.parse_args(["calibrate", "--method", "maqee", "--budget-latency", "2x", "--latency-table", str(table),
-                         "--out", "x.json", "--exit-blocks", "0,3", "--per-head"])
-    assert args.exit_blocks == [0, 3] and args.per_head and args.max_drop is None and args.holdout is None  # maqee: 0.5
+                         "--out", "x.json", "--exit-blocks", "0,3", "--delta", "0.1"])
+    assert args.exit_blocks == [0, 3] and args.delta == 0.1 and args.max_drop is None and args.holdout is None
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate", "--method", "quee", "--reduced", "int4", "--out", "x"])
     with pytest.raises(SystemExit):

@@ -561,7 +561,7 @@ def calibrate_lampq(source: Source, data: CalibrationData, budget: float, cfg: O
     if qat.results:
         meta["qat"] = {"steps": cfg.qat_steps, "lr": cfg.qat_lr, "batch": cfg.qat_batch, "loss": "distillation KL",
                        "loss_before": qat.results[0].loss_before, "loss_after": qat.results[-1].loss_after,
-                       "trainings": len(qat.results)}
+                       "trainings": len(qat.results), "reverted": sum(r.reverted for r in qat.results)}
     policy = bits_policy({n: pick[n] for n in names}, cfg.block_size, "lampq", meta, attn_bits=cfg.attention)
     out_source = qat_source(source, qat.model) if qat.results else source
     return LampQResult(policy, list(names), opts, traces, omega, errors, pick, history, float(budget), _amount(cost, costs.kind),
