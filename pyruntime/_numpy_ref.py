@@ -98,6 +98,12 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x64 * (1.0 + _erf(x64 * 0.70710678118654752440))).astype(_F32)
 
 
+def _quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x), with 1.702 x rounded to float32 first as the kernel does."""
+    z = (x * _F32(1.702)).astype(np.float64)
+    return (x.astype(np.float64) / (1.0 + np.exp(-z))).astype(_F32)
+
+
 def _softmax(x: np.ndarray, scale: np.float32) -> np.ndarray:
     z = x.astype(np.float64) * float(scale)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -333,6 +339,10 @@ def _op_gelu(r: _Run, op: Mapping, x: np.ndarray):
     return [_gelu(x)]
 
 
+def _op_quick_gelu(r: _Run, op: Mapping, x: np.ndarray):
+    return [_quick_gelu(x)]
+
+
 def _op_layer_scale(r: _Run, op: Mapping, x: np.ndarray):
     return [r.m.weight(op, "gamma") * x]
 
@@ -362,7 +372,7 @@ def _op_output(r: _Run, op: Mapping, *ins: np.ndarray):
 
 _OPS = {"patch_embed": _op_patch_embed, "prefix_tokens": _op_prefix_tokens, "pos_embed": _op_pos_embed,
         "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "gelu": _op_gelu,
-        "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
+        "quick_gelu": _op_quick_gelu, "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
         "exit": _op_exit, "output": _op_output}
 assert set(_OPS) == set(opgraph.OP_KINDS), "every op kind needs its function here"
 
@@ -463,7 +473,7 @@ def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
     expect = (a["in_chans"], *a["img_size"])
     if x.ndim != 4 or x.shape[1:] != expect:
         raise ValueError(f"x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], got {x.shape}")
-    B, n = x.shape[0], a["num_classes"]
+    B, n = x.shape[0], opgraph.infer_shapes(m.ops, check=False)[m.ops[-1]["in"][0]][0]
     logits = np.zeros((B, n), dtype=_F32)
     exit_block = np.full(B, m.depth - 1, dtype=np.int32)
     bops = np.zeros(B, dtype=np.int64)

@@ -33,7 +33,7 @@ from .policy import SHORTHANDS, LayerPolicy, Policy
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-__all__ = ["convert", "model_arch", "as_policy"]
+__all__ = ["convert", "model_arch", "describe_model", "as_policy"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 EXIT_PARAMS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
@@ -251,26 +251,30 @@ def _check_head(model: Any) -> str:
         raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if getattr(model, "pool_include_prefix", False):
         raise _unsupported("pool_include_prefix (average pooling over prefix tokens)")
-    if not isinstance(model.head, nn.Linear):
-        raise _unsupported("a model without a linear classifier head (num_classes=0)")
-    if hasattr(model, "head_dist") and not isinstance(model.head_dist, nn.Linear):
-        raise _unsupported("a distilled model without a linear head_dist")
+    heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    # num_classes=0 (timm's default for feature extractors): Identity heads, logits = features
+    if model.num_classes == 0 and all(isinstance(h, nn.Identity) for h in heads):
+        return model.global_pool
+    if not all(isinstance(h, nn.Linear) for h in heads):
+        raise _unsupported(f"a classifier head that is not linear ({', '.join(type(h).__name__ for h in heads)})")
     return model.global_pool
 
 
-def _check_gelu(act: Any, where: str) -> None:
+def _mlp_act(act: Any, where: str) -> str:
+    """The op kind of an MLP activation: exact erf GELU or CLIP's QuickGELU."""
     import torch.nn as nn
-    from timm.layers.activations import GELU
+    from timm.layers.activations import GELU, QuickGELU
 
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return
-    if type(act) is GELU:
-        return
-    raise _unsupported(f"{where} activation {type(act).__name__} (only exact erf GELU)")
+    if isinstance(act, nn.GELU) and act.approximate == "none" or type(act) is GELU:
+        return "gelu"
+    if type(act) is QuickGELU:
+        return "quick_gelu"
+    raise _unsupported(f"{where} activation {type(act).__name__} (only exact erf GELU and QuickGELU)")
 
 
-def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool]:
-    """(num_heads, mlp_hidden, qkv_bias, layer_scale) of a supported pre-norm block."""
+def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a supported
+    pre-norm block."""
     import torch.nn as nn
     from timm.layers import Attention, LayerScale, Mlp
     from timm.models.vision_transformer import Block
@@ -295,17 +299,29 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
         raise _unsupported(f"{p}.mlp is {type(mlp).__name__} (SwiGLU / gated MLPs are not supported; only fc1-GELU-fc2)")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
         raise _unsupported(f"{p}.mlp uses convolutions")
-    _check_gelu(mlp.act, f"{p}.mlp")
+    act = _mlp_act(mlp.act, f"{p}.mlp")
     if not isinstance(mlp.norm, nn.Identity):
         raise _unsupported("scale_mlp_norm (normalisation inside the MLP)")
     kinds = {type(blk.ls1), type(blk.ls2)}
     if kinds not in ({LayerScale}, {nn.Identity}):
         raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
-    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale
+    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
 
 
 def model_arch(model: "nn.Module") -> dict:
-    """The graph ``arch`` of a timm ViT, or ValueError naming the first unsupported feature."""
+    """The graph ``arch`` of a timm ViT classifier, or ValueError naming the first unsupported
+    feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
+    describes its model by this, and needs class logits: a feature extractor is refused."""
+    arch, _ = describe_model(model)
+    if not arch["num_classes"]:
+        raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
+                         f"and calibration need class logits; convert it as it is, or give it num_classes")
+    return arch
+
+
+def describe_model(model: "nn.Module") -> Tuple[dict, str]:
+    """(graph ``arch``, MLP activation op kind) of a timm ViT, classifier or feature extractor
+    (``num_classes`` 0), or ValueError naming the first unsupported feature."""
     _check_model_type(model)
     img, patch, in_chans = _check_embedding(model)
     global_pool = _check_head(model)
@@ -315,15 +331,15 @@ def model_arch(model: "nn.Module") -> dict:
     eps: list = []
     per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:
-        raise _unsupported("blocks that differ in heads, MLP width, qkv bias or layer scale")
-    num_heads, mlp_hidden, qkv_bias, layer_scale = per_block.pop()
+        raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
+    num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
     flags = {key: _optional_norm(getattr(model, key), key, D, eps) for key in ("norm_pre", "norm", "fc_norm")}
     if len(set(eps)) != 1:
         raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
     return {
         "img_size": img, "patch_size": patch, "in_chans": in_chans,
         "embed_dim": D, "depth": len(model.blocks), "num_heads": num_heads, "mlp_hidden": mlp_hidden,
-        "num_classes": model.head.out_features,
+        "num_classes": model.num_classes,
         "cls_token": model.cls_token is not None,
         "dist_token": getattr(model, "dist_token", None) is not None,
         "reg_tokens": int(model.num_reg_tokens),
@@ -331,7 +347,7 @@ def model_arch(model: "nn.Module") -> dict:
         "global_pool": global_pool,
         "fc_norm": flags["fc_norm"], "final_norm": flags["norm"], "norm_pre": flags["norm_pre"],
         "layer_scale": layer_scale, "qkv_bias": qkv_bias, "eps": eps[0],
-    }
+    }, act
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -378,9 +394,10 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
-    out["head"] = wb(model.head, "head")
-    if getattr(model, "head_dist", None) is not None:
-        out["head_dist"] = wb(model.head_dist, "head_dist")
+    if model.num_classes:
+        out["head"] = wb(model.head, "head")
+        if getattr(model, "head_dist", None) is not None:
+            out["head_dist"] = wb(model.head_dist, "head_dist")
     return out
 
 
@@ -561,7 +578,7 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     import torch
 
     model, source_name = _source_model(source, model_kwargs)
-    arch = model_arch(model)  # an unsupported family is named before anything else
+    arch, act = describe_model(model)  # an unsupported family is named before anything else
     if isinstance(source, str) and checkpoint is None and not random_weights:
         raise ValueError(f"no checkpoint for {source!r}: pass checkpoint=... (--checkpoint), or random_weights=True "
                          f"(--random-weights) to convert timm's random initialisation")
@@ -570,6 +587,9 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     pol = as_policy(policy)
     heads = _exit_heads(ckpt_exits if exits is None else exits, arch)
     exit_blocks = sorted(e.block for e in pol.exits)
+    if exit_blocks and not arch["num_classes"]:
+        raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}, which need class logits; this "
+                          f"model has none (num_classes=0, a feature extractor)")
     layers = pol.resolve(graph_layer_names({"arch": arch, "exits": [{"block": b} for b in exit_blocks]}), arch["depth"])
     norms, exit_linears = _exit_tensors(heads, exit_blocks)
     with torch.no_grad():
@@ -588,6 +608,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    graph["ops"] = opgraph.lower(graph)  # the model as the program the runtime executes
+    graph["ops"] = opgraph.lower(graph, act)  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

@@ -357,6 +357,7 @@ constexpr int kImage = -2;   // the input images
 // Ops whose output may overwrite their first input once nothing reads it any more.
 bool in_place(const OpKind& k) {
   return std::holds_alternative<LayerNormOp>(k) || std::holds_alternative<GeluOp>(k) ||
+         std::holds_alternative<QuickGeluOp>(k) ||
          std::holds_alternative<LayerScaleOp>(k) || std::holds_alternative<AddOp>(k) ||
          std::holds_alternative<AverageOp>(k) || std::holds_alternative<PosEmbedOp>(k);
 }
@@ -847,6 +848,12 @@ class Runner {
         copy_in();
         const size_t W = xs.width;
         parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->gelu((r1 - r0) * W, y + r0 * W); });
+      });
+    } else if (std::holds_alternative<QuickGeluOp>(op.kind)) {
+      timed(op.timer, [&] {
+        copy_in();
+        const size_t W = xs.width;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->quick_gelu((r1 - r0) * W, y + r0 * W); });
       });
     } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
       timed(op.timer, [&] {
