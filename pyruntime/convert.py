@@ -205,17 +205,53 @@ def _optional_norm(m: Any, where: str, D: int, eps: list) -> bool:
     return True
 
 
+def _family_gap(model: Any) -> Optional[str]:
+    """The feature a known timm family that is not a plain ViT needs and the executor lacks
+    (docs/families.md), or None for a class the table does not know."""
+    kind = type(model).__name__
+    if kind == "Eva":
+        if getattr(model, "rope", None) is not None:
+            return "rotary position embedding (RoPE)"
+        return "Eva's own block (EvaBlock: separate q/v biases, SwiGLU or sub-LN options)"
+    return {
+        "Beit": "relative position bias (BEiT)",
+        "VisionTransformerRelPos": "relative position bias (vit_relpos_*)",
+        "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
+        "SwinTransformer": "shifted-window attention and patch merging (Swin)",
+        "SwinTransformerV2": "shifted-window attention and patch merging (Swin)",
+        "NaFlexVit": "variable-resolution patch input (NaFlex)",
+    }.get(kind)
+
+
+def _not_yet(model: Any, feature: str) -> ValueError:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or "a module built directly"
+    return ValueError(f"{type(model).__name__} ({name}): {feature} is not supported yet")
+
+
 def _check_model_type(model: Any) -> None:
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     if type(model) in (VisionTransformer, VisionTransformerDistilled):
         return
+    gap = _family_gap(model)
+    if gap is not None:
+        raise _not_yet(model, gap)
     if isinstance(model, VisionTransformer):
         raise _unsupported(f"{type(model).__name__} (a VisionTransformer subclass with its own forward pass)")
     raise ValueError(
         f"{type(model).__name__} is not a timm VisionTransformer; pyruntime converts plain ViTs "
         f"(vit_*, deit_*, dinov2-style) only")
+
+
+# Block types of timm's VisionTransformer other than the pre-norm Block: the feature each needs.
+_BLOCK_GAPS = {
+    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: several attention and MLP branches side by side)",
+    "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
+    "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
+    "DiffAttentionBlock": "differential attention",
+}
 
 
 def _check_embedding(model: Any) -> Tuple[list, list, int]:
@@ -224,6 +260,8 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     from timm.layers import PatchEmbed
 
     pe = model.patch_embed
+    if type(pe).__name__ == "HybridEmbed":
+        raise _not_yet(model, "a convolutional stem (hybrid ViT, HybridEmbed)")
     if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
         raise _unsupported(f"patch embedding {type(pe).__name__}")
     proj = pe.proj
@@ -246,7 +284,7 @@ def _check_head(model: Any) -> str:
     import torch.nn as nn
 
     if getattr(model, "attn_pool", None) is not None:
-        raise _unsupported(f"attention pooling (global_pool={model.global_pool!r})")
+        raise _not_yet(model, f"attention pooling (global_pool={model.global_pool!r}, SigLIP's MAP head)")
     if model.global_pool not in ("token", "avg"):
         raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if getattr(model, "pool_include_prefix", False):
@@ -328,6 +366,9 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     D = model.embed_dim
     if len(model.blocks) == 0:
         raise _unsupported("a model without transformer blocks")
+    gaps = [_BLOCK_GAPS[type(blk).__name__] for blk in model.blocks if type(blk).__name__ in _BLOCK_GAPS]
+    if gaps:
+        raise _not_yet(model, gaps[0])
     eps: list = []
     per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:

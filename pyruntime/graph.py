@@ -545,8 +545,9 @@ def _check_sizes(a: Mapping) -> None:
             raise FormatError(f"arch: {what} must be in 1..{lim['max_image_side']}, got {v!r:.40}")
     for key, most in bounds.items():
         v = a.get(key)
-        if not _is_int(v) or not (0 if key == "reg_tokens" else 1) <= v <= most:
-            raise FormatError(f"arch: {key} must be in 1..{most}, got {v!r:.40}")
+        least = 0 if key in ("reg_tokens", "num_classes") else 1  # num_classes 0: a feature extractor
+        if not _is_int(v) or not least <= v <= most:
+            raise FormatError(f"arch: {key} must be in {least}..{most}, got {v!r:.40}")
 
 
 MLP_ACTS = ("gelu", "quick_gelu")  # the op kinds a ViT block's MLP may use between fc1 and fc2

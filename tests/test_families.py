@@ -178,3 +178,37 @@ def test_plain_vit_feature_extractor_built_directly(tmp_path):
     want = _numpy_ref.forward(graph, tensors, x, outputs=True)
     assert r.logits.shape == (2, 48)
     np.testing.assert_allclose(r.logits, want["logits"], rtol=0, atol=5e-3 * np.abs(want["logits"]).max())
+
+
+# --- what is still out: one line naming the missing feature ----------------------------------------
+
+T32 = dict(TINY, img_size=32)
+REFUSED = {
+    "vit_base_patch16_rope_224": (T32, r"Eva \(vit_base_patch16_rope_224\): rotary position embedding \(RoPE\)"),
+    "eva02_tiny_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva02_tiny_patch14_224\): rotary position embedding"),
+    "eva_giant_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva_giant_patch14_224\): Eva's own block"),
+    "beit_base_patch16_224": (T32, r"Beit \(beit_base_patch16_224\): relative position bias \(BEiT\)"),
+    "vit_relpos_small_patch16_224": (T32, r"VisionTransformerRelPos \(vit_relpos_small_patch16_224\): relative "
+                                          r"position bias \(vit_relpos_\*\)"),
+    "vit_base_patch16_siglip_224": (T32, r"VisionTransformer \(vit_base_patch16_siglip_224\): attention pooling "
+                                         r"\(global_pool='map', SigLIP's MAP head\)"),
+    "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks"),
+    "vit_base_patch16_xp_224": (T32, r"\(vit_base_patch16_xp_224\): parallel attention and MLP in one block"),
+    "swin_tiny_patch4_window7_224": (dict(depths=(1, 1), embed_dim=24, num_heads=(1, 1), img_size=56),
+                                     r"SwinTransformer \(swin_tiny_patch4_window7_224\): shifted-window attention"),
+    "samvit_base_patch16": (dict(TINY, img_size=64, global_attn_indexes=(1,), window_size=2),
+                            r"VisionTransformerSAM \(samvit_base_patch16\): windowed attention"),
+    "vit_small_r26_s32_224": (dict(TINY, img_size=64), r"\(vit_small_r26_s32_224\): a convolutional stem"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_families_still_out_are_refused_in_one_line(name, tmp_path):
+    kwargs, message = REFUSED[name]
+    with pytest.raises(ValueError, match=message + r".* is not supported yet$") as e:
+        convert(name, tmp_path / "m.pyrt", model_kwargs=kwargs, random_weights=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "m.pyrt").exists()
+    # by module too: the same line (the class and timm's architecture name)
+    with pytest.raises(ValueError, match=message):
+        convert(timm.create_model(name, pretrained=False, **kwargs), tmp_path / "m.pyrt")
