@@ -208,13 +208,15 @@ def _softmax_q8(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return q, (_F32(1) / q.sum(axis=-1).astype(_F32)).astype(_F32)
 
 
-def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32, bias=None) -> np.ndarray:
     """One head's attention on int8 operands, [T, dh] each: q and k quantised per token (the
     softmax scale folded into q's), s = q.k^T with the int8 GEMM's epilogue, probabilities
     from softmax_q8, v quantised per channel, o = p.v likewise."""
     qi, sq = _quantize_rows_q8(q)
     ki, sk = _quantize_rows_q8(k)
     s = (qi @ ki.T).astype(_F32) * ((sq * scale).astype(_F32)[:, None] * sk[None, :])
+    if bias is not None:  # relative position bias, added to the dequantised scores
+        s = (s + bias).astype(_F32)
     pi, sp = _softmax_q8(s.astype(_F32))
     vi, sv = _quantize_rows_q8(v.T)
     return (pi @ vi.T).astype(_F32) * (sp[:, None] * sv[None, :])
@@ -329,9 +331,14 @@ def _op_attention(r: _Run, op: Mapping, qkv: np.ndarray):
     r.bops += 2 * T * T * D * r.m.attn_bits ** 2
     q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
     scale = _F32(1) / np.sqrt(_F32(dh))
+    bias = r.m.weight(op, "bias") if "bias" in op["weights"] else None  # [H, T, T]
     if r.m.attn_bits == 8:
-        return [np.stack([_attention_q8(q[h], k[h], v[h], scale) for h in range(H)]).transpose(1, 0, 2).reshape(T, D)]
-    attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
+        return [np.stack([_attention_q8(q[h], k[h], v[h], scale, None if bias is None else bias[h])
+                          for h in range(H)]).transpose(1, 0, 2).reshape(T, D)]
+    s = _matmul(q, k.transpose(0, 2, 1))
+    if bias is not None:  # PyTorch's order: the rounded s * scale, plus the bias, then softmax
+        s, scale = ((s * scale).astype(_F32) + bias).astype(_F32), _F32(1)
+    attn = _softmax(s, scale)
     return [_matmul(attn, v).transpose(1, 0, 2).reshape(T, D)]
 
 

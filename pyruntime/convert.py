@@ -215,7 +215,6 @@ def _family_gap(model: Any) -> Optional[str]:
         return "Eva's own block (EvaBlock: separate q/v biases, SwiGLU or sub-LN options)"
     return {
         "Beit": "relative position bias (BEiT)",
-        "VisionTransformerRelPos": "relative position bias (vit_relpos_*)",
         "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
         "SwinTransformer": "shifted-window attention and patch merging (Swin)",
         "SwinTransformerV2": "shifted-window attention and patch merging (Swin)",
@@ -233,7 +232,9 @@ def _check_model_type(model: Any) -> None:
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    if type(model) in (VisionTransformer, VisionTransformerDistilled):
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos):
         return
     gap = _family_gap(model)
     if gap is not None:
@@ -250,6 +251,7 @@ _BLOCK_GAPS = {
     "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: several attention and MLP branches side by side)",
     "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
     "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
+    "ResPostRelPosBlock": "post-norm blocks (ResPostRelPosBlock, vit_relpos_*_rpn_*: the norm after each branch)",
     "DiffAttentionBlock": "differential attention",
 }
 
@@ -275,7 +277,7 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     img = list(pe.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
-    if model.pos_embed is None:
+    if getattr(model, "pos_embed", None) is None and not _is_relpos(model):
         raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
     return img, patch, proj.in_channels
 
@@ -318,15 +320,17 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
     from timm.models.vision_transformer import Block
 
     p = f"blocks.{i}"
-    if type(blk) is not Block:
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock
+
+    if type(blk) not in (Block, RelPosBlock):
         raise _unsupported(f"{p} is {type(blk).__name__} (only the pre-norm timm Block)")
     eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
     attn = blk.attn
-    if type(attn) is not Attention:
+    if type(attn) is not {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)]:
         raise _unsupported(f"{p}.attn is {type(attn).__name__} (only standard multi-head attention)")
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
         raise _unsupported("qk_norm (normalisation of queries and keys)")
-    if not isinstance(attn.norm, nn.Identity):
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
         raise _unsupported("scale_attn_norm (normalisation of the attention output)")
     if getattr(attn, "gate", None) is not None:
         raise _unsupported("gated attention")
@@ -374,7 +378,10 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     if len(per_block) != 1:
         raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
     num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
-    flags = {key: _optional_norm(getattr(model, key), key, D, eps) for key in ("norm_pre", "norm", "fc_norm")}
+    import torch.nn as nn
+
+    flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
+             for key in ("norm_pre", "norm", "fc_norm")}
     if len(set(eps)) != 1:
         raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
     return {
@@ -383,12 +390,44 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
         "num_classes": model.num_classes,
         "cls_token": model.cls_token is not None,
         "dist_token": getattr(model, "dist_token", None) is not None,
-        "reg_tokens": int(model.num_reg_tokens),
-        "no_embed_class": bool(model.no_embed_class),
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(getattr(model, "no_embed_class", False)),
         "global_pool": global_pool,
         "fc_norm": flags["fc_norm"], "final_norm": flags["norm"], "norm_pre": flags["norm_pre"],
         "layer_scale": layer_scale, "qkv_bias": qkv_bias, "eps": eps[0],
     }, act
+
+
+# --- the program per family ------------------------------------------------------------------
+
+def _is_relpos(model: Any) -> bool:
+    return type(model).__name__ == "VisionTransformerRelPos"
+
+
+def _rel_pos_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T]: what vit_relpos adds to a block's scaled attention scores (its own
+    module's bias, or the model's shared one); fixed for the model's image size."""
+    rel = blk.attn.rel_pos if blk.attn.rel_pos is not None else model.shared_rel_pos
+    if rel is None:
+        raise _unsupported("a VisionTransformerRelPos without a relative position module")
+    return rel.get_bias()[0]
+
+
+def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
+    """The op list of a supported model: the lowering of its arch, with what its family
+    changes (vit_relpos: no absolute position embedding; each attention adds its relative
+    position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    ops = opgraph.lower(graph, act)
+    if not _is_relpos(model):
+        return ops
+    i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
+    pos = ops.pop(i)
+    for op in ops:  # whatever read the position embedding reads its input instead
+        op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
+    for op in ops:
+        if op["op"] == "attention":
+            op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
+    return ops
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -404,7 +443,7 @@ def _np(t: Any, name: str) -> np.ndarray:
 
 def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
     """Everything but the linear layers and exit heads, under the model file's names."""
-    out = {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    out = {} if _is_relpos(model) else {"pos_embed": _np(model.pos_embed, "pos_embed")}
     for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
                          ("reg_token", arch["reg_tokens"])):
         if present:
@@ -418,6 +457,8 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
             m = getattr(blk, n)
             out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
             out[f"blocks.{i}.{n}.bias"] = _np(m.bias, f"blocks.{i}.{n}.bias")
+        if _is_relpos(model):
+            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_rel_pos_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
         if arch["layer_scale"]:
             out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
             out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
@@ -649,6 +690,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    graph["ops"] = opgraph.lower(graph, act)  # the model as the program the runtime executes
+    graph["ops"] = _program(model, graph, act)  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

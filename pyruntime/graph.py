@@ -149,7 +149,7 @@ def _attention(op, ins):
     H = op["attrs"]["heads"]
     if D3 % (3 * H):
         raise ValueError(f"input width {D3} is not 3 x heads ({H}) x head width")
-    return [(T, D3 // 3)], {}
+    return [(T, D3 // 3)], {"bias": (H, T, T)} if "bias" in op["weights"] else {}
 
 
 def _same(op, ins):
@@ -214,8 +214,9 @@ OP_KINDS: Dict[str, OpKind] = {
     # x W^T + b; bias True/False fixed by the program, null: the file may carry one
     "linear": OpKind(1, 1, {"in_features": "pos", "out_features": "pos", "bias": "optbool"}, (LAYER,),
                      _linear_infer, linear=_linear_linear),
-    # timm's multi-head self-attention core on fused qkv [T, 3D] ([T, 3, heads, dh] order)
-    "attention": OpKind(1, 1, {"heads": "pos"}, (), _attention, in_block=True),
+    # timm's multi-head self-attention core on fused qkv [T, 3D] ([T, 3, heads, dh] order);
+    # "bias" [heads, T, T] (relative position bias) is added to the scaled scores
+    "attention": OpKind(1, 1, {"heads": "pos"}, (), _attention, optional_weights=("bias",), in_block=True),
     "gelu": OpKind(1, 1, {}, (), _same),           # exact erf GELU
     "quick_gelu": OpKind(1, 1, {}, (), _same),     # CLIP's x * sigmoid(1.702 x)
     "layer_scale": OpKind(1, 1, {}, ("gamma",), _layer_scale),

@@ -321,7 +321,12 @@ Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
     same_shape();
     const size_t heads = bounded(attrs, "heads", n, kMaxDim);
     if (x().width % (3 * heads)) bad("op '" + n + "': input width is not 3 x heads x head width");
-    op.kind = AttentionOp{heads};
+    AttentionOp k{heads, {}};
+    if (w.contains("bias")) {
+      k.bias = floats(ps.t, role("bias"));
+      if (k.bias.size() != heads * x().rows * x().rows) bad("op '" + n + "': tensor '" + role("bias") + "' is not heads x T x T");
+    }
+    op.kind = std::move(k);
     out({x().rows, x().width / 3});
   } else if (kind == "gelu" || kind == "quick_gelu" || kind == "add" || kind == "average") {
     const bool binary = kind == "add" || kind == "average";

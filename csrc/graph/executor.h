@@ -96,7 +96,7 @@ struct PrefixTokensOp { std::vector<float> rows; };    // [n x D] rows put befor
 struct PosEmbedOp { std::vector<float> pos; };         // + pos [rows x D]
 struct LayerNormOp { LayerNormParams p; float eps = 1e-6f; };
 struct LinearOp { LinearLayer full, reduced; };        // reduced.w.bits == 0: no QuEE copy
-struct AttentionOp { size_t heads = 1; };              // on fused qkv [T x 3D]
+struct AttentionOp { size_t heads = 1; std::vector<float> bias; };  // on fused qkv [T x 3D]; bias: [heads x T x T] or none
 struct GeluOp {};
 struct QuickGeluOp {};                                // CLIP's x * sigmoid(1.702 x)
 struct LayerScaleOp { std::vector<float> gamma; };
