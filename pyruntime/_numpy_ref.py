@@ -99,6 +99,12 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return (0.5 * x64 * (1.0 + _erf(x64 * 0.70710678118654752440))).astype(_F32)
 
 
+def _quick_gelu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(1.702 x), with 1.702 x rounded to float32 first as the kernel does."""
+    z = (x * _F32(1.702)).astype(np.float64)
+    return (x.astype(np.float64) / (1.0 + np.exp(-z))).astype(_F32)
+
+
 def _softmax(x: np.ndarray, scale: np.float32) -> np.ndarray:
     z = x.astype(np.float64) * float(scale)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -203,13 +209,15 @@ def _softmax_q8(s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return q, (_F32(1) / q.sum(axis=-1).astype(_F32)).astype(_F32)
 
 
-def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32) -> np.ndarray:
+def _attention_q8(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: np.float32, bias=None) -> np.ndarray:
     """One head's attention on int8 operands, [T, dh] each: q and k quantised per token (the
     softmax scale folded into q's), s = q.k^T with the int8 GEMM's epilogue, probabilities
     from softmax_q8, v quantised per channel, o = p.v likewise."""
     qi, sq = _quantize_rows_q8(q)
     ki, sk = _quantize_rows_q8(k)
     s = (qi @ ki.T).astype(_F32) * ((sq * scale).astype(_F32)[:, None] * sk[None, :])
+    if bias is not None:  # relative position bias, added to the dequantised scores
+        s = (s + bias).astype(_F32)
     pi, sp = _softmax_q8(s.astype(_F32))
     vi, sv = _quantize_rows_q8(v.T)
     return (pi @ vi.T).astype(_F32) * (sp[:, None] * sv[None, :])
@@ -324,14 +332,23 @@ def _op_attention(r: _Run, op: Mapping, qkv: np.ndarray):
     r.bops += 2 * T * T * D * r.m.attn_bits ** 2
     q, k, v = qkv.reshape(T, 3, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
     scale = _F32(1) / np.sqrt(_F32(dh))
+    bias = r.m.weight(op, "bias") if "bias" in op["weights"] else None  # [H, T, T]
     if r.m.attn_bits == 8:
-        return [np.stack([_attention_q8(q[h], k[h], v[h], scale) for h in range(H)]).transpose(1, 0, 2).reshape(T, D)]
-    attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), scale)
+        return [np.stack([_attention_q8(q[h], k[h], v[h], scale, None if bias is None else bias[h])
+                          for h in range(H)]).transpose(1, 0, 2).reshape(T, D)]
+    s = _matmul(q, k.transpose(0, 2, 1))
+    if bias is not None:  # PyTorch's order: the rounded s * scale, plus the bias, then softmax
+        s, scale = ((s * scale).astype(_F32) + bias).astype(_F32), _F32(1)
+    attn = _softmax(s, scale)
     return [_matmul(attn, v).transpose(1, 0, 2).reshape(T, D)]
 
 
 def _op_gelu(r: _Run, op: Mapping, x: np.ndarray):
     return [_gelu(x)]
+
+
+def _op_quick_gelu(r: _Run, op: Mapping, x: np.ndarray):
+    return [_quick_gelu(x)]
 
 
 def _op_layer_scale(r: _Run, op: Mapping, x: np.ndarray):
@@ -363,7 +380,7 @@ def _op_output(r: _Run, op: Mapping, *ins: np.ndarray):
 
 _OPS = {"patch_embed": _op_patch_embed, "prefix_tokens": _op_prefix_tokens, "pos_embed": _op_pos_embed,
         "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "gelu": _op_gelu,
-        "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
+        "quick_gelu": _op_quick_gelu, "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
         "exit": _op_exit, "output": _op_output}
 assert set(_OPS) == set(opgraph.OP_KINDS), "every op kind needs its function here"
 
@@ -464,7 +481,7 @@ def forward(graph: Mapping, tensors: Mapping[str, np.ndarray], x: np.ndarray, *,
     expect = (a["in_chans"], *a["img_size"])
     if x.ndim != 4 or x.shape[1:] != expect:
         raise ValueError(f"x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], got {x.shape}")
-    B, n = x.shape[0], a["num_classes"]
+    B, n = x.shape[0], opgraph.infer_shapes(m.ops, check=False)[m.ops[-1]["in"][0]][0]
     logits = np.zeros((B, n), dtype=_F32)
     exit_block = np.full(B, m.depth - 1, dtype=np.int32)
     bops = np.zeros(B, dtype=np.int64)

@@ -33,7 +33,7 @@ from .policy import SHORTHANDS, LayerPolicy, Policy
 if TYPE_CHECKING:  # pragma: no cover
     import torch.nn as nn
 
-__all__ = ["convert", "model_arch", "as_policy"]
+__all__ = ["convert", "model_arch", "describe_model", "as_policy"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 EXIT_PARAMS = ("norm.weight", "norm.bias", "fc.weight", "fc.bias")
@@ -205,17 +205,55 @@ def _optional_norm(m: Any, where: str, D: int, eps: list) -> bool:
     return True
 
 
+def _family_gap(model: Any) -> Optional[str]:
+    """The feature a known timm family that is not a plain ViT needs and the executor lacks
+    (docs/families.md), or None for a class the table does not know."""
+    kind = type(model).__name__
+    if kind == "Eva":
+        if getattr(model, "rope", None) is not None:
+            return "rotary position embedding (RoPE)"
+        return "Eva's own block (EvaBlock: separate q/v biases, SwiGLU or sub-LN options)"
+    return {
+        "Beit": "relative position bias (BEiT)",
+        "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
+        "SwinTransformer": "shifted-window attention and patch merging (Swin)",
+        "SwinTransformerV2": "shifted-window attention and patch merging (Swin)",
+        "NaFlexVit": "variable-resolution patch input (NaFlex)",
+    }.get(kind)
+
+
+def _not_yet(model: Any, feature: str) -> ValueError:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or "a module built directly"
+    return ValueError(f"{type(model).__name__} ({name}): {feature} is not supported yet")
+
+
 def _check_model_type(model: Any) -> None:
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    if type(model) in (VisionTransformer, VisionTransformerDistilled):
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
+
+    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos):
         return
+    gap = _family_gap(model)
+    if gap is not None:
+        raise _not_yet(model, gap)
     if isinstance(model, VisionTransformer):
         raise _unsupported(f"{type(model).__name__} (a VisionTransformer subclass with its own forward pass)")
     raise ValueError(
         f"{type(model).__name__} is not a timm VisionTransformer; pyruntime converts plain ViTs "
         f"(vit_*, deit_*, dinov2-style) only")
+
+
+# Block types of timm's VisionTransformer other than the pre-norm Block: the feature each needs.
+_BLOCK_GAPS = {
+    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: several attention and MLP branches side by side)",
+    "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
+    "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
+    "ResPostRelPosBlock": "post-norm blocks (ResPostRelPosBlock, vit_relpos_*_rpn_*: the norm after each branch)",
+    "DiffAttentionBlock": "differential attention",
+}
 
 
 def _check_embedding(model: Any) -> Tuple[list, list, int]:
@@ -224,6 +262,8 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     from timm.layers import PatchEmbed
 
     pe = model.patch_embed
+    if type(pe).__name__ == "HybridEmbed":
+        raise _not_yet(model, "a convolutional stem (hybrid ViT, HybridEmbed)")
     if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d):
         raise _unsupported(f"patch embedding {type(pe).__name__}")
     proj = pe.proj
@@ -237,7 +277,7 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     img = list(pe.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
-    if model.pos_embed is None:
+    if getattr(model, "pos_embed", None) is None and not _is_relpos(model):
         raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
     return img, patch, proj.in_channels
 
@@ -246,45 +286,51 @@ def _check_head(model: Any) -> str:
     import torch.nn as nn
 
     if getattr(model, "attn_pool", None) is not None:
-        raise _unsupported(f"attention pooling (global_pool={model.global_pool!r})")
+        raise _not_yet(model, f"attention pooling (global_pool={model.global_pool!r}, SigLIP's MAP head)")
     if model.global_pool not in ("token", "avg"):
         raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if getattr(model, "pool_include_prefix", False):
         raise _unsupported("pool_include_prefix (average pooling over prefix tokens)")
-    if not isinstance(model.head, nn.Linear):
-        raise _unsupported("a model without a linear classifier head (num_classes=0)")
-    if hasattr(model, "head_dist") and not isinstance(model.head_dist, nn.Linear):
-        raise _unsupported("a distilled model without a linear head_dist")
+    heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    # num_classes=0 (timm's default for feature extractors): Identity heads, logits = features
+    if model.num_classes == 0 and all(isinstance(h, nn.Identity) for h in heads):
+        return model.global_pool
+    if not all(isinstance(h, nn.Linear) for h in heads):
+        raise _unsupported(f"a classifier head that is not linear ({', '.join(type(h).__name__ for h in heads)})")
     return model.global_pool
 
 
-def _check_gelu(act: Any, where: str) -> None:
+def _mlp_act(act: Any, where: str) -> str:
+    """The op kind of an MLP activation: exact erf GELU or CLIP's QuickGELU."""
     import torch.nn as nn
-    from timm.layers.activations import GELU
+    from timm.layers.activations import GELU, QuickGELU
 
-    if isinstance(act, nn.GELU) and act.approximate == "none":
-        return
-    if type(act) is GELU:
-        return
-    raise _unsupported(f"{where} activation {type(act).__name__} (only exact erf GELU)")
+    if isinstance(act, nn.GELU) and act.approximate == "none" or type(act) is GELU:
+        return "gelu"
+    if type(act) is QuickGELU:
+        return "quick_gelu"
+    raise _unsupported(f"{where} activation {type(act).__name__} (only exact erf GELU and QuickGELU)")
 
 
-def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool]:
-    """(num_heads, mlp_hidden, qkv_bias, layer_scale) of a supported pre-norm block."""
+def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a supported
+    pre-norm block."""
     import torch.nn as nn
     from timm.layers import Attention, LayerScale, Mlp
     from timm.models.vision_transformer import Block
 
     p = f"blocks.{i}"
-    if type(blk) is not Block:
+    from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock
+
+    if type(blk) not in (Block, RelPosBlock):
         raise _unsupported(f"{p} is {type(blk).__name__} (only the pre-norm timm Block)")
     eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
     attn = blk.attn
-    if type(attn) is not Attention:
+    if type(attn) is not {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)]:
         raise _unsupported(f"{p}.attn is {type(attn).__name__} (only standard multi-head attention)")
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
         raise _unsupported("qk_norm (normalisation of queries and keys)")
-    if not isinstance(attn.norm, nn.Identity):
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
         raise _unsupported("scale_attn_norm (normalisation of the attention output)")
     if getattr(attn, "gate", None) is not None:
         raise _unsupported("gated attention")
@@ -295,43 +341,93 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
         raise _unsupported(f"{p}.mlp is {type(mlp).__name__} (SwiGLU / gated MLPs are not supported; only fc1-GELU-fc2)")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
         raise _unsupported(f"{p}.mlp uses convolutions")
-    _check_gelu(mlp.act, f"{p}.mlp")
+    act = _mlp_act(mlp.act, f"{p}.mlp")
     if not isinstance(mlp.norm, nn.Identity):
         raise _unsupported("scale_mlp_norm (normalisation inside the MLP)")
     kinds = {type(blk.ls1), type(blk.ls2)}
     if kinds not in ({LayerScale}, {nn.Identity}):
         raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
-    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale
+    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
 
 
 def model_arch(model: "nn.Module") -> dict:
-    """The graph ``arch`` of a timm ViT, or ValueError naming the first unsupported feature."""
+    """The graph ``arch`` of a timm ViT classifier, or ValueError naming the first unsupported
+    feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
+    describes its model by this, and needs class logits: a feature extractor is refused."""
+    arch, _ = describe_model(model)
+    if not arch["num_classes"]:
+        raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
+                         f"and calibration need class logits; convert it as it is, or give it num_classes")
+    return arch
+
+
+def describe_model(model: "nn.Module") -> Tuple[dict, str]:
+    """(graph ``arch``, MLP activation op kind) of a timm ViT, classifier or feature extractor
+    (``num_classes`` 0), or ValueError naming the first unsupported feature."""
     _check_model_type(model)
     img, patch, in_chans = _check_embedding(model)
     global_pool = _check_head(model)
     D = model.embed_dim
     if len(model.blocks) == 0:
         raise _unsupported("a model without transformer blocks")
+    gaps = [_BLOCK_GAPS[type(blk).__name__] for blk in model.blocks if type(blk).__name__ in _BLOCK_GAPS]
+    if gaps:
+        raise _not_yet(model, gaps[0])
     eps: list = []
     per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:
-        raise _unsupported("blocks that differ in heads, MLP width, qkv bias or layer scale")
-    num_heads, mlp_hidden, qkv_bias, layer_scale = per_block.pop()
-    flags = {key: _optional_norm(getattr(model, key), key, D, eps) for key in ("norm_pre", "norm", "fc_norm")}
+        raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
+    num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
+    import torch.nn as nn
+
+    flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
+             for key in ("norm_pre", "norm", "fc_norm")}
     if len(set(eps)) != 1:
         raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
     return {
         "img_size": img, "patch_size": patch, "in_chans": in_chans,
         "embed_dim": D, "depth": len(model.blocks), "num_heads": num_heads, "mlp_hidden": mlp_hidden,
-        "num_classes": model.head.out_features,
+        "num_classes": model.num_classes,
         "cls_token": model.cls_token is not None,
         "dist_token": getattr(model, "dist_token", None) is not None,
-        "reg_tokens": int(model.num_reg_tokens),
-        "no_embed_class": bool(model.no_embed_class),
+        "reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
+        "no_embed_class": bool(getattr(model, "no_embed_class", False)),
         "global_pool": global_pool,
         "fc_norm": flags["fc_norm"], "final_norm": flags["norm"], "norm_pre": flags["norm_pre"],
         "layer_scale": layer_scale, "qkv_bias": qkv_bias, "eps": eps[0],
-    }
+    }, act
+
+
+# --- the program per family ------------------------------------------------------------------
+
+def _is_relpos(model: Any) -> bool:
+    return type(model).__name__ == "VisionTransformerRelPos"
+
+
+def _rel_pos_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T]: what vit_relpos adds to a block's scaled attention scores (its own
+    module's bias, or the model's shared one); fixed for the model's image size."""
+    rel = blk.attn.rel_pos if blk.attn.rel_pos is not None else model.shared_rel_pos
+    if rel is None:
+        raise _unsupported("a VisionTransformerRelPos without a relative position module")
+    return rel.get_bias()[0]
+
+
+def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
+    """The op list of a supported model: the lowering of its arch, with what its family
+    changes (vit_relpos: no absolute position embedding; each attention adds its relative
+    position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    ops = opgraph.lower(graph, act)
+    if not _is_relpos(model):
+        return ops
+    i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
+    pos = ops.pop(i)
+    for op in ops:  # whatever read the position embedding reads its input instead
+        op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
+    for op in ops:
+        if op["op"] == "attention":
+            op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
+    return ops
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -347,7 +443,7 @@ def _np(t: Any, name: str) -> np.ndarray:
 
 def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
     """Everything but the linear layers and exit heads, under the model file's names."""
-    out = {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    out = {} if _is_relpos(model) else {"pos_embed": _np(model.pos_embed, "pos_embed")}
     for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
                          ("reg_token", arch["reg_tokens"])):
         if present:
@@ -361,6 +457,8 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
             m = getattr(blk, n)
             out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
             out[f"blocks.{i}.{n}.bias"] = _np(m.bias, f"blocks.{i}.{n}.bias")
+        if _is_relpos(model):
+            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_rel_pos_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
         if arch["layer_scale"]:
             out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
             out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
@@ -378,9 +476,10 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
-    out["head"] = wb(model.head, "head")
-    if getattr(model, "head_dist", None) is not None:
-        out["head_dist"] = wb(model.head_dist, "head_dist")
+    if model.num_classes:
+        out["head"] = wb(model.head, "head")
+        if getattr(model, "head_dist", None) is not None:
+            out["head_dist"] = wb(model.head_dist, "head_dist")
     return out
 
 
@@ -561,7 +660,7 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     import torch
 
     model, source_name = _source_model(source, model_kwargs)
-    arch = model_arch(model)  # an unsupported family is named before anything else
+    arch, act = describe_model(model)  # an unsupported family is named before anything else
     if isinstance(source, str) and checkpoint is None and not random_weights:
         raise ValueError(f"no checkpoint for {source!r}: pass checkpoint=... (--checkpoint), or random_weights=True "
                          f"(--random-weights) to convert timm's random initialisation")
@@ -570,6 +669,9 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     pol = as_policy(policy)
     heads = _exit_heads(ckpt_exits if exits is None else exits, arch)
     exit_blocks = sorted(e.block for e in pol.exits)
+    if exit_blocks and not arch["num_classes"]:
+        raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}, which need class logits; this "
+                          f"model has none (num_classes=0, a feature extractor)")
     layers = pol.resolve(graph_layer_names({"arch": arch, "exits": [{"block": b} for b in exit_blocks]}), arch["depth"])
     norms, exit_linears = _exit_tensors(heads, exit_blocks)
     with torch.no_grad():
@@ -588,6 +690,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    graph["ops"] = opgraph.lower(graph)  # the model as the program the runtime executes
+    graph["ops"] = _program(model, graph, act)  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

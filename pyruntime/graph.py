@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from .errors import FormatError
 
-__all__ = ["OP_KINDS", "OP_KEYS", "IMAGE", "Linear", "check_ops", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
+__all__ = ["OP_KINDS", "OP_KEYS", "MLP_ACTS", "IMAGE", "Linear", "check_ops", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
            "layer_names", "num_tokens", "op_macs", "weight_shapes", "depth", "tokens_chain", "block_ends"]
 
 IMAGE = "image"  # the program's input: one normalised image [C, H, W]
@@ -149,7 +149,7 @@ def _attention(op, ins):
     H = op["attrs"]["heads"]
     if D3 % (3 * H):
         raise ValueError(f"input width {D3} is not 3 x heads ({H}) x head width")
-    return [(T, D3 // 3)], {}
+    return [(T, D3 // 3)], {"bias": (H, T, T)} if "bias" in op["weights"] else {}
 
 
 def _same(op, ins):
@@ -214,9 +214,11 @@ OP_KINDS: Dict[str, OpKind] = {
     # x W^T + b; bias True/False fixed by the program, null: the file may carry one
     "linear": OpKind(1, 1, {"in_features": "pos", "out_features": "pos", "bias": "optbool"}, (LAYER,),
                      _linear_infer, linear=_linear_linear),
-    # timm's multi-head self-attention core on fused qkv [T, 3D] ([T, 3, heads, dh] order)
-    "attention": OpKind(1, 1, {"heads": "pos"}, (), _attention, in_block=True),
+    # timm's multi-head self-attention core on fused qkv [T, 3D] ([T, 3, heads, dh] order);
+    # "bias" [heads, T, T] (relative position bias) is added to the scaled scores
+    "attention": OpKind(1, 1, {"heads": "pos"}, (), _attention, optional_weights=("bias",), in_block=True),
     "gelu": OpKind(1, 1, {}, (), _same),           # exact erf GELU
+    "quick_gelu": OpKind(1, 1, {}, (), _same),     # CLIP's x * sigmoid(1.702 x)
     "layer_scale": OpKind(1, 1, {}, ("gamma",), _layer_scale),
     "add": OpKind(2, 1, {}, (), _binary),
     "average": OpKind(2, 1, {}, (), _binary),      # (a + b) / 2
@@ -499,8 +501,9 @@ def _lin(name: str, x: str, K: int, N: int, bias: Optional[bool], block: Optiona
     return _op("linear", name, [x], {"in_features": K, "out_features": N, "bias": bias}, {LAYER: name}, block)
 
 
-def _block(i: int, x: str, a: Mapping) -> List[dict]:
-    """timm's pre-norm Block: x + ls1(proj(attn(qkv(norm1 x)))), then the same with the MLP."""
+def _block(i: int, x: str, a: Mapping, act: str) -> List[dict]:
+    """timm's pre-norm Block: x + ls1(proj(attn(qkv(norm1 x)))), then the same with the MLP
+    (fc1, the activation op ``act``, fc2)."""
     p, D, F, eps = f"blocks.{i}", a["embed_dim"], a["mlp_hidden"], a["eps"]
     ops = [_norm(f"{p}.norm1", x, eps, i), _lin(f"{p}.attn.qkv", f"{p}.norm1", D, 3 * D, a["qkv_bias"], i),
            _op("attention", f"{p}.attn", [f"{p}.attn.qkv"], {"heads": a["num_heads"]}, block=i),
@@ -510,8 +513,8 @@ def _block(i: int, x: str, a: Mapping) -> List[dict]:
         ops.append(_op("layer_scale", f"{p}.ls1", [h], weights={"gamma": f"{p}.ls1.gamma"}, block=i))
         h = f"{p}.ls1"
     ops += [_op("add", f"{p}.residual1", [x, h], block=i), _norm(f"{p}.norm2", f"{p}.residual1", eps, i),
-            _lin(f"{p}.mlp.fc1", f"{p}.norm2", D, F, None, i), _op("gelu", f"{p}.mlp.gelu", [f"{p}.mlp.fc1"], block=i),
-            _lin(f"{p}.mlp.fc2", f"{p}.mlp.gelu", F, D, None, i)]
+            _lin(f"{p}.mlp.fc1", f"{p}.norm2", D, F, None, i), _op(act, f"{p}.mlp.{act}", [f"{p}.mlp.fc1"], block=i),
+            _lin(f"{p}.mlp.fc2", f"{p}.mlp.{act}", F, D, None, i)]
     h = f"{p}.mlp.fc2"
     if a["layer_scale"]:
         ops.append(_op("layer_scale", f"{p}.ls2", [h], weights={"gamma": f"{p}.ls2.gamma"}, block=i))
@@ -543,14 +546,22 @@ def _check_sizes(a: Mapping) -> None:
             raise FormatError(f"arch: {what} must be in 1..{lim['max_image_side']}, got {v!r:.40}")
     for key, most in bounds.items():
         v = a.get(key)
-        if not _is_int(v) or not (0 if key == "reg_tokens" else 1) <= v <= most:
-            raise FormatError(f"arch: {key} must be in 1..{most}, got {v!r:.40}")
+        least = 0 if key in ("reg_tokens", "num_classes") else 1  # num_classes 0: a feature extractor
+        if not _is_int(v) or not least <= v <= most:
+            raise FormatError(f"arch: {key} must be in {least}..{most}, got {v!r:.40}")
 
 
-def lower(graph: Mapping) -> List[dict]:
-    """The program of a plain timm VisionTransformer described by ``graph.arch`` (format 2/3)
-    with exit heads after ``graph.exits``' blocks: the one mapping from those hyper-parameters
-    to ops (the converter describes a timm model by them, then lowers)."""
+MLP_ACTS = ("gelu", "quick_gelu")  # the op kinds a ViT block's MLP may use between fc1 and fc2
+
+
+def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
+    """The program of a timm VisionTransformer described by ``graph.arch`` with exit heads
+    after ``graph.exits``' blocks and ``act`` (one of :data:`MLP_ACTS`) in its MLPs: the one
+    mapping from those hyper-parameters to ops. A format-2/3 graph is a plain ViT (exact
+    GELU); the converter picks ``act`` per family (CLIP's QuickGELU). ``num_classes`` 0 is a
+    feature extractor (timm's ``num_classes=0``): no head, its logits are its features."""
+    if act not in MLP_ACTS:
+        raise ValueError(f"MLP activation {act!r} is not one of {list(MLP_ACTS)}")
     a = graph["arch"]
     D, eps, n = a["embed_dim"], a["eps"], a["num_classes"]
     prefix = int(a["cls_token"]) + int(a["dist_token"]) + a["reg_tokens"]
@@ -570,7 +581,7 @@ def lower(graph: Mapping) -> List[dict]:
     pool = {"mode": a["global_pool"], "start": 0 if a["global_pool"] == "token" else prefix}
     x = ops[-1]["out"][0]
     for i in range(a["depth"]):
-        ops += _block(i, x, a)
+        ops += _block(i, x, a, act)
         x = ops[-1]["out"][0]
         if i in exits:
             ops.append(_op("exit", f"exits.{i}", [x], {**pool, "eps": eps, "out_features": n},
@@ -585,11 +596,17 @@ def lower(graph: Mapping) -> List[dict]:
     if a["fc_norm"]:
         ops.append(_norm("fc_norm", "pool", eps))
         features = "fc_norm"
-    ops.append(_lin("head", features, D, n, None))
-    logits = "head"
+    logits = None
+    if n:
+        ops.append(_lin("head", features, D, n, None))
+        logits = "head"
     if a["dist_token"]:
-        ops += [_op("pool", "pool_dist", [x], {"mode": "token", "start": 1}), _lin("head_dist", "pool_dist", D, n, None),
-                _op("average", "logits", ["head", "head_dist"]), _op("average", "features", [features, "pool_dist"])]
-        logits, features = "logits", "features"
+        ops.append(_op("pool", "pool_dist", [x], {"mode": "token", "start": 1}))
+        if n:
+            ops += [_lin("head_dist", "pool_dist", D, n, None), _op("average", "logits", ["head", "head_dist"])]
+            logits = "logits"
+        ops.append(_op("average", "features", [features, "pool_dist"]))
+        features = "features"
+    logits = logits or features
     ops.append(_op("output", "output", [logits, features, tokens_out], outs=[]))
     return ops

@@ -93,7 +93,7 @@ _PREPROCESS_RESIZE_KEYS = ("crop_pct", "interpolation", "crop_mode")
 _BOOL, _POS_INT, _NONNEG_INT, _PAIR = "bool", "positive int", "non-negative int", "pair"
 ARCH_KEYS = {
     "img_size": _PAIR, "patch_size": _PAIR, "in_chans": _POS_INT, "embed_dim": _POS_INT,
-    "depth": _POS_INT, "num_heads": _POS_INT, "mlp_hidden": _POS_INT, "num_classes": _POS_INT,
+    "depth": _POS_INT, "num_heads": _POS_INT, "mlp_hidden": _POS_INT, "num_classes": _NONNEG_INT,
     "cls_token": _BOOL, "dist_token": _BOOL, "reg_tokens": _NONNEG_INT, "no_embed_class": _BOOL,
     "global_pool": "token|avg", "fc_norm": _BOOL, "final_norm": _BOOL, "norm_pre": _BOOL,
     "layer_scale": _BOOL, "qkv_bias": _BOOL, "eps": "float in [1e-30, 1]",
@@ -391,19 +391,32 @@ def _max_ops() -> int:
     return 16 * (limits()["max_depth"] + 2)
 
 
-def _check_ops_lowering(graph: Mapping) -> None:
-    """While the lowering of ``arch`` is the one mapper from a model to ops (and the rest of
-    pyruntime reads ``arch`` for the model's summary: depth, widths, classes), a graph's own
-    well-formed op list must be exactly the lowering of ``arch`` and ``exits``, so that the
-    two can never describe different models."""
-    ops = opgraph.ops_of(graph)  # exit ops where graph.exits puts them
-    want = opgraph.lower(graph)
-    if ops != want:
-        i = next((i for i, (a, b) in enumerate(zip(ops, want)) if a != b), min(len(ops), len(want)))
-        got = f"op #{i} {ops[i].get('name')!r}" if i < len(ops) else f"the end after {len(ops)} ops"
-        expect = f"op #{i} {want[i]['name']!r} ({want[i]['op']})" if i < len(want) else "the end"
-        raise FormatError(f"graph.ops disagree with graph.arch and graph.exits at {got}: expected {expect}; this "
-                          f"runtime's files hold the op list of a plain timm VisionTransformer")
+def _check_ops_summary(graph: Mapping) -> None:
+    """The rest of pyruntime reads ``arch`` for the model's summary (input, widths, depth,
+    heads, tokens, classes, final norm) while the executor runs the op list, which a
+    converter may write per family (not only the lowering of ``arch``): the two must
+    describe the same model (exit ops are placed by ``graph.exits``, as everywhere)."""
+    a, ops = graph["arch"], opgraph.ops_of(graph)
+    shapes = opgraph.infer_shapes(ops, check=False)
+    out = ops[-1]
+    logits, features = (shapes[t][0] for t in out["in"][:2])
+    embed = ops[0]["attrs"]
+    norm_chain = [op for op in opgraph.tokens_chain(ops) if op["op"] == "layernorm"]
+    heads = sorted({op["attrs"]["heads"] for op in ops if op["op"] == "attention"})
+    facts = [  # (op the fact is read from, arch key, arch's value, the program's)
+        (0, "img_size", list(a["img_size"]), embed["img_size"]), (0, "patch_size", list(a["patch_size"]), embed["patch_size"]),
+        (0, "in_chans", a["in_chans"], embed["in_chans"]), (0, "embed_dim", a["embed_dim"], embed["out_features"]),
+        (len(ops) - 1, "depth", a["depth"], opgraph.depth(ops)),
+        (len(ops) - 1, "num_heads", [a["num_heads"]], heads),
+        (len(ops) - 1, "tokens", num_tokens(a), opgraph.num_tokens(ops)),
+        (len(ops) - 1, "num_classes", a["num_classes"] or a["embed_dim"], logits),
+        (len(ops) - 1, "embed_dim", a["embed_dim"], features),
+        (len(ops) - 1, "final_norm", a["final_norm"], bool(norm_chain)),
+    ]
+    for i, key, want, got in facts:
+        if want != got:
+            raise FormatError(f"graph.ops disagree with graph.arch and graph.exits at op #{i} {ops[i]['name']!r}: "
+                              f"arch.{key} says {want}, the program has {got}")
 
 
 def _graph_gates(gates: Any) -> Optional[GatePolicy]:
@@ -450,8 +463,15 @@ def check_graph(graph: Any) -> None:
         if blocks != sorted(set(blocks)):
             raise FormatError(f"graph exits must be sorted by block without repeats, got blocks {blocks}")
         pol.validate_exits(arch["depth"])
-        # Count before listing names: a hostile depth (say 10**12) must fail fast, not loop.
-        needed = 4 * arch["depth"] + 2 + len(blocks) + int(arch["dist_token"])
+        if blocks and not arch["num_classes"]:
+            raise FormatError(f"exits at blocks {blocks} need class logits; this model has none (num_classes 0, "
+                              f"a feature extractor)")
+        # Count before listing names: a hostile depth (say 10**12) must fail fast, not loop
+        # (a program of its own is bounded by the op limit already).
+        if "ops" in graph:
+            needed = len(opgraph.linears(opgraph.ops_of(graph)))
+        else:
+            needed = 4 * arch["depth"] + 1 + len(blocks) + (1 + int(arch["dist_token"])) * bool(arch["num_classes"])
         if len(pol.layers) != needed:
             raise FormatError(f"graph.layers has {len(pol.layers)} entries; this architecture has {needed} linear layers")
         names = graph_layer_names(graph)
@@ -467,7 +487,7 @@ def check_graph(graph: Any) -> None:
     except PolicyError as e:
         raise FormatError(f"inconsistent graph: {e}") from None
     if "ops" in graph:
-        _check_ops_lowering(graph)
+        _check_ops_summary(graph)
     _check_layer_limits(graph)
 
 

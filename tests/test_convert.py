@@ -310,6 +310,11 @@ def test_preprocess_default_and_override(tmp_path):
 
 # --- what is refused ------------------------------------------------------------------------------
 
+def _with_head(model: nn.Module, head: nn.Module) -> nn.Module:
+    model.head = head
+    return model
+
+
 UNSUPPORTED = {
     "qk_norm": (lambda: VisionTransformer(**SMALL, qk_norm=True), "qk_norm"),
     "swiglu": (lambda: VisionTransformer(**SMALL, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU), "SwiGLU"),
@@ -320,7 +325,8 @@ UNSUPPORTED = {
     "dynamic_img_size": (lambda: VisionTransformer(**SMALL, dynamic_img_size=True), "dynamic_img_size"),
     "rmsnorm": (lambda: VisionTransformer(**SMALL, norm_layer="rmsnorm"), "LayerNorm"),
     "no_pos_embed": (lambda: VisionTransformer(**SMALL, pos_embed="none"), "pos_embed"),
-    "no_head": (lambda: VisionTransformer(**dict(SMALL, num_classes=0)), "num_classes=0"),
+    "conv_head": (lambda: _with_head(VisionTransformer(**SMALL), nn.Sequential(nn.Linear(48, 10))),
+                  "a classifier head that is not linear"),
     "res_post_block": (lambda: VisionTransformer(**SMALL, block_fn=ResPostBlock), "ResPostBlock"),
     "not_a_vit": (lambda: nn.Linear(3, 3), "not a timm VisionTransformer"),
 }

@@ -322,14 +322,20 @@ Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
     same_shape();
     const size_t heads = bounded(attrs, "heads", n, kMaxDim);
     if (x().width % (3 * heads)) bad("op '" + n + "': input width is not 3 x heads x head width");
-    op.kind = AttentionOp{heads};
+    AttentionOp k{heads, {}};
+    if (w.contains("bias")) {
+      k.bias = floats(ps.t, role("bias"));
+      if (k.bias.size() != heads * x().rows * x().rows) bad("op '" + n + "': tensor '" + role("bias") + "' is not heads x T x T");
+    }
+    op.kind = std::move(k);
     out({x().rows, x().width / 3});
-  } else if (kind == "gelu" || kind == "add" || kind == "average") {
-    const bool binary = kind != "gelu";
+  } else if (kind == "gelu" || kind == "quick_gelu" || kind == "add" || kind == "average") {
+    const bool binary = kind == "add" || kind == "average";
     arity(binary ? 2 : 1, 1);
     same_shape();
     if (binary && (x(1).rows != x().rows || x(1).width != x().width)) bad("op '" + n + "': inputs differ in shape");
     if (kind == "gelu") op.kind = GeluOp{};
+    else if (kind == "quick_gelu") op.kind = QuickGeluOp{};
     else if (kind == "add") op.kind = AddOp{};
     else op.kind = AverageOp{};
     out(x());

@@ -244,8 +244,9 @@ void pack_v_q8(const KernelTable& kt, const AttnGeometry& g, const float* v, siz
 // Attention of `rows` query rows of one head on int8 operands: q quantised per row (the
 // 1/sqrt(dh) folded into its scale), s = q.k^T, p = softmax_q8(s) (probabilities straight to
 // int8, each row's scale 1/sum), o = p.v.
+// bias (null: none): rows x T additive terms (row stride T) added to the dequantised scores.
 void attend_q8(const KernelTable& kt, const AttnGeometry& g, size_t rows, const float* q, size_t q_stride,
-               float scale, const int8_t* packed, const float* scales, float* o, size_t o_stride) {
+               float scale, const int8_t* packed, const float* scales, const float* bias, float* o, size_t o_stride) {
   thread_local Q8Rows buf;
   thread_local AlignedBuffer<float> a_scale;
   a_scale.reserve_scratch(rows);
@@ -254,6 +255,7 @@ void attend_q8(const KernelTable& kt, const AttnGeometry& g, size_t rows, const 
   buf.f.reserve_scratch(rows * g.T);
   float* s = buf.f.data();
   kt.qd8_f32_qc8w_gemm(rows, g.T, g.kd, buf.q.data(), g.kd, a_scale.data(), packed, scales, nullptr, s, g.T);
+  if (bias) kt.add(rows * g.T, s, bias, s);
   buf.q.reserve_scratch(rows * g.kt);
   kt.softmax_q8(rows, g.T, g.kt, s, g.T, buf.q.data(), g.kt, a_scale.data());
   kt.qd8_f32_qc8w_gemm(rows, g.dh, g.kt, buf.q.data(), g.kt, a_scale.data(), packed + g.k_bytes,
@@ -358,6 +360,7 @@ constexpr int kImage = -2;   // the input images
 // Ops whose output may overwrite their first input once nothing reads it any more.
 bool in_place(const OpKind& k) {
   return std::holds_alternative<LayerNormOp>(k) || std::holds_alternative<GeluOp>(k) ||
+         std::holds_alternative<QuickGeluOp>(k) ||
          std::holds_alternative<LayerScaleOp>(k) || std::holds_alternative<AddOp>(k) ||
          std::holds_alternative<AverageOp>(k) || std::holds_alternative<PosEmbedOp>(k);
 }
@@ -699,7 +702,8 @@ class Runner {
   // Images are processed in waves so the packed K/V buffers stay small for big batches; each
   // wave packs K and V of every head (separate tasks: an odd head count balances better),
   // then runs query rows in tasks. fp32 or int8 operands as the spec says.
-  void attention(const float* qkv, size_t images, float* out, AttnScratch& ws, size_t T, size_t D, size_t H) {
+  void attention(const float* qkv, size_t images, float* out, AttnScratch& ws, size_t T, size_t D, size_t H,
+                 const std::vector<float>& bias) {
     const size_t dh = D / H;
     const bool q8 = s_.attn_bits == 8;
     const AttnGeometry g(T, dh);
@@ -744,16 +748,17 @@ class Runner {
           const size_t n_rows = std::min(kAttnRows, r1 - t0);
           const float* q = qkv + (img * T + t0) * 3 * D + h * dh;
           float* o = out + (img * T + t0) * D + h * dh;
+          const float* b = bias.empty() ? nullptr : bias.data() + (h * T + t0) * T;
           if (q8) {
             attend_q8(*ctx_.kt, g, n_rows, q, 3 * D, scale, ws.kv_q8.data() + ih * g.q8_bytes,
-                      ws.kv_scales.data() + ih * g.q8_scales, o, D);
+                      ws.kv_scales.data() + ih * g.q8_scales, b, o, D);
             continue;
           }
           thread_local AlignedBuffer<float> scores;
           scores.reserve_scratch(kAttnRows * T);
           const float* pk = ws.kv_pack.data() + ih * (g.kp + g.vp);
           ctx_.kt->f32_gemm(n_rows, T, dh, q, 3 * D, pk, nullptr, scores.data(), T);
-          ctx_.kt->softmax(n_rows, T, scale, scores.data(), T);
+          attention_softmax(*ctx_.kt, n_rows, T, scale, b, T, scores.data(), T);
           ctx_.kt->f32_gemm(n_rows, dh, T, scores.data(), T, pk + g.kp, nullptr, o, D);
         }
       });
@@ -842,12 +847,18 @@ class Runner {
       const size_t T = xs.rows, D = ys.width;
       const int64_t bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * s_.attn_bits * s_.attn_bits;
       for (size_t i = 0; i < count; ++i) b.res->bops[b.active[first + i]] += bops;
-      timed(op.timer, [&] { attention(x, count, y, ws.attn_scratch, T, D, k->heads); });
+      timed(op.timer, [&] { attention(x, count, y, ws.attn_scratch, T, D, k->heads, k->bias); });
     } else if (std::holds_alternative<GeluOp>(op.kind)) {
       timed(op.timer, [&] {
         copy_in();
         const size_t W = xs.width;
         parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->gelu((r1 - r0) * W, y + r0 * W); });
+      });
+    } else if (std::holds_alternative<QuickGeluOp>(op.kind)) {
+      timed(op.timer, [&] {
+        copy_in();
+        const size_t W = xs.width;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) { ctx_.kt->quick_gelu((r1 - r0) * W, y + r0 * W); });
       });
     } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
       timed(op.timer, [&] {

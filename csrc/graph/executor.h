@@ -97,8 +97,9 @@ struct PrefixTokensOp { std::vector<float> rows; };    // [n x D] rows put befor
 struct PosEmbedOp { std::vector<float> pos; };         // + pos [rows x D]
 struct LayerNormOp { LayerNormParams p; float eps = 1e-6f; };
 struct LinearOp { LinearLayer full, reduced; };        // reduced.w.bits == 0: no QuEE copy
-struct AttentionOp { size_t heads = 1; };              // on fused qkv [T x 3D]
+struct AttentionOp { size_t heads = 1; std::vector<float> bias; };  // on fused qkv [T x 3D]; bias: [heads x T x T] or none
 struct GeluOp {};
+struct QuickGeluOp {};                                // CLIP's x * sigmoid(1.702 x)
 struct LayerScaleOp { std::vector<float> gamma; };
 struct AddOp {};
 struct AverageOp {};                                   // (a + b) / 2
@@ -107,7 +108,7 @@ struct ExitOp { ExitHead head; bool avg = false; size_t start = 0; };
 struct OutputOp {};                                    // in: logits, features, tokens
 
 using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, GeluOp,
-                            LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
+                            QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
 
 struct Op {
   std::string name;
