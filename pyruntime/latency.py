@@ -154,6 +154,9 @@ def profiling_model(graph: Mapping, tensors: Mapping[str, np.ndarray]) -> Tuple[
     have = {e["block"] for e in graph["exits"]}
     g = uniform_graph(arch, 32, _all_exits(arch))
     g["preprocess"] = copy.deepcopy(graph["preprocess"])
+    # the file's own program (its family's ops: QuickGELU, relative position bias, ...), not
+    # the plain ViT that arch alone lowers to, with an exit after every block
+    g["ops"] = copy.deepcopy(opgraph.with_exits(opgraph.ops_of(graph), _all_exits(arch)))
     t = {k: v for k, v in tensors.items() if not k.startswith("gates.") and ":lo" not in k}
     synthesised = [b for b in _all_exits(arch) if b not in have]
     for b in synthesised:

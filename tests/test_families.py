@@ -240,3 +240,24 @@ def test_families_still_out_are_refused_in_one_line(name, tmp_path):
     # by module too: the same line (the class and timm's architecture name)
     with pytest.raises(ValueError, match=message):
         convert(timm.create_model(name, pretrained=False, **kwargs), tmp_path / "m.pyrt")
+
+
+@pytest.mark.parametrize("case", ["clip_quickgelu", "relpos_cls"])
+def test_profiling_times_the_family_program_not_the_plain_lowering(tmp_path, case):
+    """latency's profiling model keeps the file's own ops (QuickGELU, the attention bias) and
+    adds an exit after every block; the runtime accepts it."""
+    from pyruntime import _core
+    from pyruntime.latency import profiling_model
+
+    graph, tensors, _, _ = read_model(convert(build(case), tmp_path / "m.pyrt"))
+    g, t, synthesised = profiling_model(graph, tensors)
+    kinds = {op["op"] for op in g["ops"]}
+    assert ("quick_gelu" in kinds) == (case == "clip_quickgelu")
+    assert any(op["op"] == "attention" and op["weights"] for op in g["ops"]) == (case == "relpos_cls")
+    depth = graph["arch"]["depth"]
+    assert [op["block"] for op in g["ops"] if op["op"] == "exit"] == list(range(depth - 1)) == synthesised
+    profile = _core.Executor(g, t)  # what latency.profile times
+    profile.set_profiling(True)
+    x = np.random.default_rng(0).standard_normal((2, *graph["preprocess"]["input_size"])).astype(np.float32)
+    profile.run(x)
+    assert any("gelu" in op for op in profile.profile())
