@@ -323,13 +323,28 @@ def _class_name(c: int, classes) -> str:
     return f"{c} ({classes[c]})" if classes is not None and c < len(classes) and classes[c] != str(c) else str(c)
 
 
+def _write_npy(path: str, array: np.ndarray, inputs) -> None:
+    """``array`` as a float32 .npy at ``path``, atomically (never over an input or a non-file)."""
+    import io
+
+    from ._atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32))
+    atomic_write_bytes(path, buf.getvalue(), inputs=inputs)
+
+
 def cmd_run(args) -> int:
     from .runtime import load
 
     model = load(args.model, num_threads=args.threads)
     images, names, labels, classes = _run_inputs(args.images, model)
     x = images if isinstance(images, np.ndarray) else model.preprocess(images)
-    r = model.run(x)
+    inputs = [args.model] + [p for p in args.images if isinstance(p, str)]
+    r = model.run(x, tokens=args.tokens is not None)
+    for path, array in ((args.features, r.features), (args.tokens, r.tokens)):
+        if path is not None:
+            _write_npy(path, array, inputs)
     probs = np.exp(r.logits - r.logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     for i in range(len(r.logits)):
@@ -515,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "files and folders of them, any size (resized as the model's preprocessing says)")
     r.add_argument("--threads", type=thread_count)
     r.add_argument("--top-k", type=positive_int, default=3)
+    r.add_argument("--features", type=output_file, default=None, metavar="OUT.npy",
+                   help="also write the pooled pre-logits features [B, D] (timm's forward_head(pre_logits=True); "
+                        "an image that exited: its exit head's) as float32 .npy")
+    r.add_argument("--tokens", type=output_file, default=None, metavar="OUT.npy",
+                   help="also write every token after the final norm [B, T, D] (timm's forward_features; an image "
+                        "that exited: its tokens at the exit through the final norm) as float32 .npy")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("inspect", help="print a model file's version, layers, bits, exits, size, BOPs")

@@ -37,6 +37,24 @@ def images(tmp_path_factory):
     return path, x
 
 
+def test_run_writes_features_and_tokens(model_file, images, tmp_path, capsys):
+    """``run --features F --tokens T``: the RunResult's arrays as float32 .npy, the same as the
+    Python API gives (an image that exited: its exit head's features, its tokens at the exit)."""
+    path, _ = model_file
+    npy, x = images
+    f, t = tmp_path / "f.npy", tmp_path / "t.npy"
+    assert main(["run", str(path), str(npy), "--threads", "1", "--features", str(f), "--tokens", str(t)]) == 0
+    r = pyruntime.load(path, num_threads=1).run(x, tokens=True)
+    np.testing.assert_array_equal(np.load(f), r.features)
+    np.testing.assert_array_equal(np.load(t), r.tokens)
+    assert np.load(f).dtype == np.float32 and np.load(t).shape[:1] == (len(x),)
+    capsys.readouterr()
+    assert main(["run", str(path), str(npy), "--features", str(npy)]) == 2  # never over its own input
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x.npy" in err[0]
+    np.testing.assert_array_equal(np.load(npy), x)
+
+
 def test_inspect_names_version_attention_layers_and_bops(model_file, capsys):
     path, graph = model_file
     assert main(["inspect", str(path)]) == 0
