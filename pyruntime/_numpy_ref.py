@@ -105,6 +105,24 @@ def _quick_gelu(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float64) / (1.0 + np.exp(-z))).astype(_F32)
 
 
+def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """SwiGLU's gate: silu(g) * u = g * sigmoid(g) * u."""
+    g64 = g.astype(np.float64)
+    return (g64 / (1.0 + np.exp(-g64)) * u.astype(np.float64)).astype(_F32)
+
+
+def _rotate(x: np.ndarray, sin: np.ndarray, cos: np.ndarray, half: bool) -> np.ndarray:
+    """timm's apply_rot_embed: x cos + rot(x) sin over the last axis (head width), rot the
+    interleaved pair rotation [-x1, x0, -x3, x2, ...] or, ``half``, [-x_hi, x_lo]."""
+    x64 = x.astype(np.float64)
+    if half:
+        lo, hi = np.split(x64, 2, axis=-1)
+        rot = np.concatenate([-hi, lo], axis=-1)
+    else:
+        rot = np.stack([-x64[..., 1::2], x64[..., 0::2]], axis=-1).reshape(x64.shape)
+    return (x64 * cos + rot * sin).astype(_F32)
+
+
 def _softmax(x: np.ndarray, scale: np.float32) -> np.ndarray:
     z = x.astype(np.float64) * float(scale)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
@@ -343,6 +361,27 @@ def _op_attention(r: _Run, op: Mapping, qkv: np.ndarray):
     return [_matmul(attn, v).transpose(1, 0, 2).reshape(T, D)]
 
 
+def _op_rope(r: _Run, op: Mapping, qkv: np.ndarray):
+    """q and k of the tokens after the prefix rotated, per head; v and the prefix as they were."""
+    a = op["attrs"]
+    T, H, p = qkv.shape[0], a["heads"], a["prefix"]
+    dh = qkv.shape[1] // (3 * H)
+    heads = qkv.reshape(T, 3, H, dh).copy()
+    sin, cos = (r.m.weight(op, role).astype(np.float64) for role in ("sin", "cos"))
+    if a["per_head"]:  # [H, n, dh] -> [n, H, dh], to line up with the tokens' heads
+        sin, cos = sin.transpose(1, 0, 2), cos.transpose(1, 0, 2)
+    else:
+        sin, cos = sin[:, None], cos[:, None]
+    for j in (0, 1):  # q, k
+        heads[p:, j] = _rotate(heads[p:, j], sin, cos, a["half"])
+    return [heads.reshape(T, 3 * H * dh)]
+
+
+def _op_swiglu(r: _Run, op: Mapping, x: np.ndarray):
+    gate, up = np.split(x, 2, axis=-1)
+    return [_silu_mul(gate, up)]
+
+
 def _op_gelu(r: _Run, op: Mapping, x: np.ndarray):
     return [_gelu(x)]
 
@@ -379,7 +418,8 @@ def _op_output(r: _Run, op: Mapping, *ins: np.ndarray):
 
 
 _OPS = {"patch_embed": _op_patch_embed, "prefix_tokens": _op_prefix_tokens, "pos_embed": _op_pos_embed,
-        "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "gelu": _op_gelu,
+        "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "rope": _op_rope,
+        "swiglu": _op_swiglu, "gelu": _op_gelu,
         "quick_gelu": _op_quick_gelu, "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
         "exit": _op_exit, "output": _op_output}
 assert set(_OPS) == set(opgraph.OP_KINDS), "every op kind needs its function here"

@@ -1,11 +1,13 @@
 """Bit operations (BOPs) of a model file's graph, computed analytically.
 
 BOPs(linear) = MACs x b_w x b_a, with fp32 counting 32 x 32 (docs/model_format.md "BOPs").
-Per image: the patch embedding, each executed block's four linears and its two attention
+Per image: the patch embedding, each executed block's linears (qkv, proj, and the MLP's: fc1 and
+fc2, or SwiGLU's two input projections fc1_g and fc1_x and fc2) and its two attention
 matmuls (q.k^T and attn.v, T*T*D MACs each, at the graph's attention bits: 32 x 32 for fp32
 operands, 8 x 8 for int8), every exit head evaluated, and
 the final head (plus ``head_dist``), and each QuEE gate MLP that decides for the image (fp32,
-counted with its exit head). LayerNorm, softmax, GELU and residual adds are free.
+counted with its exit head). LayerNorm, softmax, GELU, SwiGLU's gate, RoPE and residual adds
+are free (element-wise, no MACs).
 
 Who pays for what, with an image that exits at block b having executed blocks 0..b:
 
@@ -139,7 +141,7 @@ def _reduced_blocks(graph: Mapping, blocks: np.ndarray) -> np.ndarray:
 
 
 def block_bops(path_or_graph: GraphOrPath) -> Tuple[np.ndarray, np.ndarray]:
-    """(full [depth], reduced [depth]): BOPs of one image through each block (its four
+    """(full [depth], reduced [depth]): BOPs of one image through each block (its
     linears and the attention matmuls; no exit heads) at full and at reduced precision
     (equal for blocks without reduced copies)."""
     graph = _graph(path_or_graph)

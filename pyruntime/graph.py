@@ -157,6 +157,27 @@ def _same(op, ins):
     return [ins[0]], {}
 
 
+def _rope(op, ins):
+    T, D3 = _tokens(ins[0])
+    a = op["attrs"]
+    H, prefix = a["heads"], a["prefix"]
+    if D3 % (3 * H) or (D3 // (3 * H)) % 2:
+        raise ValueError(f"input width {D3} is not 3 x heads ({H}) x an even head width")
+    if prefix >= T:
+        raise ValueError(f"prefix {prefix} leaves none of the {T} tokens to rotate")
+    table = (T - prefix, D3 // (3 * H))
+    if a["per_head"]:
+        table = (H, *table)
+    return [(T, D3)], {"sin": table, "cos": table}
+
+
+def _swiglu(op, ins):
+    W = _vector_or_tokens(ins[0])
+    if W % 2:
+        raise ValueError(f"a packed SwiGLU input needs an even width (gate, then input), got {W}")
+    return [(*ins[0][:-1], W // 2)], {}
+
+
 def _layer_scale(op, ins):
     return [ins[0]], {"gamma": (_vector_or_tokens(ins[0]),)}
 
@@ -217,6 +238,15 @@ OP_KINDS: Dict[str, OpKind] = {
     # timm's multi-head self-attention core on fused qkv [T, 3D] ([T, 3, heads, dh] order);
     # "bias" [heads, T, T] (relative position bias) is added to the scaled scores
     "attention": OpKind(1, 1, {"heads": "pos"}, (), _attention, optional_weights=("bias",), in_block=True),
+    # RoPE on fused qkv [T, 3D]: q and k of tokens prefix..T-1 rotated in place (timm's
+    # apply_rot_embed_cat; half: rope_rotate_half, else interleaved pairs), v and the prefix
+    # tokens untouched; sin/cos [T - prefix, dh] shared by the heads, or per_head
+    # [heads, T - prefix, dh] (timm's 'mixed' RoPE), fixed for the model's image size
+    "rope": OpKind(1, 1, {"heads": "pos", "prefix": "nonneg", "half": "bool", "per_head": "bool"}, ("sin", "cos"),
+                   _rope, in_block=True),
+    # [.., 2F] -> [.., F]: silu(first half) * second half, the output of one fc1 holding the
+    # gate's rows first (timm SwiGLUPacked; timm SwiGLU's fc1_g and fc1_x stacked)
+    "swiglu": OpKind(1, 1, {}, (), _swiglu),
     "gelu": OpKind(1, 1, {}, (), _same),           # exact erf GELU
     "quick_gelu": OpKind(1, 1, {}, (), _same),     # CLIP's x * sigmoid(1.702 x)
     "layer_scale": OpKind(1, 1, {}, ("gamma",), _layer_scale),
@@ -445,7 +475,7 @@ def depth(ops: Sequence[Mapping]) -> int:
 def op_macs(ops: Sequence[Mapping]) -> List[Tuple[Mapping, Dict[str, int]]]:
     """[(op, {what: MACs of one image})]: a linear-bearing op counts each of its layers by
     layer name; ``attention`` counts its two matmuls, ``<name>.qk`` (q.k^T) and ``<name>.av``
-    (attn.v), T x T x D each. Every other kind is free (LayerNorm, GELU, adds, softmax)."""
+    (attn.v), T x T x D each. Every other kind is free (LayerNorm, GELU, SwiGLU's gate, RoPE, adds, softmax)."""
     shapes = _infer(ops)
     out = []
     for op in ops:

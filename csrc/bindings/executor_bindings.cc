@@ -329,6 +329,30 @@ Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
     }
     op.kind = std::move(k);
     out({x().rows, x().width / 3});
+  } else if (kind == "rope") {
+    arity(1, 1);
+    same_shape();
+    RopeOp k;
+    k.heads = bounded(attrs, "heads", n, kMaxDim);
+    k.prefix = get<size_t>(attrs, "prefix", n);
+    k.form = get<bool>(attrs, "half", n) ? RopeForm::kHalf : RopeForm::kInterleaved;
+    k.per_head = get<bool>(attrs, "per_head", n);
+    if (x().width % (3 * k.heads) || (x().width / (3 * k.heads)) % 2)
+      bad("op '" + n + "': input width is not 3 x heads x an even head width");
+    if (k.prefix >= x().rows) bad("op '" + n + "': prefix " + std::to_string(k.prefix) + " leaves no token to rotate");
+    const size_t table = (x().rows - k.prefix) * (x().width / 3) / (k.per_head ? 1 : k.heads);
+    k.sin = floats(ps.t, role("sin"));
+    k.cos = floats(ps.t, role("cos"));
+    if (k.sin.size() != table || k.cos.size() != table)
+      bad("op '" + n + "': tensors '" + role("sin") + "' and '" + role("cos") + "' must hold " + std::to_string(table) + " values");
+    op.kind = std::move(k);
+    out(x());
+  } else if (kind == "swiglu") {
+    arity(1, 1);
+    same_shape();
+    if (x().width % 2) bad("op '" + n + "': a swiglu input needs an even width (gate, then input)");
+    op.kind = SwiGluOp{};
+    out({x().rows, x().width / 2});
   } else if (kind == "gelu" || kind == "quick_gelu" || kind == "add" || kind == "average") {
     const bool binary = kind == "add" || kind == "average";
     arity(binary ? 2 : 1, 1);

@@ -360,6 +360,7 @@ constexpr int kImage = -2;   // the input images
 // Ops whose output may overwrite their first input once nothing reads it any more.
 bool in_place(const OpKind& k) {
   return std::holds_alternative<LayerNormOp>(k) || std::holds_alternative<GeluOp>(k) ||
+         std::holds_alternative<RopeOp>(k) ||
          std::holds_alternative<QuickGeluOp>(k) ||
          std::holds_alternative<LayerScaleOp>(k) || std::holds_alternative<AddOp>(k) ||
          std::holds_alternative<AverageOp>(k) || std::holds_alternative<PosEmbedOp>(k);
@@ -560,6 +561,15 @@ void Executor::validate() const {
     } else if (auto* k = std::get_if<AttentionOp>(&op.kind)) {
       if (x->rows != a.tokens() || x->width != 3 * D || k->heads == 0 || D % k->heads)
         fail(op.name + ": attention needs qkv [T x 3D] and heads dividing D");
+    } else if (auto* k = std::get_if<RopeOp>(&op.kind)) {
+      if (k->heads == 0 || x->width % (3 * k->heads) || (x->width / (3 * k->heads)) % 2 || k->prefix >= x->rows)
+        fail(op.name + ": rope needs qkv [T x 3 heads dh] with dh even and a prefix shorter than T");
+      const size_t table = (x->rows - k->prefix) * (x->width / 3) / (k->per_head ? 1 : k->heads);
+      expect_size(k->sin, table, op.name + " sin");
+      expect_size(k->cos, table, op.name + " cos");
+    } else if (std::holds_alternative<SwiGluOp>(op.kind)) {
+      const TensorShape& y = shape(op, op.out[0]);
+      if (y.width * 2 != x->width || y.rows != x->rows) fail(op.name + ": swiglu halves its input's width");
     } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
       expect_size(k->gamma, x->width, op.name + " gamma");
     } else if (auto* k = std::get_if<PoolOp>(&op.kind)) {
@@ -848,6 +858,23 @@ class Runner {
       const int64_t bops = int64_t(2) * int64_t(T) * int64_t(T) * int64_t(D) * s_.attn_bits * s_.attn_bits;
       for (size_t i = 0; i < count; ++i) b.res->bops[b.active[first + i]] += bops;
       timed(op.timer, [&] { attention(x, count, y, ws.attn_scratch, T, D, k->heads, k->bias); });
+    } else if (auto* k = std::get_if<RopeOp>(&op.kind)) {
+      timed(op.timer, [&] {
+        copy_in();
+        const size_t T = xs.rows, W = xs.width, D = W / 3, hd = D / k->heads;
+        // q and k of each image rotate independently: a task each.
+        ThreadPool::global().run(2 * count, ctx_.threads, [&](size_t t) {
+          float* img = y + (t / 2) * T * W + (t % 2) * D;
+          apply_rope(*ctx_.kt, T, k->prefix, k->heads, hd, k->form, img, W, k->sin.data(), k->cos.data(), k->per_head);
+        });
+      });
+    } else if (std::holds_alternative<SwiGluOp>(op.kind)) {
+      timed(op.timer, [&] {
+        const size_t W = xs.width, F = W / 2;
+        parallel_rows(ctx_, rows, W, [&](size_t r0, size_t r1) {
+          ctx_.kt->swiglu(r1 - r0, F, x + r0 * W, W, x + r0 * W + F, W, y + r0 * F, F);
+        });
+      });
     } else if (std::holds_alternative<GeluOp>(op.kind)) {
       timed(op.timer, [&] {
         copy_in();

@@ -98,6 +98,16 @@ struct PosEmbedOp { std::vector<float> pos; };         // + pos [rows x D]
 struct LayerNormOp { LayerNormParams p; float eps = 1e-6f; };
 struct LinearOp { LinearLayer full, reduced; };        // reduced.w.bits == 0: no QuEE copy
 struct AttentionOp { size_t heads = 1; std::vector<float> bias; };  // on fused qkv [T x 3D]; bias: [heads x T x T] or none
+// RoPE on fused qkv [T x 3D], in place: q and k of tokens prefix..T-1 rotated per head (ops.h's
+// apply_rope), v and the prefix tokens as they are. sin/cos: [T - prefix, dh] shared by the
+// heads, or per_head [heads, T - prefix, dh].
+struct RopeOp {
+  size_t heads = 1, prefix = 0;
+  RopeForm form = RopeForm::kInterleaved;
+  bool per_head = false;
+  std::vector<float> sin, cos;
+};
+struct SwiGluOp {};                                    // [.. x 2F] -> silu(first half) * second half
 struct GeluOp {};
 struct QuickGeluOp {};                                // CLIP's x * sigmoid(1.702 x)
 struct LayerScaleOp { std::vector<float> gamma; };
@@ -107,8 +117,9 @@ struct PoolOp { bool avg = false; size_t start = 0; }; // token `start`, or mean
 struct ExitOp { ExitHead head; bool avg = false; size_t start = 0; };
 struct OutputOp {};                                    // in: logits, features, tokens
 
-using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, GeluOp,
-                            QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
+using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, RopeOp,
+                            SwiGluOp, GeluOp, QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp,
+                            ExitOp, OutputOp>;
 
 struct Op {
   std::string name;
