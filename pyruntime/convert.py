@@ -3,7 +3,7 @@
 ``convert(source, out, checkpoint=..., policy=..., exits=...)`` builds the model with timm
 (never downloading weights), loads a checkpoint, checks that the executor can run exactly
 what timm computes -- rejecting with a ``ValueError`` that names the feature anything it
-cannot (qk-norm, SwiGLU, attention pooling, ...) rather than converting it approximately --
+cannot (qk-norm, attention pooling, ...) rather than converting it approximately --
 maps timm's configuration to the graph of docs/model_format.md, quantises the linear layers
 the policy asks for with the runtime's own quantiser (``pyruntime.kernels``), and writes the
 file atomically. A policy with QuEE gates also gets the reduced-precision copies of its
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -209,10 +209,6 @@ def _family_gap(model: Any) -> Optional[str]:
     """The feature a known timm family that is not a plain ViT needs and the executor lacks
     (docs/families.md), or None for a class the table does not know."""
     kind = type(model).__name__
-    if kind == "Eva":
-        if getattr(model, "rope", None) is not None:
-            return "rotary position embedding (RoPE)"
-        return "Eva's own block (EvaBlock: separate q/v biases, SwiGLU or sub-LN options)"
     return {
         "Beit": "relative position bias (BEiT)",
         "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
@@ -277,7 +273,7 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     img = list(pe.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
-    if getattr(model, "pos_embed", None) is None and not _is_relpos(model):
+    if getattr(model, "pos_embed", None) is None and not (_is_relpos(model) or _is_eva(model)):
         raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
     return img, patch, proj.in_channels
 
@@ -355,6 +351,9 @@ def model_arch(model: "nn.Module") -> dict:
     feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
     describes its model by this, and needs class logits: a feature extractor is refused."""
     arch, _ = describe_model(model)
+    if _is_eva(model):  # they rebuild a plain ViT's forward (exits.py) and layer list (calibrate/common.py)
+        raise ValueError(f"{type(model).__name__}: exit-head fitting and calibration do not support Eva models yet "
+                         f"(RoPE, SwiGLU); convert it as it is, with a shorthand policy or exit heads fitted elsewhere")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -364,6 +363,8 @@ def model_arch(model: "nn.Module") -> dict:
 def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     """(graph ``arch``, MLP activation op kind) of a timm ViT, classifier or feature extractor
     (``num_classes`` 0), or ValueError naming the first unsupported feature."""
+    if _is_eva(model):
+        return _eva_describe(model)
     _check_model_type(model)
     img, patch, in_chans = _check_embedding(model)
     global_pool = _check_head(model)
@@ -417,6 +418,8 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     """The op list of a supported model: the lowering of its arch, with what its family
     changes (vit_relpos: no absolute position embedding; each attention adds its relative
     position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    if _is_eva(model):
+        return _eva_program(model, graph)
     ops = opgraph.lower(graph, act)
     if not _is_relpos(model):
         return ops
@@ -428,6 +431,271 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
         if op["op"] == "attention":
             op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
     return ops
+
+
+# --- EVA, EVA-02 and the RoPE ViTs built on timm's Eva -------------------------------------------
+# An Eva block: x + g1 * proj(norm_a(attn(rope(qkv(norm1 x))))), then x + g2 * fc2(norm_m(mlp(norm2 x)))
+# with optional attention-output norm (scale_attn_inner), sub-LN (scale_mlp), layer scale
+# (gamma_1/gamma_2) and an MLP that is SwiGLU, packed SwiGLU or fc1-act-fc2. The embedding and
+# head are a ViT's (the lowering's); the blocks are written here. A SwiGLU's fc1_g and fc1_x
+# become one layer blocks.<i>.mlp.fc1, fc1_g's rows first (SwiGLUPacked's layout), before the
+# swiglu op: per-row weight scales and one activation scale for the shared input make that
+# exactly the two layers at any one precision, in one GEMM (policy.py knows no fc1_g/fc1_x).
+
+def _is_eva(model: Any) -> bool:
+    return type(model).__name__ == "Eva"
+
+
+class _EvaBlock(NamedTuple):
+    """What an Eva block's program depends on (equal for every block of a supported model)."""
+
+    heads: int
+    mlp: str         # "swiglu" (SwiGLU or SwiGLUPacked) or the Mlp's activation op
+    hidden: int      # the MLP's width after the gate (fc2's input)
+    attn_norm: bool  # scale_attn_inner: LayerNorm of the attention output, before proj
+    mlp_norm: bool   # scale_mlp: LayerNorm of the hidden activations, before fc2 (sub-LN)
+    gamma_1: bool    # layer scale of the attention branch
+    gamma_2: bool    # layer scale of the MLP branch
+    half: bool       # RoPE layout: rope_rotate_half, else interleaved pairs
+
+
+def _eva_mlp(mlp: Any, p: str) -> Tuple[str, int]:
+    """(op kind, hidden width) of an Eva block's MLP."""
+    import torch.nn as nn
+    from timm.layers import GluMlp, Mlp, SwiGLU
+
+    if type(mlp) is SwiGLU:
+        if type(mlp.act) is not nn.SiLU:
+            raise _unsupported(f"{p} SwiGLU with activation {type(mlp.act).__name__} (only SiLU)")
+        return "swiglu", mlp.fc1_g.out_features
+    if type(mlp) is GluMlp:
+        if type(mlp.act) is not nn.SiLU or mlp.gate_last or not isinstance(mlp.fc1, nn.Linear):
+            raise _unsupported(f"{p} GluMlp other than packed SwiGLU (SiLU, gate first, linear)")
+        return "swiglu", mlp.fc1.out_features // 2
+    if type(mlp) is Mlp and isinstance(mlp.fc1, nn.Linear):
+        return _mlp_act(mlp.act, p), mlp.fc1.out_features
+    raise _unsupported(f"{p} is {type(mlp).__name__} (only SwiGLU, packed SwiGLU and fc1-GELU-fc2 MLPs)")
+
+
+def _eva_check_block(blk: Any, i: int, D: int, prefix: int, eps: list) -> _EvaBlock:
+    import torch.nn as nn
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    p = f"blocks.{i}"
+    if type(blk) is not EvaBlock:
+        raise _unsupported(f"{p} is {type(blk).__name__} (post-norm Eva blocks, use_post_norm)")
+    eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
+    attn = blk.attn
+    if type(attn) not in (EvaAttention, AttentionRope):
+        raise _unsupported(f"{p}.attn is {type(attn).__name__}")
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        raise _unsupported("qk_norm (normalisation of queries and keys)")
+    if attn.gate is not None:
+        raise _unsupported("gated attention (gated_attn)")
+    if getattr(attn, "num_kv_heads", attn.num_heads) != attn.num_heads:
+        raise _unsupported("grouped-query attention (num_kv_heads)")
+    if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
+        raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
+    if attn.num_prefix_tokens != prefix:
+        raise _unsupported(f"{p}.attn leaves {attn.num_prefix_tokens} tokens unrotated, the model has {prefix} prefix tokens")
+    attn_norm = _optional_norm(attn.norm, f"{p}.attn.norm", D, eps)
+    mlp, hidden = _eva_mlp(blk.mlp, f"{p}.mlp")
+    mlp_norm = _optional_norm(blk.mlp.norm, f"{p}.mlp.norm", hidden, eps)
+    return _EvaBlock(attn.num_heads, mlp, hidden, attn_norm, mlp_norm, blk.gamma_1 is not None,
+                     blk.gamma_2 is not None, bool(getattr(attn, "rotate_half", False)))
+
+
+def _eva_rope(model: Any) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(sin, cos) of the model's RoPE at its fixed grid, what its forward hands every block's
+    apply_rot_embed_cat: [patches, dh] shared by blocks and heads, or for 'mixed' RoPE (learnt
+    frequencies per block and head) [depth, heads, patches, dh]; None without RoPE."""
+    import torch
+
+    rope = getattr(model, "rope", None)
+    if rope is None:
+        return None
+    kind = type(rope).__name__
+    if kind not in ("RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3"):
+        raise _unsupported(f"rotary embedding {kind} (only timm's 'cat', 'mixed' and 'dinov3' RoPE)")
+    D, H, depth = model.embed_dim, model.blocks[0].attn.num_heads, len(model.blocks)
+    n, dh = model.patch_embed.num_patches, D // H
+    with torch.no_grad():  # as Eva._pos_embed asks for it, in eval mode (no coordinate augmentation)
+        emb = rope.get_embed() if hasattr(rope, "feat_shape") else rope.get_embed(shape=model.patch_embed.grid_size)
+    want = (depth, H, n, 2 * dh) if getattr(model, "rope_mixed", False) else (n, 2 * dh)
+    if tuple(emb.shape) != want:
+        raise _unsupported(f"a RoPE table of shape {list(emb.shape)} (expected {list(want)})")
+    sin, cos = emb.float().chunk(2, dim=-1)
+    return _np(sin, "rope sin"), _np(cos, "rope cos")
+
+
+def _eva_describe(model: Any) -> Tuple[dict, str]:
+    """describe_model for Eva: (arch, the blocks' MLP op kind)."""
+    img, patch, in_chans = _check_embedding(model)
+    global_pool = _check_head(model)
+    D, prefix = model.embed_dim, int(model.num_prefix_tokens)
+    if len(model.blocks) == 0:
+        raise _unsupported("a model without transformer blocks")
+    eps: list = []
+    per_block = {_eva_check_block(blk, i, D, prefix, eps) for i, blk in enumerate(model.blocks)}
+    if len(per_block) != 1:
+        raise _unsupported("Eva blocks that differ in heads, MLP, norms or layer scale")
+    blk = per_block.pop()
+    _eva_rope(model)  # refuses a RoPE it cannot tabulate
+    import torch.nn as nn
+
+    flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
+             for key in ("norm_pre", "norm", "fc_norm")}
+    if len(set(eps)) != 1:
+        raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
+    reg = getattr(model, "reg_token", None)
+    return {
+        "img_size": img, "patch_size": patch, "in_chans": in_chans,
+        "embed_dim": D, "depth": len(model.blocks), "num_heads": blk.heads, "mlp_hidden": blk.hidden,
+        "num_classes": model.num_classes,
+        "cls_token": model.cls_token is not None, "dist_token": False,
+        "reg_tokens": 0 if reg is None else int(reg.shape[1]),
+        "no_embed_class": bool(model.no_embed_class),
+        "global_pool": global_pool,
+        "fc_norm": flags["fc_norm"], "final_norm": flags["norm"], "norm_pre": flags["norm_pre"],
+        "layer_scale": blk.gamma_1 or blk.gamma_2, "qkv_bias": _eva_qkv(model.blocks[0].attn, "")[1] is not None,
+        "eps": eps[0],
+    }, blk.mlp
+
+
+def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[str], prefix: int) -> List[dict]:
+    """Block i's ops on stream tensor ``x``, ending in ``blocks.<i>.residual2`` (the lowering's
+    name for a block's output). ``rope``: None, "shared" (tables ``rope.sin``/``rope.cos``) or
+    "per_block" ('mixed' RoPE: ``blocks.<i>.attn.rope.sin``/``.cos``, one table per head)."""
+    _op, _norm, _lin = opgraph._op, opgraph._norm, opgraph._lin
+    p, D, F, eps, H = f"blocks.{i}", a["embed_dim"], blk.hidden, a["eps"], blk.heads
+    ops = [_norm(f"{p}.norm1", x, eps, i), _lin(f"{p}.attn.qkv", f"{p}.norm1", D, 3 * D, None, i)]
+    h = f"{p}.attn.qkv"
+    if rope is not None:
+        table = f"{p}.attn.rope" if rope == "per_block" else "rope"
+        ops.append(_op("rope", f"{p}.attn.rope", [h], {"heads": H, "prefix": prefix, "half": blk.half,
+                                                       "per_head": rope == "per_block"},
+                       {"sin": f"{table}.sin", "cos": f"{table}.cos"}, i))
+        h = f"{p}.attn.rope"
+    ops.append(_op("attention", f"{p}.attn", [h], {"heads": H}, block=i))
+    h = f"{p}.attn"
+    if blk.attn_norm:
+        ops.append(_norm(f"{p}.attn.norm", h, eps, i))
+        h = f"{p}.attn.norm"
+    ops.append(_lin(f"{p}.attn.proj", h, D, D, None, i))
+    h = f"{p}.attn.proj"
+    if blk.gamma_1:
+        ops.append(_op("layer_scale", f"{p}.gamma_1", [h], weights={"gamma": f"{p}.gamma_1"}, block=i))
+        h = f"{p}.gamma_1"
+    ops += [_op("add", f"{p}.residual1", [x, h], block=i), _norm(f"{p}.norm2", f"{p}.residual1", eps, i)]
+    ops += [_lin(f"{p}.mlp.fc1", f"{p}.norm2", D, 2 * F if blk.mlp == "swiglu" else F, None, i),
+            _op(blk.mlp, f"{p}.mlp.{blk.mlp}", [f"{p}.mlp.fc1"], block=i)]
+    h = f"{p}.mlp.{blk.mlp}"
+    if blk.mlp_norm:
+        ops.append(_norm(f"{p}.mlp.norm", h, eps, i))
+        h = f"{p}.mlp.norm"
+    ops.append(_lin(f"{p}.mlp.fc2", h, F, D, None, i))
+    h = f"{p}.mlp.fc2"
+    if blk.gamma_2:
+        ops.append(_op("layer_scale", f"{p}.gamma_2", [h], weights={"gamma": f"{p}.gamma_2"}, block=i))
+        h = f"{p}.gamma_2"
+    ops.append(_op("add", f"{p}.residual2", [f"{p}.residual1", h], block=i))
+    return ops
+
+
+def _eva_program(model: Any, graph: Mapping) -> List[dict]:
+    """The lowering's embedding, exits and head around Eva blocks; without an absolute position
+    embedding (RoPE-only models) its op is dropped."""
+    a = graph["arch"]
+    blk = _eva_check_block(model.blocks[0], 0, a["embed_dim"], int(model.num_prefix_tokens), [])
+    mixed = getattr(model, "rope_mixed", False)
+    ops: List[dict] = []
+    for op in opgraph.lower(graph):
+        b = op["block"]
+        if b is None or op["op"] == "exit":
+            ops.append(op)
+        elif op["name"] == f"blocks.{b}.norm1":  # the block's first op: its input is the stream
+            rope = None if model.rope is None else "per_block" if mixed else "shared"
+            ops += _eva_block_ops(b, op["in"][0], a, blk, rope, int(model.num_prefix_tokens))
+    if model.pos_embed is None:
+        i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
+        pos = ops.pop(i)
+        for op in ops:
+            op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
+    return ops
+
+
+def _eva_qkv(attn: Any, p: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The fused qkv layer [3D, D] of an Eva attention: its own, or q/k/v projections stacked;
+    the bias cat(q, k, v), a missing part (Eva's k: none) zeros, as timm's forward uses it."""
+    import torch
+
+    projs = [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+    w = torch.cat([m.weight for m in projs])
+    if getattr(attn, "q_bias", None) is not None:  # EvaAttention's fused qkv
+        parts = [attn.q_bias, attn.k_bias, attn.v_bias]
+    else:
+        parts = [m.bias for m in projs]
+    if all(b is None for b in parts):
+        return _np(w, f"{p}.weight"), None
+    n = w.shape[0] // len(parts)
+    bias = torch.cat([torch.zeros(n) if b is None else b for b in parts])
+    return _np(w, f"{p}.weight"), _np(bias, f"{p}.bias")
+
+
+def _eva_fc1(mlp: Any, p: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The MLP's fc1: its own, or a SwiGLU's fc1_g and fc1_x stacked (gate rows first)."""
+    names = ("fc1_g", "fc1_x") if hasattr(mlp, "fc1_g") else ("fc1",)
+    parts = [getattr(mlp, n) for n in names]
+    w = np.concatenate([_np(m.weight, f"{p}.{n}.weight") for m, n in zip(parts, names)])
+    if all(m.bias is None for m in parts):
+        return w, None
+    return w, np.concatenate([np.zeros(m.out_features, np.float32) if m.bias is None else _np(m.bias, f"{p}.{n}.bias")
+                              for m, n in zip(parts, names)])
+
+
+def _eva_linears(model: Any) -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    def wb(m: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        w = _np(m.weight, f"{name}.weight")
+        return w.reshape(w.shape[0], -1), None if m.bias is None else _np(m.bias, f"{name}.bias")
+
+    out = {"patch_embed": wb(model.patch_embed.proj, "patch_embed")}
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        out[f"{p}.attn.qkv"] = _eva_qkv(blk.attn, f"{p}.attn.qkv")
+        out[f"{p}.attn.proj"] = wb(blk.attn.proj, f"{p}.attn.proj")
+        out[f"{p}.mlp.fc1"] = _eva_fc1(blk.mlp, f"{p}.mlp")
+        out[f"{p}.mlp.fc2"] = wb(blk.mlp.fc2, f"{p}.mlp.fc2")
+    if model.num_classes:
+        out["head"] = wb(model.head, "head")
+    return out
+
+
+def _eva_float_tensors(model: Any, arch: Mapping) -> Dict[str, np.ndarray]:
+    out = {} if model.pos_embed is None else {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    for key, present in (("cls_token", arch["cls_token"]), ("reg_token", arch["reg_tokens"])):
+        if present:
+            out[key] = _np(getattr(model, key), key)
+    norms = [key for flag, key in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm")) if arch[flag]]
+    for i, blk in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        norms += [f"{p}.norm1", f"{p}.norm2"]
+        norms += [f"{p}.{n}" for n in ("attn.norm", "mlp.norm") if hasattr(model.get_submodule(f"{p}.{n}"), "weight")]
+        for g in ("gamma_1", "gamma_2"):
+            if getattr(blk, g) is not None:
+                out[f"{p}.{g}"] = _np(getattr(blk, g), f"{p}.{g}")
+    for key in norms:
+        m = model.get_submodule(key)
+        out[f"{key}.weight"], out[f"{key}.bias"] = _np(m.weight, f"{key}.weight"), _np(m.bias, f"{key}.bias")
+    rope = _eva_rope(model)
+    if rope is not None:
+        sin, cos = rope
+        if getattr(model, "rope_mixed", False):
+            for i in range(len(model.blocks)):
+                out[f"blocks.{i}.attn.rope.sin"], out[f"blocks.{i}.attn.rope.cos"] = sin[i], cos[i]
+        else:
+            out["rope.sin"], out["rope.cos"] = sin, cos
+    return out
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -443,6 +711,8 @@ def _np(t: Any, name: str) -> np.ndarray:
 
 def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
     """Everything but the linear layers and exit heads, under the model file's names."""
+    if _is_eva(model):
+        return _eva_float_tensors(model, arch)
     out = {} if _is_relpos(model) else {"pos_embed": _np(model.pos_embed, "pos_embed")}
     for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
                          ("reg_token", arch["reg_tokens"])):
@@ -467,6 +737,9 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
 
 def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
     """{layer: (weight [N, K], bias or None)}; the patch conv is flattened in (c, i, j) order."""
+    if _is_eva(model):
+        return _eva_linears(model)
+
     def wb(m: Any, name: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         w = _np(m.weight, f"{name}.weight")
         return w.reshape(w.shape[0], -1), None if m.bias is None else _np(m.bias, f"{name}.bias")
@@ -672,7 +945,8 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     if exit_blocks and not arch["num_classes"]:
         raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}, which need class logits; this "
                           f"model has none (num_classes=0, a feature extractor)")
-    layers = pol.resolve(graph_layer_names({"arch": arch, "exits": [{"block": b} for b in exit_blocks]}), arch["depth"])
+    skeleton = {"arch": arch, "exits": [{"block": b} for b in exit_blocks]}
+    layers = pol.resolve(graph_layer_names({**skeleton, "ops": _program(model, skeleton, act)}), arch["depth"])
     norms, exit_linears = _exit_tensors(heads, exit_blocks)
     with torch.no_grad():
         tensors = {**_float_tensors(model, arch), **norms}
