@@ -113,14 +113,15 @@ def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 def _rotate(x: np.ndarray, sin: np.ndarray, cos: np.ndarray, half: bool) -> np.ndarray:
     """timm's apply_rot_embed: x cos + rot(x) sin over the last axis (head width), rot the
-    interleaved pair rotation [-x1, x0, -x3, x2, ...] or, ``half``, [-x_hi, x_lo]."""
-    x64 = x.astype(np.float64)
+    interleaved pair rotation [-x1, x0, -x3, x2, ...] or, ``half``, [-x_hi, x_lo]. In float32,
+    each product rounded and then the sum, as the kernels and PyTorch compute it: exact, so a
+    quantised layer after it sees the runtime's very values (no rounding-boundary flips)."""
     if half:
-        lo, hi = np.split(x64, 2, axis=-1)
+        lo, hi = np.split(x, 2, axis=-1)
         rot = np.concatenate([-hi, lo], axis=-1)
     else:
-        rot = np.stack([-x64[..., 1::2], x64[..., 0::2]], axis=-1).reshape(x64.shape)
-    return (x64 * cos + rot * sin).astype(_F32)
+        rot = np.stack([-x[..., 1::2], x[..., 0::2]], axis=-1).reshape(x.shape)
+    return x * cos + rot * sin
 
 
 def _softmax(x: np.ndarray, scale: np.float32) -> np.ndarray:
@@ -367,7 +368,7 @@ def _op_rope(r: _Run, op: Mapping, qkv: np.ndarray):
     T, H, p = qkv.shape[0], a["heads"], a["prefix"]
     dh = qkv.shape[1] // (3 * H)
     heads = qkv.reshape(T, 3, H, dh).copy()
-    sin, cos = (r.m.weight(op, role).astype(np.float64) for role in ("sin", "cos"))
+    sin, cos = (r.m.weight(op, role).astype(_F32) for role in ("sin", "cos"))
     if a["per_head"]:  # [H, n, dh] -> [n, H, dh], to line up with the tokens' heads
         sin, cos = sin.transpose(1, 0, 2), cos.transpose(1, 0, 2)
     else:

@@ -64,7 +64,9 @@ def perturbed(model, seed: int = 0):
 
 
 def build(case: str):
+    """The case's model, the same on every run: timm initialises from torch's global generator."""
     name, kwargs = CASES[case]
+    torch.manual_seed(0)
     return perturbed(timm.create_model(name, pretrained=False, **kwargs))
 
 
@@ -119,6 +121,20 @@ def test_fp32_oracle_matches_timm(case, files):
     got = _numpy_ref.forward(graph, tensors, x.numpy(), outputs=True)
     for key in ("logits", "features", "tokens"):
         assert rel_err(got[key], want[key]) <= 1e-5, key
+
+
+@pytest.mark.parametrize("case", ["eva02_base", "vit_rope_mixed"])
+def test_converts_by_name_from_a_checkpoint(case, files, tmp_path):
+    """timm name + model kwargs + a state dict (the 'mixed' RoPE's learnt frequencies are in it):
+    the same file as converting the module."""
+    model, path = files[case]
+    name, kwargs = CASES[case]
+    torch.save(model.state_dict(), tmp_path / "ckpt.pth")
+    by_name = convert(name, tmp_path / "m.pyrt", checkpoint=tmp_path / "ckpt.pth", model_kwargs=kwargs)
+    a, b = read_model(by_name), read_model(path)
+    assert a[0]["ops"] == b[0]["ops"] and sorted(a[1]) == sorted(b[1])
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
 
 
 # --- the programs ----------------------------------------------------------------------------------
