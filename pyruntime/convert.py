@@ -436,7 +436,8 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
 # --- EVA, EVA-02 and the RoPE ViTs built on timm's Eva -------------------------------------------
 # An Eva block: x + g1 * proj(norm_a(attn(rope(qkv(norm1 x))))), then x + g2 * fc2(norm_m(mlp(norm2 x)))
 # with optional attention-output norm (scale_attn_inner), sub-LN (scale_mlp), layer scale
-# (gamma_1/gamma_2) and an MLP that is SwiGLU, packed SwiGLU or fc1-act-fc2. The embedding and
+# (gamma_1/gamma_2) and an MLP that is SwiGLU, packed SwiGLU or fc1-act-fc2; or post-norm
+# (EvaBlockPostNorm): x + norm1(proj(...(qkv x))), then x + norm2(fc2(...(x))), no layer scale. The embedding and
 # head are a ViT's (the lowering's); the blocks are written here. A SwiGLU's fc1_g and fc1_x
 # become one layer blocks.<i>.mlp.fc1, fc1_g's rows first (SwiGLUPacked's layout), before the
 # swiglu op: per-row weight scales and one activation scale for the shared input make that
@@ -457,6 +458,7 @@ class _EvaBlock(NamedTuple):
     gamma_1: bool    # layer scale of the attention branch
     gamma_2: bool    # layer scale of the MLP branch
     half: bool       # RoPE layout: rope_rotate_half, else interleaved pairs
+    post_norm: bool  # EvaBlockPostNorm: norm1/norm2 after each branch instead of before
 
 
 def _eva_mlp(mlp: Any, p: str) -> Tuple[str, int]:
@@ -480,11 +482,11 @@ def _eva_mlp(mlp: Any, p: str) -> Tuple[str, int]:
 def _eva_check_block(blk: Any, i: int, D: int, prefix: int, eps: list) -> _EvaBlock:
     import torch.nn as nn
     from timm.layers.attention import AttentionRope
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 
     p = f"blocks.{i}"
-    if type(blk) is not EvaBlock:
-        raise _unsupported(f"{p} is {type(blk).__name__} (post-norm Eva blocks, use_post_norm)")
+    if type(blk) not in (EvaBlock, EvaBlockPostNorm):
+        raise _unsupported(f"{p} is {type(blk).__name__} (only EvaBlock and EvaBlockPostNorm)")
     eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
     attn = blk.attn
     if type(attn) not in (EvaAttention, AttentionRope):
@@ -502,8 +504,9 @@ def _eva_check_block(blk: Any, i: int, D: int, prefix: int, eps: list) -> _EvaBl
     attn_norm = _optional_norm(attn.norm, f"{p}.attn.norm", D, eps)
     mlp, hidden = _eva_mlp(blk.mlp, f"{p}.mlp")
     mlp_norm = _optional_norm(blk.mlp.norm, f"{p}.mlp.norm", hidden, eps)
-    return _EvaBlock(attn.num_heads, mlp, hidden, attn_norm, mlp_norm, blk.gamma_1 is not None,
-                     blk.gamma_2 is not None, bool(getattr(attn, "rotate_half", False)))
+    return _EvaBlock(attn.num_heads, mlp, hidden, attn_norm, mlp_norm, getattr(blk, "gamma_1", None) is not None,
+                     getattr(blk, "gamma_2", None) is not None, bool(getattr(attn, "rotate_half", False)),
+                     type(blk) is EvaBlockPostNorm)
 
 
 def _eva_rope(model: Any) -> Optional[Tuple[np.ndarray, np.ndarray]]:
@@ -569,7 +572,8 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
     "per_block" ('mixed' RoPE: ``blocks.<i>.attn.rope.sin``/``.cos``, one table per head)."""
     _op, _norm, _lin = opgraph._op, opgraph._norm, opgraph._lin
     p, D, F, eps, H = f"blocks.{i}", a["embed_dim"], blk.hidden, a["eps"], blk.heads
-    ops = [_norm(f"{p}.norm1", x, eps, i), _lin(f"{p}.attn.qkv", f"{p}.norm1", D, 3 * D, None, i)]
+    ops = [] if blk.post_norm else [_norm(f"{p}.norm1", x, eps, i)]
+    ops.append(_lin(f"{p}.attn.qkv", x if blk.post_norm else f"{p}.norm1", D, 3 * D, None, i))
     h = f"{p}.attn.qkv"
     if rope is not None:
         table = f"{p}.attn.rope" if rope == "per_block" else "rope"
@@ -584,11 +588,17 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
         h = f"{p}.attn.norm"
     ops.append(_lin(f"{p}.attn.proj", h, D, D, None, i))
     h = f"{p}.attn.proj"
+    if blk.post_norm:
+        ops.append(_norm(f"{p}.norm1", h, eps, i))
+        h = f"{p}.norm1"
     if blk.gamma_1:
         ops.append(_op("layer_scale", f"{p}.gamma_1", [h], weights={"gamma": f"{p}.gamma_1"}, block=i))
         h = f"{p}.gamma_1"
-    ops += [_op("add", f"{p}.residual1", [x, h], block=i), _norm(f"{p}.norm2", f"{p}.residual1", eps, i)]
-    ops += [_lin(f"{p}.mlp.fc1", f"{p}.norm2", D, 2 * F if blk.mlp == "swiglu" else F, None, i),
+    ops.append(_op("add", f"{p}.residual1", [x, h], block=i))
+    if not blk.post_norm:
+        ops.append(_norm(f"{p}.norm2", f"{p}.residual1", eps, i))
+    ops += [_lin(f"{p}.mlp.fc1", f"{p}.residual1" if blk.post_norm else f"{p}.norm2", D,
+                 2 * F if blk.mlp == "swiglu" else F, None, i),
             _op(blk.mlp, f"{p}.mlp.{blk.mlp}", [f"{p}.mlp.fc1"], block=i)]
     h = f"{p}.mlp.{blk.mlp}"
     if blk.mlp_norm:
@@ -596,6 +606,9 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
         h = f"{p}.mlp.norm"
     ops.append(_lin(f"{p}.mlp.fc2", h, F, D, None, i))
     h = f"{p}.mlp.fc2"
+    if blk.post_norm:
+        ops.append(_norm(f"{p}.norm2", h, eps, i))
+        h = f"{p}.norm2"
     if blk.gamma_2:
         ops.append(_op("layer_scale", f"{p}.gamma_2", [h], weights={"gamma": f"{p}.gamma_2"}, block=i))
         h = f"{p}.gamma_2"
@@ -682,7 +695,7 @@ def _eva_float_tensors(model: Any, arch: Mapping) -> Dict[str, np.ndarray]:
         norms += [f"{p}.norm1", f"{p}.norm2"]
         norms += [f"{p}.{n}" for n in ("attn.norm", "mlp.norm") if hasattr(model.get_submodule(f"{p}.{n}"), "weight")]
         for g in ("gamma_1", "gamma_2"):
-            if getattr(blk, g) is not None:
+            if getattr(blk, g, None) is not None:
                 out[f"{p}.{g}"] = _np(getattr(blk, g), f"{p}.{g}")
     for key in norms:
         m = model.get_submodule(key)

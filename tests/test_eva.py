@@ -49,6 +49,9 @@ CASES = {
     "vit_rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(SMALL, img_size=32, embed_dim=64, num_heads=2)),
     # a register token (two prefix tokens left unrotated), avg pooling
     "vit_rope_reg_gap": ("vit_base_patch16_rope_reg1_gap_256", dict(SMALL, img_size=32, embed_dim=64, num_heads=2)),
+    # post-norm blocks (EVA-02-CLIP enormous), token pooling, a final norm
+    "eva02_enormous_post_norm": ("eva02_enormous_patch14_clip_224", dict(SMALL, img_size=28, embed_dim=64,
+                                                                        num_heads=2)),
     # DINOv3's RoPE (rotate-half, its own periods), four registers, layer scale, at a fixed size
     "dinov3_fixed_size": ("vit_small_patch16_dinov3", dict(SMALL, img_size=32, embed_dim=64, num_heads=2,
                                                            dynamic_img_size=False)),
@@ -158,6 +161,9 @@ def test_eva02_block_program(files):
     rope = next(op for op in small["ops"] if op["op"] == "rope")
     assert rope["attrs"] == {"heads": 3, "prefix": 1, "half": True, "per_head": False}
     assert [op["weights"] for op in small["ops"] if op["op"] == "rope"] == [{"sin": "rope.sin", "cos": "rope.cos"}] * 2
+    post = read_model(files["eva02_enormous_post_norm"][1])[0]
+    assert block_kinds(post) == ["linear", "attention", "linear", "layernorm", "add", "linear", "gelu", "linear",
+                                 "layernorm", "add"]
     giant = read_model(files["eva_giant"][1])[0]
     assert "rope" not in [op["op"] for op in giant["ops"]] and "gelu" in block_kinds(giant)
     assert "pos_embed" not in [op["op"] for op in read_model(files["vit_rope"][1])[0]["ops"]]
@@ -221,7 +227,8 @@ def test_bops_count_swiglu_fc1_as_its_two_projections(files):
 
 # --- quantised: the runtime is the oracle's model --------------------------------------------------
 
-@pytest.mark.parametrize("case", ["eva02_tiny", "eva02_base", "eva02_small_ln_ls_half", "vit_rope_mixed"])
+@pytest.mark.parametrize("case", ["eva02_tiny", "eva02_base", "eva02_small_ln_ls_half", "eva02_enormous_post_norm",
+                                  "vit_rope_mixed"])
 @pytest.mark.parametrize("policy", ["w8a8", "w4a8", "w8a8-attn8"])
 def test_quantised_matches_the_oracle(case, policy, files, tmp_path):
     model = files[case][0]
@@ -399,8 +406,6 @@ def test_executor_refuses_an_odd_swiglu_width(files):
 R = dict(depth=2, img_size=32, embed_dim=64, num_heads=2, num_classes=10)
 REFUSED = {
     "qk_norm": ("vit_small_patch16_rope_224", dict(R, qk_norm=True), r"qk_norm \(normalisation of queries and keys\)"),
-    "post_norm": ("eva02_tiny_patch14_224", dict(R, img_size=28, use_post_norm=True),
-                  r"blocks.0 is EvaBlockPostNorm \(post-norm Eva blocks, use_post_norm\)"),
     "gqa": ("vit_small_patch16_rope_224", dict(R, qkv_fused=False, num_kv_heads=1, attn_type="rope"),
             r"grouped-query attention \(num_kv_heads\)"),
     "mrope": ("vit_small_patch16_rope_224", dict(R, rope_type="mrope", rope_grid_indexing="ij"), r"rotary embedding RotaryEmbeddingMRope"),
