@@ -519,8 +519,8 @@ def _eva_rope(model: Any) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     if rope is None:
         return None
     kind = type(rope).__name__
-    if kind not in ("RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3"):
-        raise _unsupported(f"rotary embedding {kind} (only timm's 'cat', 'mixed' and 'dinov3' RoPE)")
+    if kind not in ("RotaryEmbeddingCat", "RotaryEmbeddingMixed", "RotaryEmbeddingDinoV3", "RotaryEmbeddingMRope"):
+        raise _unsupported(f"rotary embedding {kind} (only timm's 'cat', 'mixed', 'dinov3' and 'mrope' RoPE)")
     D, H, depth = model.embed_dim, model.blocks[0].attn.num_heads, len(model.blocks)
     n, dh = model.patch_embed.num_patches, D // H
     with torch.no_grad():  # as Eva._pos_embed asks for it, in eval mode (no coordinate augmentation)

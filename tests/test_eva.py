@@ -52,6 +52,9 @@ CASES = {
     # post-norm blocks (EVA-02-CLIP enormous), token pooling, a final norm
     "eva02_enormous_post_norm": ("eva02_enormous_patch14_clip_224", dict(SMALL, img_size=28, embed_dim=64,
                                                                         num_heads=2)),
+    # 2-D MRoPE (Qwen2-VL style interleaved sections, rotate-half)
+    "vit_mrope": ("vit_small_patch16_rope_224", dict(SMALL, img_size=32, embed_dim=64, num_heads=2, rope_type="mrope",
+                                                     rope_grid_indexing="ij")),
     # DINOv3's RoPE (rotate-half, its own periods), four registers, layer scale, at a fixed size
     "dinov3_fixed_size": ("vit_small_patch16_dinov3", dict(SMALL, img_size=32, embed_dim=64, num_heads=2,
                                                            dynamic_img_size=False)),
@@ -408,7 +411,6 @@ REFUSED = {
     "qk_norm": ("vit_small_patch16_rope_224", dict(R, qk_norm=True), r"qk_norm \(normalisation of queries and keys\)"),
     "gqa": ("vit_small_patch16_rope_224", dict(R, qkv_fused=False, num_kv_heads=1, attn_type="rope"),
             r"grouped-query attention \(num_kv_heads\)"),
-    "mrope": ("vit_small_patch16_rope_224", dict(R, rope_type="mrope", rope_grid_indexing="ij"), r"rotary embedding RotaryEmbeddingMRope"),
     "dinov3": ("vit_small_patch16_dinov3", dict(R), r"dynamic_img_size"),
     "map_head": ("eva02_tiny_patch14_224", dict(R, img_size=28, global_pool="map"), r"attention pooling"),
 }
