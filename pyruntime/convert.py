@@ -434,14 +434,15 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
 
 
 # --- EVA, EVA-02 and the RoPE ViTs built on timm's Eva -------------------------------------------
-# An Eva block: x + g1 * proj(norm_a(attn(rope(qkv(norm1 x))))), then x + g2 * fc2(norm_m(mlp(norm2 x)))
-# with optional attention-output norm (scale_attn_inner), sub-LN (scale_mlp), layer scale
-# (gamma_1/gamma_2) and an MLP that is SwiGLU, packed SwiGLU or fc1-act-fc2; or post-norm
-# (EvaBlockPostNorm): x + norm1(proj(...(qkv x))), then x + norm2(fc2(...(x))), no layer scale. The embedding and
-# head are a ViT's (the lowering's); the blocks are written here. A SwiGLU's fc1_g and fc1_x
-# become one layer blocks.<i>.mlp.fc1, fc1_g's rows first (SwiGLUPacked's layout), before the
-# swiglu op: per-row weight scales and one activation scale for the shared input make that
-# exactly the two layers at any one precision, in one GEMM (policy.py knows no fc1_g/fc1_x).
+# An Eva block: x + g1 * proj(norm_a(attn(rope(qkv(norm1 x))))), then
+# x + g2 * fc2(norm_m(mlp(norm2 x))), with an optional attention-output norm (scale_attn_inner),
+# sub-LN (scale_mlp), layer scale (gamma_1/gamma_2) and an MLP that is SwiGLU, packed SwiGLU or
+# fc1-act-fc2; or post-norm (EvaBlockPostNorm): x + norm1(proj(...(qkv x))), then
+# x + norm2(fc2(...(x))), no layer scale. The embedding and head are a ViT's (the lowering's);
+# the blocks are written here. A SwiGLU's fc1_g and fc1_x become one layer blocks.<i>.mlp.fc1,
+# fc1_g's rows first (SwiGLUPacked's layout), before the swiglu op: per-row weight scales and
+# one activation scale for the shared input make that exactly the two layers at any one
+# precision, in one GEMM (policy.py knows no fc1_g/fc1_x).
 
 def _is_eva(model: Any) -> bool:
     return type(model).__name__ == "Eva"
@@ -500,7 +501,8 @@ def _eva_check_block(blk: Any, i: int, D: int, prefix: int, eps: list) -> _EvaBl
     if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
         raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
     if attn.num_prefix_tokens != prefix:
-        raise _unsupported(f"{p}.attn leaves {attn.num_prefix_tokens} tokens unrotated, the model has {prefix} prefix tokens")
+        raise _unsupported(f"{p}.attn leaves {attn.num_prefix_tokens} tokens unrotated, the model has {prefix} "
+                           f"prefix tokens")
     attn_norm = _optional_norm(attn.norm, f"{p}.attn.norm", D, eps)
     mlp, hidden = _eva_mlp(blk.mlp, f"{p}.mlp")
     mlp_norm = _optional_norm(blk.mlp.norm, f"{p}.mlp.norm", hidden, eps)
@@ -689,7 +691,8 @@ def _eva_float_tensors(model: Any, arch: Mapping) -> Dict[str, np.ndarray]:
     for key, present in (("cls_token", arch["cls_token"]), ("reg_token", arch["reg_tokens"])):
         if present:
             out[key] = _np(getattr(model, key), key)
-    norms = [key for flag, key in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm")) if arch[flag]]
+    norms = [key for flag, key in (("norm_pre", "norm_pre"), ("final_norm", "norm"), ("fc_norm", "fc_norm"))
+             if arch[flag]]
     for i, blk in enumerate(model.blocks):
         p = f"blocks.{i}"
         norms += [f"{p}.norm1", f"{p}.norm2"]
