@@ -286,7 +286,7 @@ def _check_head(model: Any) -> str:
     import torch.nn as nn
 
     if getattr(model, "attn_pool", None) is not None:
-        raise _not_yet(model, f"attention pooling (global_pool={model.global_pool!r}, SigLIP's MAP head)")
+        return "map"  # the head itself is checked by _check_attn_pool
     if model.global_pool not in ("token", "avg"):
         raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if getattr(model, "pool_include_prefix", False):
@@ -298,6 +298,34 @@ def _check_head(model: Any) -> str:
     if not all(isinstance(h, nn.Linear) for h in heads):
         raise _unsupported(f"a classifier head that is not linear ({', '.join(type(h).__name__ for h in heads)})")
     return model.global_pool
+
+
+def _check_attn_pool(model: Any, D: int, eps: list) -> None:
+    """SigLIP's MAP head as the ``attention_pool`` op runs it: one latent query, a q and a kv
+    projection, no q/k norm or position embedding, then proj, an optional LayerNorm and a
+    residual MLP, the one latent row as the pooled features."""
+    import torch.nn as nn
+    from timm.layers import Mlp
+
+    ap = model.attn_pool
+    if type(ap).__name__ != "AttentionPoolLatent":
+        raise _unsupported(f"attention pooling {type(ap).__name__} (only timm's AttentionPoolLatent)")
+    if ap.latent_len != 1 or ap.pool != "token":
+        raise _unsupported(f"attention pooling with {ap.latent_len} latents / pool {ap.pool!r} (only one latent)")
+    if ap.pos_embed is not None:
+        raise _unsupported("a position embedding inside the attention pooling")
+    if not (isinstance(ap.q_norm, nn.Identity) and isinstance(ap.k_norm, nn.Identity)):
+        raise _unsupported("qk_norm inside the attention pooling")
+    if not isinstance(ap.q, (nn.Linear, nn.Identity)) or not isinstance(ap.kv, nn.Linear):
+        raise _unsupported("attention pooling projections that are not linear")
+    if ap.kv.in_features != D or ap.kv.out_features != 2 * D or ap.num_heads * ap.head_dim != D:
+        raise _unsupported("attention pooling whose width differs from embed_dim")
+    if ap.mlp is None or type(ap.mlp) is not Mlp or not isinstance(ap.proj, nn.Linear) or ap.proj.out_features != D:
+        raise _unsupported("attention pooling without its projection and MLP (out_features=0) or with another width")
+    if not isinstance(ap.mlp.norm, nn.Identity):
+        raise _unsupported("a normalisation inside the attention pooling's MLP")
+    _mlp_act(ap.mlp.act, "attn_pool.mlp")
+    _optional_norm(ap.norm, "attn_pool.norm", D, eps)
 
 
 def _mlp_act(act: Any, where: str) -> str:
@@ -355,6 +383,8 @@ def model_arch(model: "nn.Module") -> dict:
     feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
     describes its model by this, and needs class logits: a feature extractor is refused."""
     arch, _ = describe_model(model)
+    if arch["global_pool"] == "map":
+        raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -382,6 +412,8 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
 
     flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
              for key in ("norm_pre", "norm", "fc_norm")}
+    if global_pool == "map":
+        _check_attn_pool(model, D, eps)
     if len(set(eps)) != 1:
         raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
     return {
@@ -417,6 +449,8 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     """The op list of a supported model: the lowering of its arch, with what its family
     changes (vit_relpos: no absolute position embedding; each attention adds its relative
     position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    if graph["arch"]["global_pool"] == "map":
+        return _with_attn_pool(model, opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}}, act))
     ops = opgraph.lower(graph, act)
     if not _is_relpos(model):
         return ops
@@ -428,6 +462,42 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
         if op["op"] == "attention":
             op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
     return ops
+
+
+def _with_attn_pool(model: Any, ops: List[dict]) -> List[dict]:
+    """``ops`` (lowered with average pooling) with the ``pool`` op replaced by SigLIP's MAP
+    head, whose result keeps the tensor name ``pool`` (fc_norm and the head read it)."""
+    import torch.nn as nn
+    from .graph import _lin, _norm, _op
+
+    ap = model.attn_pool
+    D, F, H = ap.kv.in_features, ap.mlp.fc1.out_features, ap.num_heads
+    i = next(i for i, op in enumerate(ops) if op["op"] == "pool")
+    x, act = ops[i]["in"][0], _mlp_act(ap.mlp.act, "attn_pool.mlp")
+    start = 0 if getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+    head = [_lin("attn_pool.kv", x, D, 2 * D, None),
+            _op("attention_pool", "attn_pool.attn", ["attn_pool.kv"], {"heads": H, "start": start},
+                {"query": "attn_pool.query"}),
+            _lin("attn_pool.proj", "attn_pool.attn", D, D, None)]
+    h = "attn_pool.proj"
+    if not isinstance(ap.norm, nn.Identity):
+        head.append(_norm("attn_pool.norm", h, float(ap.norm.eps)))
+        h = "attn_pool.norm"
+    head += [_lin("attn_pool.mlp.fc1", h, D, F, None), _op(act, f"attn_pool.mlp.{act}", ["attn_pool.mlp.fc1"]),
+             _lin("attn_pool.mlp.fc2", f"attn_pool.mlp.{act}", F, D, None),
+             _op("add", "attn_pool.residual", ["attn_pool.proj", "attn_pool.mlp.fc2"], outs=["pool"])]
+    return ops[:i] + head + ops[i + 1:]
+
+
+def _attn_pool_tensors(model: Any) -> Dict[str, np.ndarray]:
+    """The MAP head's fixed query (its latent through q, as timm computes it each forward)
+    and LayerNorm; its linears are with the backbone's."""
+    ap = model.attn_pool
+    out = {"attn_pool.query": _np(ap.q(ap.latent).reshape(-1), "attn_pool.query")}
+    if getattr(ap.norm, "weight", None) is not None:
+        out["attn_pool.norm.weight"] = _np(ap.norm.weight, "attn_pool.norm.weight")
+        out["attn_pool.norm.bias"] = _np(ap.norm.bias, "attn_pool.norm.bias")
+    return out
 
 
 # --- tensors ---------------------------------------------------------------------------------
@@ -462,6 +532,8 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
         if arch["layer_scale"]:
             out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
             out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
+    if arch["global_pool"] == "map":
+        out.update(_attn_pool_tensors(model))
     return out
 
 
@@ -476,6 +548,10 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
+    ap = getattr(model, "attn_pool", None)
+    if ap is not None:
+        for sub, m in (("kv", ap.kv), ("proj", ap.proj), ("mlp.fc1", ap.mlp.fc1), ("mlp.fc2", ap.mlp.fc2)):
+            out[f"attn_pool.{sub}"] = wb(m, f"attn_pool.{sub}")
     if model.num_classes:
         out["head"] = wb(model.head, "head")
         if getattr(model, "head_dist", None) is not None:
@@ -672,7 +748,12 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     if exit_blocks and not arch["num_classes"]:
         raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}, which need class logits; this "
                           f"model has none (num_classes=0, a feature extractor)")
-    layers = pol.resolve(graph_layer_names({"arch": arch, "exits": [{"block": b} for b in exit_blocks]}), arch["depth"])
+    if exit_blocks and arch["global_pool"] == "map":
+        raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}; exit heads on a model with attention "
+                          f"pooling (SigLIP's MAP head) are not supported yet")
+    skeleton = {"arch": arch, "exits": [{"block": b} for b in exit_blocks]}
+    program = _program(model, skeleton, act)
+    layers = pol.resolve(graph_layer_names({**skeleton, "ops": program}), arch["depth"])
     norms, exit_linears = _exit_tensors(heads, exit_blocks)
     with torch.no_grad():
         tensors = {**_float_tensors(model, arch), **norms}
@@ -690,6 +771,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    graph["ops"] = _program(model, graph, act)  # the model as the program the runtime executes
+    graph["ops"] = program  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

@@ -189,6 +189,7 @@ def _match(table: Mapping[str, Any], name: str, what: str) -> Any:
 
 
 _BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+_HEAD_LAYER = re.compile(r"^(head|head_dist|attn_pool\.(kv|proj|mlp\.fc1|mlp\.fc2))$")  # after the last block
 _EXIT_LAYER = re.compile(r"^exits\.(\d+)\.fc$")
 
 
@@ -203,10 +204,10 @@ def check_attn_bits(bits: Any) -> int:
 def layer_block(name: str, depth: int) -> int:
     """The block a linear layer belongs to, for ordering against the scale predictor:
     ``patch_embed`` is -1 (before block 0), ``exits.{b}.fc`` is b, ``head``/``head_dist``
-    are ``depth`` (after the last block)."""
+    and the attention pooling's ``attn_pool.*`` are ``depth`` (after the last block)."""
     if name == "patch_embed":
         return -1
-    if name in ("head", "head_dist"):
+    if _HEAD_LAYER.match(name):
         return depth
     m = _BLOCK_LAYER.match(name) or _EXIT_LAYER.match(name)
     if not m:

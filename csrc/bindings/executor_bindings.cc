@@ -329,6 +329,17 @@ Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
     }
     op.kind = std::move(k);
     out({x().rows, x().width / 3});
+  } else if (kind == "attention_pool") {
+    arity(1, 1);
+    same_shape();
+    const size_t heads = bounded(attrs, "heads", n, kMaxDim);
+    if (x().width % (2 * heads)) bad("op '" + n + "': input width is not 2 x heads x head width");
+    const size_t start = get<size_t>(attrs, "start", n);
+    if (start >= x().rows) bad("op '" + n + "': start " + std::to_string(start) + " is outside the tokens");
+    AttentionPoolOp k{heads, start, floats(ps.t, role("query"))};
+    if (k.query.size() != x().width / 2) bad("op '" + n + "': tensor '" + role("query") + "' must hold D values");
+    op.kind = std::move(k);
+    out({1, x().width / 2});
   } else if (kind == "gelu" || kind == "quick_gelu" || kind == "add" || kind == "average") {
     const bool binary = kind == "add" || kind == "average";
     arity(binary ? 2 : 1, 1);

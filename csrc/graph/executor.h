@@ -98,6 +98,7 @@ struct PosEmbedOp { std::vector<float> pos; };         // + pos [rows x D]
 struct LayerNormOp { LayerNormParams p; float eps = 1e-6f; };
 struct LinearOp { LinearLayer full, reduced; };        // reduced.w.bits == 0: no QuEE copy
 struct AttentionOp { size_t heads = 1; std::vector<float> bias; };  // on fused qkv [T x 3D]; bias: [heads x T x T] or none
+struct AttentionPoolOp { size_t heads = 1, start = 0; std::vector<float> query; };  // kv [T x 2D] rows start..; query [D]
 struct GeluOp {};
 struct QuickGeluOp {};                                // CLIP's x * sigmoid(1.702 x)
 struct LayerScaleOp { std::vector<float> gamma; };
@@ -107,8 +108,8 @@ struct PoolOp { bool avg = false; size_t start = 0; }; // token `start`, or mean
 struct ExitOp { ExitHead head; bool avg = false; size_t start = 0; };
 struct OutputOp {};                                    // in: logits, features, tokens
 
-using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, GeluOp,
-                            QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
+using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp,
+                            AttentionPoolOp, GeluOp, QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp, ExitOp, OutputOp>;
 
 struct Op {
   std::string name;
