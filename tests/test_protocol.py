@@ -19,16 +19,16 @@ sys.path.insert(0, str(REPO / "tools"))
 import _protocol  # noqa: E402
 
 
-def _have_dataset() -> bool:
-    try:
-        datasets.fashion_mnist_dir()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_dataset(), reason="dataset-fashion-mnist not installed")
 MEAN, STD = [datasets.FASHION_MNIST_MEAN], [datasets.FASHION_MNIST_STD]
+
+
+@pytest.fixture(scope="module")
+def train():
+    """Fashion-MNIST's training split (images, labels); the test skips without the data set."""
+    try:
+        return datasets.fashion_mnist("train")
+    except FileNotFoundError:
+        pytest.skip("dataset-fashion-mnist not installed")
 
 
 def _parser(**kw) -> argparse.ArgumentParser:
@@ -49,12 +49,11 @@ def _train_rows(images_norm: np.ndarray, lo: int, hi: int, raw: np.ndarray) -> n
     return np.array([where.get(im.tobytes(), -1) for im in u8])
 
 
-@needs_data
-def test_the_splits_come_from_the_documented_ranges_and_are_disjoint():
+def test_the_splits_come_from_the_documented_ranges_and_are_disjoint(train):
     args = _parse(["--images", "300", "--val-images", "300", "--test-limit", "40", "--seed", "3"],
                   images=256, val_images=5000)
     s = _protocol.load_splits(args, MEAN, STD)
-    raw, labels = datasets.fashion_mnist("train")
+    raw, labels = train
     cal = _train_rows(np.asarray(s.calibration.images), 50000, 55000, raw)
     val = _train_rows(np.asarray(s.validation.images), 55000, 60000, raw)
     assert (cal >= 0).all() and (val >= 0).all()     # each image found in its own range
@@ -74,8 +73,7 @@ def test_the_splits_come_from_the_documented_ranges_and_are_disjoint():
     assert other.calibration.summary["range"] == [50000, 55000] and other.validation.summary["range"] == [55000, 60000]
 
 
-@needs_data
-def test_a_script_without_validation_gets_none_and_all_test_images_by_default():
+def test_a_script_without_validation_gets_none_and_all_test_images_by_default(train):
     args = _parse(["--images", "5"], images=512)
     assert not hasattr(args, "val_images")
     s = _protocol.load_splits(args, MEAN, STD)
