@@ -125,8 +125,11 @@ def holdout_note(checkpoint: Path) -> str:
     lo, hi = REFERENCE_PARTS["calibration"][0], REFERENCE_PARTS["validation"][1]
     if held and held[0] <= lo and held[1] >= hi:
         return ""
-    return (f"**This checkpoint was trained on training images {lo}..{hi - 1}** (its metadata records no holdout "
-            f"covering them): its calibration and validation parts are images it has seen, so validation top-1 "
+    seen = [(a, b) for a, b in ((lo, min(hi, held[0])), (max(lo, held[1]), hi)) if a < b] if held else [(lo, hi)]
+    why = (f"its metadata's holdout, {held[0]}..{held[1] - 1}, does not cover {lo}..{hi - 1}" if held
+           else "its metadata records no holdout covering them")
+    return (f"**This checkpoint was trained on training images {' and '.join(f'{a}..{b - 1}' for a, b in seen)}** "
+            f"({why}): its calibration and validation parts hold images it has seen, so validation top-1 "
             f"is optimistic. The test split is unaffected.")
 
 
