@@ -35,7 +35,7 @@ from pyruntime.calibrate.common import REFERENCE_PARTS, CalibrationData, calibra
 if TYPE_CHECKING:  # pragma: no cover
     from pyruntime.calibrate.common import Source
 
-__all__ = ["add_protocol_args", "check_protocol_args", "Splits", "load_splits", "test_split", "Protocol",
+__all__ = ["add_protocol_args", "check_protocol_args", "Splits", "load_splits", "load_test_split", "Protocol",
            "load_protocol", "checkpoint_label", "holdout_note", "holdout_lines"]
 
 
@@ -45,8 +45,7 @@ def add_protocol_args(p: argparse.ArgumentParser, *, out: str, images: int, imag
                       val_images: Optional[int] = None, val_flag: str = "--val-images",
                       val_help: str = "validation images", threads: Optional[int] = None,
                       threads_help: Optional[str] = None, workdir_help: Optional[str] = None,
-                      workdir_required: bool = False, workdir_default: Optional[Path] = None,
-                      progress: bool = True) -> None:
+                      workdir_required: bool = False, progress: bool = True) -> None:
     """The shared flags with one script's defaults: ``--checkpoint``, ``--out`` (default
     results/``out``), ``--workdir``, ``--images``, the validation count (``val_images`` None: the
     script chooses nothing on validation and has no such flag; ``val_flag`` its spelling, the
@@ -54,7 +53,7 @@ def add_protocol_args(p: argparse.ArgumentParser, *, out: str, images: int, imag
     (where ``threads`` is given) and ``--no-progress``."""
     p.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
     p.add_argument("--out", type=Path, default=REPO / "results" / out)
-    p.add_argument("--workdir", type=Path, default=workdir_default, required=workdir_required, help=workdir_help)
+    p.add_argument("--workdir", type=Path, required=workdir_required, help=workdir_help)
     p.add_argument("--images", type=int, default=images, help=images_help)
     if val_images is not None:
         p.add_argument(val_flag, dest="val_images", type=int, default=val_images, help=val_help,
@@ -88,7 +87,7 @@ class Splits:
     test_labels: np.ndarray                  # int64 [N]
 
 
-def test_split(limit: Optional[int], mean: Sequence[float], std: Sequence[float]):
+def load_test_split(limit: Optional[int], mean: Sequence[float], std: Sequence[float]):
     """(normalised images, int64 labels) of the first ``limit`` Fashion-MNIST test images
     (all 10,000 for None)."""
     from pyruntime.datasets import fashion_mnist   # looked up per call: tests swap it for poisoned labels
@@ -104,7 +103,7 @@ def load_splits(args: argparse.Namespace, mean: Sequence[float], std: Sequence[f
     calib = calibration_data(args.images, args.seed, mean, std, part="calibration")
     n_val = getattr(args, "val_images", None)
     val = calibration_data(n_val, args.seed, mean, std, part="validation") if n_val is not None else None
-    return Splits(calib, val, *test_split(args.test_limit, mean, std))
+    return Splits(calib, val, *load_test_split(args.test_limit, mean, std))
 
 
 # --- the model -------------------------------------------------------------------------------------
