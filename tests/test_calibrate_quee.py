@@ -214,11 +214,6 @@ def test_policy_converts_and_runs(setup, tmp_path):
     np.testing.assert_array_equal(bp, r.block_path[:12])
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "csrc/bindings/executor_bindings.cc compares a tensor's dtype with float32 by identity "
-    "(dtype().is); arrays that went through pickle carry an equal but distinct dtype object and "
-    "are refused ('tensor ... has dtype float32'). Fixed by comparing with dtype().equal: remove "
-    "this marker with that change"))
 def test_a_pickled_fit_runs_like_the_fresh_one(setup):
     """A fit saved with pickle (or returned by a worker process) runs in memory exactly as the
     fit it was made from."""

@@ -38,7 +38,8 @@ py::array tensor(const py::dict& t, const std::string& name) {
 template <typename T>
 py::array_t<T, py::array::c_style> typed(const py::dict& t, const std::string& name, std::vector<ssize_t> shape) {
   py::array a = tensor(t, name);
-  if (!a.dtype().is(py::dtype::of<T>())) bad("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())));
+  // equal, not is: an unpickled array's dtype is an equal but distinct object (byte order still counts)
+  if (!a.dtype().equal(py::dtype::of<T>())) bad("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())));
   if (a.ndim() != ssize_t(shape.size())) bad("tensor '" + name + "' has the wrong number of dimensions");
   for (size_t i = 0; i < shape.size(); ++i)
     if (shape[i] >= 0 && a.shape(i) != shape[i])
@@ -49,7 +50,7 @@ py::array_t<T, py::array::c_style> typed(const py::dict& t, const std::string& n
 
 std::vector<float> floats(const py::dict& t, const std::string& name) {
   py::array a = tensor(t, name);
-  if (!a.dtype().is(py::dtype::of<float>())) bad("tensor '" + name + "' must be float32");
+  if (!a.dtype().equal(py::dtype::of<float>())) bad("tensor '" + name + "' must be float32");  // as typed()
   auto f = py::array_t<float, py::array::c_style>::ensure(a);
   std::vector<float> v(f.data(), f.data() + f.size());
   for (float x : v)
