@@ -188,7 +188,9 @@ def _match(table: Mapping[str, Any], name: str, what: str) -> Any:
     return table[hits[0]] if hits else None
 
 
-_BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+# A linear inside block i, whatever its family calls it (the program's ops name the layers:
+# attn.qkv, mlp.fc1, ... for the plain block; BEiT's, parallel branches', SwiGLU's fc1_g ...).
+_BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.[A-Za-z_]\w*(\.\w+)*$")
 _HEAD_LAYER = re.compile(r"^(head|head_dist|attn_pool\.(kv|proj|mlp\.fc1|mlp\.fc2))$")  # after the last block
 _EXIT_LAYER = re.compile(r"^exits\.(\d+)\.fc$")
 
@@ -583,7 +585,7 @@ class Policy:
             if not ok:
                 where = f"after the first gate (block {first})" if blocks else "(the policy has no gate exits)"
                 raise PolicyError(f"gates reduced names {key!r}, which matches no block linear {where}; only "
-                                  f"qkv/proj/fc1/fc2 of later blocks can have reduced-precision copies")
+                                  f"the linears of later blocks can have reduced-precision copies")
         out = {}
         for n in eligible:
             lp = _match(g.reduced, n, "reduced layer")
