@@ -59,8 +59,11 @@ RESULTS_DIR = BENCH_DIR / "results"
 JSON_PATH = RESULTS_DIR / "models.json"
 PNG_PATH = RESULTS_DIR / "models.png"
 
-MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224")
-SHORT = {"deit_tiny_patch16_224": "deit_tiny", "deit_small_patch16_224": "deit_small"}
+# DeiT (the default run), and the families beside it: SigLIP-B/16 (attention-pooling head,
+# num_classes 0: its "logits" are the pooled features).
+MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_siglip_224")
+SHORT = {"deit_tiny_patch16_224": "deit_tiny", "deit_small_patch16_224": "deit_small",
+         "vit_base_patch16_siglip_224": "siglip_base"}
 BATCHES = (1, 8)
 THREADS = (1, 2)
 SEED = 0

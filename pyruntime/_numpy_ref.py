@@ -383,6 +383,20 @@ def _op_swiglu(r: _Run, op: Mapping, x: np.ndarray):
     return [_silu_mul(gate, up)]
 
 
+def _op_attention_pool(r: _Run, op: Mapping, kv: np.ndarray):
+    """The fixed query [D] against kv rows start.. split as timm does ([T, 2, heads, dh]);
+    always fp32."""
+    kv = kv[op["attrs"]["start"]:]
+    T, H = kv.shape[0], op["attrs"]["heads"]
+    D = kv.shape[1] // 2
+    dh = D // H
+    r.bops += 2 * T * D * FP32_BITS
+    k, v = kv.reshape(T, 2, H, dh).transpose(1, 2, 0, 3)  # each [H, T, dh]
+    q = r.m.weight(op, "query").reshape(H, 1, dh)
+    attn = _softmax(_matmul(q, k.transpose(0, 2, 1)), _F32(1) / np.sqrt(_F32(dh)))
+    return [_matmul(attn, v).reshape(D)]
+
+
 def _op_gelu(r: _Run, op: Mapping, x: np.ndarray):
     return [_gelu(x)]
 
@@ -420,7 +434,7 @@ def _op_output(r: _Run, op: Mapping, *ins: np.ndarray):
 
 _OPS = {"patch_embed": _op_patch_embed, "prefix_tokens": _op_prefix_tokens, "pos_embed": _op_pos_embed,
         "layernorm": _op_layernorm, "linear": _op_linear, "attention": _op_attention, "rope": _op_rope,
-        "swiglu": _op_swiglu, "gelu": _op_gelu,
+        "swiglu": _op_swiglu, "attention_pool": _op_attention_pool, "gelu": _op_gelu,
         "quick_gelu": _op_quick_gelu, "layer_scale": _op_layer_scale, "add": _op_add, "average": _op_average, "pool": _op_pool,
         "exit": _op_exit, "output": _op_output}
 assert set(_OPS) == set(opgraph.OP_KINDS), "every op kind needs its function here"

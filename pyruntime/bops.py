@@ -57,14 +57,15 @@ def _costs(graph: Mapping, reduced: bool = False) -> List[Tuple[Mapping, str, in
     """[(op, what, MACs of one image, b_w x b_a)] in execution order: the one place BOPs are
     counted per op kind. Linear-bearing ops count each layer (and, with ``reduced``, its
     QuEE copy ``<layer>:lo`` right after it) at its precision, fp32 as 32 x 32; attention
-    counts its two matmuls at the graph's attention bits; every other kind is free."""
+    counts its two matmuls at the graph's attention bits (attention pooling's at fp32); every
+    other kind is free."""
     lo = graph_reduced_layers(graph) if reduced else {}
     attn = attention_bits(graph) ** 2
     out = []
     for op, macs in opgraph.op_macs(opgraph.ops_of(graph)):
         for what, m in macs.items():
-            if op["op"] == "attention":
-                out.append((op, what, m, attn))
+            if op["op"] in ("attention", "attention_pool"):  # the pool is always fp32
+                out.append((op, what, m, attn if op["op"] == "attention" else FP32_BITS))
                 continue
             out.append((op, what, m, _linear_bits(layer_precision(graph, what))))
             if what in lo:

@@ -282,7 +282,7 @@ def _check_head(model: Any) -> str:
     import torch.nn as nn
 
     if getattr(model, "attn_pool", None) is not None:
-        raise _not_yet(model, f"attention pooling (global_pool={model.global_pool!r}, SigLIP's MAP head)")
+        return "map"  # the head itself is checked by _check_attn_pool
     if model.global_pool not in ("token", "avg"):
         raise _unsupported(f"global_pool={model.global_pool!r} (only 'token' and 'avg')")
     if getattr(model, "pool_include_prefix", False):
@@ -294,6 +294,34 @@ def _check_head(model: Any) -> str:
     if not all(isinstance(h, nn.Linear) for h in heads):
         raise _unsupported(f"a classifier head that is not linear ({', '.join(type(h).__name__ for h in heads)})")
     return model.global_pool
+
+
+def _check_attn_pool(model: Any, D: int, eps: list) -> None:
+    """SigLIP's MAP head as the ``attention_pool`` op runs it: one latent query, a q and a kv
+    projection, no q/k norm or position embedding, then proj, an optional LayerNorm and a
+    residual MLP, the one latent row as the pooled features."""
+    import torch.nn as nn
+    from timm.layers import Mlp
+
+    ap = model.attn_pool
+    if type(ap).__name__ != "AttentionPoolLatent":
+        raise _unsupported(f"attention pooling {type(ap).__name__} (only timm's AttentionPoolLatent)")
+    if ap.latent_len != 1 or ap.pool != "token":
+        raise _unsupported(f"attention pooling with {ap.latent_len} latents / pool {ap.pool!r} (only one latent)")
+    if ap.pos_embed is not None:
+        raise _unsupported("a position embedding inside the attention pooling")
+    if not (isinstance(ap.q_norm, nn.Identity) and isinstance(ap.k_norm, nn.Identity)):
+        raise _unsupported("qk_norm inside the attention pooling")
+    if not isinstance(ap.q, (nn.Linear, nn.Identity)) or not isinstance(ap.kv, nn.Linear):
+        raise _unsupported("attention pooling projections that are not linear")
+    if ap.kv.in_features != D or ap.kv.out_features != 2 * D or ap.num_heads * ap.head_dim != D:
+        raise _unsupported("attention pooling whose width differs from embed_dim")
+    if ap.mlp is None or type(ap.mlp) is not Mlp or not isinstance(ap.proj, nn.Linear) or ap.proj.out_features != D:
+        raise _unsupported("attention pooling without its projection and MLP (out_features=0) or with another width")
+    if not isinstance(ap.mlp.norm, nn.Identity):
+        raise _unsupported("a normalisation inside the attention pooling's MLP")
+    _mlp_act(ap.mlp.act, "attn_pool.mlp")
+    _optional_norm(ap.norm, "attn_pool.norm", D, eps)
 
 
 def _mlp_act(act: Any, where: str) -> str:
@@ -354,6 +382,8 @@ def model_arch(model: "nn.Module") -> dict:
     if _is_eva(model):  # they rebuild a plain ViT's forward (exits.py) and layer list (calibrate/common.py)
         raise ValueError(f"{type(model).__name__}: exit-head fitting and calibration do not support Eva models yet "
                          f"(RoPE, SwiGLU); convert it as it is, with a shorthand policy or exit heads fitted elsewhere")
+    if arch["global_pool"] == "map":
+        raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -383,6 +413,8 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
 
     flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
              for key in ("norm_pre", "norm", "fc_norm")}
+    if global_pool == "map":
+        _check_attn_pool(model, D, eps)
     if len(set(eps)) != 1:
         raise _unsupported(f"LayerNorms with different eps {sorted(set(eps))}")
     return {
@@ -420,6 +452,8 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
     if _is_eva(model):
         return _eva_program(model, graph)
+    if graph["arch"]["global_pool"] == "map":
+        return _with_attn_pool(model, opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}}, act))
     ops = opgraph.lower(graph, act)
     if not _is_relpos(model):
         return ops
@@ -547,6 +581,8 @@ def _eva_describe(model: Any) -> Tuple[dict, str]:
         raise _unsupported("Eva blocks that differ in heads, MLP, norms or layer scale")
     blk = per_block.pop()
     _eva_rope(model)  # refuses a RoPE it cannot tabulate
+    if global_pool == "map":  # the Perception Encoder's (vit_pe_core_*) head, as SigLIP's
+        _check_attn_pool(model, D, eps)
     import torch.nn as nn
 
     flags = {key: _optional_norm(getattr(model, key, None) or nn.Identity(), key, D, eps)
@@ -620,8 +656,11 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
 
 def _eva_program(model: Any, graph: Mapping) -> List[dict]:
     """The lowering's embedding, exits and head around Eva blocks; without an absolute position
-    embedding (RoPE-only models) its op is dropped."""
+    embedding (RoPE-only models) its op is dropped; a MAP head replaces the pooling."""
     a = graph["arch"]
+    attn_pool = a["global_pool"] == "map"
+    if attn_pool:
+        graph = {**graph, "arch": {**a, "global_pool": "avg"}}
     blk = _eva_check_block(model.blocks[0], 0, a["embed_dim"], int(model.num_prefix_tokens), [])
     mixed = getattr(model, "rope_mixed", False)
     ops: List[dict] = []
@@ -637,7 +676,7 @@ def _eva_program(model: Any, graph: Mapping) -> List[dict]:
         pos = ops.pop(i)
         for op in ops:
             op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
-    return ops
+    return _with_attn_pool(model, ops) if attn_pool else ops
 
 
 def _eva_qkv(attn: Any, p: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -681,6 +720,7 @@ def _eva_linears(model: Any) -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]
         out[f"{p}.attn.proj"] = wb(blk.attn.proj, f"{p}.attn.proj")
         out[f"{p}.mlp.fc1"] = _eva_fc1(blk.mlp, f"{p}.mlp")
         out[f"{p}.mlp.fc2"] = wb(blk.mlp.fc2, f"{p}.mlp.fc2")
+    out.update(_attn_pool_linears(model, wb))
     if model.num_classes:
         out["head"] = wb(model.head, "head")
     return out
@@ -711,6 +751,48 @@ def _eva_float_tensors(model: Any, arch: Mapping) -> Dict[str, np.ndarray]:
                 out[f"blocks.{i}.attn.rope.sin"], out[f"blocks.{i}.attn.rope.cos"] = sin[i], cos[i]
         else:
             out["rope.sin"], out["rope.cos"] = sin, cos
+    if arch["global_pool"] == "map":
+        out.update(_attn_pool_tensors(model))
+    return out
+
+
+# --- SigLIP's attention-pooling (MAP) head ---------------------------------------------------------
+
+def _with_attn_pool(model: Any, ops: List[dict]) -> List[dict]:
+    """``ops`` (lowered with average pooling) with the ``pool`` op replaced by SigLIP's MAP
+    head, whose result keeps the tensor name ``pool`` (fc_norm and the head read it)."""
+    import torch.nn as nn
+    from .graph import _lin, _norm, _op
+
+    ap = model.attn_pool
+    D, F, H = ap.kv.in_features, ap.mlp.fc1.out_features, ap.num_heads
+    i = next(i for i, op in enumerate(ops) if op["op"] == "pool")
+    x, act = ops[i]["in"][0], _mlp_act(ap.mlp.act, "attn_pool.mlp")
+    # Eva's pool hands the MAP head every token; a VisionTransformer's only the patches unless
+    # pool_include_prefix
+    start = 0 if _is_eva(model) or getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
+    head = [_lin("attn_pool.kv", x, D, 2 * D, None),
+            _op("attention_pool", "attn_pool.attn", ["attn_pool.kv"], {"heads": H, "start": start},
+                {"query": "attn_pool.query"}),
+            _lin("attn_pool.proj", "attn_pool.attn", D, D, None)]
+    h = "attn_pool.proj"
+    if not isinstance(ap.norm, nn.Identity):
+        head.append(_norm("attn_pool.norm", h, float(ap.norm.eps)))
+        h = "attn_pool.norm"
+    head += [_lin("attn_pool.mlp.fc1", h, D, F, None), _op(act, f"attn_pool.mlp.{act}", ["attn_pool.mlp.fc1"]),
+             _lin("attn_pool.mlp.fc2", f"attn_pool.mlp.{act}", F, D, None),
+             _op("add", "attn_pool.residual", ["attn_pool.proj", "attn_pool.mlp.fc2"], outs=["pool"])]
+    return ops[:i] + head + ops[i + 1:]
+
+
+def _attn_pool_tensors(model: Any) -> Dict[str, np.ndarray]:
+    """The MAP head's fixed query (its latent through q, as timm computes it each forward)
+    and LayerNorm; its linears are with the backbone's."""
+    ap = model.attn_pool
+    out = {"attn_pool.query": _np(ap.q(ap.latent).reshape(-1), "attn_pool.query")}
+    if getattr(ap.norm, "weight", None) is not None:
+        out["attn_pool.norm.weight"] = _np(ap.norm.weight, "attn_pool.norm.weight")
+        out["attn_pool.norm.bias"] = _np(ap.norm.bias, "attn_pool.norm.bias")
     return out
 
 
@@ -748,6 +830,8 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
         if arch["layer_scale"]:
             out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
             out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
+    if arch["global_pool"] == "map":
+        out.update(_attn_pool_tensors(model))
     return out
 
 
@@ -765,11 +849,21 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
+    out.update(_attn_pool_linears(model, wb))
     if model.num_classes:
         out["head"] = wb(model.head, "head")
         if getattr(model, "head_dist", None) is not None:
             out["head_dist"] = wb(model.head_dist, "head_dist")
     return out
+
+
+def _attn_pool_linears(model: Any, wb: Any) -> Dict[str, Tuple[np.ndarray, Optional[np.ndarray]]]:
+    """The MAP head's linears (none without one), by ``wb(module, name)``."""
+    ap = getattr(model, "attn_pool", None)
+    if ap is None:
+        return {}
+    return {f"attn_pool.{sub}": wb(m, f"attn_pool.{sub}")
+            for sub, m in (("kv", ap.kv), ("proj", ap.proj), ("mlp.fc1", ap.mlp.fc1), ("mlp.fc2", ap.mlp.fc2))}
 
 
 def _read_exit_file(path: PathLike) -> Dict[int, Dict[str, Any]]:
@@ -963,6 +1057,12 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
                           f"model has none (num_classes=0, a feature extractor)")
     skeleton = {"arch": arch, "exits": [{"block": b} for b in exit_blocks]}
     layers = pol.resolve(graph_layer_names({**skeleton, "ops": _program(model, skeleton, act)}), arch["depth"])
+    if exit_blocks and arch["global_pool"] == "map":
+        raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}; exit heads on a model with attention "
+                          f"pooling (SigLIP's MAP head) are not supported yet")
+    skeleton = {"arch": arch, "exits": [{"block": b} for b in exit_blocks]}
+    program = _program(model, skeleton, act)
+    layers = pol.resolve(graph_layer_names({**skeleton, "ops": program}), arch["depth"])
     norms, exit_linears = _exit_tensors(heads, exit_blocks)
     with torch.no_grad():
         tensors = {**_float_tensors(model, arch), **norms}
@@ -980,6 +1080,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
         graph["gates"], gate_tensors = _gates(pol, list(layers), arch, linears)
         tensors.update(gate_tensors)
     set_attention_bits(graph, pol.attn_bits)
-    graph["ops"] = _program(model, graph, act)  # the model as the program the runtime executes
+    graph["ops"] = program  # the model as the program the runtime executes
     write_model(out, graph, tensors, pol.to_json(), _provenance(source_name, model, checkpoint, pol), inputs=inputs)
     return Path(out)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from .errors import FormatError
 
-__all__ = ["OP_KINDS", "OP_KEYS", "MLP_ACTS", "IMAGE", "Linear", "check_ops", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
+__all__ = ["OP_KINDS", "OP_KEYS", "MLP_ACTS", "IMAGE", "Linear", "check_ops", "check_lowerable", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
            "layer_names", "num_tokens", "op_macs", "weight_shapes", "depth", "tokens_chain", "block_ends"]
 
 IMAGE = "image"  # the program's input: one normalised image [C, H, W]
@@ -152,6 +152,16 @@ def _attention(op, ins):
     return [(T, D3 // 3)], {"bias": (H, T, T)} if "bias" in op["weights"] else {}
 
 
+def _attention_pool(op, ins):
+    T, D2 = _tokens(ins[0], "kv")
+    H = op["attrs"]["heads"]
+    if D2 % (2 * H):
+        raise ValueError(f"input width {D2} is not 2 x heads ({H}) x head width")
+    if op["attrs"]["start"] >= T:
+        raise ValueError(f"start {op['attrs']['start']} is outside the {T} tokens")
+    return [(D2 // 2,)], {"query": (D2 // 2,)}
+
+
 def _same(op, ins):
     _vector_or_tokens(ins[0])
     return [ins[0]], {}
@@ -247,6 +257,10 @@ OP_KINDS: Dict[str, OpKind] = {
     # [.., 2F] -> [.., F]: silu(first half) * second half, the output of one fc1 holding the
     # gate's rows first (timm SwiGLUPacked; timm SwiGLU's fc1_g and fc1_x stacked)
     "swiglu": OpKind(1, 1, {}, (), _swiglu),
+    # SigLIP's attention pooling (timm's AttentionPoolLatent, one latent): the fixed query
+    # "query" [D] (the latent through its q projection, heads side by side) attends over rows
+    # start..T-1 of kv [T, 2D] ([T, 2, heads, dh] order; start skips the prefix tokens) -> [D]
+    "attention_pool": OpKind(1, 1, {"heads": "pos", "start": "nonneg"}, ("query",), _attention_pool, in_block=False),
     "gelu": OpKind(1, 1, {}, (), _same),           # exact erf GELU
     "quick_gelu": OpKind(1, 1, {}, (), _same),     # CLIP's x * sigmoid(1.702 x)
     "layer_scale": OpKind(1, 1, {}, ("gamma",), _layer_scale),
@@ -475,7 +489,8 @@ def depth(ops: Sequence[Mapping]) -> int:
 def op_macs(ops: Sequence[Mapping]) -> List[Tuple[Mapping, Dict[str, int]]]:
     """[(op, {what: MACs of one image})]: a linear-bearing op counts each of its layers by
     layer name; ``attention`` counts its two matmuls, ``<name>.qk`` (q.k^T) and ``<name>.av``
-    (attn.v), T x T x D each. Every other kind is free (LayerNorm, GELU, SwiGLU's gate, RoPE, adds, softmax)."""
+    (attn.v), T x T x D each (``attention_pool``: one query row, (T - start) x D each). Every other kind
+    is free (LayerNorm, GELU, SwiGLU's gate, RoPE, adds, softmax)."""
     shapes = _infer(ops)
     out = []
     for op in ops:
@@ -487,6 +502,9 @@ def op_macs(ops: Sequence[Mapping]) -> List[Tuple[Mapping, Dict[str, int]]]:
         elif op["op"] == "attention":
             T, D = ins[0][0], ins[0][1] // 3
             m = {f"{op['name']}.qk": T * T * D, f"{op['name']}.av": T * T * D}
+        elif op["op"] == "attention_pool":  # one query row against T - start keys
+            T, D = ins[0][0] - op["attrs"]["start"], ins[0][1] // 2
+            m = {f"{op['name']}.qk": T * D, f"{op['name']}.av": T * D}
         out.append((op, m))
     return out
 
@@ -584,6 +602,14 @@ def _check_sizes(a: Mapping) -> None:
 MLP_ACTS = ("gelu", "quick_gelu")  # the op kinds a ViT block's MLP may use between fc1 and fc2
 
 
+def check_lowerable(arch: Mapping) -> None:
+    """FormatError unless :func:`lower` can build the program of ``arch`` (attention pooling
+    has hyper-parameters arch does not hold: only a file's own ops describe it)."""
+    if arch["global_pool"] == "map":
+        raise FormatError("arch.global_pool 'map' (attention pooling) has no lowering from arch: the file must "
+                          "carry its program (graph.ops)")
+
+
 def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
     """The program of a timm VisionTransformer described by ``graph.arch`` with exit heads
     after ``graph.exits``' blocks and ``act`` (one of :data:`MLP_ACTS`) in its MLPs: the one
@@ -593,6 +619,7 @@ def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
     if act not in MLP_ACTS:
         raise ValueError(f"MLP activation {act!r} is not one of {list(MLP_ACTS)}")
     a = graph["arch"]
+    check_lowerable(a)
     D, eps, n = a["embed_dim"], a["eps"], a["num_classes"]
     prefix = int(a["cls_token"]) + int(a["dist_token"]) + a["reg_tokens"]
     exits = {int(e["block"]) for e in graph.get("exits", [])}

@@ -95,7 +95,7 @@ ARCH_KEYS = {
     "img_size": _PAIR, "patch_size": _PAIR, "in_chans": _POS_INT, "embed_dim": _POS_INT,
     "depth": _POS_INT, "num_heads": _POS_INT, "mlp_hidden": _POS_INT, "num_classes": _NONNEG_INT,
     "cls_token": _BOOL, "dist_token": _BOOL, "reg_tokens": _NONNEG_INT, "no_embed_class": _BOOL,
-    "global_pool": "token|avg", "fc_norm": _BOOL, "final_norm": _BOOL, "norm_pre": _BOOL,
+    "global_pool": "token|avg|map", "fc_norm": _BOOL, "final_norm": _BOOL, "norm_pre": _BOOL,
     "layer_scale": _BOOL, "qkv_bias": _BOOL, "eps": "float in [1e-30, 1]",
 }
 
@@ -224,7 +224,7 @@ def _check_arch_value(key: str, kind: str, v: Any) -> None:
         _POS_INT: is_int and v > 0,
         _NONNEG_INT: is_int and v >= 0,
         _PAIR: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
-        "token|avg": v in ("token", "avg"),
+        "token|avg|map": v in ("token", "avg", "map"),  # map: attention pooling, only with graph.ops
         "float in [1e-30, 1]": isinstance(v, (int, float)) and not isinstance(v, bool) and EPS_RANGE[0] <= v <= EPS_RANGE[1],
     }[kind]
     if not ok:
@@ -457,6 +457,8 @@ def check_graph(graph: Any) -> None:
         raise FormatError("graph.exits must be a list of exits, each with a block")
     if "ops" in graph:
         opgraph.check_ops(graph["ops"], _max_ops())
+    else:
+        opgraph.check_lowerable(arch)
     try:
         pol = _graph_policy(graph)
         blocks = [e.block for e in pol.exits]

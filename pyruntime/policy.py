@@ -188,7 +188,10 @@ def _match(table: Mapping[str, Any], name: str, what: str) -> Any:
     return table[hits[0]] if hits else None
 
 
-_BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+# A linear inside block i, whatever its family calls it (the program's ops name the layers:
+# attn.qkv, mlp.fc1, ... for the plain block; BEiT's, parallel branches', SwiGLU's fc1_g ...).
+_BLOCK_LAYER = re.compile(r"^blocks\.(\d+)\.[A-Za-z_]\w*(\.\w+)*$")
+_HEAD_LAYER = re.compile(r"^(head|head_dist|attn_pool\.(kv|proj|mlp\.fc1|mlp\.fc2))$")  # after the last block
 _EXIT_LAYER = re.compile(r"^exits\.(\d+)\.fc$")
 
 
@@ -203,10 +206,10 @@ def check_attn_bits(bits: Any) -> int:
 def layer_block(name: str, depth: int) -> int:
     """The block a linear layer belongs to, for ordering against the scale predictor:
     ``patch_embed`` is -1 (before block 0), ``exits.{b}.fc`` is b, ``head``/``head_dist``
-    are ``depth`` (after the last block)."""
+    and the attention pooling's ``attn_pool.*`` are ``depth`` (after the last block)."""
     if name == "patch_embed":
         return -1
-    if name in ("head", "head_dist"):
+    if _HEAD_LAYER.match(name):
         return depth
     m = _BLOCK_LAYER.match(name) or _EXIT_LAYER.match(name)
     if not m:
@@ -582,7 +585,7 @@ class Policy:
             if not ok:
                 where = f"after the first gate (block {first})" if blocks else "(the policy has no gate exits)"
                 raise PolicyError(f"gates reduced names {key!r}, which matches no block linear {where}; only "
-                                  f"qkv/proj/fc1/fc2 of later blocks can have reduced-precision copies")
+                                  f"the linears of later blocks can have reduced-precision copies")
         out = {}
         for n in eligible:
             lp = _match(g.reduced, n, "reduced layer")

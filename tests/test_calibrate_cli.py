@@ -99,6 +99,38 @@ def test_uniform_static_and_scalepredictor(checkpoint, tmp_path):
     assert calibrate(checkpoint, pred, "--method", "scalepredictor", "--budget-bops", "1e9") == 2
 
 
+def test_uniform_with_mse_clipped_static_scales(checkpoint, tmp_path):
+    from pyruntime.calibrate.static import static_scales
+    from pyruntime.calibrate.uniform import uniform_policy
+
+    out = tmp_path / "w8a4-mse.json"
+    assert calibrate(checkpoint, out, "--method", "uniform", "--w-bits", "8", "--a-bits", "4", "--scale", "mse") == 0
+    pol = Policy.load(out)
+    assert pol.meta["static"]["method"] == "mse"
+    src = reference_source(checkpoint)
+    data = calibration_data(64, mean=src.preprocess["mean"], std=src.preprocess["std"])
+    want = static_scales(src, data, uniform_policy(8, 4), "mse", show_progress=False)
+    got = {n: lp.static_scale for n, lp in pol.layers.items() if lp.scale == "static"}
+    assert got == pytest.approx(want, rel=1e-6) and len(got) == 4 * 2   # every block linear of the depth-2 model
+    minmax = static_scales(src, data, uniform_policy(8, 4), "minmax", show_progress=False)
+    assert all(got[n] <= minmax[n] * (1 + 1e-6) for n in got)   # a clip ratio of at most 1
+    assert any(got[n] < minmax[n] for n in got)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (("--method", "uniform", "--ste-steps", "5"), "--ste-steps applies to scalepredictor, not uniform"),
+    (("--method", "lampq", "--budget-bops", "0.9x", "--ste-steps", "1"), "--ste-steps applies to scalepredictor, not lampq"),
+    (("--method", "scalepredictor", "--scale", "mse"), "--scale mse applies to uniform/lampq/naive, not scalepredictor"),
+    (("--method", "quee", "--scale", "minmax"), "--scale minmax applies to uniform/lampq/naive, not quee"),
+])
+def test_options_of_other_methods_are_one_line_errors(checkpoint, tmp_path, capsys, argv, words):
+    out = tmp_path / "p.json"
+    assert calibrate(checkpoint, out, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err == f"pyruntime calibrate: error: {words}\n"
+    assert not out.exists()
+
+
 def test_add_parser_registers_the_subcommand(tmp_path):
     table = tmp_path / "T.json"  # --latency-table must name an existing file
     table.write_text("{}")
@@ -106,7 +138,8 @@ def test_add_parser_registers_the_subcommand(tmp_path):
     add_parser(p.add_subparsers(dest="command", required=True))
     args = p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "2e9", "--out", "x.json",
                          "--w-bits", "4,8", "--a-bits", "6,8"])
-    assert args.w_bits == [4, 8] and args.a_bits == [6, 8] and callable(args.func)
+    assert args.w_bits == [4, 8] and args.a_bits == [6, 8] and callable(args.func) and args.scale == "dynamic"
+    assert p.parse_args(["calibrate", "--method", "naive", "--out", "x.json", "--scale", "mse"]).scale == "mse"
     with pytest.raises(SystemExit):
         p.parse_args(["calibrate", "--method", "lampq", "--budget-bops", "1", "--budget-bytes", "1", "--out", "x"])
     args = p.parse_args(["calibrate", "--method", "quee", "--reduced", "w4a6", "--out", "x.json", "--lam", "0.5"])

@@ -214,6 +214,20 @@ def test_policy_converts_and_runs(setup, tmp_path):
     np.testing.assert_array_equal(bp, r.block_path[:12])
 
 
+def test_a_pickled_fit_runs_like_the_fresh_one(setup):
+    """A fit saved with pickle (or returned by a worker process) runs in memory exactly as the
+    fit it was made from."""
+    import pickle
+
+    _, _, _, held, fit = setup
+    lam = default_lambdas(fit)[len(default_lambdas(fit)) // 2]
+    again = pickle.loads(pickle.dumps(fit))
+    want, got = fit.run(held.images, lam, num_threads=1), again.run(held.images, lam, num_threads=1)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_lambda_moves_bops_the_right_way(setup):
     _, _, _, held, fit = setup
     lams = default_lambdas(fit)

@@ -320,7 +320,6 @@ UNSUPPORTED = {
     "swiglu": (lambda: VisionTransformer(**SMALL, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU), "SwiGLU"),
     "gelu_tanh": (lambda: VisionTransformer(**SMALL, act_layer="gelu_tanh"), "GELU"),
     "silu": (lambda: VisionTransformer(**SMALL, act_layer="silu"), "activation"),
-    "map_pool": (lambda: VisionTransformer(**SMALL, global_pool="map"), "attention pooling"),
     "max_pool": (lambda: VisionTransformer(**SMALL, global_pool="max"), "global_pool='max'"),
     "dynamic_img_size": (lambda: VisionTransformer(**SMALL, dynamic_img_size=True), "dynamic_img_size"),
     "rmsnorm": (lambda: VisionTransformer(**SMALL, norm_layer="rmsnorm"), "LayerNorm"),

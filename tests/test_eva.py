@@ -55,6 +55,8 @@ CASES = {
     # 2-D MRoPE (Qwen2-VL style interleaved sections, rotate-half)
     "vit_mrope": ("vit_small_patch16_rope_224", dict(SMALL, img_size=32, embed_dim=64, num_heads=2, rope_type="mrope",
                                                      rope_grid_indexing="ij")),
+    # the Perception Encoder: RoPE, layer scale, norm_pre, SigLIP's attention-pooling (MAP) head
+    "pe_core_map_head": ("vit_pe_core_tiny_patch16_384", dict(SMALL, img_size=32, embed_dim=64, num_heads=2)),
     # DINOv3's RoPE (rotate-half, its own periods), four registers, layer scale, at a fixed size
     "dinov3_fixed_size": ("vit_small_patch16_dinov3", dict(SMALL, img_size=32, embed_dim=64, num_heads=2,
                                                            dynamic_img_size=False)),
@@ -231,7 +233,7 @@ def test_bops_count_swiglu_fc1_as_its_two_projections(files):
 # --- quantised: the runtime is the oracle's model --------------------------------------------------
 
 @pytest.mark.parametrize("case", ["eva02_tiny", "eva02_base", "eva02_small_ln_ls_half", "eva02_enormous_post_norm",
-                                  "vit_rope_mixed"])
+                                  "vit_rope_mixed", "pe_core_map_head"])
 @pytest.mark.parametrize("policy", ["w8a8", "w4a8", "w8a8-attn8"])
 def test_quantised_matches_the_oracle(case, policy, files, tmp_path):
     model = files[case][0]
@@ -412,7 +414,6 @@ REFUSED = {
     "gqa": ("vit_small_patch16_rope_224", dict(R, qkv_fused=False, num_kv_heads=1, attn_type="rope"),
             r"grouped-query attention \(num_kv_heads\)"),
     "dinov3": ("vit_small_patch16_dinov3", dict(R), r"dynamic_img_size"),
-    "map_head": ("eva02_tiny_patch14_224", dict(R, img_size=28, global_pool="map"), r"attention pooling"),
 }
 
 

@@ -218,8 +218,6 @@ REFUSED = {
     "beit_base_patch16_224": (T32, r"Beit \(beit_base_patch16_224\): relative position bias \(BEiT\)"),
     "vit_relpos_small_patch16_rpn_224": (T32, r"VisionTransformerRelPos \(vit_relpos_small_patch16_rpn_224\): post-norm "
                                               r"blocks \(ResPostRelPosBlock"),
-    "vit_base_patch16_siglip_224": (T32, r"VisionTransformer \(vit_base_patch16_siglip_224\): attention pooling "
-                                         r"\(global_pool='map', SigLIP's MAP head\)"),
     "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks"),
     "vit_base_patch16_xp_224": (T32, r"\(vit_base_patch16_xp_224\): parallel attention and MLP in one block"),
     "swin_tiny_patch4_window7_224": (dict(depths=(1, 1), embed_dim=24, num_heads=(1, 1), img_size=56),

@@ -87,6 +87,26 @@ def test_executor_refuses_non_array_tensors():
             _core.Executor(g, t2)
 
 
+def test_executor_takes_float32_by_value_not_by_dtype_identity():
+    """Arrays that went through pickle (a saved fit, a worker process) carry a float32 dtype
+    equal to numpy's but not the same object: they load and run exactly like the originals.
+    Other byte orders and widths are still refused."""
+    import pickle
+
+    g = tiny_graph(layers={"blocks.0.attn.qkv": W8A8})
+    t = random_tensors(g)
+    x = _images(g, 2)
+    want = _core.Executor(g, t).run(x)
+    got = _core.Executor(g, pickle.loads(pickle.dumps(t))).run(x)
+    np.testing.assert_array_equal(got["logits"], want["logits"])
+    for bad, match in ((t["pos_embed"].astype(">f4"), "pos_embed' must be float32"),
+                       (t["pos_embed"].astype(np.float64), "pos_embed' must be float32"),
+                       (t["blocks.0.attn.qkv.weight.q8"].astype(np.int16), "weight.q8' has dtype int16")):
+        name = "blocks.0.attn.qkv.weight.q8" if bad.dtype == np.int16 else "pos_embed"
+        with pytest.raises(ValueError, match=match):
+            _core.Executor(g, dict(t, **{name: bad}))
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("embed_dim", 2 ** 62, "embed_dim must be in"),
     ("mlp_hidden", 2 ** 63 + 5, "mlp_hidden must be in"),

@@ -324,7 +324,7 @@ def _edit(graph, fn):
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].pop("eps")), "eps"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"img_size": [9, 8]})), "multiple of the patch"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"num_heads": 3})), "num_heads"),
-    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"global_pool": "map"})), "token\\|avg"),
+    (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"global_pool": "max"})), "token\\|avg\\|map"),
     (lambda: _edit(tiny_graph(), lambda g: g["arch"].update({"cls_token": False})), "class token"),
     (lambda: _edit(tiny_graph(), lambda g: g["preprocess"].update({"mean": [0.5, 0.5]})), "mean"),
     (lambda: tiny_graph(exits=[{"block": 1, "rule": "confidence", "threshold": 0.5}]), "out of range"),

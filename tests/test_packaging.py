@@ -3,7 +3,11 @@ artefacts tools/build_wheels.sh leaves in dist/.
 
 The sdist test builds an sdist (under a second) and checks what is in it. The dist/ tests run
 when tools/build_wheels.sh has left artefacts there (tools/test.sh runs it before pytest) and
-skip otherwise: the wheels' metadata and contents, and -- the release path a user without a
+skip otherwise, or when they are older than the sources that make them (a stale dist/ from an
+earlier build_wheels.sh would fail them for what it lacks, not for what is wrong); under CI
+(``CI`` set, as CI services do) they never skip: a missing dist/ fails, and a present one is
+checked whatever its age. They check the wheels' metadata and contents, and -- the release
+path a user without a
 wheel for their platform takes -- the sdist rebuilt into a wheel with the system compiler,
 installed into a fresh virtual environment with numpy, safetensors and pytest only, and the
 repository's torch-free tests run against that installation. The sdist carries no tests (it
@@ -22,6 +26,7 @@ import tarfile
 import zipfile
 from collections import Counter
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -187,10 +192,42 @@ def test_sdist_leaves_out_results_plots_tests_and_builds(sdist):
 # dist/, as tools/build_wheels.sh left it
 
 
-def _dist(pattern: str) -> list:
-    found = sorted(DIST.glob(pattern)) if DIST.is_dir() else []
+# What the artefacts are built from: a change to any of these after the last build makes dist/ stale.
+WHEEL_SOURCES = ("pyruntime", "csrc", "CMakeLists.txt", "pyproject.toml", "tools/build_wheels.sh")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _newest_source(repo: Path = REPO) -> Tuple[float, Path]:
+    """(mtime, path) of the newest file among WHEEL_SOURCES (bytecode and local builds of the
+    extension left out: they are not what a wheel is built from)."""
+    newest = (0.0, repo)
+    for name in WHEEL_SOURCES:
+        top = repo / name
+        for f in (top.rglob("*") if top.is_dir() else [top]):
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".so":
+                newest = max(newest, (f.stat().st_mtime, f))
+    return newest
+
+
+def _dist(pattern: str, dist: Path = DIST, repo: Path = REPO) -> list:
+    """The artefacts matching ``pattern``. Outside CI: skipped when there are none or when dist/
+    is older than the newest source. Under CI: none is a failure, and they are checked whatever
+    their age (CI builds them first; a wrong wheel list must fail there, never skip)."""
+    found = sorted(dist.glob(pattern)) if dist.is_dir() else []
+    if _in_ci():
+        if not found:
+            pytest.fail(f"CI: no {pattern} in {dist}; tools/build_wheels.sh must run before the tests")
+        return found
     if not found:
-        pytest.skip(f"no {pattern} in {DIST}: run tools/build_wheels.sh first")
+        pytest.skip(f"no {pattern} in {dist}: run tools/build_wheels.sh first")
+    built = min(f.stat().st_mtime for f in dist.glob("pyruntime_vit-*"))
+    when, newest = _newest_source(repo)
+    if built < when:
+        pytest.skip(f"{dist} is stale: built before {newest.relative_to(repo)} last changed; rerun "
+                    f"tools/build_wheels.sh (under CI=true this check never skips)")
     return found
 
 
@@ -272,3 +309,44 @@ def test_sdist_rebuilds_into_a_wheel_that_passes_the_torch_free_tests(tmp_path):
     r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert re.search(r"\d+ passed", r.stdout), r.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# When the dist/ tests run
+
+
+def _tree(tmp_path: Path, source_age: float, dist_age: float) -> Tuple[Path, Path]:
+    """A repository with one wheel source and a dist/ with one wheel, each ``age`` seconds old."""
+    repo, now = tmp_path / "repo", 1_700_000_000.0
+    (repo / "pyruntime").mkdir(parents=True)
+    (repo / "dist").mkdir()
+    src = repo / "pyruntime" / "runtime.py"
+    whl = repo / "dist" / "pyruntime_vit-0-cp311-cp311-x.whl"
+    for f, age in ((src, source_age), (whl, dist_age)):
+        f.write_text("x")
+        os.utime(f, (now - age, now - age))
+    cache = repo / "pyruntime" / "__pycache__" / "runtime.cpython-311.pyc"   # newer, but not a source
+    cache.parent.mkdir()
+    cache.write_text("x")
+    return repo, repo / "dist"
+
+
+@pytest.mark.parametrize("ci", ["", "false"])
+def test_a_stale_or_missing_dist_skips_outside_ci(tmp_path, monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    repo, dist = _tree(tmp_path, source_age=10, dist_age=100)
+    with pytest.raises(pytest.skip.Exception, match="stale: built before pyruntime/runtime.py"):
+        _dist("pyruntime_vit-*.whl", dist, repo)
+    with pytest.raises(pytest.skip.Exception, match="no pyruntime_vit-\\*.tar.gz"):
+        _dist("pyruntime_vit-*.tar.gz", dist, repo)
+    repo, dist = _tree(tmp_path / "fresh", source_age=100, dist_age=10)
+    assert [f.name for f in _dist("pyruntime_vit-*.whl", dist, repo)] == ["pyruntime_vit-0-cp311-cp311-x.whl"]
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_under_ci_dist_is_checked_whatever_its_age_and_missing_fails(tmp_path, monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    repo, dist = _tree(tmp_path, source_age=10, dist_age=100)
+    assert len(_dist("pyruntime_vit-*.whl", dist, repo)) == 1     # stale, still checked
+    with pytest.raises(pytest.fail.Exception, match="CI: no pyruntime_vit-"):
+        _dist("pyruntime_vit-*.tar.gz", dist, repo)

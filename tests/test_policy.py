@@ -137,8 +137,11 @@ def test_layer_block():
     assert layer_block("blocks.2.mlp.fc1", 4) == 2
     assert layer_block("exits.1.fc", 4) == 1
     assert layer_block("head", 4) == 4 and layer_block("head_dist", 4) == 4
-    with pytest.raises(PolicyError):
-        layer_block("blocks.1.norm1", 4)
+    assert layer_block("blocks.3.attns.1.qkv", 4) == 3  # any family's linear inside block 3
+    assert layer_block("attn_pool.kv", 4) == 4
+    for bad in ("blocks.x.attn.qkv", "blocks.1", "norm", "exits.1.norm", "blocks.1..fc1"):
+        with pytest.raises(PolicyError, match="is not a linear layer name pyruntime knows"):
+            layer_block(bad, 4)
 
 
 # --- validation errors -----------------------------------------------------------------------------

@@ -200,19 +200,6 @@ def test_results_lampq_budgets_and_evaluation(tiny_checkpoint):
     assert pred.shape == (7,) and bops == lo
 
 
-def test_holdout_note_warns_only_when_the_parts_were_trained_on(tiny_checkpoint, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    assert "was trained on training images 50000..59999" in rr.holdout_note(tiny_checkpoint)
-    with safe_open(str(tiny_checkpoint), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
-    for held, warned in (("[50000, 60000]", False), ("[59000, 60000]", True)):
-        path = tmp_path / f"held{held[1:6]}.safetensors"
-        save_file(tensors, str(path), metadata=dict(meta, holdout=held))
-        assert bool(rr.holdout_note(path)) is warned
-
-
 def test_outlier_verdict_reads_the_layernorm_fed_channels():
     def o(layer, ratio, chan):
         return {"layer": layer, "max_over_p": ratio, "channel_ratio": chan}

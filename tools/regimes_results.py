@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -53,8 +52,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
-from pyruntime.calibrate.common import calibration_data, normalize, reference_source, run_batches  # noqa: E402
+from _protocol import add_protocol_args, check_protocol_args, holdout_lines, load_protocol  # noqa: E402
+from pyruntime.calibrate.common import calibration_data, run_batches  # noqa: E402
 from pyruntime.calibrate.emulate import layer_module  # noqa: E402
 from pyruntime.calibrate.static import static_policy  # noqa: E402
 from pyruntime.calibrate.uniform import ends_policy, uniform_policy  # noqa: E402
@@ -461,8 +462,7 @@ def write_md(rows, points, measured, labels, outliers, ctx: dict, path: Path) ->
              "interval lies below 0). BOPs: the runtime's per-image count (patch embedding and head fp32; attention "
              "matmuls 32 x 32 unless int8). chosen_on: the split whose labels chose the row (validation), or none "
              "for fixed grid points; the test labels choose nothing.", ""]
-    if ctx.get("holdout_note"):
-        lines += [ctx["holdout_note"], ""]
+    lines += holdout_lines(ctx["holdout_note"])
     lines += ["## Summary", ""]
     lines += [f"- {s}" for s in summary(rows, points, measured, labels, outliers)]
     lines += ["", "## Regimes", "", TABLE_HEAD, "|" + "---|" * (TABLE_HEAD.count("|") - 1)]
@@ -512,24 +512,13 @@ def plot(rows: Sequence[Row], path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "regimes")
-    p.add_argument("--workdir", type=Path, help="keep measured rows here (a rerun reuses them)")
-    p.add_argument("--images", type=int, default=256, help="calibration images for the static scales")
-    p.add_argument("--val-images", type=int, default=5000, help="validation images (at most 5000)")
-    p.add_argument("--test-limit", type=int, help="first N test images only (default: all 10,000)")
+    add_protocol_args(p, out="regimes", images=256, images_help="calibration images for the static scales",
+                      val_images=5000, val_help="validation images (at most 5000)", threads=2,
+                      threads_help="runtime and torch threads",
+                      workdir_help="keep measured rows here (a rerun reuses them)")
     p.add_argument("--outlier-images", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="runtime and torch threads")
     p.add_argument("--quick", action="store_true", help="a small grid: W{8,4} x A{8,4}, ends (1, 1)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("images", "val_images", "outlier_images", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.test_limit is not None and args.test_limit < 1:
-        p.error("--test-limit must be >= 1")
-    return args
+    return check_protocol_args(p, p.parse_args(argv), "outlier_images")
 
 
 def _check_workdir(work: Path, config: dict) -> None:
@@ -541,41 +530,18 @@ def _check_workdir(work: Path, config: dict) -> None:
     path.write_text(json.dumps(config, indent=1))
 
 
-def holdout_note(checkpoint: Path) -> str:
-    """A warning when the checkpoint's training saw the calibration and validation parts (its
-    metadata records no holdout covering them, as the shipped model's does not)."""
-    from pyruntime.calibrate.common import REFERENCE_PARTS
-    from pyruntime.reference import read_metadata
-
-    held = read_metadata(checkpoint).get("holdout")
-    held = json.loads(held) if isinstance(held, str) else held
-    lo, hi = REFERENCE_PARTS["calibration"][0], REFERENCE_PARTS["validation"][1]
-    if held and held[0] <= lo and held[1] >= hi:
-        return ""
-    return (f"**This checkpoint was trained on training images {lo}..{hi - 1}** (its metadata records no holdout "
-            f"covering them): its calibration and validation parts are images it has seen, so validation top-1 "
-            f"is optimistic. The test split is unaffected.")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    import torch
-
     from pyruntime import isa
-    from pyruntime.datasets import fashion_mnist
 
-    torch.set_num_threads(args.threads)
+    proto = load_protocol(args, args.threads)
     show = not args.no_progress
-    source = reference_source(args.checkpoint)
+    source, calib, val = proto.source, proto.splits.calibration, proto.splits.validation
     mean, std = source.preprocess["mean"], source.preprocess["std"]
-    calib = calibration_data(args.images, args.seed, mean, std, part="calibration")
-    val = calibration_data(args.val_images, args.seed, mean, std, part="validation")
-    tx, ty = fashion_mnist("test")
-    if args.test_limit:
-        tx, ty = tx[:args.test_limit], ty[:args.test_limit]
-    images = {"validation": np.asarray(val.images), "test": normalize(tx, mean, std)}
-    sha = hashlib.sha256(Path(source.checkpoint).read_bytes()).hexdigest()
+    ty = proto.splits.test_labels
+    images = {"validation": np.asarray(val.images), "test": proto.splits.test_images}
+    sha = proto.sha256
     sweep = regimes(source.depth, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="regimes-") as tmp:
@@ -587,14 +553,14 @@ def main(argv=None) -> int:
     labels = {"validation": val.labels, "test": ty}
     rows = report(measured, chosen, labels)                      # the test labels enter here
     outliers = activation_outliers(source, np.asarray(calibration_data(args.outlier_images, args.seed, mean, std).images))
-    ckpt = Path(source.checkpoint)
-    ctx = {"checkpoint": str(ckpt.relative_to(REPO)) if REPO in ckpt.parents else str(ckpt), "sha256": sha,
+    ckpt = proto.checkpoint
+    ctx = {"checkpoint": proto.checkpoint_label, "sha256": sha,
            "threads": args.threads, "isa": isa(), "val_images": len(val), "test_images": len(ty),
            "calib_images": len(calib), "seed": args.seed, "outlier_images": args.outlier_images,
            "command": "python tools/regimes_results.py" + (f" --checkpoint {ckpt}" if args.checkpoint else "")
            + (" --quick" if args.quick else ""),
            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs (shared)",
-           "minutes": (time.time() - t_start) / 60, "holdout_note": holdout_note(ckpt),
+           "minutes": (time.time() - t_start) / 60, "holdout_note": proto.holdout_note,
            "reused": sum(m.reused for m in measured)}
     write_csv(rows, args.out / "results.csv")
     (args.out / "outliers.json").write_text(json.dumps(outliers, indent=1))

@@ -50,9 +50,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
+from _protocol import add_protocol_args, check_protocol_args, holdout_lines, load_protocol  # noqa: E402
 from pyruntime import stats  # noqa: E402
-from pyruntime.calibrate.common import (calibration_data, layer_type, normalize, policy_cost,  # noqa: E402
-                                        reference_source, run_batches, scope_layers)
+from pyruntime.calibrate.common import layer_type, policy_cost, run_batches, scope_layers  # noqa: E402
 from pyruntime.calibrate.lampq import (LampQConfig, calibrate_lampq, feasible_range, qat_finetune,  # noqa: E402
                                        qat_source, teacher_logits, type_aware_sensitivity, weight_energy)
 from pyruntime.calibrate.naive import calibrate_naive, calibrate_random  # noqa: E402
@@ -102,22 +102,16 @@ class Row:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "lampq")
-    p.add_argument("--workdir", type=Path, required=True, help="converted files and the row cache")
-    p.add_argument("--images", type=int, default=512, help="calibration images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and runtime threads (1: on a shared, oversubscribed machine 2 torch threads ran 15x slower)")
-    p.add_argument("--test-limit", type=int, help="first N test images only (default: all 10,000)")
+    add_protocol_args(p, out="lampq", images=512, workdir_required=True, workdir_help="converted files and the row cache",
+                      threads=1, threads_help="torch and runtime threads (1: on a shared, oversubscribed machine 2 "
+                                              "torch threads ran 15x slower)")
     p.add_argument("--budgets", default="0.5", help="weights group: fractions from all-W4A8 to all-W8A8 BOPs")
     p.add_argument("--budget-limit", type=int, help="the first N budgets only (in order: = W4A8, = W8A6, then "
                                                      "--budgets), e.g. to finish a run in the time there is")
     p.add_argument("--rounds", type=int, default=2, help="LampQ refinement rounds")
     p.add_argument("--qat-steps", type=int, default=60, help="QAT steps per training (0: no QAT rows)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return check_protocol_args(p, p.parse_args(argv))
 
 
 # --- budgets and policies ----------------------------------------------------------------------------
@@ -240,8 +234,8 @@ def write_md(rows: List[Row], path: Path, context: dict) -> None:
              f"Model: `{context['checkpoint']}` (sha256 {context['sha256'][:16]}), fp32 top-1 {context['fp32']:.2f}% on "
              f"the {context['test_images']} test images; {context['calib_images']} calibration images (seed "
              f"{context['seed']}); QAT {context['qat_steps']} steps at lr {context['qat_lr']:g} per training; "
-             f"{context['minutes']:.1f} min on {context['threads']} threads.", "",
-             "## The paper's claim and what we measured", ""] + claim_rows(rows) + [
+             f"{context['minutes']:.1f} min on {context['threads']} threads.", ""] + holdout_lines(
+             context["holdout_note"]) + ["## The paper's claim and what we measured", ""] + claim_rows(rows) + [
              "", "Verdict: the 95% paired-bootstrap interval of acc(LampQ) - acc(baseline) over the test images is "
              "above 0 (beats), below (loses) or contains 0 (ties). The baseline is the strongest of uniform / "
              "naive / random at that budget *by test top-1* (the choice most favourable to the baselines). "
@@ -320,21 +314,13 @@ def plot_sensitivity(traces: Dict[str, float], energy: Dict[str, float], path: P
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    import torch
-
     import pyruntime
-    from pyruntime.datasets import fashion_mnist
     from pyruntime.policy import Policy
 
-    torch.set_num_threads(args.threads)
+    proto = load_protocol(args, args.threads)
     show = not args.no_progress
-    source = reference_source(args.checkpoint)
-    mean, std = source.preprocess["mean"], source.preprocess["std"]
-    data = calibration_data(args.images, args.seed, mean, std, part="calibration")
-    tx, ty = fashion_mnist("test")
-    if args.test_limit:
-        tx, ty = tx[:args.test_limit], ty[:args.test_limit]
-    x = normalize(tx, mean, std)
+    source, data = proto.source, proto.splits.calibration
+    x, ty = proto.splits.test_images, proto.splits.test_labels
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -350,11 +336,9 @@ def main(argv=None) -> int:
 
     fp32_pred, _ = run(Policy(name="fp32"), source, work / "fp32.pyrt")
     fp32 = 100 * float((fp32_pred == ty).mean())
-    ckpt = Path(source.checkpoint)
-    context = {"checkpoint": str(ckpt.relative_to(REPO)) if str(ckpt).startswith(str(REPO)) else str(ckpt),
-               "sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(), "fp32": fp32, "test_images": len(ty),
+    context = {"checkpoint": proto.checkpoint_label, "sha256": proto.sha256, "fp32": fp32, "test_images": len(ty),
                "calib_images": len(data), "seed": args.seed, "qat_steps": args.qat_steps, "qat_lr": args.qat_lr,
-               "threads": args.threads, "minutes": 0.0,
+               "threads": args.threads, "minutes": 0.0, "holdout_note": proto.holdout_note,
                "command": "python tools/results_lampq.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     rows, correct = [], {}
     fractions = [float(v) for v in args.budgets.split(",") if v]

@@ -52,10 +52,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
+from _protocol import add_protocol_args, check_protocol_args, holdout_lines, load_protocol  # noqa: E402
 from pyruntime import stats  # noqa: E402
-from pyruntime.calibrate.common import (CostModel, calibration_data, model_graph, normalize,  # noqa: E402
-                                        policy_cost, reference_source, run_batches)
+from pyruntime.calibrate.common import CostModel, model_graph, policy_cost, run_batches  # noqa: E402
 from pyruntime.calibrate.maqee import (BudgetNotMet, MaqeeConfig, Replay, _deltas, _step_costs,  # noqa: E402
                                        calibrate_maqee, certify, threshold_grid)
 from pyruntime.calibrate.probe import executor, materialise, run  # noqa: E402
@@ -93,11 +94,9 @@ class Row:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "maqee")
-    p.add_argument("--workdir", type=Path, help="keep converted files and MAQEE policies here")
-    p.add_argument("--images", type=int, default=512, help="fit images (calibration part)")
-    p.add_argument("--validation-images", type=int, default=2000, help="validation images (validation part)")
+    add_protocol_args(p, out="maqee", images=512, images_help="fit images (calibration part)", val_images=2000,
+                      val_flag="--validation-images", val_help="validation images (validation part)",
+                      workdir_help="keep converted files and MAQEE policies here")
     p.add_argument("--fisher-images", type=int, default=128, help="fit images that give the Fisher traces")
     p.add_argument("--error-images", type=int, default=128, help="fit images that give the layer errors")
     p.add_argument("--rounds", type=int, default=2, help="MAQEE bit re-allocations at most")
@@ -106,10 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS), help="exits,final")
     p.add_argument("--risk", type=float, default=0.01, help="epsilon: allowed share of lost images (fraction)")
     p.add_argument("--delta", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-limit", type=int, help="first N test images only (default: all 10,000)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args = check_protocol_args(p, p.parse_args(argv))
     if any(v not in VARIANTS for v in args.variants):
         p.error(f"--variants: each of {VARIANTS}")
     return args
@@ -161,23 +157,13 @@ def matched(certified, cost: float):
 def main(argv=None) -> int:
     import tempfile
 
-    import torch
-
     args = parse_args(argv)
     t_start = time.time()
-    torch.set_num_threads(2)
+    proto = load_protocol(args, 2)
     show = not args.no_progress
-    from pyruntime.datasets import fashion_mnist
-
-    source = reference_source(args.checkpoint)
+    source, fit, val = proto.source, proto.splits.calibration, proto.splits.validation
     depth = source.depth
-    mean, std = source.preprocess["mean"], source.preprocess["std"]
-    fit = calibration_data(args.images, args.seed, mean, std)
-    val = calibration_data(args.validation_images, args.seed, mean, std, part="validation")
-    tx, ty = fashion_mnist("test")
-    if args.test_limit:
-        tx, ty = tx[:args.test_limit], ty[:args.test_limit]
-    x, y = normalize(tx, mean, std), np.asarray(ty)
+    x, y = proto.splits.test_images, proto.splits.test_labels
     cfg = MaqeeConfig(max_drop=args.risk, delta=args.delta, rounds=args.rounds, fisher_images=args.fisher_images,
                       error_images=args.error_images, num_threads=2, show_progress=show, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +278,8 @@ def main(argv=None) -> int:
         for r in rows:
             if np.isfinite(r.test_bops):
                 r.bops_vs_fp32 = r.test_bops / fp_bops
-        ctx = {"checkpoint": str(source.checkpoint), "test_images": len(x), "fit": args.images,
-               "validation": args.validation_images, "fisher": args.fisher_images, "errors": args.error_images,
+        ctx = {"checkpoint": proto.checkpoint_label, "holdout_note": proto.holdout_note, "test_images": len(x),
+               "fit": args.images, "validation": args.val_images, "fisher": args.fisher_images, "errors": args.error_images,
                "rounds": args.rounds, "risk": args.risk, "delta": args.delta, "grid": len(grid), "seed": args.seed,
                "minutes": (time.time() - t_start) / 60, "fp32_top1": rows[0].test_top1, "fp32_bops": fp_bops}
         write_csv(rows, args.out / "results.csv")
@@ -330,9 +316,10 @@ def write_md(rows: List[Row], comparisons: List[dict], path: Path, ctx: dict) ->
              f"chooses every operating point; test: only reported. Risk = share of images fp32 gets right and the "
              f"policy gets wrong (bounds the top-1 drop); certified <= {100 * ctx['risk']:g}% with probability >= "
              f"{1 - ctx['delta']:g} by Learn-then-Test over the same {ctx['grid']}-threshold grid for every method. "
-             f"`python tools/results_maqee.py` took {ctx['minutes']:.1f} min.", "",
-             "## The paper's claim and our counterpart", "",
-             "| claim | our measurement | interval (test, paired) | verdict |", "|---|---|---|---|"]
+             f"`python tools/results_maqee.py` took {ctx['minutes']:.1f} min.", ""]
+    lines += holdout_lines(ctx["holdout_note"])
+    lines += ["## The paper's claim and our counterpart", "",
+              "| claim | our measurement | interval (test, paired) | verdict |", "|---|---|---|---|"]
     maqee = [r for r in rows if r.method.startswith("maqee") and np.isfinite(r.test_top1)]
     if maqee:
         cheapest = min(maqee, key=lambda r: r.test_bops)

@@ -66,8 +66,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
-from pyruntime.calibrate.common import calibration_data, normalize, policy_cost, reference_source  # noqa: E402
+from _protocol import add_protocol_args, check_protocol_args, holdout_lines, load_protocol  # noqa: E402
+from pyruntime.calibrate.common import policy_cost  # noqa: E402
 from pyruntime.calibrate.probe import executor, materialise  # noqa: E402
 from pyruntime.calibrate.probe import run as probe_run  # noqa: E402
 from pyruntime.calibrate.quee import (LambdaNotFound, default_lambdas, fit_quee, gate_decisions,  # noqa: E402
@@ -389,8 +391,9 @@ def write_md(path: Path, rows: List[dict], headline: List[str], calib: Dict[str,
              f"gates fitted on {ctx['images']} calibration images (training 50000..54999), every operating point "
              f"chosen on {ctx['val_images']} validation images (training 55000..59999), reported on "
              f"{ctx['test_images']} Fashion-MNIST test images. fp32 at full depth: validation {ctx['fp32_val']:.4f}, "
-             f"test {ctx['fp32_test']:.4f}; W8A8 at full depth {ctx['w8'] / 1e9:.3f} GBOPs per image.", "",
-             "## The paper's claim and our counterpart", "", f"**Claim.** {CLAIM}.", ""]
+             f"test {ctx['fp32_test']:.4f}; W8A8 at full depth {ctx['w8'] / 1e9:.3f} GBOPs per image.", ""]
+    lines += holdout_lines(ctx["holdout_note"])
+    lines += ["## The paper's claim and our counterpart", "", f"**Claim.** {CLAIM}.", ""]
     lines += headline + [""]
     lines += ["## Operating points (chosen on validation) and equal-cost comparisons (test)", "",
               "`bops` = mean BOPs per image as the runtime counts them on the test images; `vs` = the baseline "
@@ -508,18 +511,14 @@ def parse_config(text: str) -> Tuple[List[int], LayerPolicy, str]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="reference-format checkpoint (default: the shipped reference model)")
-    p.add_argument("--out", type=Path, default=REPO / "results" / "quee")
-    p.add_argument("--workdir", type=Path, help="cache the measured curves here")
-    p.add_argument("--images", type=int, default=1024, help="calibration images (fit the gates)")
-    p.add_argument("--val-images", type=int, default=5000, help="validation images (choose the operating point)")
-    p.add_argument("--test-limit", type=int, help="first N test images only (default: all 10,000)")
+    add_protocol_args(p, out="quee", images=1024, images_help="calibration images (fit the gates)", val_images=5000,
+                      val_help="validation images (choose the operating point)",
+                      workdir_help="cache the measured curves here", progress=False)
     p.add_argument("--calib-images", type=int, default=2000, help="test images for the calibration figure")
     p.add_argument("--grid", type=int, default=8, help="interior candidates per method")
     p.add_argument("--configs", nargs="+", default=["2,5,8:w4a8", "3,7:w4a4"],
                    help="gate blocks:reduced precision, one QuEE configuration each")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return check_protocol_args(p, p.parse_args(argv))
 
 
 def main(argv=None) -> int:
@@ -527,22 +526,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     import platform
 
-    import torch
-
     import pyruntime
-    from pyruntime.datasets import fashion_mnist
 
-    torch.set_num_threads(2)
     configs = [parse_config(c) for c in args.configs]
-    source = reference_source(args.checkpoint)
-    mean, std = source.preprocess["mean"], source.preprocess["std"]
-    calib = calibration_data(args.images, args.seed, mean, std, part="calibration")
-    val = calibration_data(args.val_images, args.seed, mean, std, part="validation")
-    tx, ty = fashion_mnist("test")
-    if args.test_limit:
-        tx, ty = tx[:args.test_limit], ty[:args.test_limit]
-    tx = normalize(tx, mean, std)
-    ty = np.asarray(ty).astype(np.int64)
+    proto = load_protocol(args, 2)
+    source, calib, val = proto.source, proto.splits.calibration, proto.splits.validation
+    tx, ty = proto.splits.test_images, proto.splits.test_labels
     w8 = float(policy_cost(source, uniform_policy(8, 8), "bops"))
     args.out.mkdir(parents=True, exist_ok=True)
     rows: List[dict] = []
@@ -664,7 +653,7 @@ def main(argv=None) -> int:
         ctx = {"command": "python tools/results_quee.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "minutes": (time.time() - t0) / 60, "images": len(calib), "val_images": len(val),
                "test_images": len(tx), "fp32_val": fp32_val, "fp32_test": fp32_test, "w8": w8,
-               "checkpoint": str(source.checkpoint) if source.checkpoint else "shipped reference",
+               "checkpoint": proto.checkpoint_label, "holdout_note": proto.holdout_note,
                "machine": f"{platform.machine()}, {pyruntime.isa()}"}
         write_csv(args.out / "results.csv", rows)
         write_md(args.out / "results.md", rows, headline, calib_tables, ctx, selections)

@@ -38,7 +38,8 @@ py::array tensor(const py::dict& t, const std::string& name) {
 template <typename T>
 py::array_t<T, py::array::c_style> typed(const py::dict& t, const std::string& name, std::vector<ssize_t> shape) {
   py::array a = tensor(t, name);
-  if (!a.dtype().is(py::dtype::of<T>())) bad("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())));
+  // equal, not is: an unpickled array's dtype is an equal but distinct object (byte order still counts)
+  if (!a.dtype().equal(py::dtype::of<T>())) bad("tensor '" + name + "' has dtype " + std::string(py::str(a.dtype())));
   if (a.ndim() != ssize_t(shape.size())) bad("tensor '" + name + "' has the wrong number of dimensions");
   for (size_t i = 0; i < shape.size(); ++i)
     if (shape[i] >= 0 && a.shape(i) != shape[i])
@@ -49,7 +50,7 @@ py::array_t<T, py::array::c_style> typed(const py::dict& t, const std::string& n
 
 std::vector<float> floats(const py::dict& t, const std::string& name) {
   py::array a = tensor(t, name);
-  if (!a.dtype().is(py::dtype::of<float>())) bad("tensor '" + name + "' must be float32");
+  if (!a.dtype().equal(py::dtype::of<float>())) bad("tensor '" + name + "' must be float32");  // as typed()
   auto f = py::array_t<float, py::array::c_style>::ensure(a);
   std::vector<float> v(f.data(), f.data() + f.size());
   for (float x : v)
@@ -353,6 +354,17 @@ Op parse_op(Parser& ps, const py::dict& d, bool before_blocks) {
     if (x().width % 2) bad("op '" + n + "': a swiglu input needs an even width (gate, then input)");
     op.kind = SwiGluOp{};
     out({x().rows, x().width / 2});
+  } else if (kind == "attention_pool") {
+    arity(1, 1);
+    same_shape();
+    const size_t heads = bounded(attrs, "heads", n, kMaxDim);
+    if (x().width % (2 * heads)) bad("op '" + n + "': input width is not 2 x heads x head width");
+    const size_t start = get<size_t>(attrs, "start", n);
+    if (start >= x().rows) bad("op '" + n + "': start " + std::to_string(start) + " is outside the tokens");
+    AttentionPoolOp k{heads, start, floats(ps.t, role("query"))};
+    if (k.query.size() != x().width / 2) bad("op '" + n + "': tensor '" + role("query") + "' must hold D values");
+    op.kind = std::move(k);
+    out({1, x().width / 2});
   } else if (kind == "gelu" || kind == "quick_gelu" || kind == "add" || kind == "average") {
     const bool binary = kind == "add" || kind == "average";
     arity(binary ? 2 : 1, 1);

@@ -570,6 +570,9 @@ void Executor::validate() const {
     } else if (std::holds_alternative<SwiGluOp>(op.kind)) {
       const TensorShape& y = shape(op, op.out[0]);
       if (y.width * 2 != x->width || y.rows != x->rows) fail(op.name + ": swiglu halves its input's width");
+    } else if (auto* k = std::get_if<AttentionPoolOp>(&op.kind)) {
+      if (k->heads == 0 || x->width % (2 * k->heads) || k->query.size() != x->width / 2 || k->start >= x->rows)
+        fail(op.name + ": attention pooling needs kv [T x 2D], heads dividing D and a query of D values");
     } else if (auto* k = std::get_if<LayerScaleOp>(&op.kind)) {
       expect_size(k->gamma, x->width, op.name + " gamma");
     } else if (auto* k = std::get_if<PoolOp>(&op.kind)) {
@@ -712,6 +715,26 @@ class Runner {
   // Images are processed in waves so the packed K/V buffers stay small for big batches; each
   // wave packs K and V of every head (separate tasks: an odd head count balances better),
   // then runs query rows in tasks. fp32 or int8 operands as the spec says.
+  // SigLIP's attention pooling in fp32: per image and head, the fixed query row against the
+  // image's keys and values (attend_f32 with one query row: the same kernels as attention).
+  void attention_pool(const float* kv, size_t images, float* out, size_t rows, size_t start, size_t D, size_t H,
+                      const std::vector<float>& query) {
+    const size_t dh = D / H, T = rows - start;
+    const AttnGeometry g(T, dh);
+    const float scale = 1.0f / std::sqrt(float(dh));
+    ThreadPool::global().run(images * H, ctx_.threads, [&](size_t t) {
+      const size_t img = t / H, h = t % H;
+      thread_local AlignedBuffer<float> pack, scores;
+      pack.reserve_scratch(g.kp + g.vp);
+      scores.reserve_scratch(T);
+      const float* k = kv + (img * rows + start) * 2 * D + h * dh;
+      pack_f32_b(k, dh, T, 2 * D, /*b_is_nk=*/true, pack.data());
+      pack_f32_b(k + D, T, dh, 2 * D, /*b_is_nk=*/false, pack.data() + g.kp);
+      attend_f32(*ctx_.kt, 1, T, dh, query.data() + h * dh, dh, pack.data(), pack.data() + g.kp, scale, nullptr, 0,
+                 scores.data(), out + img * D + h * dh, D);
+    });
+  }
+
   void attention(const float* qkv, size_t images, float* out, AttnScratch& ws, size_t T, size_t D, size_t H,
                  const std::vector<float>& bias) {
     const size_t dh = D / H;
@@ -875,6 +898,11 @@ class Runner {
           ctx_.kt->swiglu(r1 - r0, F, x + r0 * W, W, x + r0 * W + F, W, y + r0 * F, F);
         });
       });
+    } else if (auto* k = std::get_if<AttentionPoolOp>(&op.kind)) {
+      const size_t T = xs.rows, D = ys.width;
+      const int64_t bops = int64_t(2) * int64_t(T - k->start) * int64_t(D) * 32 * 32;  // always fp32
+      for (size_t i = 0; i < count; ++i) b.res->bops[b.active[first + i]] += bops;
+      timed(op.timer, [&] { attention_pool(x, count, y, T, k->start, D, k->heads, k->query); });
     } else if (std::holds_alternative<GeluOp>(op.kind)) {
       timed(op.timer, [&] {
         copy_in();

@@ -108,6 +108,7 @@ struct RopeOp {
   std::vector<float> sin, cos;
 };
 struct SwiGluOp {};                                    // [.. x 2F] -> silu(first half) * second half
+struct AttentionPoolOp { size_t heads = 1, start = 0; std::vector<float> query; };  // kv [T x 2D] rows start..; query [D]
 struct GeluOp {};
 struct QuickGeluOp {};                                // CLIP's x * sigmoid(1.702 x)
 struct LayerScaleOp { std::vector<float> gamma; };
@@ -118,7 +119,7 @@ struct ExitOp { ExitHead head; bool avg = false; size_t start = 0; };
 struct OutputOp {};                                    // in: logits, features, tokens
 
 using OpKind = std::variant<PatchEmbedOp, PrefixTokensOp, PosEmbedOp, LayerNormOp, LinearOp, AttentionOp, RopeOp,
-                            SwiGluOp, GeluOp, QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp,
+                            SwiGluOp, AttentionPoolOp, GeluOp, QuickGeluOp, LayerScaleOp, AddOp, AverageOp, PoolOp,
                             ExitOp, OutputOp>;
 
 struct Op {

@@ -806,31 +806,42 @@ inline void gelu_v(__m256* x) {
 
 #undef PYRT_EACH
 
-}  // namespace
-
-void avx2::gelu(size_t n, float* x) {
+// x[i] = Op(x[i]) for n floats: four vectors at a time, then one, then the tail through the same
+// vector code via a zero-padded copy (every element sees one instruction sequence). Op::apply<V>
+// transforms V vectors in registers.
+template <class Op>
+inline void map_inplace(size_t n, float* x) {
   constexpr int V = 4;
   size_t i = 0;
   for (; i + 8 * V <= n; i += 8 * V) {
     __m256 v[V];
     for (int j = 0; j < V; ++j) v[j] = _mm256_loadu_ps(x + i + 8 * j);
-    gelu_v<V>(v);
+    Op::template apply<V>(v);
     for (int j = 0; j < V; ++j) _mm256_storeu_ps(x + i + 8 * j, v[j]);
   }
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_loadu_ps(x + i);
-    gelu_v<1>(&v);
+    Op::template apply<1>(&v);
     _mm256_storeu_ps(x + i, v);
   }
   if (i < n) {
     alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (size_t j = i; j < n; ++j) t[j - i] = x[j];
+    std::memcpy(t, x + i, (n - i) * sizeof(float));
     __m256 v = _mm256_load_ps(t);
-    gelu_v<1>(&v);
+    Op::template apply<1>(&v);
     _mm256_store_ps(t, v);
-    for (size_t j = i; j < n; ++j) x[j] = t[j - i];
+    std::memcpy(x + i, t, (n - i) * sizeof(float));
   }
 }
+
+struct GeluOp {
+  template <int V>
+  static void apply(__m256* v) { gelu_v<V>(v); }
+};
+
+}  // namespace
+
+void avx2::gelu(size_t n, float* x) { map_inplace<GeluOp>(n, x); }
 
 namespace {
 
@@ -964,17 +975,16 @@ inline void swiglu_v(const float* g, const float* u, float* y) {
   PYRT_EACH(j) _mm256_storeu_ps(y + 8 * j, _mm256_mul_ps(_mm256_mul_ps(gv[j], sg[j]), _mm256_loadu_ps(u + 8 * j)));
 }
 
-// x = x * sigmoid(1.702 x) for 8V values.
-template <int V>
-inline void quick_gelu_v(float* x) {
-  __m256 xv[V], z[V], sg[V];
-  PYRT_EACH(j) {
-    xv[j] = _mm256_loadu_ps(x + 8 * j);
-    z[j] = _mm256_mul_ps(xv[j], _mm256_set1_ps(1.702f));
+// x = x * sigmoid(1.702 x), V vectors in registers.
+struct QuickGeluOp {
+  template <int V>
+  static void apply(__m256* x) {
+    __m256 z[V], sg[V];
+    PYRT_EACH(j) z[j] = _mm256_mul_ps(x[j], _mm256_set1_ps(1.702f));
+    sigmoid_v<V>(z, sg);
+    PYRT_EACH(j) x[j] = _mm256_mul_ps(x[j], sg[j]);
   }
-  sigmoid_v<V>(z, sg);
-  PYRT_EACH(j) _mm256_storeu_ps(x + 8 * j, _mm256_mul_ps(xv[j], sg[j]));
-}
+};
 
 #undef PYRT_EACH
 
@@ -999,17 +1009,7 @@ void avx2::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const 
   }
 }
 
-void avx2::quick_gelu(size_t n, float* x) {
-  size_t i = 0;
-  for (; i + 32 <= n; i += 32) quick_gelu_v<4>(x + i);
-  for (; i + 8 <= n; i += 8) quick_gelu_v<1>(x + i);
-  if (i < n) {
-    alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(t, x + i, (n - i) * sizeof(float));
-    quick_gelu_v<1>(t);
-    std::memcpy(x + i, t, (n - i) * sizeof(float));
-  }
-}
+void avx2::quick_gelu(size_t n, float* x) { map_inplace<QuickGeluOp>(n, x); }
 
 // ---------------------------------------------------------------------------------------------
 // rope: ref.cc's products and sums lane by lane (mul, mul, then add or sub; never fused).

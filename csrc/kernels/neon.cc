@@ -428,17 +428,24 @@ inline void add8_f64(float64x2_t* q, float32x4_t v0, float32x4_t v1) {
   q[3] = vaddq_f64(q[3], vcvt_high_f64_f32(v1));
 }
 
+// x[i] = f(x[i]) for n floats: two vectors at a time, then one, then the tail through the same
+// vector code on a zero-filled partial load (every element sees one instruction sequence).
+template <class F>
+inline void map_inplace(size_t n, float* x, F f) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vst1q_f32(x + i, f(vld1q_f32(x + i)));
+    vst1q_f32(x + i + 4, f(vld1q_f32(x + i + 4)));
+  }
+  for (; i + 4 <= n; i += 4) vst1q_f32(x + i, f(vld1q_f32(x + i)));
+  if (i < n) store_partial(x + i, n - i, f(load_partial(x + i, n - i, 0.0f)));
+}
+
 }  // namespace
 
 PYRT_NEON_FLATTEN
 void neon::gelu(size_t n, float* x) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
-    vst1q_f32(x + i + 4, gelu_f32(vld1q_f32(x + i + 4)));
-  }
-  for (; i + 4 <= n; i += 4) vst1q_f32(x + i, gelu_f32(vld1q_f32(x + i)));
-  if (i < n) store_partial(x + i, n - i, gelu_f32(load_partial(x + i, n - i, 0.0f)));
+  map_inplace(n, x, [](float32x4_t v) { return gelu_f32(v); });
 }
 
 namespace {
@@ -695,13 +702,7 @@ void neon::swiglu(size_t rows, size_t n, const float* g, size_t g_stride, const 
 
 PYRT_NEON_FLATTEN
 void neon::quick_gelu(size_t n, float* x) {
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    vst1q_f32(x + i, quick_gelu_f32(vld1q_f32(x + i)));
-    vst1q_f32(x + i + 4, quick_gelu_f32(vld1q_f32(x + i + 4)));
-  }
-  for (; i + 4 <= n; i += 4) vst1q_f32(x + i, quick_gelu_f32(vld1q_f32(x + i)));
-  if (i < n) store_partial(x + i, n - i, quick_gelu_f32(load_partial(x + i, n - i, 0.0f)));
+  map_inplace(n, x, [](float32x4_t v) { return quick_gelu_f32(v); });
 }
 
 // ---------------------------------------------------------------- rope

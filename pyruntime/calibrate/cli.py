@@ -24,8 +24,9 @@ at full depth gets right and the policy gets wrong, which bounds the top-1 drop 
 at most ``--max-drop`` points with probability >= 1 - ``--delta`` by Learn-then-Test on the
 validation images; ``--sensitivity final`` is the final-head-only ablation), ``quee`` (QuEE
 gates after every ``--every``-th block that send each image to exit, continue at ``--base``
-precision or continue at ``--reduced`` precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percentile`` turns
-the result's activation scales static (calibrated; uniform/lampq/naive). A budget is a
+precision or continue at ``--reduced`` precision; ``--lam`` trades predicted error for BOPs). ``--scale minmax|percentile|mse`` turns
+the result's activation scales static (calibrated; uniform/lampq/naive; ``mse``: the min-max range
+times the clip ratio of least quantisation error on the calibration images). A budget is a
 number (whole-model BOPs per image, model-file bytes, or, for maqee, seconds per image from
 ``--latency-table``, as written by ``pyruntime bench MODEL --profile --latency-table T.json``)
 or ``<f>x``, a multiple of the W8A8 policy's cost at full depth (with the run's attention
@@ -97,10 +98,12 @@ from ..cli import (check_reference_checkpoint, check_state_dict_file, fraction, 
 from ..errors import require_extra
 from ..exits import add_model_arguments
 from .ilp import format_amount
+from .static import STATIC_METHODS
 
 __all__ = ["add_parser", "cmd_calibrate", "main"]
 
 METHODS = ("uniform", "lampq", "naive", "scalepredictor", "maqee", "quee")
+STATIC_SCALE_METHODS = ("uniform", "lampq", "naive")  # whose result --scale may turn static
 
 
 def _bits(text: str) -> List[int]:
@@ -176,8 +179,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "uniform/scalepredictor: one value (default 8)")
     c.add_argument("--scope", choices=("blocks", "all"), default="blocks",
                    help="blocks: qkv/proj/fc1/fc2 (embedding and head stay fp32); all: every linear layer")
-    c.add_argument("--scale", choices=("dynamic", "minmax", "percentile"), default="dynamic",
-                   help="activation scales of the result (minmax/percentile: static, calibrated; uniform/lampq/naive)")
+    c.add_argument("--scale", choices=("dynamic",) + STATIC_METHODS, default="dynamic",
+                   help="activation scales of the result (uniform/lampq/naive): dynamic (per image, default), or static "
+                        "and calibrated: minmax, percentile (--percentile), mse (the min-max range times the clip "
+                        "ratio of least quantisation error)")
     c.add_argument("--percentile", type=percentile, default=99.99)
     c.add_argument("--rounds", type=non_negative_int, default=None,
                    help="lampq: refinement rounds (default 3); maqee: bit re-allocations at most (default 6)")
@@ -327,8 +332,10 @@ def _check_options(args) -> None:
                          "(written by pyruntime bench MODEL --profile --latency-table T.json)")
     if args.latency_table and args.budget_latency is None:
         raise ValueError("--latency-table is used with --budget-latency only")
-    if args.method in ("maqee", "quee") and args.scale != "dynamic":
-        raise ValueError(f"--scale {args.scale} applies to uniform/lampq/naive, not {args.method}")
+    if args.method not in STATIC_SCALE_METHODS and args.scale != "dynamic":
+        raise ValueError(f"--scale {args.scale} applies to {'/'.join(STATIC_SCALE_METHODS)}, not {args.method}")
+    if args.method != "scalepredictor" and args.ste_steps:
+        raise ValueError(f"--ste-steps applies to scalepredictor, not {args.method}")
     if args.method == "maqee":
         if args.budget_bytes is not None:
             raise ValueError("maqee budgets the expected cost per image (--budget-bops or --budget-latency); "
