@@ -214,7 +214,6 @@ def _family_gap(model: Any) -> Optional[str]:
             return "rotary position embedding (RoPE)"
         return "Eva's own block (EvaBlock: separate q/v biases, SwiGLU or sub-LN options)"
     return {
-        "Beit": "relative position bias (BEiT)",
         "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
         "SwinTransformer": "shifted-window attention and patch merging (Swin)",
         "SwinTransformerV2": "shifted-window attention and patch merging (Swin)",
@@ -234,7 +233,7 @@ def _check_model_type(model: Any) -> None:
 
     from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos):
+    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos) or _is_beit(model):
         return
     gap = _family_gap(model)
     if gap is not None:
@@ -277,7 +276,7 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     img = list(pe.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
-    if getattr(model, "pos_embed", None) is None and not _is_relpos(model):
+    if not _has_abs_pos(model) and not (_is_relpos(model) or _is_beit(model)):
         raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
     return img, patch, proj.in_channels
 
@@ -344,7 +343,7 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
     """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a supported
     pre-norm block."""
     import torch.nn as nn
-    from timm.layers import Attention, LayerScale, Mlp
+    from timm.layers import Attention, LayerScale
     from timm.models.vision_transformer import Block
 
     p = f"blocks.{i}"
@@ -364,7 +363,18 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
         raise _unsupported("gated attention")
     if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
         raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
-    mlp = blk.mlp
+    mlp_hidden, act = _check_mlp(blk.mlp, p)
+    kinds = {type(blk.ls1), type(blk.ls2)}
+    if kinds not in ({LayerScale}, {nn.Identity}):
+        raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
+    return attn.num_heads, mlp_hidden, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
+
+
+def _check_mlp(mlp: Any, p: str) -> Tuple[int, str]:
+    """(hidden width, activation op) of a block's fc1-activation-fc2 MLP."""
+    import torch.nn as nn
+    from timm.layers import Mlp
+
     if type(mlp) is not Mlp:
         raise _unsupported(f"{p}.mlp is {type(mlp).__name__} (SwiGLU / gated MLPs are not supported; only fc1-GELU-fc2)")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
@@ -372,10 +382,7 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
     act = _mlp_act(mlp.act, f"{p}.mlp")
     if not isinstance(mlp.norm, nn.Identity):
         raise _unsupported("scale_mlp_norm (normalisation inside the MLP)")
-    kinds = {type(blk.ls1), type(blk.ls2)}
-    if kinds not in ({LayerScale}, {nn.Identity}):
-        raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
-    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
+    return mlp.fc1.out_features, act
 
 
 def model_arch(model: "nn.Module") -> dict:
@@ -385,6 +392,10 @@ def model_arch(model: "nn.Module") -> dict:
     arch, _ = describe_model(model)
     if arch["global_pool"] == "map":
         raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
+    if _is_beit(model):  # what runs timm's model (exits fit, the calibrators) assumes its VisionTransformer
+        raise _not_yet(model, "exit heads and calibration of BEiT (they run timm's VisionTransformer embedding and "
+                              "hook each linear module, and BEiT's attention applies its qkv weight through F.linear; "
+                              "convert it with a shorthand policy or a policy file)")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -404,7 +415,8 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     if gaps:
         raise _not_yet(model, gaps[0])
     eps: list = []
-    per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
+    check_block = _beit_check_block if _is_beit(model) else _check_block
+    per_block = {check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:
         raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
     num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
@@ -447,20 +459,20 @@ def _rel_pos_bias(model: Any, blk: Any) -> Any:
 
 def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     """The op list of a supported model: the lowering of its arch, with what its family
-    changes (vit_relpos: no absolute position embedding; each attention adds its relative
-    position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    changes (vit_relpos, BEiT: no absolute position embedding where the model has none; each
+    attention adds its relative position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
     if graph["arch"]["global_pool"] == "map":
         return _with_attn_pool(model, opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}}, act))
     ops = opgraph.lower(graph, act)
-    if not _is_relpos(model):
-        return ops
-    i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
-    pos = ops.pop(i)
-    for op in ops:  # whatever read the position embedding reads its input instead
-        op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
-    for op in ops:
-        if op["op"] == "attention":
-            op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
+    if not _has_abs_pos(model):
+        i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
+        pos = ops.pop(i)
+        for op in ops:  # whatever read the position embedding reads its input instead
+            op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
+    if _has_rel_pos_bias(model):
+        for op in ops:
+            if op["op"] == "attention":
+                op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
     return ops
 
 
@@ -500,6 +512,77 @@ def _attn_pool_tensors(model: Any) -> Dict[str, np.ndarray]:
     return out
 
 
+def _has_abs_pos(model: Any) -> bool:
+    return getattr(model, "pos_embed", None) is not None
+
+
+def _has_rel_pos_bias(model: Any) -> bool:
+    return _is_relpos(model) or _is_beit(model) and _beit_has_rel_pos_bias(model)
+
+
+def _attention_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T] added to a block's scaled attention scores (a family with relative position bias)."""
+    return _beit_rel_pos_bias(model, blk) if _is_beit(model) else _rel_pos_bias(model, blk)
+
+
+# --- BEiT (timm.models.beit.Beit) ------------------------------------------------------------
+# A pre-norm ViT whose attention takes separate q and v biases (k has none) and a relative
+# position bias (per block, shared by all blocks, or both, summed), whose layer scales are
+# gamma_1 / gamma_2, and whose absolute position embedding is optional. Its block maps to the
+# plain lowering: the fused qkv bias is cat(q_bias, k_bias (zeros), v_bias), the relative
+# position bias is gathered at conversion to the attention op's ``bias`` [heads, T, T].
+
+def _is_beit(model: Any) -> bool:
+    return type(model).__name__ == "Beit"
+
+
+def _beit_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a BEiT block."""
+    from timm.models.beit import Attention, Block
+
+    p = f"blocks.{i}"
+    if type(blk) is not Block or type(blk.attn) is not Attention:
+        raise _unsupported(f"{p} is {type(blk).__name__} with {type(blk.attn).__name__} (only BEiT's own Block)")
+    eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
+    attn = blk.attn
+    if attn.qkv.out_features != 3 * D or attn.proj.in_features != D or D % attn.num_heads:
+        raise _unsupported(f"{p}.attn: attention whose width differs from embed_dim (attn_head_dim "
+                           f"{attn.qkv.out_features // 3 // attn.num_heads} with {attn.num_heads} heads, embed_dim {D})")
+    if attn.qkv.bias is not None or (attn.q_bias is None) != (attn.v_bias is None):
+        raise _unsupported(f"{p}.attn: a qkv bias other than BEiT's q_bias and v_bias")
+    if attn.scale != (D // attn.num_heads) ** -0.5:
+        raise _unsupported(f"{p}.attn: attention scale {attn.scale} other than head_dim ** -0.5")
+    if type(blk.mlp).__name__ == "SwiGLU":
+        raise _unsupported(f"{p}.mlp is SwiGLU (BEiT's swiglu_mlp)")
+    mlp_hidden, act = _check_mlp(blk.mlp, p)
+    if (blk.gamma_1 is None) != (blk.gamma_2 is None):
+        raise _unsupported(f"{p}: layer scale must be on both branches or on neither")
+    return attn.num_heads, mlp_hidden, attn.q_bias is not None, blk.gamma_1 is not None, act
+
+
+def _beit_has_rel_pos_bias(model: Any) -> bool:
+    own = {blk.attn.relative_position_bias_table is not None for blk in model.blocks}
+    if len(own) != 1:
+        raise _unsupported("BEiT blocks of which only some have a relative position bias table")
+    return model.rel_pos_bias is not None or own.pop()
+
+
+def _beit_rel_pos_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T]: the block's own relative position bias plus the model's shared one, as
+    timm's fused attention sums them; fixed for the model's image size."""
+    own = blk.attn._get_rel_pos_bias()[0] if blk.attn.relative_position_bias_table is not None else None
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    if own is None or shared is None:
+        return own if shared is None else shared
+    return own + shared
+
+
+def _beit_qkv_bias(attn: Any) -> Any:
+    import torch
+
+    return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+
 # --- tensors ---------------------------------------------------------------------------------
 
 def _np(t: Any, name: str) -> np.ndarray:
@@ -513,7 +596,7 @@ def _np(t: Any, name: str) -> np.ndarray:
 
 def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
     """Everything but the linear layers and exit heads, under the model file's names."""
-    out = {} if _is_relpos(model) else {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    out = {"pos_embed": _np(model.pos_embed, "pos_embed")} if _has_abs_pos(model) else {}
     for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
                          ("reg_token", arch["reg_tokens"])):
         if present:
@@ -527,11 +610,12 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
             m = getattr(blk, n)
             out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
             out[f"blocks.{i}.{n}.bias"] = _np(m.bias, f"blocks.{i}.{n}.bias")
-        if _is_relpos(model):
-            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_rel_pos_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
+        if _has_rel_pos_bias(model):
+            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_attention_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
         if arch["layer_scale"]:
-            out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
-            out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
+            gammas = (blk.gamma_1, blk.gamma_2) if _is_beit(model) else (blk.ls1.gamma, blk.ls2.gamma)
+            for n, g in zip(("ls1", "ls2"), gammas):
+                out[f"blocks.{i}.{n}.gamma"] = _np(g, f"blocks.{i}.{n}.gamma")
     if arch["global_pool"] == "map":
         out.update(_attn_pool_tensors(model))
     return out
@@ -548,6 +632,8 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
+        if _is_beit(model) and blk.attn.q_bias is not None:
+            out[f"blocks.{i}.attn.qkv"] = (out[f"blocks.{i}.attn.qkv"][0], _np(_beit_qkv_bias(blk.attn), f"blocks.{i}.attn.qkv.bias"))
     ap = getattr(model, "attn_pool", None)
     if ap is not None:
         for sub, m in (("kv", ap.kv), ("proj", ap.proj), ("mlp.fc1", ap.mlp.fc1), ("mlp.fc2", ap.mlp.fc2)):

@@ -39,6 +39,14 @@ SUPPORTED = {
     "relpos_features": ("vit_relpos_medium_patch16_224", dict(TINY, img_size=32, num_classes=0)),
     "relpos_shared_bias": ("vit_relpos_small_patch16_224", dict(TINY, img_size=32, num_classes=10, rel_pos_type="bias",
                                                                 shared_rel_pos=True)),                # RelPosBias, shared
+    # BEiT: q/v biases, relative position bias per block, layer scale, mean pooling + fc_norm
+    "beit_avg": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10)),
+    # the model's shared relative position bias, an absolute position embedding, no layer scale, token pooling
+    "beit_token_shared_abs": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10, global_pool="token",
+                                                            use_abs_pos_emb=True, use_rel_pos_bias=False,
+                                                            use_shared_rel_pos_bias=True, init_values=0)),
+    "beit_both_biases": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10, use_shared_rel_pos_bias=True)),
+    "beitv2_features": ("beitv2_base_patch16_224", dict(TINY, img_size=32, num_classes=0)),
 }
 
 
@@ -84,7 +92,7 @@ def test_fp32_matches_timm(case, tmp_path):
         assert rel_err(got, want[key]) <= 1e-5, (key, rel_err(got, want[key]))
 
 
-@pytest.mark.parametrize("case", ["clip_quickgelu", "dinov2_features", "relpos_cls"])
+@pytest.mark.parametrize("case", ["clip_quickgelu", "dinov2_features", "relpos_cls", "beit_avg", "beit_token_shared_abs"])
 @pytest.mark.parametrize("policy", ["w8a8", "w4a8", "w8a8-attn8"])
 def test_quantised_matches_the_oracle(case, policy, tmp_path):
     model = build(case)
@@ -165,6 +173,68 @@ def test_a_bias_of_the_wrong_shape_is_refused(tmp_path):
         check_tensors(graph, tensors)
 
 
+def test_beit_maps_to_the_plain_block_with_its_biases(tmp_path):
+    """BEiT's separate q and v biases become the fused qkv bias (k's is zero), gamma_1/gamma_2
+    the layer scales, its relative position bias the attention op's bias; no absolute
+    position embedding unless the model has one."""
+    model = build("beit_both_biases")
+    graph, tensors, _, _ = read_model(convert(model, tmp_path / "m.pyrt"))
+    kinds = [op["op"] for op in graph["ops"]]
+    assert "pos_embed" not in kinds and kinds.count("layer_scale") == 4
+    assert graph["arch"]["qkv_bias"] and graph["arch"]["fc_norm"] and not graph["arch"]["final_norm"]
+    T, D = 1 + 2 * 2, 48
+    with torch.no_grad():
+        shared = model.rel_pos_bias()
+        for i, blk in enumerate(model.blocks):
+            a = blk.attn
+            bias = tensors[f"blocks.{i}.attn.qkv.bias"]
+            np.testing.assert_array_equal(bias, np.concatenate([a.q_bias.numpy(), np.zeros(D, np.float32), a.v_bias.numpy()]))
+            np.testing.assert_array_equal(tensors[f"blocks.{i}.ls1.gamma"], blk.gamma_1.numpy())
+            np.testing.assert_array_equal(tensors[f"blocks.{i}.ls2.gamma"], blk.gamma_2.numpy())
+            want = (a._get_rel_pos_bias()[0] + shared).numpy()  # the block's own table plus the shared one
+            assert want.shape == (3, T, T) and np.abs(shared.numpy()).max() > 0
+            np.testing.assert_array_equal(tensors[f"blocks.{i}.attn.rel_pos_bias"], want)
+    graph = read_model(convert(build("beit_token_shared_abs"), tmp_path / "a.pyrt"))[0]
+    kinds = [op["op"] for op in graph["ops"]]
+    assert "pos_embed" in kinds and "layer_scale" not in kinds
+    assert all(op["weights"] == {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
+               for op in graph["ops"] if op["op"] == "attention")
+
+
+BEIT = dict(TINY, img_size=32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(BEIT, swiglu_mlp=True), r"blocks.0.mlp is SwiGLU \(BEiT's swiglu_mlp\)$"),
+    (dict(BEIT, scale_mlp=True), r"scale_mlp_norm \(normalisation inside the MLP\)$"),
+    (dict(BEIT, global_pool=""), r"global_pool='' \(only 'token' and 'avg'\)$"),
+])
+def test_beit_options_the_executor_lacks_are_refused(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=r"^unsupported by the pyruntime executor: " + message) as e:
+        convert("beit_base_patch16_224", tmp_path / "m.pyrt", model_kwargs=kwargs, random_weights=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "m.pyrt").exists()
+
+
+def test_beit_attention_wider_than_embed_dim_is_refused(tmp_path):
+    from timm.models.beit import Attention
+
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, **BEIT)
+    grid = model.patch_embed.grid_size
+    model.blocks[1].attn = Attention(48, num_heads=3, qkv_bias=True, window_size=grid, attn_head_dim=32)
+    with pytest.raises(ValueError, match=r"blocks.1.attn: attention whose width differs from embed_dim "
+                                         r"\(attn_head_dim 32 with 3 heads, embed_dim 48\)"):
+        convert(model, tmp_path / "m.pyrt")
+
+
+def test_beit_exits_and_calibration_are_refused_by_name():
+    """What runs timm's model itself (exits fit, the calibrators) assumes a VisionTransformer
+    whose linear modules are called: BEiT is named, not crashed on."""
+    with pytest.raises(ValueError, match=r"^Beit \(beit_base_patch16_224\): exit heads and calibration of BEiT .* is "
+                                         r"not supported yet$"):
+        model_arch(build("beit_avg"))
+
+
 # --- the op list is the program; arch only summarises it ------------------------------------------
 
 def test_a_program_other_than_the_lowering_loads_when_arch_agrees(tmp_path):
@@ -215,7 +285,6 @@ REFUSED = {
     "vit_base_patch16_rope_224": (T32, r"Eva \(vit_base_patch16_rope_224\): rotary position embedding \(RoPE\)"),
     "eva02_tiny_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva02_tiny_patch14_224\): rotary position embedding"),
     "eva_giant_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva_giant_patch14_224\): Eva's own block"),
-    "beit_base_patch16_224": (T32, r"Beit \(beit_base_patch16_224\): relative position bias \(BEiT\)"),
     "vit_relpos_small_patch16_rpn_224": (T32, r"VisionTransformerRelPos \(vit_relpos_small_patch16_rpn_224\): post-norm "
                                               r"blocks \(ResPostRelPosBlock"),
     "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks"),
@@ -240,7 +309,7 @@ def test_families_still_out_are_refused_in_one_line(name, tmp_path):
         convert(timm.create_model(name, pretrained=False, **kwargs), tmp_path / "m.pyrt")
 
 
-@pytest.mark.parametrize("case", ["clip_quickgelu", "relpos_cls"])
+@pytest.mark.parametrize("case", ["clip_quickgelu", "relpos_cls", "beit_avg"])
 def test_profiling_times_the_family_program_not_the_plain_lowering(tmp_path, case):
     """latency's profiling model keeps the file's own ops (QuickGELU, the attention bias) and
     adds an exit after every block; the runtime accepts it."""
@@ -251,7 +320,7 @@ def test_profiling_times_the_family_program_not_the_plain_lowering(tmp_path, cas
     g, t, synthesised = profiling_model(graph, tensors)
     kinds = {op["op"] for op in g["ops"]}
     assert ("quick_gelu" in kinds) == (case == "clip_quickgelu")
-    assert any(op["op"] == "attention" and op["weights"] for op in g["ops"]) == (case == "relpos_cls")
+    assert any(op["op"] == "attention" and op["weights"] for op in g["ops"]) == (case in ("relpos_cls", "beit_avg"))
     depth = graph["arch"]["depth"]
     assert [op["block"] for op in g["ops"] if op["op"] == "exit"] == list(range(depth - 1)) == synthesised
     profile = _core.Executor(g, t)  # what latency.profile times
