@@ -247,7 +247,8 @@ def _check_model_type(model: Any) -> None:
 
 # Block types of timm's VisionTransformer other than the pre-norm Block: the feature each needs.
 _BLOCK_GAPS = {
-    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: several attention and MLP branches side by side)",
+    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: policies have no layer names for their branches' linears, "
+                           "blocks.<i>.attns.<j>.attn.qkv ...)",
     "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
     "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
     "ResPostRelPosBlock": "post-norm blocks (ResPostRelPosBlock, vit_relpos_*_rpn_*: the norm after each branch)",

@@ -287,7 +287,8 @@ REFUSED = {
     "eva_giant_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva_giant_patch14_224\): Eva's own block"),
     "vit_relpos_small_patch16_rpn_224": (T32, r"VisionTransformerRelPos \(vit_relpos_small_patch16_rpn_224\): post-norm "
                                               r"blocks \(ResPostRelPosBlock"),
-    "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks"),
+    "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks \(vit_\*_18x2_\*: policies have "
+                                        r"no layer names for their branches' linears"),
     "vit_base_patch16_xp_224": (T32, r"\(vit_base_patch16_xp_224\): parallel attention and MLP in one block"),
     "swin_tiny_patch4_window7_224": (dict(depths=(1, 1), embed_dim=24, num_heads=(1, 1), img_size=56),
                                      r"SwinTransformer \(swin_tiny_patch4_window7_224\): shifted-window attention"),
