@@ -230,9 +230,13 @@ def test_beit_attention_wider_than_embed_dim_is_refused(tmp_path):
 def test_beit_exits_and_calibration_are_refused_by_name():
     """What runs timm's model itself (exits fit, the calibrators) assumes a VisionTransformer
     whose linear modules are called: BEiT is named, not crashed on."""
-    with pytest.raises(ValueError, match=r"^Beit \(beit_base_patch16_224\): exit heads and calibration of BEiT .* is "
-                                         r"not supported yet$"):
+    from pyruntime.calibrate.common import timm_source
+
+    message = r"^Beit \(beit_base_patch16_224\): exit heads and calibration of BEiT .* is not supported yet$"
+    with pytest.raises(ValueError, match=message):
         model_arch(build("beit_avg"))
+    with pytest.raises(ValueError, match=message):  # what `pyruntime calibrate --model` builds its source with
+        timm_source("beit_base_patch16_224", SUPPORTED["beit_avg"][1], random_weights=True)
 
 
 # --- the op list is the program; arch only summarises it ------------------------------------------
