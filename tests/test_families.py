@@ -41,10 +41,11 @@ SUPPORTED = {
                                                                 shared_rel_pos=True)),                # RelPosBias, shared
     # BEiT: q/v biases, relative position bias per block, layer scale, mean pooling + fc_norm
     "beit_avg": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10)),
-    # the model's shared relative position bias, an absolute position embedding, no layer scale, token pooling
+    # the model's shared relative position bias, an absolute position embedding, no layer scale, no q/v
+    # biases, token pooling
     "beit_token_shared_abs": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10, global_pool="token",
                                                             use_abs_pos_emb=True, use_rel_pos_bias=False,
-                                                            use_shared_rel_pos_bias=True, init_values=0)),
+                                                            use_shared_rel_pos_bias=True, init_values=0, qkv_bias=False)),
     "beit_both_biases": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10, use_shared_rel_pos_bias=True)),
     "beitv2_features": ("beitv2_base_patch16_224", dict(TINY, img_size=32, num_classes=0)),
 }
@@ -196,7 +197,7 @@ def test_beit_maps_to_the_plain_block_with_its_biases(tmp_path):
             np.testing.assert_array_equal(tensors[f"blocks.{i}.attn.rel_pos_bias"], want)
     graph = read_model(convert(build("beit_token_shared_abs"), tmp_path / "a.pyrt"))[0]
     kinds = [op["op"] for op in graph["ops"]]
-    assert "pos_embed" in kinds and "layer_scale" not in kinds
+    assert "pos_embed" in kinds and "layer_scale" not in kinds and not graph["arch"]["qkv_bias"]
     assert all(op["weights"] == {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
                for op in graph["ops"] if op["op"] == "attention")
 
