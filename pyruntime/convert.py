@@ -247,8 +247,6 @@ def _check_model_type(model: Any) -> None:
 
 # Block types of timm's VisionTransformer other than the pre-norm Block: the feature each needs.
 _BLOCK_GAPS = {
-    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: policies have no layer names for their branches' linears, "
-                           "blocks.<i>.attns.<j>.attn.qkv ...)",
     "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
     "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
     "ResPostRelPosBlock": "post-norm blocks (ResPostRelPosBlock, vit_relpos_*_rpn_*: the norm after each branch)",
@@ -343,19 +341,25 @@ def _mlp_act(act: Any, where: str) -> str:
 def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
     """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a supported
     pre-norm block."""
-    import torch.nn as nn
-    from timm.layers import Attention, LayerScale
+    from timm.layers import Attention
     from timm.models.vision_transformer import Block
-
-    p = f"blocks.{i}"
     from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock
 
+    p = f"blocks.{i}"
     if type(blk) not in (Block, RelPosBlock):
         raise _unsupported(f"{p} is {type(blk).__name__} (only the pre-norm timm Block)")
     eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
-    attn = blk.attn
-    if type(attn) is not {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)]:
-        raise _unsupported(f"{p}.attn is {type(attn).__name__} (only standard multi-head attention)")
+    heads, qkv_bias = _check_attention(blk.attn, {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)], f"{p}.attn", D)
+    mlp_hidden, act = _check_mlp(blk.mlp, p)
+    return heads, mlp_hidden, qkv_bias, _layer_scale([blk.ls1, blk.ls2], p), act
+
+
+def _check_attention(attn: Any, kind: type, where: str, D: int) -> Tuple[int, bool]:
+    """(num_heads, qkv_bias) of timm's standard multi-head attention (class ``kind``)."""
+    import torch.nn as nn
+
+    if type(attn) is not kind:
+        raise _unsupported(f"{where} is {type(attn).__name__} (only standard multi-head attention)")
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
         raise _unsupported("qk_norm (normalisation of queries and keys)")
     if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
@@ -364,11 +368,18 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
         raise _unsupported("gated attention")
     if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
         raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
-    mlp_hidden, act = _check_mlp(blk.mlp, p)
-    kinds = {type(blk.ls1), type(blk.ls2)}
+    return attn.num_heads, attn.qkv.bias is not None
+
+
+def _layer_scale(scales: list, p: str) -> bool:
+    """Whether a block's branches are layer-scaled (LayerScale on all of them, or on none)."""
+    import torch.nn as nn
+    from timm.layers import LayerScale
+
+    kinds = {type(m) for m in scales}
     if kinds not in ({LayerScale}, {nn.Identity}):
-        raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
-    return attn.num_heads, mlp_hidden, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
+        raise _unsupported(f"{p}: layer scale must be LayerScale on every branch or on none")
+    return kinds == {LayerScale}
 
 
 def _check_mlp(mlp: Any, p: str) -> Tuple[int, str]:
@@ -393,6 +404,10 @@ def model_arch(model: "nn.Module") -> dict:
     arch, _ = describe_model(model)
     if arch["global_pool"] == "map":
         raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
+    if _is_parallel(model):  # the calibrators name and type layers by the plain block's names
+        raise _not_yet(model, "exit heads and calibration of parallel blocks (the calibrators assume one attention and "
+                              "one MLP per block, layers blocks.<i>.attn.qkv ... blocks.<i>.mlp.fc2; convert it with a "
+                              "shorthand policy or a policy file)")
     if _is_beit(model):  # what runs timm's model (exits fit, the calibrators) assumes its VisionTransformer
         raise _not_yet(model, "exit heads and calibration of BEiT (they run timm's VisionTransformer embedding and "
                               "hook each linear module, and BEiT's attention applies its qkv weight through F.linear; "
@@ -416,10 +431,12 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     if gaps:
         raise _not_yet(model, gaps[0])
     eps: list = []
-    check_block = _beit_check_block if _is_beit(model) else _check_block
+    check_block = _beit_check_block if _is_beit(model) else _parallel_check_block if _is_parallel(model) else _check_block
     per_block = {check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:
         raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
+    if _is_parallel(model):
+        _parallel_branches(model)  # as many branches in every block
     num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
     import torch.nn as nn
 
@@ -461,10 +478,10 @@ def _rel_pos_bias(model: Any, blk: Any) -> Any:
 def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     """The op list of a supported model: the lowering of its arch, with what its family
     changes (vit_relpos, BEiT: no absolute position embedding where the model has none; each
-    attention adds its relative position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
-    if graph["arch"]["global_pool"] == "map":
-        return _with_attn_pool(model, opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}}, act))
-    ops = opgraph.lower(graph, act)
+    attention adds its relative position bias, tensor ``blocks.<i>.attn.rel_pos_bias``;
+    parallel blocks; SigLIP's attention-pooling head)."""
+    map_pool = graph["arch"]["global_pool"] == "map"  # SigLIP's MAP head replaces the lowering's pool op
+    ops = opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}} if map_pool else graph, act)
     if not _has_abs_pos(model):
         i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
         pos = ops.pop(i)
@@ -474,7 +491,9 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
         for op in ops:
             if op["op"] == "attention":
                 op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
-    return ops
+    if _is_parallel(model):
+        ops = _parallel_program(ops, graph["arch"], act, _parallel_branches(model))
+    return _with_attn_pool(model, ops) if map_pool else ops
 
 
 def _with_attn_pool(model: Any, ops: List[dict]) -> List[dict]:
@@ -584,6 +603,75 @@ def _beit_qkv_bias(attn: Any) -> Any:
     return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
 
+# --- parallel blocks (timm VisionTransformer with block_fn=ParallelThingsBlock) ----------------
+# x + sum_j attn_j(norm_j x), then x + sum_j mlp_j(norm_j x) (graph.parallel_block). Layers
+# and tensors keep timm's module names: blocks.<i>.attns.<j>.attn.qkv, blocks.<i>.attns.<j>.norm,
+# blocks.<i>.attns.<j>.ls, blocks.<i>.ffns.<j>.mlp.fc1, ...
+
+def _is_parallel(model: Any) -> bool:
+    return any(type(blk).__name__ == "ParallelThingsBlock" for blk in model.blocks)
+
+
+def _parallel_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a parallel block
+    whose branches are each a pre-norm attention or MLP, all alike."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    p = f"blocks.{i}"
+    if type(blk) is not ParallelThingsBlock:
+        raise _unsupported(f"{p} is {type(blk).__name__} in a model of parallel blocks (ParallelThingsBlock)")
+    if len(blk.attns) != len(blk.ffns) or not blk.attns:
+        raise _unsupported(f"{p}: a parallel block with {len(blk.attns)} attention and {len(blk.ffns)} MLP branches")
+    branches = set()
+    for j, (a, f) in enumerate(zip(blk.attns, blk.ffns)):
+        eps += [_layernorm_eps(a.norm, f"{p}.attns.{j}.norm", D), _layernorm_eps(f.norm, f"{p}.ffns.{j}.norm", D)]
+        branches.add((*_check_attention(a.attn, Attention, f"{p}.attns.{j}.attn", D), *_check_mlp(f.mlp, f"{p}.ffns.{j}")))
+    if len(branches) != 1:
+        raise _unsupported(f"{p}: parallel branches that differ in heads, qkv bias, MLP width or activation")
+    heads, qkv_bias, mlp_hidden, act = branches.pop()
+    return heads, mlp_hidden, qkv_bias, _layer_scale([m.ls for m in (*blk.attns, *blk.ffns)], p), act
+
+
+def _parallel_branches(model: Any) -> int:
+    counts = {len(blk.attns) for blk in model.blocks}
+    if len(counts) != 1:
+        raise _unsupported(f"parallel blocks with different numbers of branches {sorted(counts)}")
+    return counts.pop()
+
+
+def _parallel_program(ops: List[dict], arch: Mapping, act: str, branches: int) -> List[dict]:
+    """``ops`` (the lowering) with each block's body replaced by the parallel block's; the
+    block's input and output tensors, and so its exit, stay where they were."""
+    out: List[dict] = []
+    for op in ops:
+        b = op["block"]
+        if b is None or op["op"] == "exit":
+            out.append(op)
+        elif op["name"] == f"blocks.{b}.norm1":  # the block's first op: it reads the block's input
+            out += opgraph.parallel_block(b, op["in"][0], arch, act, branches)
+    return out
+
+
+def _parallel_block_tensors(blk: Any, i: int, arch: Mapping) -> Dict[str, np.ndarray]:
+    out = {}
+    for stage in ("attns", "ffns"):
+        for j, branch in enumerate(getattr(blk, stage)):
+            q = f"blocks.{i}.{stage}.{j}"
+            out[f"{q}.norm.weight"], out[f"{q}.norm.bias"] = _np(branch.norm.weight, q), _np(branch.norm.bias, q)
+            if arch["layer_scale"]:
+                out[f"{q}.ls.gamma"] = _np(branch.ls.gamma, f"{q}.ls.gamma")
+    return out
+
+
+def _parallel_block_linears(blk: Any, i: int) -> List[Tuple[str, Any]]:
+    out = []
+    for j, (a, f) in enumerate(zip(blk.attns, blk.ffns)):
+        out += [(f"blocks.{i}.attns.{j}.attn.{n}", getattr(a.attn, n)) for n in ("qkv", "proj")]
+        out += [(f"blocks.{i}.ffns.{j}.mlp.{n}", getattr(f.mlp, n)) for n in ("fc1", "fc2")]
+    return out
+
+
 # --- tensors ---------------------------------------------------------------------------------
 
 def _np(t: Any, name: str) -> np.ndarray:
@@ -607,6 +695,9 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
             m = getattr(model, key)
             out[f"{key}.weight"], out[f"{key}.bias"] = _np(m.weight, key), _np(m.bias, key)
     for i, blk in enumerate(model.blocks):
+        if _is_parallel(model):
+            out.update(_parallel_block_tensors(blk, i, arch))
+            continue
         for n in ("norm1", "norm2"):
             m = getattr(blk, n)
             out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
@@ -630,6 +721,9 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
 
     out = {"patch_embed": wb(model.patch_embed.proj, "patch_embed")}
     for i, blk in enumerate(model.blocks):
+        if _is_parallel(model):
+            out.update({name: wb(m, name) for name, m in _parallel_block_linears(blk, i)})
+            continue
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")

@@ -19,7 +19,7 @@ from pyruntime import graph as opgraph  # noqa: E402
 from pyruntime.convert import convert, describe_model, model_arch  # noqa: E402
 from pyruntime.errors import FormatError, PolicyError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
-from pyruntime.policy import ExitPolicy, Policy  # noqa: E402
+from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -48,6 +48,8 @@ SUPPORTED = {
                                                             use_shared_rel_pos_bias=True, init_values=0, qkv_bias=False)),
     "beit_both_biases": ("beit_base_patch16_224", dict(TINY, img_size=32, num_classes=10, use_shared_rel_pos_bias=True)),
     "beitv2_features": ("beitv2_base_patch16_224", dict(TINY, img_size=32, num_classes=0)),
+    # parallel blocks (ParallelThingsBlock, 2 branches, layer scale)
+    "parallel": ("vit_small_patch16_18x2_224", dict(depth=2, embed_dim=64, num_heads=2, img_size=32, num_classes=10)),
 }
 
 
@@ -93,7 +95,8 @@ def test_fp32_matches_timm(case, tmp_path):
         assert rel_err(got, want[key]) <= 1e-5, (key, rel_err(got, want[key]))
 
 
-@pytest.mark.parametrize("case", ["clip_quickgelu", "dinov2_features", "relpos_cls", "beit_avg", "beit_token_shared_abs"])
+@pytest.mark.parametrize("case", ["clip_quickgelu", "dinov2_features", "relpos_cls", "beit_avg", "beit_token_shared_abs",
+                                  "parallel"])
 @pytest.mark.parametrize("policy", ["w8a8", "w4a8", "w8a8-attn8"])
 def test_quantised_matches_the_oracle(case, policy, tmp_path):
     model = build(case)
@@ -240,6 +243,52 @@ def test_beit_exits_and_calibration_are_refused_by_name():
         timm_source("beit_base_patch16_224", SUPPORTED["beit_avg"][1], random_weights=True)
 
 
+def test_parallel_blocks_sum_their_branches_under_timm_names(tmp_path):
+    """Each attention and MLP branch is its own pre-norm chain under timm's module names; the
+    branches are summed, then added to the block's input. Exits and per-layer bits work on
+    the branches' layers: a policy keyed by their names, an exit after block 0, against the
+    oracle (exit decisions, BOPs, logits)."""
+    model = build("parallel")
+    D, n = 64, 10
+    rng = np.random.default_rng(0)
+    heads = {0: {"norm.weight": np.ones(D, np.float32), "norm.bias": np.zeros(D, np.float32),
+                 "fc.weight": rng.standard_normal((n, D)).astype(np.float32), "fc.bias": np.zeros(n, np.float32)}}
+    pol = Policy(layers={"blocks.1.attns.1.attn.qkv": LayerPolicy(w_bits=4, a_bits=8, scale="dynamic"),
+                         "blocks.0.ffns.0.mlp.fc2": LayerPolicy(w_bits=8, a_bits=8, scale="dynamic")},
+                 exits=[ExitPolicy(0, "confidence", 0.3)], name="mixed")
+    path = convert(model, tmp_path / "m.pyrt", policy=pol, exits=heads)
+    graph, tensors, _, _ = read_model(path)
+    block0 = [op["name"] for op in graph["ops"] if op["block"] == 0 and op["op"] != "exit"]  # linear: name = layer
+    assert block0[:6] == ["blocks.0.attns.0.norm", "blocks.0.attns.0.attn.qkv", "blocks.0.attns.0.attn",
+                          "blocks.0.attns.0.attn.proj", "blocks.0.attns.0.ls", "blocks.0.attns.1.norm"]
+    assert block0[9:12] == ["blocks.0.attns.1.ls", "blocks.0.attns.sum1", "blocks.0.residual1"]
+    assert block0[-3:] == ["blocks.0.ffns.1.ls", "blocks.0.ffns.sum1", "blocks.0.residual2"]
+    assert {k: v["w_bits"] for k, v in graph["layers"].items() if v["w_bits"] != 32} == {
+        "blocks.1.attns.1.attn.qkv": 4, "blocks.0.ffns.0.mlp.fc2": 8}
+    exit_op = next(op for op in graph["ops"] if op["op"] == "exit")
+    assert exit_op["in"] == ["blocks.0.residual2"]
+    np.testing.assert_array_equal(tensors["blocks.1.ffns.1.ls.gamma"], model.blocks[1].ffns[1].ls.gamma.detach().numpy())
+    x = images(model, 3).numpy()
+    r = pyruntime.load(path).run(x, tokens=True)
+    want = _numpy_ref.forward(graph, tensors, x, outputs=True)
+    np.testing.assert_array_equal(r.exit_block, want["exit_block"])
+    np.testing.assert_array_equal(r.bops, want["bops"])
+    assert np.abs(r.logits - want["logits"]).max() <= 5e-3 * max(1.0, np.abs(want["logits"]).max())
+
+
+def test_parallel_blocks_exits_and_calibration_are_refused_by_name():
+    """The calibrators list and type a model's layers as the plain block's: they name parallel
+    blocks rather than crash on a layer the model lacks."""
+    from pyruntime.calibrate.common import timm_source
+
+    message = (r"^VisionTransformer \(vit_small_patch16_18x2_224\): exit heads and calibration of parallel blocks .* "
+               r"is not supported yet$")
+    with pytest.raises(ValueError, match=message):
+        model_arch(build("parallel"))
+    with pytest.raises(ValueError, match=message):
+        timm_source("vit_small_patch16_18x2_224", SUPPORTED["parallel"][1], random_weights=True)
+
+
 # --- the op list is the program; arch only summarises it ------------------------------------------
 
 def test_a_program_other_than_the_lowering_loads_when_arch_agrees(tmp_path):
@@ -292,8 +341,6 @@ REFUSED = {
     "eva_giant_patch14_224": (dict(TINY, img_size=28), r"Eva \(eva_giant_patch14_224\): Eva's own block"),
     "vit_relpos_small_patch16_rpn_224": (T32, r"VisionTransformerRelPos \(vit_relpos_small_patch16_rpn_224\): post-norm "
                                               r"blocks \(ResPostRelPosBlock"),
-    "vit_small_patch16_18x2_224": (T32, r"\(vit_small_patch16_18x2_224\): parallel blocks \(vit_\*_18x2_\*: policies have "
-                                        r"no layer names for their branches' linears"),
     "vit_base_patch16_xp_224": (T32, r"\(vit_base_patch16_xp_224\): parallel attention and MLP in one block"),
     "swin_tiny_patch4_window7_224": (dict(depths=(1, 1), embed_dim=24, num_heads=(1, 1), img_size=56),
                                      r"SwinTransformer \(swin_tiny_patch4_window7_224\): shifted-window attention"),
