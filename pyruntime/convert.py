@@ -210,7 +210,6 @@ def _family_gap(model: Any) -> Optional[str]:
     (docs/families.md), or None for a class the table does not know."""
     kind = type(model).__name__
     return {
-        "Beit": "relative position bias (BEiT)",
         "VisionTransformerSAM": "windowed attention with relative position (SAM's image encoder)",
         "SwinTransformer": "shifted-window attention and patch merging (Swin)",
         "SwinTransformerV2": "shifted-window attention and patch merging (Swin)",
@@ -230,7 +229,7 @@ def _check_model_type(model: Any) -> None:
 
     from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
-    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos):
+    if type(model) in (VisionTransformer, VisionTransformerDistilled, VisionTransformerRelPos) or _is_beit(model):
         return
     gap = _family_gap(model)
     if gap is not None:
@@ -244,7 +243,6 @@ def _check_model_type(model: Any) -> None:
 
 # Block types of timm's VisionTransformer other than the pre-norm Block: the feature each needs.
 _BLOCK_GAPS = {
-    "ParallelThingsBlock": "parallel blocks (vit_*_18x2_*: several attention and MLP branches side by side)",
     "ParallelScalingBlock": "parallel attention and MLP in one block (ParallelScalingBlock)",
     "ResPostBlock": "post-norm blocks (ResPostBlock: the norm after each branch)",
     "ResPostRelPosBlock": "post-norm blocks (ResPostRelPosBlock, vit_relpos_*_rpn_*: the norm after each branch)",
@@ -273,7 +271,7 @@ def _check_embedding(model: Any) -> Tuple[list, list, int]:
     img = list(pe.img_size)
     if img[0] % patch[0] or img[1] % patch[1]:
         raise _unsupported(f"image size {img} that is not a multiple of the patch size {patch}")
-    if getattr(model, "pos_embed", None) is None and not (_is_relpos(model) or _is_eva(model)):
+    if not _has_abs_pos(model) and not (_is_relpos(model) or _is_beit(model) or _is_eva(model)):
         raise _unsupported("a model without absolute position embeddings (pos_embed is None)")
     return img, patch, proj.in_channels
 
@@ -339,19 +337,25 @@ def _mlp_act(act: Any, where: str) -> str:
 def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
     """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a supported
     pre-norm block."""
-    import torch.nn as nn
-    from timm.layers import Attention, LayerScale, Mlp
+    from timm.layers import Attention
     from timm.models.vision_transformer import Block
-
-    p = f"blocks.{i}"
     from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock
 
+    p = f"blocks.{i}"
     if type(blk) not in (Block, RelPosBlock):
         raise _unsupported(f"{p} is {type(blk).__name__} (only the pre-norm timm Block)")
     eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
-    attn = blk.attn
-    if type(attn) is not {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)]:
-        raise _unsupported(f"{p}.attn is {type(attn).__name__} (only standard multi-head attention)")
+    heads, qkv_bias = _check_attention(blk.attn, {Block: Attention, RelPosBlock: RelPosAttention}[type(blk)], f"{p}.attn", D)
+    mlp_hidden, act = _check_mlp(blk.mlp, p)
+    return heads, mlp_hidden, qkv_bias, _layer_scale([blk.ls1, blk.ls2], p), act
+
+
+def _check_attention(attn: Any, kind: type, where: str, D: int) -> Tuple[int, bool]:
+    """(num_heads, qkv_bias) of timm's standard multi-head attention (class ``kind``)."""
+    import torch.nn as nn
+
+    if type(attn) is not kind:
+        raise _unsupported(f"{where} is {type(attn).__name__} (only standard multi-head attention)")
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
         raise _unsupported("qk_norm (normalisation of queries and keys)")
     if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
@@ -360,7 +364,25 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
         raise _unsupported("gated attention")
     if attn.num_heads * attn.head_dim != D or attn.proj.out_features != D:
         raise _unsupported("attention whose width differs from embed_dim (attn_head_dim)")
-    mlp = blk.mlp
+    return attn.num_heads, attn.qkv.bias is not None
+
+
+def _layer_scale(scales: list, p: str) -> bool:
+    """Whether a block's branches are layer-scaled (LayerScale on all of them, or on none)."""
+    import torch.nn as nn
+    from timm.layers import LayerScale
+
+    kinds = {type(m) for m in scales}
+    if kinds not in ({LayerScale}, {nn.Identity}):
+        raise _unsupported(f"{p}: layer scale must be LayerScale on every branch or on none")
+    return kinds == {LayerScale}
+
+
+def _check_mlp(mlp: Any, p: str) -> Tuple[int, str]:
+    """(hidden width, activation op) of a block's fc1-activation-fc2 MLP."""
+    import torch.nn as nn
+    from timm.layers import Mlp
+
     if type(mlp) is not Mlp:
         raise _unsupported(f"{p}.mlp is {type(mlp).__name__} (SwiGLU / gated MLPs are not supported; only fc1-GELU-fc2)")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)):
@@ -368,10 +390,7 @@ def _check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, b
     act = _mlp_act(mlp.act, f"{p}.mlp")
     if not isinstance(mlp.norm, nn.Identity):
         raise _unsupported("scale_mlp_norm (normalisation inside the MLP)")
-    kinds = {type(blk.ls1), type(blk.ls2)}
-    if kinds not in ({LayerScale}, {nn.Identity}):
-        raise _unsupported(f"{p}: layer scale must be LayerScale on both branches or on neither")
-    return attn.num_heads, mlp.fc1.out_features, attn.qkv.bias is not None, type(blk.ls1) is LayerScale, act
+    return mlp.fc1.out_features, act
 
 
 def model_arch(model: "nn.Module") -> dict:
@@ -384,6 +403,14 @@ def model_arch(model: "nn.Module") -> dict:
                          f"(RoPE, SwiGLU); convert it as it is, with a shorthand policy or exit heads fitted elsewhere")
     if arch["global_pool"] == "map":
         raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
+    if _is_parallel(model):  # the calibrators name and type layers by the plain block's names
+        raise _not_yet(model, "exit heads and calibration of parallel blocks (the calibrators assume one attention and "
+                              "one MLP per block, layers blocks.<i>.attn.qkv ... blocks.<i>.mlp.fc2; convert it with a "
+                              "shorthand policy or a policy file)")
+    if _is_beit(model):  # what runs timm's model (exits fit, the calibrators) assumes its VisionTransformer
+        raise _not_yet(model, "exit heads and calibration of BEiT (they run timm's VisionTransformer embedding and "
+                              "hook each linear module, and BEiT's attention applies its qkv weight through F.linear; "
+                              "convert it with a shorthand policy or a policy file)")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -405,9 +432,12 @@ def describe_model(model: "nn.Module") -> Tuple[dict, str]:
     if gaps:
         raise _not_yet(model, gaps[0])
     eps: list = []
-    per_block = {_check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
+    check_block = _beit_check_block if _is_beit(model) else _parallel_check_block if _is_parallel(model) else _check_block
+    per_block = {check_block(blk, i, D, eps) for i, blk in enumerate(model.blocks)}
     if len(per_block) != 1:
         raise _unsupported("blocks that differ in heads, MLP width, qkv bias, layer scale or activation")
+    if _is_parallel(model):
+        _parallel_branches(model)  # as many branches in every block
     num_heads, mlp_hidden, qkv_bias, layer_scale, act = per_block.pop()
     import torch.nn as nn
 
@@ -448,23 +478,25 @@ def _rel_pos_bias(model: Any, blk: Any) -> Any:
 
 def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     """The op list of a supported model: the lowering of its arch, with what its family
-    changes (vit_relpos: no absolute position embedding; each attention adds its relative
-    position bias, tensor ``blocks.<i>.attn.rel_pos_bias``)."""
+    changes (vit_relpos, BEiT: no absolute position embedding where the model has none; each
+    attention adds its relative position bias, tensor ``blocks.<i>.attn.rel_pos_bias``;
+    parallel blocks; SigLIP's attention-pooling head; Eva's own program)."""
     if _is_eva(model):
         return _eva_program(model, graph)
-    if graph["arch"]["global_pool"] == "map":
-        return _with_attn_pool(model, opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}}, act))
-    ops = opgraph.lower(graph, act)
-    if not _is_relpos(model):
-        return ops
-    i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
-    pos = ops.pop(i)
-    for op in ops:  # whatever read the position embedding reads its input instead
-        op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
-    for op in ops:
-        if op["op"] == "attention":
-            op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
-    return ops
+    map_pool = graph["arch"]["global_pool"] == "map"  # SigLIP's MAP head replaces the lowering's pool op
+    ops = opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}} if map_pool else graph, act)
+    if not _has_abs_pos(model):
+        i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
+        pos = ops.pop(i)
+        for op in ops:  # whatever read the position embedding reads its input instead
+            op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
+    if _has_rel_pos_bias(model):
+        for op in ops:
+            if op["op"] == "attention":
+                op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
+    if _is_parallel(model):
+        ops = _parallel_program(ops, graph["arch"], act, _parallel_branches(model))
+    return _with_attn_pool(model, ops) if map_pool else ops
 
 
 # --- EVA, EVA-02 and the RoPE ViTs built on timm's Eva -------------------------------------------
@@ -796,6 +828,146 @@ def _attn_pool_tensors(model: Any) -> Dict[str, np.ndarray]:
     return out
 
 
+def _has_abs_pos(model: Any) -> bool:
+    return getattr(model, "pos_embed", None) is not None
+
+
+def _has_rel_pos_bias(model: Any) -> bool:
+    return _is_relpos(model) or _is_beit(model) and _beit_has_rel_pos_bias(model)
+
+
+def _attention_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T] added to a block's scaled attention scores (a family with relative position bias)."""
+    return _beit_rel_pos_bias(model, blk) if _is_beit(model) else _rel_pos_bias(model, blk)
+
+
+# --- BEiT (timm.models.beit.Beit) ------------------------------------------------------------
+# A pre-norm ViT whose attention takes separate q and v biases (k has none) and a relative
+# position bias (per block, shared by all blocks, or both, summed), whose layer scales are
+# gamma_1 / gamma_2, and whose absolute position embedding is optional. Its block maps to the
+# plain lowering: the fused qkv bias is cat(q_bias, k_bias (zeros), v_bias), the relative
+# position bias is gathered at conversion to the attention op's ``bias`` [heads, T, T].
+
+def _is_beit(model: Any) -> bool:
+    return type(model).__name__ == "Beit"
+
+
+def _beit_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a BEiT block."""
+    from timm.models.beit import Attention, Block
+
+    p = f"blocks.{i}"
+    if type(blk) is not Block or type(blk.attn) is not Attention:
+        raise _unsupported(f"{p} is {type(blk).__name__} with {type(blk.attn).__name__} (only BEiT's own Block)")
+    eps += [_layernorm_eps(blk.norm1, f"{p}.norm1", D), _layernorm_eps(blk.norm2, f"{p}.norm2", D)]
+    attn = blk.attn
+    if attn.qkv.out_features != 3 * D or attn.proj.in_features != D or D % attn.num_heads:
+        raise _unsupported(f"{p}.attn: attention whose width differs from embed_dim (attn_head_dim "
+                           f"{attn.qkv.out_features // 3 // attn.num_heads} with {attn.num_heads} heads, embed_dim {D})")
+    if attn.qkv.bias is not None or (attn.q_bias is None) != (attn.v_bias is None):
+        raise _unsupported(f"{p}.attn: a qkv bias other than BEiT's q_bias and v_bias")
+    if attn.scale != (D // attn.num_heads) ** -0.5:
+        raise _unsupported(f"{p}.attn: attention scale {attn.scale} other than head_dim ** -0.5")
+    if type(blk.mlp).__name__ == "SwiGLU":
+        raise _unsupported(f"{p}.mlp is SwiGLU (BEiT's swiglu_mlp)")
+    mlp_hidden, act = _check_mlp(blk.mlp, p)
+    if (blk.gamma_1 is None) != (blk.gamma_2 is None):
+        raise _unsupported(f"{p}: layer scale must be on both branches or on neither")
+    return attn.num_heads, mlp_hidden, attn.q_bias is not None, blk.gamma_1 is not None, act
+
+
+def _beit_has_rel_pos_bias(model: Any) -> bool:
+    own = {blk.attn.relative_position_bias_table is not None for blk in model.blocks}
+    if len(own) != 1:
+        raise _unsupported("BEiT blocks of which only some have a relative position bias table")
+    return model.rel_pos_bias is not None or own.pop()
+
+
+def _beit_rel_pos_bias(model: Any, blk: Any) -> Any:
+    """[heads, T, T]: the block's own relative position bias plus the model's shared one, as
+    timm's fused attention sums them; fixed for the model's image size."""
+    own = blk.attn._get_rel_pos_bias()[0] if blk.attn.relative_position_bias_table is not None else None
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    if own is None or shared is None:
+        return own if shared is None else shared
+    return own + shared
+
+
+def _beit_qkv_bias(attn: Any) -> Any:
+    import torch
+
+    return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+
+
+# --- parallel blocks (timm VisionTransformer with block_fn=ParallelThingsBlock) ----------------
+# x + sum_j attn_j(norm_j x), then x + sum_j mlp_j(norm_j x) (graph.parallel_block). Layers
+# and tensors keep timm's module names: blocks.<i>.attns.<j>.attn.qkv, blocks.<i>.attns.<j>.norm,
+# blocks.<i>.attns.<j>.ls, blocks.<i>.ffns.<j>.mlp.fc1, ...
+
+def _is_parallel(model: Any) -> bool:
+    return any(type(blk).__name__ == "ParallelThingsBlock" for blk in model.blocks)
+
+
+def _parallel_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bool, bool, str]:
+    """(num_heads, mlp_hidden, qkv_bias, layer_scale, MLP activation op) of a parallel block
+    whose branches are each a pre-norm attention or MLP, all alike."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    p = f"blocks.{i}"
+    if type(blk) is not ParallelThingsBlock:
+        raise _unsupported(f"{p} is {type(blk).__name__} in a model of parallel blocks (ParallelThingsBlock)")
+    if len(blk.attns) != len(blk.ffns) or not blk.attns:
+        raise _unsupported(f"{p}: a parallel block with {len(blk.attns)} attention and {len(blk.ffns)} MLP branches")
+    branches = set()
+    for j, (a, f) in enumerate(zip(blk.attns, blk.ffns)):
+        eps += [_layernorm_eps(a.norm, f"{p}.attns.{j}.norm", D), _layernorm_eps(f.norm, f"{p}.ffns.{j}.norm", D)]
+        branches.add((*_check_attention(a.attn, Attention, f"{p}.attns.{j}.attn", D), *_check_mlp(f.mlp, f"{p}.ffns.{j}")))
+    if len(branches) != 1:
+        raise _unsupported(f"{p}: parallel branches that differ in heads, qkv bias, MLP width or activation")
+    heads, qkv_bias, mlp_hidden, act = branches.pop()
+    return heads, mlp_hidden, qkv_bias, _layer_scale([m.ls for m in (*blk.attns, *blk.ffns)], p), act
+
+
+def _parallel_branches(model: Any) -> int:
+    counts = {len(blk.attns) for blk in model.blocks}
+    if len(counts) != 1:
+        raise _unsupported(f"parallel blocks with different numbers of branches {sorted(counts)}")
+    return counts.pop()
+
+
+def _parallel_program(ops: List[dict], arch: Mapping, act: str, branches: int) -> List[dict]:
+    """``ops`` (the lowering) with each block's body replaced by the parallel block's; the
+    block's input and output tensors, and so its exit, stay where they were."""
+    out: List[dict] = []
+    for op in ops:
+        b = op["block"]
+        if b is None or op["op"] == "exit":
+            out.append(op)
+        elif op["name"] == f"blocks.{b}.norm1":  # the block's first op: it reads the block's input
+            out += opgraph.parallel_block(b, op["in"][0], arch, act, branches)
+    return out
+
+
+def _parallel_block_tensors(blk: Any, i: int, arch: Mapping) -> Dict[str, np.ndarray]:
+    out = {}
+    for stage in ("attns", "ffns"):
+        for j, branch in enumerate(getattr(blk, stage)):
+            q = f"blocks.{i}.{stage}.{j}"
+            out[f"{q}.norm.weight"], out[f"{q}.norm.bias"] = _np(branch.norm.weight, q), _np(branch.norm.bias, q)
+            if arch["layer_scale"]:
+                out[f"{q}.ls.gamma"] = _np(branch.ls.gamma, f"{q}.ls.gamma")
+    return out
+
+
+def _parallel_block_linears(blk: Any, i: int) -> List[Tuple[str, Any]]:
+    out = []
+    for j, (a, f) in enumerate(zip(blk.attns, blk.ffns)):
+        out += [(f"blocks.{i}.attns.{j}.attn.{n}", getattr(a.attn, n)) for n in ("qkv", "proj")]
+        out += [(f"blocks.{i}.ffns.{j}.mlp.{n}", getattr(f.mlp, n)) for n in ("fc1", "fc2")]
+    return out
+
+
 # --- tensors ---------------------------------------------------------------------------------
 
 def _np(t: Any, name: str) -> np.ndarray:
@@ -811,7 +983,7 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
     """Everything but the linear layers and exit heads, under the model file's names."""
     if _is_eva(model):
         return _eva_float_tensors(model, arch)
-    out = {} if _is_relpos(model) else {"pos_embed": _np(model.pos_embed, "pos_embed")}
+    out = {"pos_embed": _np(model.pos_embed, "pos_embed")} if _has_abs_pos(model) else {}
     for key, present in (("cls_token", arch["cls_token"]), ("dist_token", arch["dist_token"]),
                          ("reg_token", arch["reg_tokens"])):
         if present:
@@ -821,15 +993,19 @@ def _float_tensors(model: "nn.Module", arch: Mapping) -> Dict[str, np.ndarray]:
             m = getattr(model, key)
             out[f"{key}.weight"], out[f"{key}.bias"] = _np(m.weight, key), _np(m.bias, key)
     for i, blk in enumerate(model.blocks):
+        if _is_parallel(model):
+            out.update(_parallel_block_tensors(blk, i, arch))
+            continue
         for n in ("norm1", "norm2"):
             m = getattr(blk, n)
             out[f"blocks.{i}.{n}.weight"] = _np(m.weight, f"blocks.{i}.{n}.weight")
             out[f"blocks.{i}.{n}.bias"] = _np(m.bias, f"blocks.{i}.{n}.bias")
-        if _is_relpos(model):
-            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_rel_pos_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
+        if _has_rel_pos_bias(model):
+            out[f"blocks.{i}.attn.rel_pos_bias"] = _np(_attention_bias(model, blk), f"blocks.{i}.attn.rel_pos_bias")
         if arch["layer_scale"]:
-            out[f"blocks.{i}.ls1.gamma"] = _np(blk.ls1.gamma, f"blocks.{i}.ls1.gamma")
-            out[f"blocks.{i}.ls2.gamma"] = _np(blk.ls2.gamma, f"blocks.{i}.ls2.gamma")
+            gammas = (blk.gamma_1, blk.gamma_2) if _is_beit(model) else (blk.ls1.gamma, blk.ls2.gamma)
+            for n, g in zip(("ls1", "ls2"), gammas):
+                out[f"blocks.{i}.{n}.gamma"] = _np(g, f"blocks.{i}.{n}.gamma")
     if arch["global_pool"] == "map":
         out.update(_attn_pool_tensors(model))
     return out
@@ -846,9 +1022,14 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
 
     out = {"patch_embed": wb(model.patch_embed.proj, "patch_embed")}
     for i, blk in enumerate(model.blocks):
+        if _is_parallel(model):
+            out.update({name: wb(m, name) for name, m in _parallel_block_linears(blk, i)})
+            continue
         for sub, m in (("attn.qkv", blk.attn.qkv), ("attn.proj", blk.attn.proj),
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
+        if _is_beit(model) and blk.attn.q_bias is not None:
+            out[f"blocks.{i}.attn.qkv"] = (out[f"blocks.{i}.attn.qkv"][0], _np(_beit_qkv_bias(blk.attn), f"blocks.{i}.attn.qkv.bias"))
     out.update(_attn_pool_linears(model, wb))
     if model.num_classes:
         out["head"] = wb(model.head, "head")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 from .errors import FormatError
 
-__all__ = ["OP_KINDS", "OP_KEYS", "MLP_ACTS", "IMAGE", "Linear", "check_ops", "check_lowerable", "lower", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
+__all__ = ["OP_KINDS", "OP_KEYS", "MLP_ACTS", "IMAGE", "Linear", "check_ops", "check_lowerable", "lower", "parallel_block", "ops_of", "with_exits", "executor_ops", "infer_shapes", "linears",
            "layer_names", "num_tokens", "op_macs", "weight_shapes", "depth", "tokens_chain", "block_ends"]
 
 IMAGE = "image"  # the program's input: one normalised image [C, H, W]
@@ -549,25 +549,59 @@ def _lin(name: str, x: str, K: int, N: int, bias: Optional[bool], block: Optiona
     return _op("linear", name, [x], {"in_features": K, "out_features": N, "bias": bias}, {LAYER: name}, block)
 
 
+def _attn_branch(p: str, norm: str, x: str, a: Mapping, i: int, ls: str) -> List[dict]:
+    """ls(proj(attention(qkv(norm x)))) under the layer names ``<p>.qkv`` / ``<p>.proj``, the
+    LayerNorm ``norm`` and the layer scale ``ls`` (when the arch has layer scale)."""
+    D = a["embed_dim"]
+    ops = [_norm(norm, x, a["eps"], i), _lin(f"{p}.qkv", norm, D, 3 * D, a["qkv_bias"], i),
+           _op("attention", p, [f"{p}.qkv"], {"heads": a["num_heads"]}, block=i), _lin(f"{p}.proj", p, D, D, None, i)]
+    if a["layer_scale"]:
+        ops.append(_op("layer_scale", ls, [f"{p}.proj"], weights={"gamma": f"{ls}.gamma"}, block=i))
+    return ops
+
+
+def _mlp_branch(p: str, norm: str, x: str, a: Mapping, i: int, ls: str, act: str) -> List[dict]:
+    """ls(fc2(act(fc1(norm x)))) under the layer names ``<p>.fc1`` / ``<p>.fc2``."""
+    D, F = a["embed_dim"], a["mlp_hidden"]
+    ops = [_norm(norm, x, a["eps"], i), _lin(f"{p}.fc1", norm, D, F, None, i), _op(act, f"{p}.{act}", [f"{p}.fc1"], block=i),
+           _lin(f"{p}.fc2", f"{p}.{act}", F, D, None, i)]
+    if a["layer_scale"]:
+        ops.append(_op("layer_scale", ls, [f"{p}.fc2"], weights={"gamma": f"{ls}.gamma"}, block=i))
+    return ops
+
+
 def _block(i: int, x: str, a: Mapping, act: str) -> List[dict]:
     """timm's pre-norm Block: x + ls1(proj(attn(qkv(norm1 x)))), then the same with the MLP
     (fc1, the activation op ``act``, fc2)."""
-    p, D, F, eps = f"blocks.{i}", a["embed_dim"], a["mlp_hidden"], a["eps"]
-    ops = [_norm(f"{p}.norm1", x, eps, i), _lin(f"{p}.attn.qkv", f"{p}.norm1", D, 3 * D, a["qkv_bias"], i),
-           _op("attention", f"{p}.attn", [f"{p}.attn.qkv"], {"heads": a["num_heads"]}, block=i),
-           _lin(f"{p}.attn.proj", f"{p}.attn", D, D, None, i)]
-    h = f"{p}.attn.proj"
-    if a["layer_scale"]:
-        ops.append(_op("layer_scale", f"{p}.ls1", [h], weights={"gamma": f"{p}.ls1.gamma"}, block=i))
-        h = f"{p}.ls1"
-    ops += [_op("add", f"{p}.residual1", [x, h], block=i), _norm(f"{p}.norm2", f"{p}.residual1", eps, i),
-            _lin(f"{p}.mlp.fc1", f"{p}.norm2", D, F, None, i), _op(act, f"{p}.mlp.{act}", [f"{p}.mlp.fc1"], block=i),
-            _lin(f"{p}.mlp.fc2", f"{p}.mlp.{act}", F, D, None, i)]
-    h = f"{p}.mlp.fc2"
-    if a["layer_scale"]:
-        ops.append(_op("layer_scale", f"{p}.ls2", [h], weights={"gamma": f"{p}.ls2.gamma"}, block=i))
-        h = f"{p}.ls2"
-    ops.append(_op("add", f"{p}.residual2", [f"{p}.residual1", h], block=i))
+    p = f"blocks.{i}"
+    ops = _attn_branch(f"{p}.attn", f"{p}.norm1", x, a, i, f"{p}.ls1")
+    ops.append(_op("add", f"{p}.residual1", [x, ops[-1]["out"][0]], block=i))
+    ops += _mlp_branch(f"{p}.mlp", f"{p}.norm2", f"{p}.residual1", a, i, f"{p}.ls2", act)
+    ops.append(_op("add", f"{p}.residual2", [f"{p}.residual1", ops[-1]["out"][0]], block=i))
+    return ops
+
+
+def parallel_block(i: int, x: str, a: Mapping, act: str, branches: int) -> List[dict]:
+    """timm's ParallelThingsBlock with ``branches`` branches: x + the sum of the attention
+    branches (each norm, attention, layer scale), then the same with the MLP branches. Layer
+    and tensor names are timm's (``blocks.<i>.attns.<j>.attn.qkv``, ``blocks.<i>.attns.<j>.norm``,
+    ``blocks.<i>.ffns.<j>.mlp.fc1``, ``blocks.<i>.ffns.<j>.ls``, ...); the block's output is
+    ``blocks.<i>.residual2``, as the plain block's."""
+    p = f"blocks.{i}"
+    ops: List[dict] = []
+    for stage, residual in (("attns", "residual1"), ("ffns", "residual2")):
+        outs = []
+        for j in range(branches):
+            q = f"{p}.{stage}.{j}"
+            ops += (_attn_branch(f"{q}.attn", f"{q}.norm", x, a, i, f"{q}.ls") if stage == "attns" else
+                    _mlp_branch(f"{q}.mlp", f"{q}.norm", x, a, i, f"{q}.ls", act))
+            outs.append(ops[-1]["out"][0])
+        total = outs[0]
+        for j in range(1, branches):  # timm: torch.stack(branches).sum(0), in branch order
+            ops.append(_op("add", f"{p}.{stage}.sum{j}", [total, outs[j]], block=i))
+            total = ops[-1]["out"][0]
+        ops.append(_op("add", f"{p}.{residual}", [x, total], block=i))
+        x = f"{p}.{residual}"
     return ops
 
 

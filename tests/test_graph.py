@@ -190,7 +190,7 @@ def test_every_op_kind_has_an_oracle_function():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda ops: ops[_index(ops, "blocks.0.mlp.gelu")].update(op="rope"), r"unknown op kind 'rope'"),
+    (lambda ops: ops[_index(ops, "blocks.0.mlp.gelu")].update(op="conv2d"), r"unknown op kind 'conv2d'"),
     (lambda ops: ops[_index(ops, "head")].update({"in": ["pooled"]}), r"input tensor 'pooled' is produced by no earlier op"),
 ])
 def test_a_file_with_a_bad_op_list_is_refused(tmp_path, edit, message):
