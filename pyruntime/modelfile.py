@@ -387,7 +387,9 @@ def with_ops(graph: Mapping) -> dict:
 
 
 def _max_ops() -> int:
-    # A block of the lowering has at most 13 ops; the embedding and head at most 12.
+    # A bound on the whole program (per block 13 ops in the lowering, up to 15 for Eva, about
+    # 12 per branch for parallel blocks; embedding and head at most 20 with attention pooling),
+    # not per block: it keeps a hostile op list from costing more than the largest real one.
     return 16 * (limits()["max_depth"] + 2)
 
 
