@@ -59,11 +59,11 @@ RESULTS_DIR = BENCH_DIR / "results"
 JSON_PATH = RESULTS_DIR / "models.json"
 PNG_PATH = RESULTS_DIR / "models.png"
 
-# DeiT (the default run), and the families beside it: SigLIP-B/16 (attention-pooling head,
-# num_classes 0: its "logits" are the pooled features).
-MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_siglip_224")
+# DeiT (the default run), and the families beside it: EVA-02-Ti (RoPE, SwiGLU) and SigLIP-B/16
+# (attention-pooling head, num_classes 0: its "logits" are the pooled features).
+MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "eva02_tiny_patch14_224", "vit_base_patch16_siglip_224")
 SHORT = {"deit_tiny_patch16_224": "deit_tiny", "deit_small_patch16_224": "deit_small",
-         "vit_base_patch16_siglip_224": "siglip_base"}
+         "eva02_tiny_patch14_224": "eva02_tiny", "vit_base_patch16_siglip_224": "siglip_base"}
 BATCHES = (1, 8)
 THREADS = (1, 2)
 SEED = 0

@@ -135,6 +135,7 @@ def test_quantised_shorthands(short, bits, tol, tmp_path):
 
 
 def test_int4_odd_patch_dim_and_bigger_blocks(tmp_path):
+    torch.manual_seed(0)  # timm's init draws from the global generator: the 0.25 bound is for this model
     model = perturbed(VisionTransformer(**dict(SMALL, img_size=28, patch_size=7), in_chans=1))  # K = 49
     pol = Policy(layers={"patch_embed": LayerPolicy(4), "blocks.*": LayerPolicy(4, block_size=64)})
     graph, tensors, _, _ = read_model(convert(model, tmp_path / "m.pyrt", policy=pol))
