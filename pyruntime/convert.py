@@ -398,23 +398,137 @@ def model_arch(model: "nn.Module") -> dict:
     feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
     describes its model by this, and needs class logits: a feature extractor is refused."""
     arch, _ = describe_model(model)
-    if _is_eva(model):  # they rebuild a plain ViT's forward (exits.py) and layer list (calibrate/common.py)
-        raise ValueError(f"{type(model).__name__}: exit-head fitting and calibration do not support Eva models yet "
-                         f"(RoPE, SwiGLU); convert it as it is, with a shorthand policy or exit heads fitted elsewhere")
-    if arch["global_pool"] == "map":
-        raise _not_yet(model, "exit heads and calibration of a model with attention pooling (SigLIP's MAP head)")
-    if _is_parallel(model):  # the calibrators name and type layers by the plain block's names
-        raise _not_yet(model, "exit heads and calibration of parallel blocks (the calibrators assume one attention and "
-                              "one MLP per block, layers blocks.<i>.attn.qkv ... blocks.<i>.mlp.fc2; convert it with a "
-                              "shorthand policy or a policy file)")
-    if _is_beit(model):  # what runs timm's model (exits fit, the calibrators) assumes its VisionTransformer
-        raise _not_yet(model, "exit heads and calibration of BEiT (they run timm's VisionTransformer embedding and "
-                              "hook each linear module, and BEiT's attention applies its qkv weight through F.linear; "
-                              "convert it with a shorthand policy or a policy file)")
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
     return arch
+
+
+def program_graph(model: "nn.Module") -> dict:
+    """``{"arch", "exits": [], "ops"}``: the program :func:`convert` writes for ``model``
+    without exits and tensors (:func:`pyruntime.graph.ops_of` places exits where a graph's
+    ``exits`` say), for what costs and names layers before anything is converted."""
+    arch, act = describe_model(model)
+    skeleton = {"arch": arch, "exits": []}
+    return {**skeleton, "ops": _program(model, skeleton, act)}
+
+
+def fuse_projections(model: "nn.Module") -> "nn.Module":
+    """``model`` (changed in place, its function kept) with every layer of its program one
+    ``nn.Linear`` that its forward calls as a module, under the program's layer name: Eva's
+    separate q/k/v projections and BEiT's or Eva's q/v biases become one ``attn.qkv`` with
+    the fused bias; a split SwiGLU (fc1_g, fc1_x) becomes the packed one (``GluMlp``, gate
+    rows first), which timm's forwards take as well. The calibrators hook and swap each
+    layer's module (pyruntime.calibrate.emulate), and a weight that timm applies through
+    ``F.linear`` or splits over three modules has no module of its own. What they write back
+    (LampQ's QAT) stays convertible: :func:`convert` reads both forms, and
+    :func:`timm_state_dict` gives the weights back in timm's own layout."""
+    import torch
+
+    split = model.__dict__.setdefault("_pyruntime_split", {})
+    with torch.no_grad():
+        for i, blk in enumerate(model.blocks):
+            if _is_eva(model) or _is_beit(model):
+                split.update(_fuse_qkv(blk.attn, f"blocks.{i}.attn"))
+            mlp = getattr(blk, "mlp", None)
+            if _is_eva(model) and type(mlp).__name__ == "SwiGLU":
+                blk.mlp, split[f"blocks.{i}.mlp.fc1"] = _packed_swiglu(mlp, f"blocks.{i}.mlp")
+    return model
+
+
+# (state-dict key in timm's layout, "weight" | "bias" of the fused layer, first row, end row);
+# key None: rows timm's layout has no place for (a zero k bias), which must stay zero
+_Split = List[Tuple[Optional[str], str, int, int]]
+
+
+def timm_state_dict(model: "nn.Module") -> Dict[str, Any]:
+    """``model.state_dict()`` in the layout timm builds the model with: the layers
+    :func:`fuse_projections` fused are split back (a checkpoint of a calibrated model loads
+    strictly into ``timm.create_model`` of its name). ValueError if training moved rows that
+    layout cannot hold (see :func:`zero_fused_gaps`)."""
+    sd = model.state_dict()
+    for fused, parts in model.__dict__.get("_pyruntime_split", {}).items():
+        tensors = {"weight": sd.pop(f"{fused}.weight"), "bias": sd.pop(f"{fused}.bias", None)}
+        for key, src, lo, hi in parts:
+            rows = tensors[src][lo:hi]
+            if key is not None:
+                sd[key] = rows
+            elif bool(rows.any()):
+                raise ValueError(f"{fused}.{src} rows {lo}..{hi - 1} are no longer zero, and timm's layout of this "
+                                 f"model has no place for them (its k projection has no bias)")
+    return sd
+
+
+def zero_fused_gaps(model: "nn.Module") -> None:
+    """Zero the rows of fused layers that timm's layout has no place for (Eva's k bias: with
+    RoPE it does not cancel in the softmax), so what trains the fused model (LampQ's QAT)
+    keeps it a model timm can hold."""
+    import torch
+
+    with torch.no_grad():
+        for fused, parts in model.__dict__.get("_pyruntime_split", {}).items():
+            mod = model.get_submodule(fused)
+            for key, src, lo, hi in parts:
+                if key is None:
+                    getattr(mod, src)[lo:hi] = 0
+
+
+def _linear_from(w: np.ndarray, b: Optional[np.ndarray], like: Any) -> "nn.Module":
+    import torch
+    import torch.nn as nn
+
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None).to(like.weight.device, like.weight.dtype)
+    lin.weight.copy_(torch.from_numpy(w))
+    if b is not None:
+        lin.bias.copy_(torch.from_numpy(b))
+    lin.weight.requires_grad_(like.weight.requires_grad)
+    return lin
+
+
+def _fuse_qkv(attn: Any, p: str) -> Dict[str, _Split]:
+    """One ``qkv`` Linear with the fused bias in place of q/k/v projections or q/v biases;
+    {its name: where its rows go in timm's layout} (empty: nothing to fuse). BEiT's and Eva's
+    k bias is zero (a buffer, or no bias on k_proj): those rows have no place to go."""
+    if attn.qkv is not None and getattr(attn, "q_bias", None) is None:
+        return {}
+    w, b = _eva_qkv(attn, f"{p}.qkv") if _is_eva_attention(attn) else (
+        _np(attn.qkv.weight, f"{p}.qkv.weight"), _np(_beit_qkv_bias(attn), f"{p}.qkv.bias"))
+    n = w.shape[0] // 3
+    if attn.qkv is None:  # q_proj, k_proj, v_proj
+        parts = [(f"{p}.{x}_proj.weight", "weight", j * n, (j + 1) * n) for j, x in enumerate("qkv")]
+        if b is not None:
+            parts += [(None if getattr(attn, f"{x}_proj").bias is None else f"{p}.{x}_proj.bias", "bias", j * n, (j + 1) * n)
+                      for j, x in enumerate("qkv")]
+    else:  # qkv.weight with q_bias, v_bias
+        parts = [(f"{p}.qkv.weight", "weight", 0, 3 * n), (f"{p}.q_bias", "bias", 0, n), (None, "bias", n, 2 * n),
+                 (f"{p}.v_bias", "bias", 2 * n, 3 * n)]
+    like = attn.qkv if attn.qkv is not None else attn.q_proj
+    attn.qkv = _linear_from(w, b, like)
+    for name in ("q_proj", "k_proj", "v_proj", "q_bias", "v_bias"):
+        if getattr(attn, name, None) is not None:
+            setattr(attn, name, None)
+    return {f"{p}.qkv": parts}
+
+
+def _is_eva_attention(attn: Any) -> bool:
+    return type(attn).__name__ in ("EvaAttention", "AttentionRope")
+
+
+def _packed_swiglu(mlp: Any, p: str) -> Tuple["nn.Module", _Split]:
+    """(timm's packed SwiGLU (GluMlp, SiLU, gate first) holding a split SwiGLU's weights,
+    where its fc1 rows go in timm's layout)."""
+    import torch.nn as nn
+    from timm.layers import GluMlp
+
+    w, b = _eva_fc1(mlp, p)
+    h = w.shape[0] // 2
+    parts = [(f"{p}.{name}.{src}", src, j * h, (j + 1) * h) for j, name in enumerate(("fc1_g", "fc1_x"))
+             for src in ("weight", "bias") if getattr(getattr(mlp, name), src) is not None]
+    packed = GluMlp(mlp.fc1_g.in_features, w.shape[0], mlp.fc2.out_features, act_layer=nn.SiLU,
+                    bias=b is not None, gate_last=False)
+    packed.fc1 = _linear_from(w, b, mlp.fc1_g)
+    packed.act, packed.drop1, packed.norm, packed.fc2, packed.drop2 = mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2
+    return packed.train(mlp.training), parts
 
 
 def describe_model(model: "nn.Module") -> Tuple[dict, str]:
@@ -864,8 +978,8 @@ def _beit_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bo
     if attn.qkv.out_features != 3 * D or attn.proj.in_features != D or D % attn.num_heads:
         raise _unsupported(f"{p}.attn: attention whose width differs from embed_dim (attn_head_dim "
                            f"{attn.qkv.out_features // 3 // attn.num_heads} with {attn.num_heads} heads, embed_dim {D})")
-    if attn.qkv.bias is not None or (attn.q_bias is None) != (attn.v_bias is None):
-        raise _unsupported(f"{p}.attn: a qkv bias other than BEiT's q_bias and v_bias")
+    if (attn.q_bias is None) != (attn.v_bias is None) or (attn.qkv.bias is not None and attn.q_bias is not None):
+        raise _unsupported(f"{p}.attn: a qkv bias other than BEiT's q_bias and v_bias (or one fused qkv bias)")
     if attn.scale != (D // attn.num_heads) ** -0.5:
         raise _unsupported(f"{p}.attn: attention scale {attn.scale} other than head_dim ** -0.5")
     if type(blk.mlp).__name__ == "SwiGLU":
@@ -873,7 +987,7 @@ def _beit_check_block(blk: Any, i: int, D: int, eps: list) -> Tuple[int, int, bo
     mlp_hidden, act = _check_mlp(blk.mlp, p)
     if (blk.gamma_1 is None) != (blk.gamma_2 is None):
         raise _unsupported(f"{p}: layer scale must be on both branches or on neither")
-    return attn.num_heads, mlp_hidden, attn.q_bias is not None, blk.gamma_1 is not None, act
+    return attn.num_heads, mlp_hidden, _beit_qkv_bias(attn) is not None, blk.gamma_1 is not None, act
 
 
 def _beit_has_rel_pos_bias(model: Any) -> bool:
@@ -894,8 +1008,12 @@ def _beit_rel_pos_bias(model: Any, blk: Any) -> Any:
 
 
 def _beit_qkv_bias(attn: Any) -> Any:
+    """The fused qkv bias cat(q, k (zeros), v), as timm's forward uses it; or the qkv layer's
+    own bias (:func:`fuse_projections` moves q/v biases there); None without either."""
     import torch
 
+    if attn.q_bias is None:
+        return attn.qkv.bias
     return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
 
 
@@ -1029,7 +1147,8 @@ def _backbone_linears(model: "nn.Module") -> Dict[str, Tuple[np.ndarray, Optiona
                        ("mlp.fc1", blk.mlp.fc1), ("mlp.fc2", blk.mlp.fc2)):
             out[f"blocks.{i}.{sub}"] = wb(m, f"blocks.{i}.{sub}")
         if _is_beit(model) and blk.attn.q_bias is not None:
-            out[f"blocks.{i}.attn.qkv"] = (out[f"blocks.{i}.attn.qkv"][0], _np(_beit_qkv_bias(blk.attn), f"blocks.{i}.attn.qkv.bias"))
+            out[f"blocks.{i}.attn.qkv"] = (out[f"blocks.{i}.attn.qkv"][0],
+                                           _np(_beit_qkv_bias(blk.attn), f"blocks.{i}.attn.qkv.bias"))
     out.update(_attn_pool_linears(model, wb))
     if model.num_classes:
         out["head"] = wb(model.head, "head")
@@ -1236,8 +1355,6 @@ def convert(source: Any, out: PathLike, *, checkpoint: Optional[PathLike] = None
     if exit_blocks and not arch["num_classes"]:
         raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}, which need class logits; this "
                           f"model has none (num_classes=0, a feature extractor)")
-    skeleton = {"arch": arch, "exits": [{"block": b} for b in exit_blocks]}
-    layers = pol.resolve(graph_layer_names({**skeleton, "ops": _program(model, skeleton, act)}), arch["depth"])
     if exit_blocks and arch["global_pool"] == "map":
         raise PolicyError(f"policy {pol.name!r} has exits at blocks {exit_blocks}; exit heads on a model with attention "
                           f"pooling (SigLIP's MAP head) are not supported yet")

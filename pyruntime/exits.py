@@ -60,7 +60,9 @@ def _pooling(model: "nn.Module") -> Tuple[str, int]:
     """(global_pool, prefix tokens left out of an average) of the model, as the runtime pools."""
     pool = getattr(model, "global_pool", None)
     if pool not in ("token", "avg") or getattr(model, "attn_pool", None) is not None:
-        raise ValueError(f"exit heads need global_pool 'token' or 'avg', the model has {pool!r}")
+        what = " (an attention-pooling head, SigLIP's MAP)" if getattr(model, "attn_pool", None) is not None else ""
+        raise ValueError(f"exit heads need global_pool 'token' or 'avg', the model has {pool!r}{what}: exit heads "
+                         f"on it are not supported")
     if getattr(model, "pool_include_prefix", False):
         raise ValueError("exit heads do not support pool_include_prefix (the runtime averages patch tokens only)")
     if pool == "token" and getattr(model, "cls_token", None) is None:
@@ -80,16 +82,43 @@ def check_blocks(blocks: Sequence[int], depth: int) -> List[int]:
     return out
 
 
-def _block_outputs(model: "nn.Module", x: "torch.Tensor", last: int):
-    """Each block's output (before any final norm), up to block ``last``, as timm's
-    ``forward_features`` computes them."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for i, blk in enumerate(model.blocks[: last + 1]):
-        x = blk(x)
-        yield i, x
+class _Stop(Exception):
+    """Raised by the last wanted block's hook: the rest of the backbone is not run."""
+
+
+def walk_blocks(model: "nn.Module", x: "torch.Tensor", on_block, last: Optional[int] = None):
+    """Run timm's ``forward_features`` on ``x``, calling ``on_block(i, h)`` with each block's
+    output ``h`` (before any final norm) as it is computed; stop after block ``last`` (and
+    return None), or with ``last`` None run to the end and return the features.
+
+    Forward hooks on ``model.blocks`` rather than a copy of the loop: each family passes its
+    blocks its own extra arguments (Eva's RoPE table, per block for 'mixed' RoPE; BEiT's
+    shared relative position bias), and timm's own forward knows them."""
+    depth = len(model.blocks)
+    stop = depth - 1 if last is None else int(last)
+    if not 0 <= stop < depth:
+        raise ValueError(f"block {last} is out of range (depth {depth})")
+
+    def hook(i):
+        def fn(module, args, out):
+            on_block(i, out)
+            if last is not None and i == stop:
+                raise _Stop
+        return fn
+
+    handles = [blk.register_forward_hook(hook(i)) for i, blk in enumerate(model.blocks[: stop + 1])]
+    try:
+        return model.forward_features(x)
+    except _Stop:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def pool_tokens(h: "torch.Tensor", pool: str, prefix: int) -> "torch.Tensor":
+    """[B, D] of block output tokens [B, T, D], pooled as the runtime's exits (:func:`_pooling`)."""
+    return h[:, 0] if pool == "token" else h[:, prefix:].mean(dim=1)
 
 
 def pooled_block_features(model: "nn.Module", x: "torch.Tensor", blocks: Sequence[int]) -> Dict[int, "torch.Tensor"]:
@@ -97,9 +126,12 @@ def pooled_block_features(model: "nn.Module", x: "torch.Tensor", blocks: Sequenc
     pool, prefix = _pooling(model)
     want = set(blocks)
     out = {}
-    for i, h in _block_outputs(model, x, max(blocks)):
+
+    def keep(i, h):
         if i in want:
-            out[i] = h[:, 0] if pool == "token" else h[:, prefix:].mean(dim=1)
+            out[i] = pool_tokens(h, pool, prefix)
+
+    walk_blocks(model, x, keep, last=max(blocks))
     return out
 
 
@@ -396,6 +428,7 @@ def cmd_exits_fit(args) -> int:
 
     model, override, notes = load_user_model(args)
     arch = model_arch(model)  # a model the runtime cannot run is named before any work
+    _pooling(model)
     blocks = check_blocks(args.blocks, arch["depth"])
     # The heads learn on exactly the pixels the converted file will be given.
     pre = Preprocess.from_dict(_preprocess(model, arch, override))

@@ -19,7 +19,7 @@ timm = pytest.importorskip("timm")
 import pyruntime  # noqa: E402
 from pyruntime import _numpy_ref, bops  # noqa: E402
 from pyruntime import graph as opgraph  # noqa: E402
-from pyruntime.convert import convert, describe_model, model_arch  # noqa: E402
+from pyruntime.convert import convert, describe_model  # noqa: E402
 from pyruntime.errors import FormatError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
@@ -298,12 +298,6 @@ def test_exit_heads_convert_and_run(case, files, tmp_path):
     np.testing.assert_array_equal(r.bops, want["bops"])
     for key in ("logits", "features", "tokens"):
         assert np.abs(getattr(r, key) - want[key]).max() <= 5e-3 * max(1.0, np.abs(want[key]).max()), key
-
-
-def test_fitting_exits_and_calibrating_refuse_eva_in_one_line(files):
-    with pytest.raises(ValueError, match=r"^Eva: exit-head fitting and calibration do not support Eva models yet") as e:
-        model_arch(files["eva02_tiny"][0])
-    assert "\n" not in str(e.value)
 
 
 def test_profiling_model_keeps_the_eva_program(files):

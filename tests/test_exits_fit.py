@@ -275,7 +275,7 @@ FIT_ERRORS = [
     ({"--data": "{root}/missing"}, ["no such folder or file"]),
     ({"--data": "{ckpt}"}, ["image folder .* or an .npz"]),
     ({"--data": "{root}/bad.npz"}, [r"labels must lie in \[0, 3\)"]),
-    ({"--checkpoint": None, "--random-weights": True, "--model-kwargs": MAP_POOL}, ["not supported", r"model with attention pooling \(SigLIP's MAP head\)"]),
+    ({"--checkpoint": None, "--random-weights": True, "--model-kwargs": MAP_POOL}, ["'map' \\(an attention-pooling head, SigLIP's MAP\\)", "not supported"]),
     ({"--model-kwargs": '{"pretrained": true}'}, ["may not set 'pretrained'"]),
     ({"--out": "{ckpt}"}, ["refusing to write", "it is the input"]),
     ({"--holdout": "1.5"}, ["--holdout", "strictly between 0 and 1"]),

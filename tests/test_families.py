@@ -231,18 +231,6 @@ def test_beit_attention_wider_than_embed_dim_is_refused(tmp_path):
         convert(model, tmp_path / "m.pyrt")
 
 
-def test_beit_exits_and_calibration_are_refused_by_name():
-    """What runs timm's model itself (exits fit, the calibrators) assumes a VisionTransformer
-    whose linear modules are called: BEiT is named, not crashed on."""
-    from pyruntime.calibrate.common import timm_source
-
-    message = r"^Beit \(beit_base_patch16_224\): exit heads and calibration of BEiT .* is not supported yet$"
-    with pytest.raises(ValueError, match=message):
-        model_arch(build("beit_avg"))
-    with pytest.raises(ValueError, match=message):  # what `pyruntime calibrate --model` builds its source with
-        timm_source("beit_base_patch16_224", SUPPORTED["beit_avg"][1], random_weights=True)
-
-
 def test_parallel_blocks_sum_their_branches_under_timm_names(tmp_path):
     """Each attention and MLP branch is its own pre-norm chain under timm's module names; the
     branches are summed, then added to the block's input. Exits and per-layer bits work on
@@ -274,19 +262,6 @@ def test_parallel_blocks_sum_their_branches_under_timm_names(tmp_path):
     np.testing.assert_array_equal(r.exit_block, want["exit_block"])
     np.testing.assert_array_equal(r.bops, want["bops"])
     assert np.abs(r.logits - want["logits"]).max() <= 5e-3 * max(1.0, np.abs(want["logits"]).max())
-
-
-def test_parallel_blocks_exits_and_calibration_are_refused_by_name():
-    """The calibrators list and type a model's layers as the plain block's: they name parallel
-    blocks rather than crash on a layer the model lacks."""
-    from pyruntime.calibrate.common import timm_source
-
-    message = (r"^VisionTransformer \(vit_small_patch16_18x2_224\): exit heads and calibration of parallel blocks .* "
-               r"is not supported yet$")
-    with pytest.raises(ValueError, match=message):
-        model_arch(build("parallel"))
-    with pytest.raises(ValueError, match=message):
-        timm_source("vit_small_patch16_18x2_224", SUPPORTED["parallel"][1], random_weights=True)
 
 
 # --- the op list is the program; arch only summarises it ------------------------------------------

@@ -150,6 +150,10 @@ class CalibrationData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, lo: int, hi: int) -> np.ndarray:
+        """float32 images ``lo:hi`` (what :func:`pyruntime.exits.fit_exit_heads` reads)."""
+        return np.asarray(self.images[lo:hi], np.float32)
+
     def take(self, rows: np.ndarray, part: str) -> "CalibrationData":
         rows = np.asarray(rows, np.int64)
         images = self.images.take(rows) if isinstance(self.images, NormalisedImages) else self.images[rows]
@@ -242,11 +246,22 @@ class Source:
     exits: "object" = None   # exit heads as convert takes them (a file or {block: params}); None: the checkpoint's
     notes: List[str] = field(default_factory=list)   # what loading adapted (e.g. resampled position embeddings)
 
+    def __post_init__(self):
+        from ..convert import fuse_projections, model_arch
+
+        model_arch(self.model)  # an unsupported family (or a feature extractor) is named first
+        fuse_projections(self.model)  # every layer one module the methods can hook
+
+    @functools.cached_property
+    def program(self) -> dict:
+        """The converter's program of the model, without exits (``{"arch", "exits", "ops"}``)."""
+        from ..convert import program_graph
+
+        return program_graph(self.model)
+
     @property
     def arch(self) -> dict:
-        from ..convert import model_arch
-
-        return model_arch(self.model)
+        return self.program["arch"]
 
     @property
     def depth(self) -> int:
@@ -254,7 +269,7 @@ class Source:
 
     def layer_names(self) -> List[str]:
         """Every linear layer of the backbone (no exit heads), in execution order."""
-        return graph_layer_names({"arch": self.arch, "exits": []})
+        return graph_layer_names(self.program)
 
     def convert(self, out: PathLike, policy: Policy) -> Path:
         from ..convert import convert
@@ -333,7 +348,9 @@ def timm_source(name: str, model_kwargs: Optional[Mapping] = None, checkpoint: O
 
 
 def torch_source(model, preprocess: Optional[Mapping] = None, name: str = "model") -> Source:
-    """A timm VisionTransformer already holding its weights (e.g. randomly initialised)."""
+    """A timm ViT (any family :func:`pyruntime.convert.convert` takes, with class logits)
+    already holding its weights (e.g. randomly initialised). Its split projections are fused
+    in place (:func:`pyruntime.convert.fuse_projections`: same function, one module per layer)."""
     model.eval()
     return Source(model, None, dict(preprocess) if preprocess else None, name)
 
@@ -342,13 +359,17 @@ def torch_source(model, preprocess: Optional[Mapping] = None, name: str = "model
 
 def layer_type(name: str) -> str:
     """LampQ's type of a linear layer: qkv, proj, fc1, fc2, patch_embed or head (the final
-    heads and exit heads)."""
+    heads, exit heads and an attention-pooling head's layers). A block's layers are typed by
+    their last two names in every family: parallel branches' ``attns.<j>.attn.qkv`` is a qkv;
+    a SwiGLU's gate and value projections are one fc1 (the converter stacks them: one GEMM,
+    one precision)."""
     if name == "patch_embed":
         return "patch_embed"
-    for suffix, kind in ((".attn.qkv", "qkv"), (".attn.proj", "proj"), (".mlp.fc1", "fc1"), (".mlp.fc2", "fc2")):
-        if name.endswith(suffix):
-            return kind
-    if name in ("head", "head_dist") or name.startswith("exits."):
+    if name.startswith("blocks."):
+        for suffix, kind in ((".attn.qkv", "qkv"), (".attn.proj", "proj"), (".mlp.fc1", "fc1"), (".mlp.fc2", "fc2")):
+            if name.endswith(suffix):
+                return kind
+    if name in ("head", "head_dist") or name.startswith(("exits.", "attn_pool.")):
         return "head"
     raise ValueError(f"{name!r} is not a linear layer name")
 
@@ -368,7 +389,7 @@ def scope_layers(names: Sequence[str], scope: str) -> List[str]:
 def model_graph(source: Source, policy: Policy) -> dict:
     """The graph the converter would write for ``policy`` (no tensors), for BOPs and bytes."""
     arch = source.arch
-    graph = {"arch": arch, "exits": [e.to_dict() for e in sorted(policy.exits, key=lambda e: e.block)]}
+    graph = {**source.program, "exits": [e.to_dict() for e in sorted(policy.exits, key=lambda e: e.block)]}
     layers = policy.resolve(graph_layer_names(graph), arch["depth"])
     C = arch["in_chans"]
     graph.update(layers={k: v.to_dict() for k, v in layers.items()},

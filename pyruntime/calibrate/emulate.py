@@ -185,17 +185,21 @@ def _int8_attention_forward(attn):
 
 
 def _attention_modules(model):
-    """Every block's timm ``Attention``; ValueError for a block whose attention is another
-    class (its forward is not the one :func:`_int8_attention_forward` reproduces)."""
+    """Every block's attention (one per block, one per branch of a parallel block), each a
+    timm ``Attention``; ValueError naming a block whose attention is another class (Eva's
+    RoPE attention, BEiT's with relative position bias): its forward is not the one
+    :func:`_int8_attention_forward` reproduces, so int8 attention is not emulated for it."""
     from timm.layers import Attention
 
     mods = []
     for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if type(attn) is not Attention:
-            raise ValueError(f"int8 attention emulation supports timm's Attention only; blocks.{i}.attn is "
-                             f"{type(attn).__name__}")
-        mods.append(attn)
+        found = [(n, m) for n, m in blk.named_modules() if n.rsplit(".", 1)[-1] == "attn"]
+        other = [(n, m) for n, m in found if type(m) is not Attention]
+        if not found or other:
+            what = f"blocks.{i}.{other[0][0]} is {type(other[0][1]).__name__}" if other else f"blocks.{i} has none"
+            raise ValueError(f"int8 attention emulation supports timm's Attention only ({what}); calibrate this "
+                             f"model with fp32 attention (attention 32)")
+        mods += [m for _, m in found]
     return mods
 
 

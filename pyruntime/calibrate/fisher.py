@@ -140,7 +140,7 @@ def _exit_loss(heads: Mapping[int, Mapping[str, "object"]], last_block):
     import torch
     import torch.nn.functional as F
 
-    from ..exits import _block_outputs, _pooling
+    from ..exits import _pooling, pool_tokens, walk_blocks
 
     params = {b: {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in p.items()} for b, p in heads.items()}
     k = torch.as_tensor(np.asarray(last_block, np.int64))
@@ -148,18 +148,20 @@ def _exit_loss(heads: Mapping[int, Mapping[str, "object"]], last_block):
     def loss(model, x, y):
         pool, prefix = _pooling(model)
         depth = len(model.blocks)
-        total = x.new_zeros(())
-        h = None
-        for b, h in _block_outputs(model, x, depth - 1):
+        terms = []
+
+        def head_loss(b, h):
             if b in params and b < depth - 1:
                 p = params[b]
-                z = h[:, 0] if pool == "token" else h[:, prefix:].mean(dim=1)
+                z = pool_tokens(h, pool, prefix)
                 z = F.layer_norm(z, (z.shape[-1],), p["norm.weight"], p["norm.bias"], eps=1e-6)
                 ce = F.cross_entropy(F.linear(z, p["fc.weight"], p["fc.bias"]), y, reduction="none")
                 # a multiplied mask (not a selection) keeps every layer in the graph: zero gradients, not none
-                total = total + (ce * (k >= b).to(ce.dtype)).sum()
-        ce = F.cross_entropy(model.forward_head(model.norm(h)), y, reduction="none")
-        return total + (ce * (k >= depth - 1).to(ce.dtype)).sum()
+                terms.append((ce * (k >= b).to(ce.dtype)).sum())
+
+        features = walk_blocks(model, x, head_loss)
+        ce = F.cross_entropy(model.forward_head(features), y, reduction="none")
+        return sum(terms, x.new_zeros(())) + (ce * (k >= depth - 1).to(ce.dtype)).sum()
 
     return loss
 

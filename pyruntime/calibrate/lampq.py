@@ -396,6 +396,8 @@ def qat_finetune(model, pick: Mapping[str, Bits], data: CalibrationData, teacher
     import torch
     from torch.nn.utils import parametrize
 
+    from ..convert import zero_fused_gaps
+
     t0 = time.time()
     before = distillation_loss(model, pick, data, teacher, block_size, attn_bits)
     start = copy.deepcopy(model.state_dict())
@@ -418,6 +420,7 @@ def qat_finetune(model, pick: Mapping[str, Bits], data: CalibrationData, teacher
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
+            zero_fused_gaps(model)  # e.g. Eva's k bias: timm's layout of the model has none
     finally:
         for h in handles:
             h.remove()
@@ -444,7 +447,8 @@ def qat_source(source: Source, model, tag: str = "qat") -> Source:
 
 
 def save_checkpoint(source: Source, model, path) -> Path:
-    """``model``'s weights as a safetensors state dict at ``path``, keeping the original
+    """``model``'s weights as a safetensors state dict at ``path`` (in timm's layout: what
+    :func:`pyruntime.convert.fuse_projections` fused is split back), keeping the original
     checkpoint's metadata and exit-head tensors when it is a safetensors file (so a
     reference-format checkpoint stays one: ``pyruntime convert reference --checkpoint``)."""
     from safetensors.torch import save
@@ -452,7 +456,9 @@ def save_checkpoint(source: Source, model, path) -> Path:
     from .._atomic import atomic_write_bytes
     from ..modelfile import safetensors_metadata
 
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    from ..convert import timm_state_dict
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in timm_state_dict(model).items()}
     meta = None
     ckpt = source.checkpoint
     if ckpt is not None and Path(ckpt).suffix.lower() == ".safetensors":
