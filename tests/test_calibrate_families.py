@@ -92,19 +92,23 @@ def test_emulation_follows_the_runtime(case, w_bits, a_bits, pattern, tmp_path):
     np.testing.assert_allclose(state["r"].numpy(), stat, rtol=1e-5)
 
 
-def test_int8_attention_is_emulated_for_parallel_blocks_and_refused_for_other_attention(tmp_path):
-    src = torch_source(family_model("parallel"), PRE, name="parallel")
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_int8_attention_emulation_follows_the_runtime(case, tmp_path):
+    """Eva's RoPE before the quantised q and k, BEiT's relative position bias on the scores,
+    parallel branches; SigLIP's attention-pooling head stays fp32 (as in the runtime)."""
+    src = torch_source(family_model(case), PRE, name=case)
     data = teacher_data(src.model, 16)
     policy = Policy(layers={"blocks.*": LayerPolicy(8, 8)}, attn_bits=8)
     logits = run_batches(pyruntime.load(src.convert(tmp_path / "m.pyrt", policy)), data.images, enabled=False)[0]
-    with torch.no_grad(), QuantModel(src.model).emulate(policy.resolve(src.layer_names(), src.depth), attn_bits=8):
+    layers = policy.resolve(src.layer_names(), src.depth)
+    with torch.no_grad(), QuantModel(src.model).emulate(layers, attn_bits=8):
         ours = src.model(torch.from_numpy(data.images)).numpy()
-    np.testing.assert_allclose(ours, logits, atol=0.05 * np.abs(logits).max())
-    for case, cls in (("eva02", "EvaAttention"), ("beit", "Attention")):
-        src = torch_source(family_model(case), PRE, name=case)
-        with pytest.raises(ValueError, match=rf"blocks\.0\.attn is {cls}.*attention 32"):
-            with QuantModel(src.model).emulate({}, attn_bits=8):
-                pass
+    with torch.no_grad(), QuantModel(src.model).emulate(layers, attn_bits=32):
+        fp_attention = src.model(torch.from_numpy(data.images)).numpy()
+    scale = np.abs(logits).max()
+    np.testing.assert_allclose(ours, logits, atol=0.02 * scale)
+    # closer to the runtime than the same model with fp32 attention is
+    assert np.abs(ours - logits).max() < np.abs(fp_attention - logits).max()
 
 
 @pytest.mark.parametrize("case", ["eva02", "rope_mixed", "beit", "parallel"])

@@ -12,11 +12,13 @@ With ``attn_bits=8`` every block's attention core also computes what the executo
 attention computes (docs/model_format.md "attention"): per image and head, q and k quantised
 per token (1/sqrt(dh) folded into q's scale), the scores as exact integer products times the
 int8 GEMM's epilogue, ``softmax_q8``'s int8 probabilities (the kernels' exp2 polynomial,
-evaluated like ``pyruntime._numpy_ref``), v quantised per channel, and attn.v likewise. The
-timm ``Attention`` modules get an instance ``forward`` that follows timm's own (q/k norms,
-attention dropout, output norm, gate, projection and its dropout, so the linear layers' hooks
-still fire) with only the attention core replaced; it is removed on exit. Integer products
-are taken in float64, so they are exact whatever the head width.
+evaluated like ``pyruntime._numpy_ref``), v quantised per channel, and attn.v likewise; a
+relative position bias (BEiT) is added to the dequantised scores, RoPE (Eva) is applied
+before q and k are quantised, as the executor does. Every block's attention runs timm's own
+forward on its fused path (``fused_attn``), and the ``F.scaled_dot_product_attention`` it
+calls is the int8 core for the duration (:func:`_int8_attention`), so q/k norms, RoPE,
+gates, projections and the linear layers' hooks stay timm's. Integer products are taken in
+float64, so they are exact whatever the head width.
 
 ``taps``: callables ``tap(name, x)`` that see each quantised layer's *input before it is
 quantised*; this is how the methods collect activations with other layers' bits in place.
@@ -24,7 +26,7 @@ Torch is imported by the caller; this module imports it lazily too.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -143,10 +145,11 @@ def softmax_q8(s):
     return q, 1.0 / q.sum(-1, keepdim=True).float()
 
 
-def attention_q8(q, k, v, attn_drop=None):
+def attention_q8(q, k, v, bias=None):
     """The executor's int8 attention on [B, H, T, dh] q, k, v (before any softmax scale):
-    [B, H, T, dh] float32. ``attn_drop`` (timm's dropout module, identity in eval mode) is
-    applied to the integer probabilities, where timm applies it to the softmax."""
+    [B, H, T, dh] float32. ``bias`` (broadcast to [B, H, T, T]: a relative position bias) is
+    added to the dequantised scores before the softmax, as the executor adds the attention
+    op's ``bias``."""
     import torch
 
     dh = q.shape[-1]
@@ -155,52 +158,77 @@ def attention_q8(q, k, v, attn_drop=None):
     ki, sk = quantize_rows_q8(k)
     a = sq * scale                                                    # [B, H, T, 1] float32
     scores = (qi @ ki.transpose(-2, -1)).float() * (a * sk.transpose(-2, -1))
+    if bias is not None:
+        scores = scores + bias.float()
     p, sp = softmax_q8(scores)
-    if attn_drop is not None:
-        p = attn_drop(p)
     vi, sv = quantize_rows_q8(v.transpose(-2, -1))                    # per channel: rows of v^T
     return (p @ vi.transpose(-2, -1)).float() * (sp * sv.transpose(-2, -1))
 
 
-def _int8_attention_forward(attn):
-    """An instance ``forward`` for a timm ``Attention``: timm's own forward (installed
-    version) with the fused or manual softmax core replaced by :func:`attention_q8`."""
-
-    def forward(x, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError("int8 attention emulation has no attention mask or causal attention "
-                             "(the runtime's ViTs attend over every token)")
-        B, N, _ = x.shape
-        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        o = attention_q8(q, k, v, attn.attn_drop).to(x.dtype)
-        o = attn.norm(o.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim))
-        if gate is not None:
-            o = o * gate
-        return attn.proj_drop(attn.proj(o))
-
-    return forward
-
-
 def _attention_modules(model):
-    """Every block's attention (one per block, one per branch of a parallel block), each a
-    timm ``Attention``; ValueError naming a block whose attention is another class (Eva's
-    RoPE attention, BEiT's with relative position bias): its forward is not the one
-    :func:`_int8_attention_forward` reproduces, so int8 attention is not emulated for it."""
-    from timm.layers import Attention
-
+    """Every block's attention module (one per block, one per branch of a parallel block):
+    what a block calls ``attn``. Each must compute its core through
+    ``F.scaled_dot_product_attention`` when ``fused_attn`` is set, as timm's ``Attention``,
+    Eva's (RoPE) and BEiT's (relative position bias, the SDPA mask) do."""
     mods = []
     for i, blk in enumerate(model.blocks):
         found = [(n, m) for n, m in blk.named_modules() if n.rsplit(".", 1)[-1] == "attn"]
-        other = [(n, m) for n, m in found if type(m) is not Attention]
-        if not found or other:
-            what = f"blocks.{i}.{other[0][0]} is {type(other[0][1]).__name__}" if other else f"blocks.{i} has none"
-            raise ValueError(f"int8 attention emulation supports timm's Attention only ({what}); calibrate this "
-                             f"model with fp32 attention (attention 32)")
+        bad = [(n, m) for n, m in found if not hasattr(m, "fused_attn")]
+        if not found or bad:
+            what = f"blocks.{i}.{bad[0][0]} is {type(bad[0][1]).__name__}" if bad else f"blocks.{i} has none"
+            raise ValueError(f"int8 attention emulation needs timm attention modules with a fused (SDPA) path ({what}); "
+                             f"calibrate this model with fp32 attention (attention 32)")
         mods += [m for _, m in found]
     return mods
+
+
+@contextmanager
+def _int8_attention(model):
+    """Inside, every block's attention core computes :func:`attention_q8`: each block
+    attention runs timm's own forward on its fused path (q/k norms, RoPE, gates, projections
+    and their hooks as timm has them), and ``F.scaled_dot_product_attention``, called from
+    within one of them, is the int8 core with the SDPA mask (BEiT's relative position bias)
+    as its score bias. Any other SDPA call (an attention-pooling head: fp32 in the runtime
+    too) goes to torch's own."""
+    import torch
+    import torch.nn.functional as F
+
+    mods = _attention_modules(model)
+    original, inside = F.scaled_dot_product_attention, [0]
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if not inside[0]:
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        if is_causal or dropout_p or kw.get("enable_gqa") or (attn_mask is not None and attn_mask.dtype == torch.bool):
+            raise ValueError("int8 attention emulation has no causal, boolean-masked, grouped-query or dropout "
+                             "attention (the runtime's ViTs attend over every token)")
+        if scale is not None and float(scale) != q.shape[-1] ** -0.5:
+            raise ValueError(f"int8 attention emulation needs the softmax scale head_dim ** -0.5, got {scale}")
+        return attention_q8(q, k, v, attn_mask).to(q.dtype)
+
+    def enter(module, args):
+        inside[0] += 1
+
+    def leave(module, args, out):
+        inside[0] -= 1
+
+    saved = [(m, m.fused_attn) for m in mods]
+    handles = []
+    try:
+        if getattr(original, "_pyruntime_int8", False):
+            raise ValueError("int8 attention emulation is already active (nested emulation?)")
+        for m in mods:
+            m.fused_attn = True
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        sdpa._pyruntime_int8 = True
+        F.scaled_dot_product_attention = sdpa
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+        for h in handles:
+            h.remove()
+        for m, fused in saved:
+            m.fused_attn = fused
 
 
 class QuantModel:
@@ -237,37 +265,32 @@ class QuantModel:
         ``attn_bits`` (32: the model's own fp32 attention; 8: int8, see the module docstring)."""
         check_attn_bits(attn_bits)
         state = {"r": None}
-        handles, saved, patched = [], [], []
-        try:
+        handles, saved = [], []
+        with ExitStack() as stack:
             if attn_bits == 8:
-                for attn in _attention_modules(self.model):
-                    if "forward" in vars(attn):
-                        raise ValueError("the model's attention forward is already replaced (nested int8 emulation?)")
-                    attn.forward = _int8_attention_forward(attn)
-                    patched.append(attn)
-            if predictor is not None:
-                blk = self.model.blocks[predictor.block]
-                handles.append(blk.register_forward_hook(self._stat_hook(state, predictor.chunk)))
-            for name, lp in layers.items():
-                if name.startswith("exits."):
-                    continue
-                mod = layer_module(self.model, name)
-                if lp.w_bits != 32:
-                    q = self.weight(name, lp.w_bits, lp.block_size)
-                    saved.append((name, mod, mod.weight.data))
-                    self._original[name] = mod.weight.data
-                    mod.weight.data = q
-                coeffs = predictor.coeffs.get(name) if predictor is not None else None
-                handles.append(mod.register_forward_pre_hook(self._input_hook(name, lp, coeffs, state, taps)))
-            yield state
-        finally:
-            for attn in patched:
-                del attn.forward  # back to the class's forward
-            for h in handles:
-                h.remove()
-            for name, mod, w in saved:
-                mod.weight.data = w
-                self._original.pop(name, None)
+                stack.enter_context(_int8_attention(self.model))
+            try:
+                if predictor is not None:
+                    blk = self.model.blocks[predictor.block]
+                    handles.append(blk.register_forward_hook(self._stat_hook(state, predictor.chunk)))
+                for name, lp in layers.items():
+                    if name.startswith("exits."):
+                        continue
+                    mod = layer_module(self.model, name)
+                    if lp.w_bits != 32:
+                        q = self.weight(name, lp.w_bits, lp.block_size)
+                        saved.append((name, mod, mod.weight.data))
+                        self._original[name] = mod.weight.data
+                        mod.weight.data = q
+                    coeffs = predictor.coeffs.get(name) if predictor is not None else None
+                    handles.append(mod.register_forward_pre_hook(self._input_hook(name, lp, coeffs, state, taps)))
+                yield state
+            finally:
+                for h in handles:
+                    h.remove()
+                for name, mod, w in saved:
+                    mod.weight.data = w
+                    self._original.pop(name, None)
 
     @staticmethod
     def _stat_hook(state, chunk: int):
