@@ -771,14 +771,8 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
         ops.append(_norm(f"{p}.attn.norm", h, eps, i))
         h = f"{p}.attn.norm"
     ops.append(_lin(f"{p}.attn.proj", h, D, D, None, i))
-    h = f"{p}.attn.proj"
-    if blk.post_norm:
-        ops.append(_norm(f"{p}.norm1", h, eps, i))
-        h = f"{p}.norm1"
-    if blk.gamma_1:
-        ops.append(_op("layer_scale", f"{p}.gamma_1", [h], weights={"gamma": f"{p}.gamma_1"}, block=i))
-        h = f"{p}.gamma_1"
-    ops.append(_op("add", f"{p}.residual1", [x, h], block=i))
+    ops += _eva_branch_end(i, f"{p}.attn.proj", x, blk.post_norm and "norm1", blk.gamma_1 and "gamma_1", "residual1",
+                           eps)
     if not blk.post_norm:
         ops.append(_norm(f"{p}.norm2", f"{p}.residual1", eps, i))
     ops += [_lin(f"{p}.mlp.fc1", f"{p}.residual1" if blk.post_norm else f"{p}.norm2", D,
@@ -789,15 +783,25 @@ def _eva_block_ops(i: int, x: str, a: Mapping, blk: _EvaBlock, rope: Optional[st
         ops.append(_norm(f"{p}.mlp.norm", h, eps, i))
         h = f"{p}.mlp.norm"
     ops.append(_lin(f"{p}.mlp.fc2", h, F, D, None, i))
-    h = f"{p}.mlp.fc2"
-    if blk.post_norm:
-        ops.append(_norm(f"{p}.norm2", h, eps, i))
-        h = f"{p}.norm2"
-    if blk.gamma_2:
-        ops.append(_op("layer_scale", f"{p}.gamma_2", [h], weights={"gamma": f"{p}.gamma_2"}, block=i))
-        h = f"{p}.gamma_2"
-    ops.append(_op("add", f"{p}.residual2", [f"{p}.residual1", h], block=i))
+    ops += _eva_branch_end(i, f"{p}.mlp.fc2", f"{p}.residual1", blk.post_norm and "norm2", blk.gamma_2 and "gamma_2",
+                           "residual2", eps)
     return ops
+
+
+def _eva_branch_end(i: int, h: str, x: str, post_norm: Optional[str], gamma: Optional[str], residual: str,
+                    eps: float) -> List[dict]:
+    """The end of an Eva block's branch whose output is ``h``: a post-norm block's norm
+    (``post_norm``: its name), the layer scale (``gamma``: its name), then the residual add
+    onto the stream ``x``, named ``blocks.<i>.<residual>``."""
+    p = f"blocks.{i}"
+    ops = []
+    if post_norm:
+        ops.append(opgraph._norm(f"{p}.{post_norm}", h, eps, i))
+        h = f"{p}.{post_norm}"
+    if gamma:
+        ops.append(opgraph._op("layer_scale", f"{p}.{gamma}", [h], weights={"gamma": f"{p}.{gamma}"}, block=i))
+        h = f"{p}.{gamma}"
+    return ops + [opgraph._op("add", f"{p}.{residual}", [x, h], block=i)]
 
 
 def _eva_program(model: Any, graph: Mapping) -> List[dict]:
