@@ -111,6 +111,22 @@ def test_int8_attention_emulation_follows_the_runtime(case, tmp_path):
     assert np.abs(ours - logits).max() < np.abs(fp_attention - logits).max()
 
 
+def test_int8_attention_emulation_refuses_an_attention_that_bypasses_sdpa(monkeypatch):
+    """A forward that ignores ``fused_attn`` would silently stay fp32: it is refused instead."""
+    src = torch_source(family_model("beit"), PRE, name="beit")
+    cls = type(src.model.blocks[0].attn)
+    timm_forward = cls.forward
+
+    def manual_forward(self, x, shared_rel_pos_bias=None):
+        self.fused_attn = False
+        return timm_forward(self, x, shared_rel_pos_bias)
+
+    monkeypatch.setattr(cls, "forward", manual_forward)
+    with pytest.raises(ValueError, match="without F.scaled_dot_product_attention.*attention 32"):
+        with torch.no_grad(), QuantModel(src.model).emulate({}, attn_bits=8):
+            src.model(torch.from_numpy(teacher_data(src.model, 2).images))
+
+
 @pytest.mark.parametrize("case", ["eva02", "rope_mixed", "beit", "parallel"])
 def test_exit_heads_fit_through_timms_forward_are_what_the_runtime_evaluates(case, tmp_path):
     model = family_model(case)

@@ -189,28 +189,34 @@ def _int8_attention(model):
     and their hooks as timm has them), and ``F.scaled_dot_product_attention``, called from
     within one of them, is the int8 core with the SDPA mask (BEiT's relative position bias)
     as its score bias. Any other SDPA call (an attention-pooling head: fp32 in the runtime
-    too) goes to torch's own."""
+    too) goes to torch's own. An attention module that returns without calling SDPA (a
+    forward that ignores ``fused_attn``) is a ValueError, never silently fp32. The patch is
+    process-wide for the duration: one emulation at a time."""
     import torch
     import torch.nn.functional as F
 
     mods = _attention_modules(model)
-    original, inside = F.scaled_dot_product_attention, [0]
+    original = F.scaled_dot_product_attention
+    calls: list = []  # per attention forward in progress: its int8 SDPA calls so far
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if not inside[0]:
+        if not calls:
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         if is_causal or dropout_p or kw.get("enable_gqa") or (attn_mask is not None and attn_mask.dtype == torch.bool):
             raise ValueError("int8 attention emulation has no causal, boolean-masked, grouped-query or dropout "
                              "attention (the runtime's ViTs attend over every token)")
         if scale is not None and float(scale) != q.shape[-1] ** -0.5:
             raise ValueError(f"int8 attention emulation needs the softmax scale head_dim ** -0.5, got {scale}")
+        calls[-1] += 1
         return attention_q8(q, k, v, attn_mask).to(q.dtype)
 
     def enter(module, args):
-        inside[0] += 1
+        calls.append(0)
 
     def leave(module, args, out):
-        inside[0] -= 1
+        if calls.pop() == 0:
+            raise ValueError(f"{type(module).__name__} computed its attention without F.scaled_dot_product_attention: "
+                             f"int8 attention cannot be emulated for it; calibrate with fp32 attention (attention 32)")
 
     saved = [(m, m.fused_attn) for m in mods]
     handles = []
