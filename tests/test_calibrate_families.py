@@ -121,10 +121,11 @@ def test_int8_attention_emulation_refuses_an_attention_that_bypasses_sdpa(monkey
         self.fused_attn = False
         return timm_forward(self, x, shared_rel_pos_bias)
 
+    x = torch.from_numpy(teacher_data(src.model, 2).images)
     monkeypatch.setattr(cls, "forward", manual_forward)
     with pytest.raises(ValueError, match="without F.scaled_dot_product_attention.*attention 32"):
         with torch.no_grad(), QuantModel(src.model).emulate({}, attn_bits=8):
-            src.model(torch.from_numpy(teacher_data(src.model, 2).images))
+            src.model(x)
 
 
 @pytest.mark.parametrize("case", ["eva02", "rope_mixed", "beit", "parallel"])
