@@ -24,6 +24,8 @@ from pyruntime.errors import FormatError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
+from _helpers import assert_matches_timm, assert_near_oracle, images, perturbed, rel_err, timm_outputs  # noqa: E402
+
 pytestmark = pytest.mark.torch
 torch.set_num_threads(1)
 
@@ -63,35 +65,11 @@ CASES = {
 }
 
 
-def perturbed(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def build(case: str):
     """The case's model, the same on every run: timm initialises from torch's global generator."""
     name, kwargs = CASES[case]
     torch.manual_seed(0)
     return perturbed(timm.create_model(name, pretrained=False, **kwargs))
-
-
-def images(model, n: int = 2, seed: int = 1) -> torch.Tensor:
-    H, W = model.patch_embed.img_size
-    return torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
-
-
-def timm_outputs(model, x):
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        return {"logits": model(x).numpy(), "features": model.forward_head(tokens, pre_logits=True).numpy(),
-                "tokens": tokens.numpy()}
-
-
-def rel_err(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +89,7 @@ def files(tmp_path_factory):
 def test_fp32_matches_timm(case, files):
     model, path = files[case]
     x = images(model)
-    r = pyruntime.load(path).run(x.numpy(), tokens=True)
-    want = timm_outputs(model, x)
-    for key in ("logits", "features", "tokens"):
-        got = getattr(r, key)
-        assert got.shape == want[key].shape, key
-        assert rel_err(got, want[key]) <= 1e-5, (key, rel_err(got, want[key]))
+    assert_matches_timm(pyruntime.load(path).run(x.numpy(), tokens=True), model, x)
 
 
 @pytest.mark.parametrize("case", ["eva02_tiny", "eva02_small_ln_ls_half", "vit_rope_mixed"])
@@ -242,9 +215,7 @@ def test_quantised_matches_the_oracle(case, policy, files, tmp_path):
     x = images(model, 3).numpy()
     r = pyruntime.load(path).run(x, tokens=True)
     want = _numpy_ref.forward(graph, tensors, x, outputs=True)
-    for key in ("logits", "features", "tokens"):
-        ref = want[key]
-        assert np.abs(getattr(r, key) - ref).max() <= 5e-3 * max(1.0, np.abs(ref).max()), key
+    assert_near_oracle(r, want)
     np.testing.assert_array_equal(r.bops, want["bops"])
     # still the timm model, with quantisation error (tolerances as tests/test_families.py's)
     assert rel_err(r.logits, timm_outputs(model, torch.from_numpy(x))["logits"]) < (0.25 if policy == "w4a8" else 0.05)
@@ -296,8 +267,7 @@ def test_exit_heads_convert_and_run(case, files, tmp_path):
     np.testing.assert_array_equal(r.exit_block, want["exit_block"])
     assert 0 < (r.exit_block == 0).sum() < len(x)  # the threshold splits this batch: both paths ran
     np.testing.assert_array_equal(r.bops, want["bops"])
-    for key in ("logits", "features", "tokens"):
-        assert np.abs(getattr(r, key) - want[key]).max() <= 5e-3 * max(1.0, np.abs(want[key]).max()), key
+    assert_near_oracle(r, want)
 
 
 def test_profiling_model_keeps_the_eva_program(files):

@@ -21,6 +21,8 @@ from pyruntime.errors import FormatError, PolicyError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy  # noqa: E402
 
+from _helpers import assert_matches_timm, assert_near_oracle, images, perturbed, rel_err, timm_outputs  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 TINY = dict(depth=2, embed_dim=48, num_heads=3)
@@ -53,33 +55,9 @@ SUPPORTED = {
 }
 
 
-def perturbed(model, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def build(case: str):
     name, kwargs = SUPPORTED[case]
     return perturbed(timm.create_model(name, pretrained=False, **kwargs))
-
-
-def images(model, n: int = 2, seed: int = 1) -> torch.Tensor:
-    H, W = model.patch_embed.img_size
-    return torch.randn(n, model.patch_embed.proj.in_channels, H, W, generator=torch.Generator().manual_seed(seed))
-
-
-def timm_outputs(model, x):
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        return {"logits": model(x).numpy(), "features": model.forward_head(tokens, pre_logits=True).numpy(),
-                "tokens": tokens.numpy()}
-
-
-def rel_err(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("case", sorted(SUPPORTED))
@@ -87,12 +65,7 @@ def test_fp32_matches_timm(case, tmp_path):
     model = build(case)
     path = convert(model, tmp_path / "m.pyrt")
     x = images(model)
-    r = pyruntime.load(path).run(x.numpy(), tokens=True)
-    want = timm_outputs(model, x)
-    for key in ("logits", "features", "tokens"):
-        got = getattr(r, key)
-        assert got.shape == want[key].shape, key
-        assert rel_err(got, want[key]) <= 1e-5, (key, rel_err(got, want[key]))
+    assert_matches_timm(pyruntime.load(path).run(x.numpy(), tokens=True), model, x)
 
 
 @pytest.mark.parametrize("case", ["clip_quickgelu", "dinov2_features", "relpos_cls", "beit_avg", "beit_token_shared_abs",
@@ -104,10 +77,7 @@ def test_quantised_matches_the_oracle(case, policy, tmp_path):
     graph, tensors, _, _ = read_model(path)
     x = images(model, 3).numpy()
     r = pyruntime.load(path).run(x, tokens=True)
-    want = _numpy_ref.forward(graph, tensors, x, outputs=True)
-    for key in ("logits", "features", "tokens"):
-        ref = want[key]
-        assert np.abs(getattr(r, key) - ref).max() <= 5e-3 * max(1.0, np.abs(ref).max()), key
+    assert_near_oracle(r, _numpy_ref.forward(graph, tensors, x, outputs=True))
     # and still close to timm (quantisation error, not a different model; tolerances as tests/test_convert.py's)
     assert rel_err(r.logits, timm_outputs(model, torch.from_numpy(x))["logits"]) < (0.25 if policy == "w4a8" else 0.05)
 
@@ -261,7 +231,7 @@ def test_parallel_blocks_sum_their_branches_under_timm_names(tmp_path):
     want = _numpy_ref.forward(graph, tensors, x, outputs=True)
     np.testing.assert_array_equal(r.exit_block, want["exit_block"])
     np.testing.assert_array_equal(r.bops, want["bops"])
-    assert np.abs(r.logits - want["logits"]).max() <= 5e-3 * max(1.0, np.abs(want["logits"]).max())
+    assert_near_oracle(r, want, keys=("logits",))
 
 
 # --- the op list is the program; arch only summarises it ------------------------------------------

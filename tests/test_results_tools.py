@@ -17,18 +17,9 @@ pytest.importorskip("timm")
 from pyruntime import datasets  # noqa: E402
 from pyruntime.calibrate.uniform import ends_policy  # noqa: E402
 
+from _helpers import needs_data  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _have_dataset() -> bool:
-    try:
-        datasets.fashion_mnist_dir()
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_data = pytest.mark.skipif(not _have_dataset(), reason="dataset-fashion-mnist not installed")
 
 
 def _tool():

@@ -21,41 +21,23 @@ from pyruntime.errors import FormatError, PolicyError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
 from pyruntime.policy import ExitPolicy, Policy  # noqa: E402
 
+from _helpers import assert_matches_timm, assert_near_oracle, images, perturbed, rel_err  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 SIGLIP = "vit_base_patch16_siglip_224"
 
 
 def siglip(num_classes: int = 0, seed: int = 0, **kwargs):
-    model = timm.create_model(SIGLIP, pretrained=False, depth=2, embed_dim=48, num_heads=3, img_size=32,
-                              num_classes=num_classes, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def images(n: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def rel_err(got, want) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
+    return perturbed(timm.create_model(SIGLIP, pretrained=False, depth=2, embed_dim=48, num_heads=3, img_size=32,
+                                       num_classes=num_classes, **kwargs), seed)
 
 
 @pytest.mark.parametrize("num_classes", [0, 10])
 def test_fp32_matches_timm(num_classes, tmp_path):
     model = siglip(num_classes)
-    x = images()
-    r = pyruntime.load(convert(model, tmp_path / "m.pyrt")).run(x.numpy(), tokens=True)
-    with torch.no_grad():
-        tokens = model.forward_features(x)
-        want = {"logits": model(x).numpy(), "features": model.forward_head(tokens, pre_logits=True).numpy(),
-                "tokens": tokens.numpy()}
-    for key, w in want.items():
-        assert getattr(r, key).shape == w.shape, key
-        assert rel_err(getattr(r, key), w) <= 1e-5, (key, rel_err(getattr(r, key), w))
+    x = images(model, 3)
+    assert_matches_timm(pyruntime.load(convert(model, tmp_path / "m.pyrt")).run(x.numpy(), tokens=True), model, x)
 
 
 @pytest.mark.parametrize("include_prefix", [False, True])
@@ -64,14 +46,9 @@ def test_attention_pooling_with_prefix_tokens(include_prefix, tmp_path):
     token with pool_include_prefix."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                              global_pool="map", reg_tokens=2, pool_include_prefix=include_prefix)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    model.eval()
-    x = images(2)
+    model = perturbed(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                                        global_pool="map", reg_tokens=2, pool_include_prefix=include_prefix), seed=3)
+    x = images(model)
     path = convert(model, tmp_path / "m.pyrt")
     r = pyruntime.load(path).run(x.numpy())
     with torch.no_grad():
@@ -82,13 +59,13 @@ def test_attention_pooling_with_prefix_tokens(include_prefix, tmp_path):
 
 @pytest.mark.parametrize("policy", ["w8a8", "w4a8", "w8a8-attn8"])
 def test_quantised_matches_the_oracle_bops_included(policy, tmp_path):
-    path = convert(siglip(10), tmp_path / "m.pyrt", policy=policy)
+    model = siglip(10)
+    path = convert(model, tmp_path / "m.pyrt", policy=policy)
     graph, tensors, _, _ = read_model(path)
-    x = images().numpy()
+    x = images(model, 3).numpy()
     r = pyruntime.load(path).run(x, tokens=True)
     want = _numpy_ref.forward(graph, tensors, x, outputs=True)
-    for key in ("logits", "features", "tokens"):
-        assert np.abs(getattr(r, key) - want[key]).max() <= 5e-3 * max(1.0, np.abs(want[key]).max()), key
+    assert_near_oracle(r, want)
     np.testing.assert_array_equal(r.bops, want["bops"])
     assert int(r.bops[0]) == bops.static(graph)
 

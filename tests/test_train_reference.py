@@ -7,8 +7,6 @@ package when it imports, otherwise straight from their files.
 from __future__ import annotations
 
 import gzip
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,32 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from _helpers import REPO, needs_data, pyruntime_module
 
-
-def _load(name: str):
-    try:
-        return importlib.import_module(f"pyruntime.{name}")
-    except Exception:
-        key = f"_pyruntime_{name}"
-        if key not in sys.modules:
-            spec = importlib.util.spec_from_file_location(key, REPO / "pyruntime" / f"{name}.py")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[key] = mod
-            spec.loader.exec_module(mod)
-        return sys.modules[key]
-
-
-datasets = _load("datasets")
-reference = _load("reference")
-
-
-def _have_dataset() -> bool:
-    try:
-        datasets.fashion_mnist_dir()
-        return True
-    except FileNotFoundError:
-        return False
+datasets = pyruntime_module("datasets")
+reference = pyruntime_module("reference")
 
 
 def _have_torch_timm() -> bool:
@@ -56,7 +32,6 @@ def _have_torch_timm() -> bool:
     return True
 
 
-needs_data = pytest.mark.skipif(not _have_dataset(), reason="dataset-fashion-mnist not installed")
 needs_torch = pytest.mark.skipif(not _have_torch_timm(), reason="torch/timm/safetensors not importable")
 
 
