@@ -25,6 +25,8 @@ from pyruntime.errors import PolicyError  # noqa: E402
 from pyruntime.modelfile import read_model, unpack_int4  # noqa: E402
 from pyruntime.policy import ExitPolicy, LayerPolicy, Policy, PredictorPolicy  # noqa: E402
 
+from _helpers import images, perturbed, rel_err  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
@@ -48,25 +50,6 @@ VARIANTS = {
 }
 
 
-def perturbed(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Randomise every parameter (LayerNorm weights, biases, tokens too) so no term hides."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
-
-
-def images_for(model: nn.Module, n: int = 3, seed: int = 1) -> torch.Tensor:
-    C = model.patch_embed.proj.in_channels
-    H, W = model.patch_embed.img_size
-    return torch.randn(n, C, H, W, generator=torch.Generator().manual_seed(seed))
-
-
 def timm_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return model.eval()(x).numpy()
@@ -79,7 +62,7 @@ def test_fp32_matches_timm(variant, tmp_path):
     model = perturbed(VARIANTS[variant]())
     path = convert(model, tmp_path / f"{variant}.pyrt", policy="fp32")
     graph, tensors, _, _ = read_model(path)
-    x = images_for(model)
+    x = images(model, 3)
     logits, exit_block, per = _numpy_ref.forward(graph, tensors, x.numpy())
     assert rel_err(logits, timm_logits(model, x)) <= 1e-4
     assert exit_block.tolist() == [graph["arch"]["depth"] - 1] * 3
@@ -127,7 +110,7 @@ def test_quantised_shorthands(short, bits, tol, tmp_path):
     else:
         np.testing.assert_array_equal(unpack_int4(tensors[f"{name}.weight.q4"], w.shape[1]), q_want)
         np.testing.assert_array_equal(tensors[f"{name}.weight.scale"], np.asarray(s_want).reshape(w.shape[0], -1))
-    x = images_for(model)
+    x = images(model, 3)
     logits, _, _ = _numpy_ref.forward(graph, tensors, x.numpy())
     assert rel_err(logits, timm_logits(model, x)) < tol
     unq, _, _ = _numpy_ref.forward(graph, tensors, x.numpy(), quantized=False)
@@ -142,7 +125,7 @@ def test_int4_odd_patch_dim_and_bigger_blocks(tmp_path):
     assert tensors["patch_embed.weight.q4"].shape == (48, 25)
     assert tensors["patch_embed.weight.scale"].shape == (48, 2)
     assert tensors["blocks.0.mlp.fc2.weight.scale"].shape == (48, 3)  # K = 192 in blocks of 64
-    x = images_for(model)
+    x = images(model, 3)
     assert rel_err(_numpy_ref.forward(graph, tensors, x.numpy())[0], timm_logits(model, x)) < 0.25
 
 
@@ -157,7 +140,7 @@ def test_static_and_predicted_scales(tmp_path):
     graph, tensors, _, _ = read_model(convert(model, tmp_path / "m.pyrt", policy=pol))
     assert graph["predictor"] == pol.predictor.to_dict()
     assert graph["layers"]["blocks.1.attn.qkv"]["static_scale"] == 0.05
-    x = images_for(model)
+    x = images(model, 3)
     assert rel_err(_numpy_ref.forward(graph, tensors, x.numpy())[0], timm_logits(model, x)) < 0.1
 
 
@@ -198,7 +181,7 @@ def test_exits_from_dict(tmp_path):
     pol = Policy(exits=[ExitPolicy(1, "margin", 0.0), ExitPolicy(0, "confidence", 0.0)], name="exits")
     graph, tensors, _, _ = read_model(convert(model, tmp_path / "m.pyrt", policy=pol, exits=heads))
     assert [e["block"] for e in graph["exits"]] == [0, 1]  # sorted
-    x = images_for(model)
+    x = images(model, 3)
     logits, exit_block, per = _numpy_ref.forward(graph, tensors, x.numpy())
     assert exit_block.tolist() == [0, 0, 0]
     assert rel_err(logits, torch_exit_logits(model, heads[0], 0, x)) <= 1e-4
@@ -241,7 +224,7 @@ def test_safetensors_checkpoint_with_exit_heads(tmp_path):
     assert prov["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert prov["checkpoint"] == "ref.safetensors"
     np.testing.assert_array_equal(tensors["exits.1.fc.weight"], heads[1]["fc.weight"].half().float().numpy())
-    x = images_for(fresh)
+    x = images(fresh, 3)
     logits, exit_block, _ = _numpy_ref.forward(graph, tensors, x.numpy())
     assert exit_block.tolist() == [1, 1, 1]
     head16 = {k: v.half().float() for k, v in heads[1].items()}
@@ -267,7 +250,7 @@ def test_pth_checkpoint(tmp_path, wrap):
     torch.save(wrap(src.state_dict()), ckpt)
     fresh = VARIANTS["distilled"]()
     graph, tensors, _, _ = read_model(convert(fresh, tmp_path / "m.pyrt", checkpoint=ckpt))
-    x = images_for(src)
+    x = images(src, 3)
     assert rel_err(_numpy_ref.forward(graph, tensors, x.numpy())[0], timm_logits(src, x)) <= 1e-4
 
 

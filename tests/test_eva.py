@@ -18,7 +18,6 @@ timm = pytest.importorskip("timm")
 
 import pyruntime  # noqa: E402
 from pyruntime import _numpy_ref, bops  # noqa: E402
-from pyruntime import graph as opgraph  # noqa: E402
 from pyruntime.convert import convert, describe_model  # noqa: E402
 from pyruntime.errors import FormatError  # noqa: E402
 from pyruntime.modelfile import check_graph, check_tensors, read_model  # noqa: E402
