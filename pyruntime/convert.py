@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -597,8 +597,7 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
     parallel blocks; SigLIP's attention-pooling head; Eva's own program)."""
     if _is_eva(model):
         return _eva_program(model, graph)
-    map_pool = graph["arch"]["global_pool"] == "map"  # SigLIP's MAP head replaces the lowering's pool op
-    ops = opgraph.lower({**graph, "arch": {**graph["arch"], "global_pool": "avg"}} if map_pool else graph, act)
+    ops = opgraph.lower(graph, act, _pool_ops(model, graph["arch"]))
     if not _has_abs_pos(model):
         i = next(i for i, op in enumerate(ops) if op["op"] == "pos_embed")
         pos = ops.pop(i)
@@ -610,7 +609,7 @@ def _program(model: Any, graph: Mapping, act: str) -> List[dict]:
                 op["weights"] = {"bias": f"blocks.{op['block']}.attn.rel_pos_bias"}
     if _is_parallel(model):
         ops = _parallel_program(ops, graph["arch"], act, _parallel_branches(model))
-    return _with_attn_pool(model, ops) if map_pool else ops
+    return ops
 
 
 # --- EVA, EVA-02 and the RoPE ViTs built on timm's Eva -------------------------------------------
@@ -808,13 +807,10 @@ def _eva_program(model: Any, graph: Mapping) -> List[dict]:
     """The lowering's embedding, exits and head around Eva blocks; without an absolute position
     embedding (RoPE-only models) its op is dropped; a MAP head replaces the pooling."""
     a = graph["arch"]
-    attn_pool = a["global_pool"] == "map"
-    if attn_pool:
-        graph = {**graph, "arch": {**a, "global_pool": "avg"}}
     blk = _eva_check_block(model.blocks[0], 0, a["embed_dim"], int(model.num_prefix_tokens), [])
     mixed = getattr(model, "rope_mixed", False)
     ops: List[dict] = []
-    for op in opgraph.lower(graph):
+    for op in opgraph.lower(graph, pool_ops=_pool_ops(model, a)):
         b = op["block"]
         if b is None or op["op"] == "exit":
             ops.append(op)
@@ -826,7 +822,7 @@ def _eva_program(model: Any, graph: Mapping) -> List[dict]:
         pos = ops.pop(i)
         for op in ops:
             op["in"] = [pos["in"][0] if t == pos["out"][0] else t for t in op["in"]]
-    return _with_attn_pool(model, ops) if attn_pool else ops
+    return ops
 
 
 def _eva_qkv(attn: Any, p: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -908,16 +904,23 @@ def _eva_float_tensors(model: Any, arch: Mapping) -> Dict[str, np.ndarray]:
 
 # --- SigLIP's attention-pooling (MAP) head ---------------------------------------------------------
 
-def _with_attn_pool(model: Any, ops: List[dict]) -> List[dict]:
-    """``ops`` (lowered with average pooling) with the ``pool`` op replaced by SigLIP's MAP
-    head, whose result keeps the tensor name ``pool`` (fc_norm and the head read it)."""
+def _pool_ops(model: Any, arch: Mapping) -> Optional[Callable[[str], List[dict]]]:
+    """For :func:`pyruntime.graph.lower`: SigLIP's MAP head as the ops computing ``pool`` from
+    the final tokens, for a ``map`` model; None (the lowering's own pool op) otherwise."""
+    if arch["global_pool"] != "map":
+        return None
+    return lambda x: _attn_pool_ops(model, x)
+
+
+def _attn_pool_ops(model: Any, x: str) -> List[dict]:
+    """SigLIP's MAP head on the final tokens ``x``; its result is the tensor ``pool`` (what
+    fc_norm and the head read)."""
     import torch.nn as nn
     from .graph import _lin, _norm, _op
 
     ap = model.attn_pool
     D, F, H = ap.kv.in_features, ap.mlp.fc1.out_features, ap.num_heads
-    i = next(i for i, op in enumerate(ops) if op["op"] == "pool")
-    x, act = ops[i]["in"][0], _mlp_act(ap.mlp.act, "attn_pool.mlp")
+    act = _mlp_act(ap.mlp.act, "attn_pool.mlp")
     # Eva's pool hands the MAP head every token; a VisionTransformer's only the patches unless
     # pool_include_prefix
     start = 0 if _is_eva(model) or getattr(model, "pool_include_prefix", False) else int(model.num_prefix_tokens)
@@ -932,7 +935,7 @@ def _with_attn_pool(model: Any, ops: List[dict]) -> List[dict]:
     head += [_lin("attn_pool.mlp.fc1", h, D, F, None), _op(act, f"attn_pool.mlp.{act}", ["attn_pool.mlp.fc1"]),
              _lin("attn_pool.mlp.fc2", f"attn_pool.mlp.{act}", F, D, None),
              _op("add", "attn_pool.residual", ["attn_pool.proj", "attn_pool.mlp.fc2"], outs=["pool"])]
-    return ops[:i] + head + ops[i + 1:]
+    return head
 
 
 def _attn_pool_tensors(model: Any) -> Dict[str, np.ndarray]:

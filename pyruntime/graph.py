@@ -644,16 +644,20 @@ def check_lowerable(arch: Mapping) -> None:
                           "carry its program (graph.ops)")
 
 
-def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
+def lower(graph: Mapping, act: str = "gelu",
+          pool_ops: Optional[Callable[[str], List[dict]]] = None) -> List[dict]:
     """The program of a timm VisionTransformer described by ``graph.arch`` with exit heads
     after ``graph.exits``' blocks and ``act`` (one of :data:`MLP_ACTS`) in its MLPs: the one
     mapping from those hyper-parameters to ops. A format-2/3 graph is a plain ViT (exact
     GELU); the converter picks ``act`` per family (CLIP's QuickGELU). ``num_classes`` 0 is a
-    feature extractor (timm's ``num_classes=0``): no head, its logits are its features."""
+    feature extractor (timm's ``num_classes=0``): no head, its logits are its features.
+    ``pool_ops(x)``: the ops that compute tensor ``pool`` from the final tokens ``x``, for a
+    pooling arch does not describe (``map``: the converter's attention-pooling head)."""
     if act not in MLP_ACTS:
         raise ValueError(f"MLP activation {act!r} is not one of {list(MLP_ACTS)}")
     a = graph["arch"]
-    check_lowerable(a)
+    if pool_ops is None:
+        check_lowerable(a)
     D, eps, n = a["embed_dim"], a["eps"], a["num_classes"]
     prefix = int(a["cls_token"]) + int(a["dist_token"]) + a["reg_tokens"]
     exits = {int(e["block"]) for e in graph.get("exits", [])}
@@ -670,6 +674,8 @@ def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
     if a["norm_pre"]:
         ops.append(_norm("norm_pre", ops[-1]["out"][0], eps))
     pool = {"mode": a["global_pool"], "start": 0 if a["global_pool"] == "token" else prefix}
+    if exits and a["global_pool"] not in ("token", "avg"):
+        raise ValueError(f"exit heads pool as the model does, 'token' or 'avg'; this model pools {a['global_pool']!r}")
     x = ops[-1]["out"][0]
     for i in range(a["depth"]):
         ops += _block(i, x, a, act)
@@ -682,7 +688,7 @@ def lower(graph: Mapping, act: str = "gelu") -> List[dict]:
         ops.append(_norm("norm", x, eps))
         x = "norm"
     tokens_out = x
-    ops.append(_op("pool", "pool", [x], pool))
+    ops += [_op("pool", "pool", [x], pool)] if pool_ops is None else pool_ops(x)
     features = "pool"
     if a["fc_norm"]:
         ops.append(_norm("fc_norm", "pool", eps))

@@ -120,6 +120,14 @@ def test_map_has_no_lowering_from_arch(tmp_path):
     del graph["ops"]
     with pytest.raises(FormatError, match=r"global_pool 'map' \(attention pooling\) has no lowering from arch"):
         check_graph(graph)
+    # the converter hands the lowering its head as pool ops; exits cannot pool that way
+    from pyruntime.graph import lower
+
+    head = [op for op in read_model(tmp_path / "m.pyrt")[0]["ops"] if op["name"].startswith("attn_pool.")]
+    ops = lower(graph, pool_ops=lambda x: head)
+    assert [op["name"] for op in ops if op["name"].startswith("attn_pool.")] == [op["name"] for op in head]
+    with pytest.raises(ValueError, match="exit heads pool as the model does, 'token' or 'avg'; this model pools 'map'"):
+        lower({**graph, "exits": [{"block": 0}]}, pool_ops=lambda x: head)
 
 
 def test_malformed_attention_pool_ops_are_refused(tmp_path):
