@@ -90,11 +90,12 @@ def test_non_finite_images_give_nan_features_and_tokens(tmp_path):
                                      "gray_nonsquare"])
 def test_features_and_tokens_match_timm(variant, tmp_path):
     torch = pytest.importorskip("torch")
-    from test_convert import VARIANTS, images_for, perturbed
+    from _helpers import images, perturbed
+    from test_convert import VARIANTS
 
     model = perturbed(VARIANTS[variant]())
     path = pyruntime.convert(model, tmp_path / "m.pyrt", policy="fp32")
-    x = images_for(model)
+    x = images(model, 3)
     r = pyruntime.load(path).run(x.numpy(), tokens=True)
     with torch.no_grad():
         tokens = model.forward_features(x)
