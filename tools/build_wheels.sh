@@ -13,13 +13,17 @@
 #
 # Which wheel is built and checked how:
 #   x86_64 cp39-cp313: built by pyenv's CPython of that version, run natively (+ qemu CPUs)
-#   aarch64 cp39, cp311, cp313: built by Debian's arm64 CPython of that version (bullseye,
-#     bookworm, trixie packages; tools/_arm64_sysroot.sh) under qemu-aarch64, run under qemu
-#   aarch64 cp310, cp312: no Debian release ships them and nothing else reachable here has an
-#     arm64 build, so they are cross-built by pyenv's x86_64 CPython of that version with an
-#     aarch64 pyconfig.h; audited, their C-API imports checked against that version's
-#     libpython, NOT run. The method is checked by cross-building cp311 the same way (not
-#     shipped) and running that under qemu like the others.
+#   aarch64 cp39, cp310, cp311, cp313: built by an arm64 CPython of that version under
+#     qemu-aarch64, run under qemu. 3.9, 3.11, 3.13: Debian's (bullseye, bookworm, trixie
+#     packages); 3.10: no Debian release ships it, so it is cross-compiled here from CPython
+#     3.10.5's source (PyPI sdist python-sources) against bookworm's arm64 libraries
+#     (tools/_arm64_sysroot.sh; ~21 min from cold on this 2-CPU machine shared with other
+#     jobs, ~1 min from build-wheels/ccache; then kept until its source or recipe changes)
+#   aarch64 cp312: no Debian release ships it and nothing reachable here has an arm64 build or
+#     the source of 3.12, so it is cross-built by pyenv's x86_64 CPython 3.12 with an aarch64
+#     pyconfig.h; audited, its C-API imports checked against 3.12's libpython, NOT run. The
+#     method is checked by cross-building cp311 the same way (not shipped) and running that
+#     under qemu like the others.
 #
 # Checks, per wheel:
 #   auditwheel show: the policy is manylinux_2_17 (nothing above glibc 2.17, no external C++ lib)
@@ -41,8 +45,8 @@
 # Knobs (environment):
 #   WHEEL_PYTHONS="3.11 3.12"  x86_64 CPython versions (default: every 3.9-3.13 pyenv has)
 #   WHEEL_ARCHES="x86_64"      architectures (default: "x86_64 aarch64")
-#   WHEEL_ARM_PYTHONS="3.11"   aarch64, built and run under qemu (default: "3.9 3.11 3.13")
-#   WHEEL_ARM_CROSS_PYTHONS="" aarch64, cross-built, not run (default: "3.10 3.12")
+#   WHEEL_ARM_PYTHONS="3.11"   aarch64, built and run under qemu (default: "3.9 3.10 3.11 3.13")
+#   WHEEL_ARM_CROSS_PYTHONS="" aarch64, cross-built, not run (default: "3.12")
 #   WHEEL_ARM_CROSS_CHECK=""   the cross-built version run as the method check (default: 3.11)
 #   WHEEL_JOBS=N               build jobs (default: nproc)
 #
@@ -70,6 +74,8 @@ section "tools: qemu-user-static, ccache (apt); zig, auditwheel, scikit-build-co
 missing=()
 command -v qemu-x86_64-static >/dev/null || missing+=(qemu-user-static)
 command -v ccache >/dev/null || missing+=(ccache)
+# The C cross compiler for the arm64 CPythons built from source (tools/_arm64_sysroot.sh).
+[[ " $ARCHES " != *" aarch64 "* ]] || command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
 apt_install_missing "${missing[@]}"
 # One tool environment for the host side: the zig compiler, auditwheel, the sdist backend,
 # and numpy + safetensors for the source build's reference outputs.
@@ -295,24 +301,24 @@ if [[ " $ARCHES " == *" x86_64 "* ]]; then
 fi
 
 # --------------------------------------------------------------------------------------------
-# aarch64: one wheel per arm64 CPython that Debian ships (3.9 bullseye, 3.11 bookworm, 3.13
-# trixie; tools/_arm64_sysroot.sh), each built by that interpreter itself under qemu (so
-# scikit-build-core sees the real interpreter, its tag and extension suffix, and the headers
-# are the target's own); CMake, zig and ninja run natively (qemu-user hands exec of an x86
-# program to the host kernel). The sysroot's sitecustomize shim makes sys.executable the qemu
-# wrapper, so that CMake can run the interpreter too.
+# aarch64: one wheel per arm64 CPython to be had (Debian's 3.9 bullseye, 3.11 bookworm, 3.13
+# trixie; 3.10 cross-compiled from source; tools/_arm64_sysroot.sh), each built by that
+# interpreter itself under qemu (so scikit-build-core sees the real interpreter, its tag and
+# extension suffix, and the headers are the target's own); CMake, zig and ninja run natively
+# (qemu-user hands exec of an x86 program to the host kernel). The sysroot's sitecustomize shim
+# makes sys.executable the qemu wrapper, so that CMake can run the interpreter too.
 ARM_WHEELS=()
-arm_pythons() {  # the arm64 CPython versions asked for that Debian has
+arm_pythons() {  # the arm64 CPython versions asked for that can be had
   local v
-  for v in ${WHEEL_ARM_PYTHONS:-3.9 3.11 3.13}; do
-    arm64_suite_of "$v" >/dev/null || die "no arm64 CPython $v to build or test with (Debian ships 3.9, 3.11, 3.13)"
+  for v in ${WHEEL_ARM_PYTHONS:-3.9 3.10 3.11 3.13}; do
+    arm64_suite_of "$v" >/dev/null || die "no arm64 CPython $v to build or test with (3.9, 3.10, 3.11, 3.13)"
     echo "$v"
   done
 }
 if [[ " $ARCHES " == *" aarch64 "* ]]; then
-  section "arm64 CPython sysroots (Debian packages, private apt dir)"
+  section "arm64 CPython sysroots (Debian packages, private apt dir; 3.10 built from source)"
   for v in $(arm_pythons); do arm64_sysroot "$W/arm64-py/$v" "$v"; done
-  phase_done "aarch64: sysroots (apt, dpkg -x)"
+  phase_done "aarch64: sysroots (apt, dpkg -x; 3.10 built)"
   # PEP 517 by hand: -C options become the config_settings dict.
   BUILD_PY='import sys
 from scikit_build_core.build import build_wheel
@@ -336,11 +342,12 @@ print(build_wheel(sys.argv[1], cfg))'
         >"$W/pip-build-$tag-aarch64.log" 2>&1 || { cat "$W/pip-build-$tag-aarch64.log"; die "build backend for arm64 CPython $v"; }
       touch "$ABS/.ok"
     fi
-    # Debian's Python.h includes <aarch64-linux-gnu/pythonV/pyconfig.h>: expose only that
-    # multiarch directory of the sysroot (zig brings its own glibc 2.17 headers), and 3.9's
-    # includes <crypt.h>, which zig's glibc headers lack: the sysroot's. One directory for
-    # every version, pointed at this one's sysroot: the flag is on every object's command
-    # line, and the same flag lets ccache serve all objects but the bindings' across versions.
+    # Debian's Python.h includes <aarch64-linux-gnu/pythonV/pyconfig.h> (a CPython built from
+    # source has pyconfig.h beside Python.h): expose only that multiarch directory of the
+    # sysroot (zig brings its own glibc 2.17 headers), and 3.9's includes <crypt.h>, which zig's
+    # glibc headers lack: the sysroot's. One directory for every version, pointed at this one's
+    # sysroot: the flag is on every object's command line, and the same flag lets ccache serve
+    # all objects but the bindings' across versions.
     mkdir -p "$W/arm-pyinc"
     ln -sfn "$SYSROOT/usr/include/aarch64-linux-gnu" "$W/arm-pyinc/aarch64-linux-gnu"
     ln -sfn "$SYSROOT/usr/include/crypt.h" "$W/arm-pyinc/crypt.h"
@@ -362,10 +369,10 @@ print(build_wheel(sys.argv[1], cfg))'
 fi
 
 # --------------------------------------------------------------------------------------------
-# aarch64 for the CPython versions no Debian release ships (3.10, 3.12): no arm64 interpreter
-# of theirs can be had here, so each is cross-built by that version's x86_64 CPython (pyenv)
-# and cannot be run here. The headers are that CPython's own but for pyconfig.h, made for
-# aarch64 by arm64_pyconfig; scikit-build-core takes the platform tag from
+# aarch64 for the CPython version of which no arm64 interpreter can be had here (3.12: no Debian
+# release ships it, and no source of 3.12 is reachable to build one from): cross-built by that
+# version's x86_64 CPython (pyenv), and not run here. The headers are that CPython's own but for
+# pyconfig.h, made for aarch64 by arm64_pyconfig; scikit-build-core takes the platform tag from
 # _PYTHON_HOST_PLATFORM and the extension suffix from SETUPTOOLS_EXT_SUFFIX, and pybind11 the
 # suffix from PYTHON_MODULE_EXTENSION. The method is checked where it can be: the same cross
 # build for 3.11 (WHEEL_ARM_CROSS_CHECK, not shipped) runs under qemu with Debian's 3.11 below.
@@ -383,7 +390,7 @@ arm64_pyconfig() {
 CROSS_WHEELS=()
 CROSS_CHECK=()
 if [[ " $ARCHES " == *" aarch64 "* ]]; then
-  for v in ${WHEEL_ARM_CROSS_PYTHONS-3.10 3.12} ${WHEEL_ARM_CROSS_CHECK-3.11}; do
+  for v in ${WHEEL_ARM_CROSS_PYTHONS-3.12} ${WHEEL_ARM_CROSS_CHECK-3.11}; do
     tag=cp${v/./}
     pyroot=$(pyenv_python "$v")
     [ -n "$pyroot" ] || die "no x86_64 CPython $v under pyenv to cross-build the aarch64 $tag wheel with"
