@@ -259,7 +259,9 @@ check_wheel() {
 # in a build environment of its own), headers from that CPython (same ABI on any glibc).
 PYENV_DIR=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
 pyenv_python() {  # pyenv_python 3.X: the newest pyenv CPython 3.X's root (nothing if none)
-  ls -d "$PYENV_DIR/versions/$1".* 2>/dev/null | sort -V | tail -1
+  # (|| true: with no match, ls's status would end the script under pipefail before the
+  # caller can say which version is missing)
+  { ls -d "$PYENV_DIR/versions/$1".* 2>/dev/null || true; } | sort -V | tail -1
 }
 x86_pythons() {
   local v
