@@ -62,10 +62,6 @@ std::vector<float> floats_if(const py::dict& t, const std::string& name) {
   return t.contains(name) ? floats(t, name) : std::vector<float>{};
 }
 
-LayerNormParams norm(const py::dict& t, const std::string& name) {
-  return {floats(t, name + ".weight"), floats(t, name + ".bias")};
-}
-
 template <typename T>
 T get(const py::dict& d, const char* key, const std::string& where) {
   if (!d.contains(key)) bad(where + ": missing '" + key + "'");
