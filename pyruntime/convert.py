@@ -397,7 +397,11 @@ def model_arch(model: "nn.Module") -> dict:
     """The graph ``arch`` of a timm ViT classifier, or ValueError naming the first unsupported
     feature. What fits exit heads and calibrates (pyruntime.exits, pyruntime.calibrate)
     describes its model by this, and needs class logits: a feature extractor is refused."""
-    arch, _ = describe_model(model)
+    return require_classifier(describe_model(model)[0], model)
+
+
+def require_classifier(arch: dict, model: "nn.Module") -> dict:
+    """``arch`` if its model has class logits, else ValueError (what exits and calibration need)."""
     if not arch["num_classes"]:
         raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0, a feature extractor): exit heads "
                          f"and calibration need class logits; convert it as it is, or give it num_classes")
@@ -426,12 +430,13 @@ def fuse_projections(model: "nn.Module") -> "nn.Module":
     import torch
 
     split = model.__dict__.setdefault("_pyruntime_split", {})
+    eva = _is_eva(model)
     with torch.no_grad():
         for i, blk in enumerate(model.blocks):
-            if _is_eva(model) or _is_beit(model):
-                split.update(_fuse_qkv(blk.attn, f"blocks.{i}.attn"))
+            if eva or _is_beit(model):
+                split.update(_fuse_qkv(blk.attn, f"blocks.{i}.attn", eva))
             mlp = getattr(blk, "mlp", None)
-            if _is_eva(model) and type(mlp).__name__ == "SwiGLU":
+            if eva and type(mlp).__name__ == "SwiGLU":
                 blk.mlp, split[f"blocks.{i}.mlp.fc1"] = _packed_swiglu(mlp, f"blocks.{i}.mlp")
     return model
 
@@ -485,13 +490,13 @@ def _linear_from(w: np.ndarray, b: Optional[np.ndarray], like: Any) -> "nn.Modul
     return lin
 
 
-def _fuse_qkv(attn: Any, p: str) -> Dict[str, _Split]:
+def _fuse_qkv(attn: Any, p: str, eva: bool) -> Dict[str, _Split]:
     """One ``qkv`` Linear with the fused bias in place of q/k/v projections or q/v biases;
     {its name: where its rows go in timm's layout} (empty: nothing to fuse). BEiT's and Eva's
     k bias is zero (a buffer, or no bias on k_proj): those rows have no place to go."""
     if attn.qkv is not None and getattr(attn, "q_bias", None) is None:
         return {}
-    w, b = _eva_qkv(attn, f"{p}.qkv") if _is_eva_attention(attn) else (
+    w, b = _eva_qkv(attn, f"{p}.qkv") if eva else (
         _np(attn.qkv.weight, f"{p}.qkv.weight"), _np(_beit_qkv_bias(attn), f"{p}.qkv.bias"))
     n = w.shape[0] // 3
     if attn.qkv is None:  # q_proj, k_proj, v_proj
@@ -508,10 +513,6 @@ def _fuse_qkv(attn: Any, p: str) -> Dict[str, _Split]:
         if getattr(attn, name, None) is not None:
             setattr(attn, name, None)
     return {f"{p}.qkv": parts}
-
-
-def _is_eva_attention(attn: Any) -> bool:
-    return type(attn).__name__ in ("EvaAttention", "AttentionRope")
 
 
 def _packed_swiglu(mlp: Any, p: str) -> Tuple["nn.Module", _Split]:

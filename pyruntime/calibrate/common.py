@@ -245,19 +245,17 @@ class Source:
     name: str = "model"
     exits: "object" = None   # exit heads as convert takes them (a file or {block: params}); None: the checkpoint's
     notes: List[str] = field(default_factory=list)   # what loading adapted (e.g. resampled position embeddings)
+    # the converter's program of the model, without exits ({"arch", "exits", "ops"}); the same
+    # before and after fusing (convert reads both forms)
+    program: dict = field(init=False, repr=False)
 
     def __post_init__(self):
-        from ..convert import fuse_projections, model_arch
+        from ..convert import fuse_projections, program_graph, require_classifier
 
-        model_arch(self.model)  # an unsupported family (or a feature extractor) is named first
+        # an unsupported family (or a feature extractor) is named before anything changes the model
+        self.program = program_graph(self.model)
+        require_classifier(self.program["arch"], self.model)
         fuse_projections(self.model)  # every layer one module the methods can hook
-
-    @functools.cached_property
-    def program(self) -> dict:
-        """The converter's program of the model, without exits (``{"arch", "exits", "ops"}``)."""
-        from ..convert import program_graph
-
-        return program_graph(self.model)
 
     @property
     def arch(self) -> dict:
@@ -337,14 +335,15 @@ def timm_source(name: str, model_kwargs: Optional[Mapping] = None, checkpoint: O
     checkpoint's weights (or, asked for, timm's random ones), exit heads from ``exits`` (a
     safetensors file of ``exits.<b>.*``) or else the checkpoint's, and timm's eval
     preprocessing, as :func:`pyruntime.convert.convert` records it."""
-    from ..convert import _exit_heads, _read_exit_file, load_timm, model_arch
+    from ..convert import _exit_heads, _read_exit_file, load_timm
 
     model, ckpt_heads, notes = load_timm(name, model_kwargs, checkpoint, random_weights)
-    arch = model_arch(model)  # an unsupported family is named before any data is read
+    # the Source names an unsupported family before the exit file is read
+    src = Source(model.eval(), Path(checkpoint) if checkpoint is not None else None, None, name=name,
+                 notes=list(notes))
     heads = _read_exit_file(exits) if exits is not None else ckpt_heads
-    heads = _exit_heads(heads, arch)  # shapes checked now, not in the middle of a method
-    return Source(model.eval(), Path(checkpoint) if checkpoint is not None else None, None, name=name,
-                  exits=heads or None, notes=list(notes))
+    src.exits = _exit_heads(heads, src.arch) or None  # shapes checked now, not in the middle of a method
+    return src
 
 
 def torch_source(model, preprocess: Optional[Mapping] = None, name: str = "model") -> Source:

@@ -76,6 +76,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..modelfile import graph_layer_names
 from ..policy import LayerPolicy, Policy
 from . import ilp
 from .ilp import format_amount
@@ -346,9 +347,9 @@ def distillation_loss(model, pick: Mapping[str, Bits], data: CalibrationData, te
 
 def model_layers(model) -> List[str]:
     """Every linear layer name of a torch ViT (as :meth:`.common.Source.layer_names`)."""
-    from .common import torch_source
+    from ..convert import program_graph
 
-    return torch_source(model).layer_names()
+    return graph_layer_names(program_graph(model))
 
 
 def _runtime_weight(w, bits: int, block_size: int):
