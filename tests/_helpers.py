@@ -101,3 +101,9 @@ def _have_dataset() -> bool:
 
 
 needs_data = pytest.mark.skipif(not _have_dataset(), reason="dataset-fashion-mnist not installed")
+
+
+def require_data() -> None:
+    """``needs_data`` for fixtures (marks do not apply to them): skip without the data set."""
+    if not _have_dataset():
+        pytest.skip("dataset-fashion-mnist not installed")

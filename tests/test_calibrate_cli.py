@@ -17,16 +17,12 @@ from pyruntime.calibrate.common import calibration_data, reference_source
 from pyruntime.policy import LayerPolicy, Policy
 
 from test_calibrate_common import write_reference_checkpoint
+from _helpers import require_data
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    try:
-        from pyruntime.datasets import fashion_mnist_dir
-
-        fashion_mnist_dir()
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed")
+    require_data()
     return write_reference_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 

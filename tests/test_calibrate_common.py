@@ -16,6 +16,7 @@ from pyruntime.calibrate.common import (REFERENCE_PARTS, REFERENCE_TRAIN_IMAGES,
 from pyruntime.calibrate.emulate import QuantModel
 from pyruntime.modelfile import read_model
 from pyruntime.policy import LayerPolicy, Policy, PredictorPolicy
+from _helpers import needs_data
 
 TINY = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=32, depth=3, num_heads=2,
             mlp_ratio=2.0, qkv_bias=True)
@@ -116,8 +117,8 @@ def test_emulation_follows_the_runtime(w_bits, a_bits, pattern, tmp_path):
     np.testing.assert_allclose(state["r"].numpy(), stat, rtol=1e-5)
 
 
+@needs_data
 def test_calibration_data_is_a_fixed_subset():
-    pytest.importorskip("pyruntime.datasets").fashion_mnist_dir()
     a, b = calibration_data(16, seed=3), calibration_data(16, seed=3)
     assert np.array_equal(a.images, b.images) and a.summary == b.summary
     assert a.images.shape == (16, 1, 28, 28) and a.images.dtype == np.float32

@@ -24,6 +24,7 @@ from pyruntime.calibrate.naive import calibrate_naive, calibrate_random
 from pyruntime.calibrate.uniform import uniform_policy, uniform_under_budget
 
 from test_calibrate_common import tiny_data, tiny_source, tiny_vit
+from _helpers import require_data
 
 ALL = ["patch_embed", "blocks.0.attn.qkv", "blocks.1.mlp.fc2", "blocks.2.attn.proj", "head"]
 
@@ -296,14 +297,10 @@ def test_cli_qat_writes_a_checkpoint_that_converts_with_the_policy(tmp_path, cap
     from test_calibrate_common import write_reference_checkpoint
 
     from pyruntime.calibrate.cli import main
-    from pyruntime.datasets import fashion_mnist_dir
     from pyruntime.policy import Policy
     from pyruntime.reference import convert_reference
 
-    try:
-        fashion_mnist_dir()
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed")
+    require_data()
     ckpt = write_reference_checkpoint(tmp_path / "tiny.safetensors")
     common = ["calibrate", "--method", "lampq", "--checkpoint", str(ckpt), "--images", "48", "--budget-bops", "0.95x", "--a-bits", "4,8",
               "--rounds", "0", "--no-progress", "--out", str(tmp_path / "p.json")]

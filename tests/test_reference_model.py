@@ -13,11 +13,12 @@ pytest.importorskip("timm")
 
 import pyruntime  # noqa: E402
 from pyruntime import bops, datasets, demo, reference  # noqa: E402
+from _helpers import needs_data  # noqa: E402
 
 pytestmark = [
     pytest.mark.torch,
     pytest.mark.skipif(not reference.reference_path().is_file(), reason="reference model not trained yet"),
-    pytest.mark.skipif(not datasets.fashion_mnist_dir().is_dir(), reason="dataset-fashion-mnist not installed"),
+    needs_data,
 ]
 
 
