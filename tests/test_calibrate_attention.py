@@ -11,7 +11,7 @@ pytest.importorskip("timm")
 pytest.importorskip("scipy.optimize")
 
 import pyruntime  # noqa: E402
-from pyruntime import _numpy_ref, bops, datasets, reference  # noqa: E402
+from pyruntime import _numpy_ref, bops, reference  # noqa: E402
 from pyruntime.calibrate.common import calibration_data, model_graph, policy_cost, reference_source  # noqa: E402
 from pyruntime.calibrate.emulate import QuantModel, attention_q8  # noqa: E402
 from pyruntime.calibrate.lampq import LampQConfig, calibrate_lampq  # noqa: E402
@@ -21,6 +21,7 @@ from pyruntime.calibrate.uniform import uniform_policy, uniform_under_budget  # 
 from pyruntime.policy import Policy  # noqa: E402
 
 from test_calibrate_common import tiny_data, tiny_source  # noqa: E402
+from _helpers import require_data  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -101,10 +102,7 @@ def test_bad_attention_bits_and_unknown_attention_modules_are_refused():
 def reference_images():
     if not reference.reference_path().is_file():
         pytest.skip("reference model not trained yet")
-    try:
-        datasets.fashion_mnist_dir()
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed")
+    require_data()
     src = reference_source()
     return src, calibration_data(64, seed=0, mean=src.preprocess["mean"], std=src.preprocess["std"]).images
 
@@ -123,15 +121,15 @@ def emulated_vs_runtime(src, policy, images, tmp_path):
     return rms[8], rms[32], float(np.mean(out[8].argmax(1) == logits.argmax(1)))
 
 
-# Measured on the shipped model, 64 training images (seed 0), logits of magnitude ~5:
-# fp32 linears + int8 attention: rms 0.00026 (emulated int8) vs 0.0037 (emulated fp32 attention);
-# w8a8-attn8: rms 0.0030 vs 0.0075 -- there the linears' own emulation (float rounding order
-# moving a few rint boundaries) dominates, as it does for w8a8 alone (rms ~0.002).
+# Measured on the shipped model (patch 4, 50 tokens), 64 training images (seed 0):
+# fp32 linears + int8 attention: rms 0.00075 (emulated int8) vs 0.0066 (emulated fp32 attention);
+# w8a8-attn8: rms 0.0078 vs 0.0176 -- there the linears' own emulation (float rounding order
+# moving a few rint boundaries) weighs in, as it does for w8a8 alone (rms 0.0062).
 def test_emulated_int8_attention_follows_the_runtime_on_the_reference_model(reference_images, tmp_path):
     src, images = reference_images
     rms8, rms32, agree = emulated_vs_runtime(src, Policy(name="fp32-attn8", attn_bits=8), images, tmp_path)
     assert agree == 1.0
-    assert rms8 <= 1e-3                      # ~4x what was measured
+    assert rms8 <= 2e-3                      # ~2.7x what was measured
     assert rms32 >= 3e-3                     # fp32 attention emulated would fail this test
 
 
@@ -139,8 +137,8 @@ def test_emulated_w8a8_attn8_follows_the_runtime_on_the_reference_model(referenc
     src, images = reference_images
     rms8, rms32, agree = emulated_vs_runtime(src, Policy.shorthand("w8a8-attn8"), images, tmp_path)
     assert agree >= 63 / 64
-    assert rms8 <= 6e-3                      # 2x what was measured
-    assert rms32 > 2 * rms8
+    assert rms8 <= 1.6e-2                    # 2x what was measured
+    assert rms32 > 1.5 * rms8                # measured 2.25x
 
 
 # --- methods write and cost it ----------------------------------------------------------------------
