@@ -12,7 +12,8 @@ Budgets (whole-model BOPs per image, as the runtime counts them):
   from all-W4A8 to all-W8A8 (no uniform policy sits in between: uniform is the most
   expensive uniform setting that fits, W4A8, and cheaper than the budget);
 * ``weights+acts``: weight bits {4, 8} x activation bits {4, 6, 8} at exactly the BOPs of
-  uniform W8A6 and W4A8 (= W8A4) -- where uniform precision breaks on 4- and 6-bit grids.
+  uniform W4A8 (= W8A4), W4A6 and W8A6 -- where uniform precision breaks on 4- and 6-bit
+  grids (at W4A6 every policy must take activations below 8 bits somewhere).
 
 At each budget: ``uniform``, ``naive`` (weight range, :func:`pyruntime.calibrate.naive.calibrate_naive`),
 ``random`` (random sensitivities, :func:`~pyruntime.calibrate.naive.calibrate_random`, same
@@ -106,7 +107,7 @@ def parse_args(argv=None):
                       threads=1, threads_help="torch and runtime threads (1: on a shared, oversubscribed machine 2 "
                                               "torch threads ran 15x slower)")
     p.add_argument("--budgets", default="0.5", help="weights group: fractions from all-W4A8 to all-W8A8 BOPs")
-    p.add_argument("--budget-limit", type=int, help="the first N budgets only (in order: = W4A8, = W8A6, then "
+    p.add_argument("--budget-limit", type=int, help="the first N budgets only (in order: = W4A8, = W4A6, = W8A6, then "
                                                      "--budgets), e.g. to finish a run in the time there is")
     p.add_argument("--rounds", type=int, default=2, help="LampQ refinement rounds")
     p.add_argument("--qat-steps", type=int, default=60, help="QAT steps per training (0: no QAT rows)")
@@ -119,7 +120,7 @@ def parse_args(argv=None):
 def budgets(source, fractions) -> List[Tuple[str, str, float, Tuple[int, ...]]]:
     """(group, label, BOPs, activation-bit options) of every budget."""
     out = [("weights+acts", f"= W{w}A{a}", float(policy_cost(source, uniform_policy(w, a), "bops")), (4, 6, 8))
-           for w, a in ((4, 8), (8, 6))]  # the uniform row at "= WxAy" is WxAy itself
+           for w, a in ((4, 8), (4, 6), (8, 6))]  # the uniform row at "= WxAy" is WxAy itself
     return out + [("weights", label, b, (8,)) for label, _, b in weight_budgets(source, fractions)]
 
 
