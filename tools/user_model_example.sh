@@ -23,9 +23,9 @@ pyruntime() { $PY -m pyruntime "$@"; }
 py exits fit $M --checkpoint model.safetensors --model-kwargs "$K" --data images/train --blocks 1,3 \
    --out heads.safetensors --no-progress
 py calibrate --method maqee --model $M --checkpoint model.safetensors --model-kwargs "$K" --exits heads.safetensors \
-   --exit-blocks 1,3 --data images/val --budget-bops 0.7x --max-drop 2 --out maqee.json --report --no-progress
+   --exit-blocks 1,3 --data images/val --budget-bops 0.85x --max-drop 2 --out maqee.json --report --no-progress
 py calibrate --method quee --model $M --checkpoint model.safetensors --model-kwargs "$K" --exits heads.safetensors \
-   --exit-blocks 1,3 --data images/val --budget-bops 0.7x --out quee.json --report --no-progress
+   --exit-blocks 1,3 --data images/val --budget-bops 0.85x --out quee.json --report --no-progress
 for policy in fp32 w8a8 maqee.json quee.json; do  # shorthands, then the calibrated policies
   py convert $M "${policy%.json}.pyrt" --checkpoint model.safetensors --model-kwargs "$K" --exits heads.safetensors \
      --policy "$policy"
