@@ -53,14 +53,14 @@ are worth here"): start with uniform (W8A8 with per-image scales ties fp32 on Vi
 heavy activation outliers, and W4A8 tied it there too; w8a8-attn8 ties and cuts attention's
 cost). lampq when the budget forces some layers below 8-bit activations (find where uniform
 breaks on your validation images): there it kept +0.23 pt over uniform W4A6, not significant;
-elsewhere it tied. --qat-steps helped uniform as much as lampq. scalepredictor for activations
-of 5 bits or fewer: it beat plain dynamic scales by 1.4 pt at W8A4 but only tied a static
-percentile clip chosen on validation, so compare with --scale percentile. maqee for exits and
-bits with a certified risk (--max-drop, --delta) on a few hundred images the model was not
-trained on, drawn like the deployment's; keep its BSR filter (--bsr-max): without it, risks
-certified on training-split images were exceeded on the test split in 3 of 6 cases, and it
-found W4A8 + exits, no better than PTQ + exits. quee is a research baseline: a confidence
-threshold over the same exits beat it at every operating point there.
+elsewhere it tied. --qat-steps helped uniform as much as lampq. scalepredictor for 4-bit
+activations: it beat plain dynamic scales by 1.4 pt at W8A4 but only tied a static percentile
+clip chosen on validation, so compare with --scale percentile; at 6 bits it gained nothing.
+maqee for exits and bits with a certified risk (--max-drop, --delta) on a few hundred images
+the model was not trained on, drawn like the deployment's; keep its BSR filter (--bsr-max):
+without it, risks certified on training-split images were exceeded on the test split in 3 of
+6 cases, and it found W4A8 + exits, no better than PTQ + exits. quee is a research baseline:
+a confidence threshold over the same exits beat it at every operating point there.
 
 Fit and validation: maqee and quee (with ``--max-drop``/``--budget-bops``) split the images
 by ``--seed`` into a fit part and a validation part (``--holdout``, default a quarter; both
