@@ -17,13 +17,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 
 from . import bops
 from ._atomic import atomic_write_bytes
-from .calibrate.common import REFERENCE_PARTS
+from .calibrate.common import REFERENCE_PARTS, batches, progress
 from .calibrate.thresholds import shared_threshold
 from .datasets import fashion_mnist
 from .policy import ExitPolicy, Policy
@@ -45,24 +45,11 @@ class Row:
     torch_latency_ms: float
 
 
-def _progress(it: Iterable, total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
-    except ImportError:  # pragma: no cover - tqdm comes with the calibrate extra
-        return it
-
-
-def _batches(n: int, size: int):
-    return [(i, min(n, i + size)) for i in range(0, n, size)]
-
-
 def evaluate(model: Model, images: np.ndarray, labels: np.ndarray, desc: str, batch: int = 500):
     """(top-1, exit blocks, BOPs per image) over all images, in batches."""
     preds, exits, costs = [], [], []
-    spans = _batches(len(images), batch)
-    for lo, hi in _progress(spans, len(spans), desc):
+    spans = batches(len(images), batch)
+    for lo, hi in progress(spans, desc, len(spans)):
         r = model.run(images[lo:hi])
         preds.append(r.predictions)
         exits.append(r.exit_block)
