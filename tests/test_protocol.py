@@ -123,6 +123,19 @@ def test_every_results_script_parses_the_shared_flags_with_its_own_defaults(name
         _script(name).parse_args(argv + ["--test-limit", "0"])
 
 
+def test_results_maqee_bsr_filter_flag(capsys):
+    """--bsr-max: the method's default, inf turns the filter off, a negative value is a one-line error."""
+    from pyruntime.calibrate.maqee import MaqeeConfig
+
+    mod = _script("results_maqee")
+    assert mod.parse_args([]).bsr_max == MaqeeConfig.bsr_max
+    assert mod.parse_args(["--bsr-max", "inf"]).bsr_max == float("inf")
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit):
+            mod.parse_args(["--bsr-max", bad])
+        assert "--bsr-max must be >= 0" in capsys.readouterr().err
+
+
 def _checkpoint(path: Path, holdout=None) -> Path:
     from safetensors.numpy import save_file
 
