@@ -92,6 +92,16 @@ def pyruntime_module(name: str):
         return sys.modules[key]
 
 
+def tool_module(name: str):
+    """tools/<name>.py imported as module ``name`` (registered in sys.modules first: the
+    scripts' dataclasses look their module up while they are built)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _have_dataset() -> bool:
     try:
         pyruntime_module("datasets").fashion_mnist_dir()

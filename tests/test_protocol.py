@@ -4,7 +4,6 @@ test: the test split) and are disjoint; the shared flags keep each script's defa
 counts are refused in one line; the holdout note appears exactly when the checkpoint's
 training saw the calibration and validation images. No torch needed."""
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import _protocol  # noqa: E402
+from _helpers import tool_module  # noqa: E402
 
 
 MEAN, STD = [datasets.FASHION_MNIST_MEAN], [datasets.FASHION_MNIST_STD]
@@ -97,14 +97,6 @@ def test_counts_below_one_are_refused_naming_the_flag(argv, flag, capsys):
     assert f"{flag} must be >= 1" in capsys.readouterr().err
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod   # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # (script, required argv, its protocol defaults: images, validation images, threads, results folder)
 SCRIPTS = [("regimes_results", [], 256, 5000, 2, "regimes"),
            ("results_lampq", ["--workdir", "w"], 512, None, 1, "lampq"),
@@ -115,19 +107,19 @@ SCRIPTS = [("regimes_results", [], 256, 5000, 2, "regimes"),
 
 @pytest.mark.parametrize("name,argv,images,val,threads,out", SCRIPTS)
 def test_every_results_script_parses_the_shared_flags_with_its_own_defaults(name, argv, images, val, threads, out):
-    args = _script(name).parse_args(argv)
+    args = tool_module(name).parse_args(argv)
     assert (args.checkpoint, args.images, args.test_limit, args.seed) == (None, images, None, 0)
     assert getattr(args, "val_images", None) == val and getattr(args, "threads", None) == threads
     assert args.out == REPO / "results" / out
     with pytest.raises(SystemExit):
-        _script(name).parse_args(argv + ["--test-limit", "0"])
+        tool_module(name).parse_args(argv + ["--test-limit", "0"])
 
 
 def test_results_maqee_bsr_filter_flag(capsys):
     """--bsr-max: the method's default, inf turns the filter off, a negative value is a one-line error."""
     from pyruntime.calibrate.maqee import MaqeeConfig
 
-    mod = _script("results_maqee")
+    mod = tool_module("results_maqee")
     assert mod.parse_args([]).bsr_max == MaqeeConfig.bsr_max
     assert mod.parse_args(["--bsr-max", "inf"]).bsr_max == float("inf")
     for bad in ("-1", "nan"):

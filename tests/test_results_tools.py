@@ -3,9 +3,7 @@ intervals contain their point estimates, every row says which split chose it, an
 labels choose nothing (poisoning them leaves every choice as it was). Also the rule-based
 mixed policy it sweeps (``uniform.ends_policy``)."""
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +15,11 @@ pytest.importorskip("timm")
 from pyruntime import datasets  # noqa: E402
 from pyruntime.calibrate.uniform import ends_policy  # noqa: E402
 
-from _helpers import needs_data  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from _helpers import needs_data, tool_module  # noqa: E402
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("regimes_results", REPO / "tools" / "regimes_results.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["regimes_results"] = mod   # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("regimes_results")
 
 
 rr = _tool()
@@ -168,11 +160,7 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path):
 # --- results_lampq's budget and evaluation pieces --------------------------------------------------
 
 def _lampq_tool():
-    spec = importlib.util.spec_from_file_location("results_lampq", REPO / "tools" / "results_lampq.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["results_lampq"] = mod  # its dataclasses look their module up while being built
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("results_lampq")
 
 
 def test_results_lampq_budgets_and_evaluation(tiny_checkpoint):

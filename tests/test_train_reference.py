@@ -7,7 +7,6 @@ package when it imports, otherwise straight from their files.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _helpers import REPO, needs_data, pyruntime_module
+from _helpers import REPO, needs_data, pyruntime_module, tool_module
 
 datasets = pyruntime_module("datasets")
 reference = pyruntime_module("reference")
@@ -169,17 +168,10 @@ def test_tiny_card_matches_reevaluation(tiny_run):
         torch.testing.assert_close(logits[depth - 1], model(xb), rtol=1e-5, atol=1e-5)
 
 
-def _train_reference_module():
-    spec = importlib.util.spec_from_file_location("train_reference", REPO / "tools" / "train_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_warm_restart_schedule():
     """--first-cycle-epochs: the first cycle's cosine ends at the floor, then the learning rate
     jumps to where the whole run's cosine stands and anneals to the same floor."""
-    tr = _train_reference_module()
+    tr = tool_module("train_reference")
     spe, warm, peak, floor = 10, 10, 1e-3, 1e-5
 
     def lr(step, first=3, epochs=5):
@@ -222,7 +214,7 @@ def test_shipped_reference_meets_accuracy_target():
 def test_shipped_reference_followed_its_recipe():
     """The card's per-epoch learning rates are the schedule train_reference.py runs with the
     card's recipe: what ships is what the default command reproduces."""
-    tr = _train_reference_module()
+    tr = tool_module("train_reference")
     card = json.loads((reference.reference_dir() / "card.json").read_text())
     r = card["recipe"]
     args = tr.parse_args([])
