@@ -130,7 +130,7 @@ arm64_cpython_build() {
     return 0
   fi
   command -v aarch64-linux-gnu-gcc >/dev/null || die "no aarch64-linux-gnu-gcc to build arm64 CPython $v with"
-  hostpy=$(ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")/versions/$v".* 2>/dev/null | sort -V | tail -1)
+  hostpy=$(pyenv_python "$v")
   [ -x "$hostpy/bin/python$v" ] || die "no x86_64 CPython $v under pyenv to cross-build arm64 CPython $v with"
   log=$dir/cpython-build.log
   # The source: a PyPI sdist, fetched by pip by name. pip checks its hash (--require-hashes)

@@ -1,6 +1,7 @@
 # Sourced by the long test and build scripts (arm64_python_test.sh, x86_compat_test.sh,
 # build_wheels.sh): section banners, per-phase wall-clock timings and their table, the one-line
-# failure message, and an apt install of whichever host tools are missing.
+# failure message, an apt install of whichever host tools are missing, and which pyenv
+# CPython serves a version.
 # Set STEP_NAME (the script's name in messages) and STEP_WIDTH (the timing table's name column)
 # before sourcing; the run's clock starts here.
 
@@ -28,4 +29,12 @@ apt_install_missing() {
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -q
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "$@"
+}
+
+# pyenv_python 3.X: the root of the newest pyenv CPython 3.X (nothing if there is none).
+pyenv_python() {
+  local root; root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+  # (|| true: with no match, ls's status would end the script under pipefail before the
+  # caller can say which version is missing)
+  { ls -d "$root/versions/$1".* 2>/dev/null || true; } | sort -V | tail -1
 }

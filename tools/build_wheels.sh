@@ -257,12 +257,6 @@ check_wheel() {
 # --------------------------------------------------------------------------------------------
 # x86_64: one wheel per CPython on this machine, each built by that CPython (scikit-build-core
 # in a build environment of its own), headers from that CPython (same ABI on any glibc).
-PYENV_DIR=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
-pyenv_python() {  # pyenv_python 3.X: the newest pyenv CPython 3.X's root (nothing if none)
-  # (|| true: with no match, ls's status would end the script under pipefail before the
-  # caller can say which version is missing)
-  { ls -d "$PYENV_DIR/versions/$1".* 2>/dev/null || true; } | sort -V | tail -1
-}
 x86_pythons() {
   local v
   for v in ${WHEEL_PYTHONS:-3.9 3.10 3.11 3.12 3.13}; do pyenv_python "$v"; done
